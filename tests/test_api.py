@@ -1,0 +1,272 @@
+"""The HTTP API, end to end over real HTTP and a real PostgreSQL: log in, who am I, log out."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import argon2
+import psycopg2.extensions
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+import server
+from conftest import FAST_PASSWORDS, ClientFactory, Clock, add_user, log_in, make_config
+
+Client = TestClient[web.Request, web.Application]
+
+
+def auth(session_id: str) -> dict[str, str]:
+    return {"Authorization": session_id}
+
+
+async def test_login_returns_a_session_id_that_is_not_cached(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    response = await client.post("/user", json={"username": "alice", "password": "wonderland"})
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    session_id = (await response.json())["session_id"]
+    assert isinstance(session_id, str) and len(session_id) >= 22  # at least 128 bits in base64
+
+
+async def test_login_accepts_any_content_type_like_curl_d(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    body = '{"username": "alice", "password": "wonderland"}'
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = await client.post("/user", data=body, headers=headers)
+    assert response.status == 200
+
+
+async def test_session_ids_are_unique(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    ids = {await log_in(client, "alice", "wonderland") for _ in range(10)}
+    assert len(ids) == 10
+
+
+async def test_whoami_names_the_user_and_when_the_session_expires(client: Client, clock: Clock) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    response = await client.get("/user", headers=auth(session_id))
+    assert response.status == 200
+    body = await response.json()
+    assert body["username"] == "alice"
+    expires_at = datetime.datetime.fromisoformat(body["expires_at"])
+    assert expires_at.utcoffset() == datetime.timedelta(0)
+    assert expires_at.timestamp() == clock.now + server.SessionConfig().idle_timeout
+
+
+async def test_bearer_form_of_the_header_is_accepted(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    response = await client.get("/user", headers={"Authorization": f"Bearer {session_id}"})
+    assert response.status == 200
+    response = await client.delete("/user", headers={"Authorization": f"bearer  {session_id}"})
+    assert response.status == 200
+
+
+async def test_logout_ends_the_session_and_a_second_logout_is_401(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    response = await client.delete("/user", headers=auth(session_id))
+    assert response.status == 200
+    assert await response.json() == {"logged_out": 1}
+    again = await client.delete("/user", headers=auth(session_id))
+    assert again.status == 401
+    assert (await again.json())["error"] == "invalid_session"
+    whoami = await client.get("/user", headers=auth(session_id))
+    assert whoami.status == 401
+
+
+async def test_second_login_keeps_first_session_valid(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    first = await log_in(client, "alice", "wonderland")
+    second = await log_in(client, "alice", "wonderland")
+    for session_id in (first, second):
+        response = await client.get("/user", headers=auth(session_id))
+        assert response.status == 200
+
+
+async def test_logging_out_the_old_session_keeps_the_new_one(client: Client) -> None:
+    # The seed's bug: the second login overwrote userToSession, and this logout then broke it.
+    await add_user(client.app, "alice", "wonderland")
+    old = await log_in(client, "alice", "wonderland")
+    new = await log_in(client, "alice", "wonderland")
+    assert (await client.delete("/user", headers=auth(old))).status == 200
+    assert (await client.get("/user", headers=auth(new))).status == 200
+    assert (await client.delete("/user", headers=auth(new))).status == 200
+    client.app[server.sessions].check_consistency()
+    assert len(client.app[server.sessions]) == 0
+
+
+async def test_logout_all_ends_every_session_of_that_user_only(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    await add_user(client.app, "bob", "builder")
+    alice_sessions = [await log_in(client, "alice", "wonderland") for _ in range(3)]
+    bob = await log_in(client, "bob", "builder")
+    response = await client.delete("/user?all=true", headers=auth(alice_sessions[0]))
+    assert await response.json() == {"logged_out": 3}
+    for session_id in alice_sessions:
+        assert (await client.get("/user", headers=auth(session_id))).status == 401
+    assert (await client.get("/user", headers=auth(bob))).status == 200
+
+
+async def test_logout_all_false_ends_only_this_session(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    first = await log_in(client, "alice", "wonderland")
+    second = await log_in(client, "alice", "wonderland")
+    response = await client.delete("/user?all=false", headers=auth(first))
+    assert await response.json() == {"logged_out": 1}
+    assert (await client.get("/user", headers=auth(second))).status == 200
+
+
+async def test_oldest_session_ends_beyond_max_per_user(
+    aiohttp_client: ClientFactory, database_url: str, db: object
+) -> None:
+    config = make_config(database_url, sessions=server.SessionConfig(max_per_user=2))
+    client = await aiohttp_client(await server.WebServer(config).initializer())
+    await add_user(client.app, "alice", "wonderland")
+    first, second, third = [await log_in(client, "alice", "wonderland") for _ in range(3)]
+    assert (await client.get("/user", headers=auth(first))).status == 401
+    assert (await client.get("/user", headers=auth(second))).status == 200
+    assert (await client.get("/user", headers=auth(third))).status == 200
+
+
+async def test_idle_session_expires(client: Client, clock: Clock) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    clock.advance(server.SessionConfig().idle_timeout + 1)
+    assert (await client.get("/user", headers=auth(session_id))).status == 401
+    assert (await client.delete("/user", headers=auth(session_id))).status == 401
+
+
+async def test_each_use_renews_the_idle_timeout(client: Client, clock: Clock) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    idle = server.SessionConfig().idle_timeout
+    for _ in range(3):
+        clock.advance(idle - 1)
+        assert (await client.get("/user", headers=auth(session_id))).status == 200
+
+
+async def test_absolute_timeout_ends_even_a_busy_session(client: Client, clock: Clock) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    limits = server.SessionConfig()
+    used_for = 0.0
+    while used_for + limits.idle_timeout / 2 < limits.absolute_timeout:
+        clock.advance(limits.idle_timeout / 2)
+        used_for += limits.idle_timeout / 2
+        assert (await client.get("/user", headers=auth(session_id))).status == 200
+    clock.advance(limits.idle_timeout / 2)
+    assert (await client.get("/user", headers=auth(session_id))).status == 401
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_answer(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    wrong = await client.post("/user", json={"username": "alice", "password": "nope"})
+    unknown = await client.post("/user", json={"username": "mallory", "password": "nope"})
+    assert wrong.status == unknown.status == 401
+    assert await wrong.json() == await unknown.json()
+    assert (await wrong.json())["error"] == "invalid_credentials"
+
+
+async def test_usernames_are_case_sensitive(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    response = await client.post("/user", json={"username": "Alice", "password": "wonderland"})
+    assert response.status == 401
+
+
+async def test_unicode_credentials_work(client: Client) -> None:
+    await add_user(client.app, "zoë", "pässwörd🔑")
+    session_id = await log_in(client, "zoë", "pässwörd🔑")
+    response = await client.get("/user", headers=auth(session_id))
+    assert (await response.json())["username"] == "zoë"
+
+
+async def test_passwords_are_stored_as_argon2id_hashes(
+    client: Client, db: psycopg2.extensions.connection
+) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash FROM users WHERE username = 'alice'")
+        (stored,) = cur.fetchone()
+    assert stored.startswith("$argon2id$")
+    assert "wonderland" not in stored
+
+
+async def test_an_old_hash_is_upgraded_at_the_next_login(
+    client: Client, db: psycopg2.extensions.connection
+) -> None:
+    old_hash = argon2.PasswordHasher(time_cost=3, memory_cost=128, parallelism=1).hash("wonderland")
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO users (username, password_hash) VALUES ('alice', %s)", (old_hash,))
+    await log_in(client, "alice", "wonderland")
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash FROM users WHERE username = 'alice'")
+        (new_hash,) = cur.fetchone()
+    assert new_hash != old_hash
+    params = argon2.extract_parameters(new_hash)
+    assert (params.time_cost, params.memory_cost) == (FAST_PASSWORDS.time_cost, FAST_PASSWORDS.memory_cost)
+    assert argon2.PasswordHasher().verify(new_hash, "wonderland")
+
+
+async def test_a_current_hash_is_left_alone_at_login(
+    client: Client, db: psycopg2.extensions.connection
+) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash FROM users")
+        (before,) = cur.fetchone()
+    await log_in(client, "alice", "wonderland")
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash FROM users")
+        (after,) = cur.fetchone()
+    assert after == before
+
+
+async def test_health_reports_the_database(client: Client) -> None:
+    response = await client.get("/health")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok", "database": "ok"}
+
+
+async def test_hashing_does_not_block_other_requests(
+    aiohttp_client: ClientFactory, database_url: str, db: object
+) -> None:
+    # Costly hashing: each verify takes far longer than answering GET /user.
+    costly = server.PasswordConfig(time_cost=4, memory_cost=65536, parallelism=1, threads=1)
+    app = await server.WebServer(make_config(database_url, passwords=costly)).initializer()
+    client = await aiohttp_client(app)
+    await add_user(app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    logins = [
+        asyncio.create_task(client.post("/user", json={"username": "alice", "password": "wonderland"}))
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.01)  # the logins are now hashing on the one hashing thread
+    response = await client.get("/user", headers=auth(session_id))
+    assert response.status == 200
+    assert not all(task.done() for task in logins), "GET /user waited for the hashing"
+    for response in await asyncio.gather(*logins):
+        assert response.status == 200
+
+
+async def test_unknown_user_costs_a_verify_like_a_wrong_password(
+    aiohttp_client: ClientFactory, database_url: str, db: object
+) -> None:
+    costly = server.PasswordConfig(time_cost=3, memory_cost=32768, parallelism=1, threads=1)
+    app = await server.WebServer(make_config(database_url, passwords=costly)).initializer()
+    client = await aiohttp_client(app)
+    await add_user(app, "alice", "wonderland")
+    loop = asyncio.get_running_loop()
+
+    async def duration(username: str) -> float:
+        start = loop.time()
+        response = await client.post("/user", json={"username": username, "password": "wrong"})
+        assert response.status == 401
+        return loop.time() - start
+
+    wrong_password = min([await duration("alice") for _ in range(3)])
+    unknown_user = min([await duration("nobody") for _ in range(3)])
+    # Without the dummy verify an unknown user would answer in a small fraction of the time.
+    assert unknown_user > 0.5 * wrong_password
