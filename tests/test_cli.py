@@ -1,0 +1,139 @@
+"""adduser, passwd and deluser, run as a user runs them: a subprocess with the password piped in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import argon2
+import psycopg2.extensions
+import pytest
+
+from conftest import run_command
+
+FAST = {"passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1}}
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(FAST))
+    return path
+
+
+@pytest.fixture
+def env(database_url: str, db: object) -> dict[str, str]:
+    return {"DATABASE_URL": database_url}
+
+
+def stored_hash(db: psycopg2.extensions.connection, username: str) -> str | None:
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash FROM users WHERE username = %s", (username,))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_adduser_reads_the_password_from_stdin(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
+) -> None:
+    result = run_command(["adduser", "alice", "--config", str(config_file)], "wonderland\n", env)
+    assert result.returncode == 0, result.stderr
+    assert "created user 'alice'" in result.stdout
+    password_hash = stored_hash(db, "alice")
+    assert password_hash is not None and argon2.PasswordHasher().verify(password_hash, "wonderland")
+
+
+def test_config_may_come_before_the_command(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
+) -> None:
+    result = run_command(["--config", str(config_file), "adduser", "alice"], "wonderland\n", env)
+    assert result.returncode == 0, result.stderr
+    assert stored_hash(db, "alice") is not None
+
+
+def test_adduser_of_an_existing_user_fails_and_keeps_the_password(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
+) -> None:
+    run_command(["adduser", "alice", "--config", str(config_file)], "first\n", env)
+    before = stored_hash(db, "alice")
+    result = run_command(["adduser", "alice", "--config", str(config_file)], "second\n", env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: user 'alice' already exists"
+    assert stored_hash(db, "alice") == before
+
+
+def test_passwd_sets_a_new_password(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
+) -> None:
+    run_command(["adduser", "alice", "--config", str(config_file)], "first\n", env)
+    result = run_command(["passwd", "alice", "--config", str(config_file)], "second\n", env)
+    assert result.returncode == 0, result.stderr
+    password_hash = stored_hash(db, "alice")
+    assert password_hash is not None and argon2.PasswordHasher().verify(password_hash, "second")
+
+
+def test_passwd_of_a_missing_user_fails(config_file: Path, env: dict[str, str]) -> None:
+    result = run_command(["passwd", "nobody", "--config", str(config_file)], "secret\n", env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: no such user 'nobody'"
+
+
+def test_deluser_deletes_the_user(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
+) -> None:
+    run_command(["adduser", "alice", "--config", str(config_file)], "wonderland\n", env)
+    result = run_command(["deluser", "alice", "--config", str(config_file)], "", env)
+    assert result.returncode == 0, result.stderr
+    assert stored_hash(db, "alice") is None
+
+
+def test_deluser_of_a_missing_user_fails(config_file: Path, env: dict[str, str]) -> None:
+    result = run_command(["deluser", "nobody", "--config", str(config_file)], "", env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: no such user 'nobody'"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        pytest.param("", "error: 'password' must not be empty", id="empty-password"),
+        pytest.param("\n", "error: 'password' must not be empty", id="blank-line"),
+        pytest.param("x" * 1025 + "\n", "must be at most 1024 characters", id="password-too-long"),
+    ],
+)
+def test_adduser_refuses_a_password_the_login_would_refuse(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection, stdin: str, message: str
+) -> None:
+    result = run_command(["adduser", "alice", "--config", str(config_file)], stdin, env)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert stored_hash(db, "alice") is None
+
+
+def test_adduser_refuses_a_username_the_login_would_refuse(config_file: Path, env: dict[str, str]) -> None:
+    result = run_command(["adduser", "x" * 1025, "--config", str(config_file)], "secret\n", env)
+    assert result.returncode == 1
+    assert "'username' must be at most 1024 characters" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(None, "no such config file", id="missing-file"),
+        pytest.param("{oops", "not valid JSON", id="bad-json"),
+        pytest.param('{"webserver": {"port": "80"}}', "'webserver.port' must be an integer", id="bad-type"),
+        pytest.param('{"extra": {}}', "unknown section 'extra'", id="unknown-section"),
+    ],
+)
+@pytest.mark.parametrize("command", ["adduser", "passwd", "deluser", None])
+def test_a_bad_config_file_exits_1_with_one_line(
+    tmp_path: Path, content: str | None, message: str, command: str | None
+) -> None:
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    args = ["--config", str(path)] + ([command, "alice"] if command else [])
+    result = run_command(args, "secret\n")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert message in result.stderr and str(path) in result.stderr
