@@ -358,8 +358,10 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
     try:
         yield server.get_uri()
     finally:
+        # pgserver stops the cluster only when no other process (a running server) still uses it.
         await loop.run_in_executor(None, server.cleanup)
-        log.info("embedded PostgreSQL stopped")
+        still_running = (data_dir / "postmaster.pid").exists()
+        log.info("embedded PostgreSQL %s", "left to its other user" if still_running else "stopped")
 
 
 async def connect_with_retry(dsn: str, wait: float = STARTUP_DB_WAIT) -> aiopg.sa.Engine:
@@ -937,13 +939,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    # The server logs its life; the user commands speak only when something is wrong.
+    configure_logging(logging.INFO if args.command is None else logging.WARNING)
     try:
         config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
         if args.command is None:
