@@ -28,17 +28,20 @@ import contextlib
 import dataclasses
 import datetime
 import getpass
+import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import aiopg.sa
 import argon2
@@ -56,6 +59,7 @@ log = logging.getLogger("server")
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "schema.sql"
+OPENAPI_PATH = HERE / "openapi.yaml"
 DEFAULT_CONFIG_PATH = Path("config.json")
 
 MAX_BODY_BYTES = 16 * 1024
@@ -64,13 +68,22 @@ MAX_FIELD_CHARS = 1024
 MAX_SESSION_ID_CHARS = 128
 SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
 
-DB_CONNECT_TIMEOUT = 3  # seconds, for libpq's connect_timeout
-DB_OPERATION_TIMEOUT = 5.0  # seconds, for acquiring a connection and for each query
+# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
+DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
+DB_OPERATION_TIMEOUT = 2.0  # seconds, for acquiring a pooled connection and for each query
+DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
 DB_POOL_SIZE = 10
 STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
 RETRY_AFTER_SECONDS = "5"
 SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
-SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions
+SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login counters
+BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
+KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
+SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
+
+# Failed logins allowed per client address: several users may share one address (an office NAT).
+ADDRESS_FAILURE_FACTOR = 10
+MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
 
 # OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
 OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
@@ -78,6 +91,8 @@ OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -88,6 +103,8 @@ class ConfigError(Exception):
 class WebServerConfig:
     host: str = "localhost"
     port: int = 8000
+    # Peers whose X-Forwarded-For is believed; nobody's by default.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +188,15 @@ class _Section:
             self._fail(key, "a positive number of seconds")
         return float(value)
 
+    def networks(self, key: str) -> tuple[IPNetwork, ...]:
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self._fail(key, "a list of IP addresses or networks")
+        try:
+            return tuple(ipaddress.ip_network(item, strict=False) for item in value)
+        except ValueError as exc:
+            self._fail(key, f"a list of IP addresses or networks ({exc})")
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw.get(key, default)
         if not isinstance(value, bool):
@@ -211,10 +237,11 @@ def parse_config(
     if unknown:
         raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
 
-    web_section = _Section(raw.get("webserver", {}), "webserver", source, {"host", "port"})
+    web_section = _Section(raw.get("webserver", {}), "webserver", source, {"host", "port", "trusted_proxies"})
     webserver = WebServerConfig(
         host=web_section.string("host", "localhost"),
         port=web_section.integer("port", 8000, minimum=0, maximum=65535),
+        trusted_proxies=web_section.networks("trusted_proxies"),
     )
     db = _parse_db(raw.get("db"), source, base_dir, environ)
 
@@ -412,6 +439,7 @@ async def open_database(config: DatabaseConfig) -> AsyncIterator[aiopg.sa.Engine
 async def _close_engine(engine: aiopg.sa.Engine) -> None:
     engine.close()
     await engine.wait_closed()
+    log.info("database engine closed")
 
 
 @contextlib.asynccontextmanager
@@ -422,11 +450,31 @@ async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnec
             yield conn
 
 
+async def read_scalar(engine: aiopg.sa.Engine, query: sa.sql.Select) -> Any:
+    """Run a read-only query; retry on another connection if a pooled one turns out to be dead.
+
+    After PostgreSQL restarts, every idle pooled connection is broken but looks fine until used.
+    Each failed one is closed (so the pool drops it), and the read moves on to the next or to a
+    new connection, within one time budget; only then does the caller see DatabaseUnavailable.
+    """
+    async with asyncio.timeout(DB_REQUEST_BUDGET):
+        for attempt in range(DB_POOL_SIZE + 1):
+            try:
+                async with connection(engine) as conn:
+                    return await conn.scalar(query)
+            except DatabaseUnavailable:
+                if attempt == DB_POOL_SIZE:
+                    raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def find_password_hash(engine: aiopg.sa.Engine, username: str) -> str | None:
-    async with connection(engine) as conn:
-        query = sa.select(users.c.password_hash).where(users.c.username == username)
-        password_hash: str | None = await conn.scalar(query)
-        return password_hash
+    query = sa.select(users.c.password_hash).where(users.c.username == username)
+    try:
+        password_hash: str | None = await read_scalar(engine, query)
+    except TimeoutError:
+        raise DatabaseUnavailable("no answer within the time budget") from None
+    return password_hash
 
 
 async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
@@ -453,8 +501,10 @@ async def delete_user(engine: aiopg.sa.Engine, username: str) -> None:
 
 
 async def ping(engine: aiopg.sa.Engine) -> None:
-    async with connection(engine) as conn:
-        await conn.scalar(sa.select(1))
+    try:
+        await read_scalar(engine, sa.select(1))
+    except TimeoutError:
+        raise DatabaseUnavailable("no answer within the time budget") from None
 
 
 # ---------------------------------------------------------------------------
@@ -636,6 +686,114 @@ class MemorySessionStore:
 
 
 # ---------------------------------------------------------------------------
+# Login throttling
+# ---------------------------------------------------------------------------
+
+
+class LoginThrottle:
+    """Failed logins per username and per client address, in a sliding window, held in memory.
+
+    An attempt is counted as a failure when it starts and forgiven if it succeeds, so a burst of
+    concurrent guesses cannot all slip in before the first failure is recorded. The table keeps at
+    most `max_keys` entries, least recently failed first out, so a flood of random usernames costs
+    bounded memory (the flood's own address is throttled meanwhile).
+    """
+
+    def __init__(
+        self,
+        config: LoginConfig,
+        clock: Callable[[], float] = time.time,
+        max_keys: int = MAX_TRACKED_KEYS,
+    ) -> None:
+        self._window = config.failure_window
+        self._limits = {"user": config.max_failures, "address": config.max_failures * ADDRESS_FAILURE_FACTOR}
+        self._clock = clock
+        self._max_keys = max_keys
+        # (kind, value) -> times of its most recent failures, at most its limit of them.
+        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def begin(self, username: str, address: str) -> float | None:
+        """Seconds to wait if either key is over its limit; otherwise count this attempt and return None."""
+        now = self._clock()
+        keys = (("user", username), ("address", address))
+        wait = max(self._wait(key, now) for key in keys)
+        if wait > 0:
+            return wait
+        for key in keys:
+            self._record(key, now)
+        return None
+
+    def succeeded(self, username: str, address: str) -> None:
+        """A good password: clear the username's count and forgive this attempt for the address."""
+        self._failures.pop(("user", username), None)
+        self._forgive(("address", address))
+
+    def abandoned(self, username: str, address: str) -> None:
+        """The attempt never reached a verdict (database down): it does not count."""
+        self._forgive(("user", username))
+        self._forgive(("address", address))
+
+    def sweep(self) -> int:
+        """Drop keys whose failures are all older than the window; returns how many went."""
+        cutoff = self._clock() - self._window
+        stale = [key for key, times in self._failures.items() if times[-1] <= cutoff]
+        for key in stale:
+            del self._failures[key]
+        return len(stale)
+
+    def _wait(self, key: tuple[str, str], now: float) -> float:
+        times = self._failures.get(key)
+        if times is None or len(times) < self._limits[key[0]]:
+            return 0.0
+        return max(0.0, times[0] + self._window - now)
+
+    def _record(self, key: tuple[str, str], now: float) -> None:
+        times = self._failures.get(key)
+        if times is None:
+            if len(self._failures) >= self._max_keys:
+                self._failures.popitem(last=False)
+            times = self._failures[key] = deque(maxlen=self._limits[key[0]])
+        else:
+            self._failures.move_to_end(key)
+        times.append(now)
+
+    def _forgive(self, key: tuple[str, str]) -> None:
+        times = self._failures.get(key)
+        if times:
+            times.pop()
+            if not times:
+                del self._failures[key]
+
+
+def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+    """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry."""
+    peer = request.remote or "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # a malformed entry: trust nothing further along the chain
+        if not _is_trusted(hop, trusted):
+            return hop
+        peer = hop
+    return peer
+
+
+def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+# ---------------------------------------------------------------------------
 # Application keys
 # ---------------------------------------------------------------------------
 
@@ -643,6 +801,7 @@ config_key = web.AppKey("config", Config)
 db_engine = web.AppKey("db_engine", aiopg.sa.Engine)
 passwords = web.AppKey("passwords", Passwords)
 sessions = web.AppKey("sessions", MemorySessionStore)
+login_throttle = web.AppKey("login_throttle", LoginThrottle)
 
 # ---------------------------------------------------------------------------
 # Handlers
@@ -651,7 +810,13 @@ sessions = web.AppKey("sessions", MemorySessionStore)
 
 async def read_credentials(request: web.Request) -> tuple[str, str]:
     """The username and password from a JSON body, or the contract's 400/413/422."""
-    body = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            body = await request.read()  # aiohttp raises 413 past client_max_size
+    except TimeoutError:
+        raise json_error(
+            web.HTTPRequestTimeout, "request_timeout", "The request body did not arrive in time."
+        ) from None
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -692,14 +857,30 @@ def iso_utc(timestamp: float) -> str:
 
 async def login(request: web.Request) -> web.Response:
     username, password = await read_credentials(request)
-    engine, hasher = request.app[db_engine], request.app[passwords]
-    stored_hash = await find_password_hash(engine, username)
-    if not await hasher.verify(stored_hash, password):
+    app = request.app
+    throttle = app[login_throttle]
+    address = client_address(request, app[config_key].webserver.trusted_proxies)
+    wait = throttle.begin(username, address)
+    if wait is not None:
+        raise json_error(
+            web.HTTPTooManyRequests,
+            "too_many_attempts",
+            "Too many failed logins; try again later.",
+            {"Retry-After": str(math.ceil(wait))},
+        )
+    try:
+        stored_hash = await find_password_hash(app[db_engine], username)
+        verified = await app[passwords].verify(stored_hash, password)
+    except BaseException:
+        throttle.abandoned(username, address)
+        raise
+    if not verified or stored_hash is None:
+        log.info("failed login from %s", address)
         raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
-    assert stored_hash is not None
-    if hasher.needs_rehash(stored_hash):
-        await upgrade_hash(engine, hasher, username, password)
-    session_id, _ = await request.app[sessions].create(username)
+    throttle.succeeded(username, address)
+    if app[passwords].needs_rehash(stored_hash):
+        await upgrade_hash(app[db_engine], app[passwords], username, password)
+    session_id, _ = await app[sessions].create(username)
     return web.json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
 
 
@@ -731,6 +912,10 @@ async def logout(request: web.Request) -> web.Response:
     if everywhere == "true":
         ended += await store.revoke_all(session.username)
     return web.json_response({"logged_out": ended})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=OPENAPI_PATH.read_text(encoding="utf-8"), content_type="application/yaml")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -797,10 +982,12 @@ class WebServer:
         app.cleanup_ctx.append(self._database)
         app.cleanup_ctx.append(self._passwords)
         app.cleanup_ctx.append(self._sessions)
+        app[login_throttle] = LoginThrottle(self.config.login, self.clock)
         app.router.add_post("/user", login)
         app.router.add_get("/user", whoami)
         app.router.add_delete("/user", logout)
         app.router.add_get("/health", health)
+        app.router.add_get("/openapi.yaml", openapi)
         return app
 
     async def _database(self, app: web.Application) -> AsyncIterator[None]:
@@ -820,7 +1007,7 @@ class WebServer:
         store = MemorySessionStore(self.config.sessions, self.clock)
         app[sessions] = store
         interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
-        sweeper = asyncio.create_task(sweep_forever(store, interval))
+        sweeper = asyncio.create_task(sweep_forever(store, app[login_throttle], interval))
         yield
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -837,15 +1024,17 @@ class WebServer:
             host=self.host,
             port=self.port,
             print=lambda _banner: log.info("serving on %s", self.url),
-            shutdown_timeout=10,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
         )
 
 
-async def sweep_forever(store: MemorySessionStore, interval: float) -> None:
-    """Drop expired sessions now and then, so memory holds only live ones."""
+async def sweep_forever(store: MemorySessionStore, throttle: LoginThrottle, interval: float) -> None:
+    """Drop expired sessions and login counters now and then, so memory holds only live ones."""
     while True:
         await asyncio.sleep(interval)
         removed = await store.sweep()
+        throttle.sweep()
         if removed:
             log.debug("swept %d expired sessions", removed)
 
