@@ -621,8 +621,12 @@ class MemorySessionStore:
         self._sessions[session_id] = session
         user_ids = self._by_user.setdefault(username, {})
         user_ids[session_id] = None
-        while len(user_ids) > self._config.max_per_user:
-            self._remove(next(iter(user_ids)))
+        if len(user_ids) > self._config.max_per_user:
+            # Expired sessions go first; only then does the oldest live one make room.
+            for old_id in [sid for sid in user_ids if self._sessions[sid].expires_at <= now]:
+                self._remove(old_id)
+            while len(user_ids) > self._config.max_per_user:
+                self._remove(next(iter(user_ids)))
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
@@ -693,10 +697,11 @@ class MemorySessionStore:
 class LoginThrottle:
     """Failed logins per username and per client address, in a sliding window, held in memory.
 
-    An attempt is counted as a failure when it starts and forgiven if it succeeds, so a burst of
-    concurrent guesses cannot all slip in before the first failure is recorded. The table keeps at
-    most `max_keys` entries, least recently failed first out, so a flood of random usernames costs
-    bounded memory (the flood's own address is throttled meanwhile).
+    For the username, an attempt counts as a failure as soon as it starts (and is cleared if it
+    succeeds), so a burst of concurrent guesses cannot all slip in before the first verdict. The
+    address is charged when the verdict is "wrong". The table keeps at most `max_keys` entries,
+    least recently failed first out, so a flood of random usernames costs bounded memory (the
+    flood's own address is throttled meanwhile).
     """
 
     def __init__(
@@ -716,25 +721,29 @@ class LoginThrottle:
         return len(self._failures)
 
     def begin(self, username: str, address: str) -> float | None:
-        """Seconds to wait if either key is over its limit; otherwise count this attempt and return None."""
+        """Seconds to wait if either key is over its limit; otherwise count the attempt, return None."""
         now = self._clock()
-        keys = (("user", username), ("address", address))
-        wait = max(self._wait(key, now) for key in keys)
+        wait = max(self._wait(("user", username), now), self._wait(("address", address), now))
         if wait > 0:
             return wait
-        for key in keys:
-            self._record(key, now)
+        self._record(("user", username), now)
         return None
 
+    def failed(self, username: str, address: str) -> None:
+        """A wrong password (already counted for the username): charge the address too."""
+        self._record(("address", address), self._clock())
+
     def succeeded(self, username: str, address: str) -> None:
-        """A good password: clear the username's count and forgive this attempt for the address."""
+        """A good password clears the username's count."""
         self._failures.pop(("user", username), None)
-        self._forgive(("address", address))
 
     def abandoned(self, username: str, address: str) -> None:
         """The attempt never reached a verdict (database down): it does not count."""
-        self._forgive(("user", username))
-        self._forgive(("address", address))
+        times = self._failures.get(("user", username))
+        if times:
+            times.pop()
+            if not times:
+                del self._failures[("user", username)]
 
     def sweep(self) -> int:
         """Drop keys whose failures are all older than the window; returns how many went."""
@@ -759,13 +768,6 @@ class LoginThrottle:
         else:
             self._failures.move_to_end(key)
         times.append(now)
-
-    def _forgive(self, key: tuple[str, str]) -> None:
-        times = self._failures.get(key)
-        if times:
-            times.pop()
-            if not times:
-                del self._failures[key]
 
 
 def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
@@ -875,6 +877,7 @@ async def login(request: web.Request) -> web.Response:
         throttle.abandoned(username, address)
         raise
     if not verified or stored_hash is None:
+        throttle.failed(username, address)
         log.info("failed login from %s", address)
         raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
     throttle.succeeded(username, address)

@@ -60,6 +60,17 @@ async def test_the_oldest_session_goes_beyond_max_per_user(clock: Clock) -> None
     sessions.check_consistency()
 
 
+async def test_making_room_drops_expired_sessions_before_a_live_one(clock: Clock) -> None:
+    sessions = store(clock)
+    ids = [(await sessions.create("alice"))[0] for _ in range(LIMITS.max_per_user)]
+    clock.advance(LIMITS.idle_timeout - 1)
+    await sessions.touch(ids[0])  # the oldest is in use; the others will expire
+    clock.advance(2)
+    await sessions.create("alice")
+    assert (await sessions.touch(ids[0])) is not None
+    sessions.check_consistency()
+
+
 async def test_a_session_expires_exactly_at_its_idle_deadline(clock: Clock) -> None:
     sessions = store(clock)
     session_id, session = await sessions.create("alice")
