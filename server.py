@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import getpass
 import ipaddress
 import json
@@ -50,6 +49,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import sqlalchemy as sa
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -105,6 +105,8 @@ class WebServerConfig:
     port: int = 8000
     # Peers whose X-Forwarded-For is believed; nobody's by default.
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    uvloop: bool = False  # run on uvloop's event loop (imported only when asked for)
+    access_log: bool = False  # one log line per request; costs about a third of GET /user's throughput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +239,14 @@ def parse_config(
     if unknown:
         raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
 
-    web_section = _Section(raw.get("webserver", {}), "webserver", source, {"host", "port", "trusted_proxies"})
+    web_keys = {"host", "port", "trusted_proxies", "uvloop", "access_log"}
+    web_section = _Section(raw.get("webserver", {}), "webserver", source, web_keys)
     webserver = WebServerConfig(
         host=web_section.string("host", "localhost"),
         port=web_section.integer("port", 8000, minimum=0, maximum=65535),
         trusted_proxies=web_section.networks("trusted_proxies"),
+        uvloop=web_section.boolean("uvloop", False),
+        access_log=web_section.boolean("access_log", False),
     )
     db = _parse_db(raw.get("db"), source, base_dir, environ)
 
@@ -540,7 +545,7 @@ class Passwords:
             parallelism=config.parallelism,
             type=argon2.Type.ID,
         )
-        threads = config.threads or os.cpu_count() or 1
+        threads = config.threads or len(os.sched_getaffinity(0))  # the CPUs this process may use
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
         # Verified against when the user is unknown, so that costs what a wrong password costs.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
@@ -861,8 +866,7 @@ def invalid_session() -> web.HTTPException:
 
 
 def iso_utc(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 async def login(request: web.Request) -> web.Response:
@@ -1027,13 +1031,31 @@ class WebServer:
         return f"http://{self.host}:{self.port}"
 
     def run(self) -> None:
+        loop = None
+        if self.config.webserver.uvloop:
+            import uvloop  # optional: `pip install uvloop`
+
+            loop = uvloop.new_event_loop()
         web.run_app(
             self.initializer(),
+            loop=loop,
             host=self.host,
             port=self.port,
             print=lambda _banner: log.info("serving on %s", self.url),
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
+            access_log=logging.getLogger("server.access") if self.config.webserver.access_log else None,
+            access_log_class=AccessLogger,
+        )
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One short line per request: client, method, path, status, time. Headers (and so session
+    ids) are never logged, and the query string is left out."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %.1fms", request.remote, request.method, request.path, response.status, time * 1000
         )
 
 
