@@ -83,6 +83,13 @@ def test_optional_sections_are_read(tmp_path: Path) -> None:
     assert config.passwords.below_owasp_minimum
 
 
+def test_webserver_options_are_read(tmp_path: Path) -> None:
+    raw = {"webserver": {"trusted_proxies": ["10.0.0.0/8", "::1"], "uvloop": True, "access_log": True}}
+    webserver = server.load_config(write(tmp_path, raw), environ={}).webserver
+    assert [str(net) for net in webserver.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert webserver.uvloop and webserver.access_log
+
+
 BAD_CONFIGS = [
     pytest.param("{not json", "not valid JSON", id="bad-json"),
     pytest.param("[]", "top level must be a JSON object", id="not-an-object"),
@@ -92,6 +99,17 @@ BAD_CONFIGS = [
     pytest.param({"webserver": {"host": 5}}, "'webserver.host' must be a non-empty string", id="host-int"),
     pytest.param({"webserver": []}, "'webserver' must be an object", id="section-not-object"),
     pytest.param({"cache": {}}, "unknown section 'cache'", id="unknown-section"),
+    pytest.param(
+        {"webserver": {"trusted_proxies": ["nonsense"]}},
+        "'webserver.trusted_proxies' must be a list of IP addresses or networks",
+        id="bad-proxy",
+    ),
+    pytest.param(
+        {"webserver": {"trusted_proxies": "10.0.0.1"}},
+        "'webserver.trusted_proxies' must be a list",
+        id="proxies-not-a-list",
+    ),
+    pytest.param({"webserver": {"access_log": 1}}, "'webserver.access_log' must be true or false", id="log-int"),
     pytest.param({"sessions": {"idle": 5}}, "unknown key 'sessions.idle'", id="unknown-key"),
     pytest.param({"sessions": {"idle_timeout": 0}}, "'sessions.idle_timeout' must be a positive", id="zero"),
     pytest.param({"sessions": {"max_per_user": 0}}, "'sessions.max_per_user' must be", id="no-sessions"),

@@ -218,7 +218,7 @@ async def test_no_password_or_session_id_reaches_the_logs(
     config.write_text(
         json.dumps(
             {
-                "webserver": {"host": "127.0.0.1", "port": port},
+                "webserver": {"host": "127.0.0.1", "port": port, "access_log": True},
                 "passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1},
             }
         )
@@ -236,7 +236,7 @@ async def test_no_password_or_session_id_reaches_the_logs(
         headers = {"Authorization": f"Bearer {session_id}"}
         async with http.get(f"{base}/user", headers=headers) as response:
             assert response.status == 200
-        async with http.delete(f"{base}/user", headers=headers) as response:
+        async with http.delete(f"{base}/user?all=true", headers=headers) as response:
             assert response.status == 200
         async with http.post(f"{base}/user", json={"username": "alice", "password": "wrong-" + secret}) as r:
             assert r.status == 401
