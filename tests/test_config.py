@@ -109,7 +109,9 @@ BAD_CONFIGS = [
         "'webserver.trusted_proxies' must be a list",
         id="proxies-not-a-list",
     ),
-    pytest.param({"webserver": {"access_log": 1}}, "'webserver.access_log' must be true or false", id="log-int"),
+    pytest.param(
+        {"webserver": {"access_log": 1}}, "'webserver.access_log' must be true or false", id="log-is-int"
+    ),
     pytest.param({"sessions": {"idle": 5}}, "unknown key 'sessions.idle'", id="unknown-key"),
     pytest.param({"sessions": {"idle_timeout": 0}}, "'sessions.idle_timeout' must be a positive", id="zero"),
     pytest.param({"sessions": {"max_per_user": 0}}, "'sessions.max_per_user' must be", id="no-sessions"),
