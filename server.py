@@ -34,6 +34,7 @@ import math
 import os
 import secrets
 import sys
+import threading
 import time
 import warnings
 from collections import OrderedDict, deque
@@ -556,6 +557,20 @@ def check_credential(value: Any, name: str) -> str:
     return value
 
 
+def _lower_thread_priority() -> None:
+    """Run this hashing thread only when the CPU has nothing else to do (Linux's SCHED_IDLE).
+
+    The event loop then preempts hashing as soon as a request arrives: a login flood slows
+    other logins, never GET /user. Where SCHED_IDLE is missing, the lowest nice value instead.
+    """
+    thread = threading.get_native_id()
+    try:
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
+
+
 class Passwords:
     """argon2id hashing on a thread pool of its own, so the event loop never waits on it."""
 
@@ -567,7 +582,9 @@ class Passwords:
             type=argon2.Type.ID,
         )
         threads = config.threads or len(os.sched_getaffinity(0))  # the CPUs this process may use
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="argon2", initializer=_lower_thread_priority
+        )
         # Verified against when the user is unknown, so that costs what a wrong password costs.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 
 import argon2
 import psycopg2.extensions
@@ -249,6 +250,17 @@ async def test_hashing_does_not_block_other_requests(
     assert not all(task.done() for task in logins), "GET /user waited for the hashing"
     for response in await asyncio.gather(*logins):
         assert response.status == 200
+
+
+async def test_hashing_threads_yield_the_cpu_to_the_event_loop(config: server.Config) -> None:
+    hasher = server.Passwords(config.passwords)
+    try:
+        policy = hasher._executor.submit(lambda: os.sched_getscheduler(0)).result()
+        # sched_getscheduler(0) names the calling thread's policy on Linux.
+        assert policy == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the event loop's thread is untouched
+    finally:
+        hasher.close()
 
 
 async def test_unknown_user_costs_a_verify_like_a_wrong_password(
