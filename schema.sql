@@ -1,6 +1,6 @@
 -- Tables of server.py. The server and its commands run this file at start-up, so it must stay
--- idempotent. The `users` Table in server.py describes the same columns; tests/test_schema.py
--- checks that the two agree.
+-- idempotent. The Tables in server.py describe the same columns; tests/test_schema.py checks
+-- that the two agree.
 
 CREATE TABLE IF NOT EXISTS users (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -8,3 +8,24 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash text NOT NULL,            -- argon2id, PHC string format
     created_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- Sessions, when "sessions.store" is "postgres". Only a SHA-256 of each session id is kept, so a
+-- leaked table or dump opens no session. Times are Unix seconds, as the server's clock gives them.
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash bytea PRIMARY KEY,
+    seq        bigint GENERATED ALWAYS AS IDENTITY,   -- creation order: the oldest goes first
+    username   varchar(1024) NOT NULL,
+    created_at double precision NOT NULL,
+    last_seen  double precision NOT NULL,
+    expires_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_username ON sessions (username);
+CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at);
+
+-- Failed logins, shared by every server process when the session store is "postgres".
+CREATE TABLE IF NOT EXISTS login_failures (
+    key       varchar(1100) NOT NULL,           -- 'user:<username>' or 'address:<ip>'
+    failed_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures (key, failed_at);
+CREATE INDEX IF NOT EXISTS login_failures_failed_at ON login_failures (failed_at);

@@ -27,12 +27,14 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
+import hashlib
 import ipaddress
 import json
 import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -41,7 +43,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, NoReturn, Protocol, TypeAlias
 
 import aiopg.sa
 import argon2
@@ -106,6 +108,7 @@ class WebServerConfig:
     port: int = 8000
     # Peers whose X-Forwarded-For is believed; nobody's by default.
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    workers: int = 1  # processes serving the same port (SO_REUSEPORT); >1 needs a shared store
     uvloop: bool = False  # run on uvloop's event loop (imported only when asked for)
     access_log: bool = False  # one log line per request; costs about a third of GET /user's throughput
 
@@ -120,11 +123,16 @@ class DatabaseConfig:
         return self.dsn is None
 
 
+SESSION_STORES = ("memory", "postgres", "redis")
+
+
 @dataclasses.dataclass(frozen=True)
 class SessionConfig:
     idle_timeout: float = 1800
     absolute_timeout: float = 86400
     max_per_user: int = 20
+    store: str = "memory"  # or "postgres" (a table beside users) or "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +215,7 @@ class _Section:
         return value
 
 
-def load_config(
-    path: Path | str = DEFAULT_CONFIG_PATH, environ: Mapping[str, str] = os.environ
-) -> Config:
+def load_config(path: Path | str = DEFAULT_CONFIG_PATH, environ: Mapping[str, str] = os.environ) -> Config:
     """Read a config file; the environment (DATABASE_URL) wins over the file, the file over defaults."""
     path = Path(path)
     try:
@@ -240,25 +246,29 @@ def parse_config(
     if unknown:
         raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
 
-    web_keys = {"host", "port", "trusted_proxies", "uvloop", "access_log"}
+    web_keys = {"host", "port", "trusted_proxies", "workers", "uvloop", "access_log"}
     web_section = _Section(raw.get("webserver", {}), "webserver", source, web_keys)
     webserver = WebServerConfig(
         host=web_section.string("host", "localhost"),
         port=web_section.integer("port", 8000, minimum=0, maximum=65535),
         trusted_proxies=web_section.networks("trusted_proxies"),
+        workers=web_section.integer("workers", 1, minimum=1),
         uvloop=web_section.boolean("uvloop", False),
         access_log=web_section.boolean("access_log", False),
     )
     db = _parse_db(raw.get("db"), source, base_dir, environ)
 
-    s = _Section(
-        raw.get("sessions", {}), "sessions", source, {"idle_timeout", "absolute_timeout", "max_per_user"}
-    )
+    session_keys = {"idle_timeout", "absolute_timeout", "max_per_user", "store", "redis_url"}
+    s = _Section(raw.get("sessions", {}), "sessions", source, session_keys)
     sessions = SessionConfig(
         idle_timeout=s.seconds("idle_timeout", 1800),
         absolute_timeout=s.seconds("absolute_timeout", 86400),
         max_per_user=s.integer("max_per_user", 20, minimum=1),
+        store=s.string("store", "memory"),
+        redis_url=s.string("redis_url", SessionConfig.redis_url),
     )
+    if sessions.store not in SESSION_STORES:
+        s._fail("store", " or ".join(f"'{name}'" for name in SESSION_STORES))
     s = _Section(raw.get("login", {}), "login", source, {"max_failures", "failure_window"})
     login = LoginConfig(
         max_failures=s.integer("max_failures", 5, minimum=1),
@@ -275,7 +285,18 @@ def parse_config(
         parallelism=parallelism,
         threads=s.integer("threads", 0, minimum=0),
     )
-    return Config(webserver, db, sessions, login, passwords)
+    config = Config(webserver, db, sessions, login, passwords)
+    check_workers(config, source)
+    return config
+
+
+def check_workers(config: Config, source: str) -> None:
+    """Several processes cannot share sessions kept in one process's memory."""
+    if config.webserver.workers > 1 and config.sessions.store == "memory":
+        raise ConfigError(
+            f"{source}: 'webserver.workers' above 1 needs a shared session store"
+            " ('sessions.store': 'postgres' or 'redis')"
+        )
 
 
 def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
@@ -309,6 +330,10 @@ def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str])
 
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (refused, timed out, or the connection broke)."""
+
+
+class SessionStoreUnavailable(Exception):
+    """The shared session store (PostgreSQL or Redis) cannot be reached."""
 
 
 class UserExists(Exception):
@@ -352,6 +377,25 @@ users = sa.Table(
     sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False, unique=True),
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+sessions_table = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("token_hash", sa.LargeBinary, primary_key=True),  # SHA-256 of the session id
+    sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
+    sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False, index=True),
+    sa.Column("created_at", sa.Float(53), nullable=False),
+    sa.Column("last_seen", sa.Float(53), nullable=False),
+    sa.Column("expires_at", sa.Float(53), nullable=False, index=True),
+)
+
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("key", sa.String(MAX_FIELD_CHARS + 76), nullable=False),
+    sa.Column("failed_at", sa.Float(53), nullable=False, index=True),
+    sa.Index("login_failures_key", "key", "failed_at"),
 )
 
 # Driver errors that mean "the database is not there", as opposed to a bug in a query.
@@ -635,6 +679,29 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(SESSION_ID_BYTES)
 
 
+def token_hash(session_id: str) -> bytes:
+    """What the shared stores keep instead of the session id: a leaked row or key opens nothing."""
+    return hashlib.sha256(session_id.encode()).digest()
+
+
+class SessionStore(Protocol):
+    """What the handlers need of a session store; memory, PostgreSQL and Redis provide it."""
+
+    async def create(self, username: str) -> tuple[str, Session]: ...
+    async def touch(self, session_id: str) -> Session | None: ...
+    async def revoke(self, session_id: str) -> Session | None: ...
+    async def revoke_all(self, username: str) -> int: ...
+    async def sweep(self) -> int: ...
+    async def count(self) -> int: ...
+    async def check_consistency(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def deadline(config: SessionConfig, created_at: float, last_seen: float) -> float:
+    """When a session expires: the earlier of its idle and its absolute deadline."""
+    return min(last_seen + config.idle_timeout, created_at + config.absolute_timeout)
+
+
 class MemorySessionStore:
     """The seed's two dictionaries, owned by one class: session id -> Session, user -> their ids.
 
@@ -654,7 +721,7 @@ class MemorySessionStore:
         return len(self._sessions)
 
     def _deadline(self, created_at: float, last_seen: float) -> float:
-        return min(last_seen + self._config.idle_timeout, created_at + self._config.absolute_timeout)
+        return deadline(self._config, created_at, last_seen)
 
     async def create(self, username: str) -> tuple[str, Session]:
         """A new session for username; beyond max_per_user the user's oldest one ends."""
@@ -722,7 +789,11 @@ class MemorySessionStore:
         if not user_ids:
             del self._by_user[session.username]
 
-    def check_consistency(self) -> None:
+    async def count(self) -> int:
+        """Sessions held, live or not yet swept."""
+        return len(self._sessions)
+
+    async def check_consistency(self) -> None:
         """Raise AssertionError unless both dictionaries describe the same sessions (for tests)."""
         indexed = {sid for ids in self._by_user.values() for sid in ids}
         if indexed != set(self._sessions):
@@ -732,38 +803,445 @@ class MemorySessionStore:
                 raise AssertionError(f"sessions of {username!r} do not point back to that user")
 
 
+@contextlib.contextmanager
+def store_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the shared store's connection failures into SessionStoreUnavailable."""
+    failures: tuple[type[BaseException], ...] = (DatabaseUnavailable, *kinds)
+    try:
+        yield
+    except failures as exc:
+        raise SessionStoreUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+class PostgresSessionStore:
+    """Sessions in the `sessions` table, shared by every process that uses the same database.
+
+    Rows are keyed by the SHA-256 of the session id. Expired rows are deleted when met and by
+    `sweep`, which the server runs every minute.
+    """
+
+    def __init__(self, engine: aiopg.sa.Engine, config: SessionConfig, clock: Callable[[], float]) -> None:
+        self._engine, self._config, self._clock = engine, config, clock
+
+    async def create(self, username: str) -> tuple[str, Session]:
+        now = self._clock()
+        session_id = new_session_id()
+        session = Session(username, now, now, deadline(self._config, now, now))
+        table = sessions_table
+        newest_first = (
+            sa.select(table.c.token_hash)
+            .where(table.c.username == username)
+            .order_by(table.c.seq.desc())
+            .offset(self._config.max_per_user)
+        )
+        with store_errors():
+            async with connection(self._engine) as conn, conn.begin():
+                await conn.execute(
+                    table.insert().values(
+                        token_hash=token_hash(session_id),
+                        username=username,
+                        created_at=now,
+                        last_seen=now,
+                        expires_at=session.expires_at,
+                    )
+                )
+                # Expired sessions go first; only then does the oldest live one make room.
+                await conn.execute(
+                    table.delete().where(table.c.username == username, table.c.expires_at <= now)
+                )
+                await conn.execute(
+                    table.delete().where(table.c.token_hash.in_(newest_first.scalar_subquery()))
+                )
+        return session_id, session
+
+    async def touch(self, session_id: str) -> Session | None:
+        now = self._clock()
+        table = sessions_table
+        renewed = sa.func.least(
+            now + self._config.idle_timeout, table.c.created_at + self._config.absolute_timeout
+        )
+        query = (
+            table.update()
+            .where(table.c.token_hash == token_hash(session_id), table.c.expires_at > now)
+            .values(last_seen=now, expires_at=renewed)
+            .returning(table.c.username, table.c.created_at, table.c.last_seen, table.c.expires_at)
+        )
+        with store_errors():
+            async with connection(self._engine) as conn:
+                row = await (await conn.execute(query)).first()
+        return None if row is None else Session(row.username, row.created_at, row.last_seen, row.expires_at)
+
+    async def revoke(self, session_id: str) -> Session | None:
+        now = self._clock()
+        table = sessions_table
+        query = (
+            table.delete()
+            .where(table.c.token_hash == token_hash(session_id))
+            .returning(table.c.username, table.c.created_at, table.c.last_seen, table.c.expires_at)
+        )
+        with store_errors():
+            async with connection(self._engine) as conn:
+                row = await (await conn.execute(query)).first()
+        if row is None or row.expires_at <= now:
+            return None
+        return Session(row.username, row.created_at, row.last_seen, row.expires_at)
+
+    async def revoke_all(self, username: str) -> int:
+        now = self._clock()
+        table = sessions_table
+        query = table.delete().where(table.c.username == username).returning(table.c.expires_at)
+        with store_errors():
+            async with connection(self._engine) as conn:
+                rows = await (await conn.execute(query)).fetchall()
+        return sum(1 for row in rows if row.expires_at > now)
+
+    async def sweep(self) -> int:
+        with store_errors():
+            async with connection(self._engine) as conn:
+                result = await conn.execute(
+                    sessions_table.delete().where(sessions_table.c.expires_at <= self._clock())
+                )
+                return int(result.rowcount)
+
+    async def count(self) -> int:
+        with store_errors():
+            async with connection(self._engine) as conn:
+                return int(await conn.scalar(sa.select(sa.func.count()).select_from(sessions_table)))
+
+    async def check_consistency(self) -> None:
+        """Every row's deadline follows from its times (for tests)."""
+        async with connection(self._engine) as conn:
+            rows = await (await conn.execute(sa.select(sessions_table))).fetchall()
+        for row in rows:
+            if row.expires_at != deadline(self._config, row.created_at, row.last_seen):
+                raise AssertionError(f"a session of {row.username!r} has a wrong deadline")
+
+    async def close(self) -> None:
+        """The engine belongs to the application, which closes it."""
+
+
+class RedisSessionStore:
+    """Sessions in Redis, shared by every process that uses the same Redis.
+
+    `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at) that
+    Redis itself expires at the session's deadline; `{prefix}user:<username>` is a sorted set of
+    the user's session hashes in creation order, so the oldest can make room and `all=true` can
+    find them. The steps that read and then change a session run as Lua scripts, atomically.
+    """
+
+    # KEYS: session key, user key. ARGV: now. Returns the session's fields, or nothing if it is
+    # gone or expired (an expired one is removed on the way).
+    _TOUCH = """
+        local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'expires_at')
+        if not f[1] then return false end
+        local now = tonumber(ARGV[1])
+        if tonumber(f[3]) <= now then
+            redis.call('DEL', KEYS[1])
+            redis.call('ZREM', KEYS[2] .. f[1], ARGV[4])
+            return false
+        end
+        local expires = math.min(now + tonumber(ARGV[2]), tonumber(f[2]) + tonumber(ARGV[3]))
+        local shown = string.format('%.17g', expires)
+        redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', shown)
+        redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
+        return {f[1], f[2], ARGV[1], shown}
+    """
+    _REVOKE = """
+        local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'last_seen', 'expires_at')
+        if not f[1] then return false end
+        redis.call('DEL', KEYS[1])
+        redis.call('ZREM', KEYS[2] .. f[1], ARGV[1])
+        return f
+    """
+
+    def __init__(
+        self, client: Any, config: SessionConfig, clock: Callable[[], float], prefix: str = "login:"
+    ) -> None:
+        import redis.exceptions
+
+        self._redis, self._config, self._clock, self._prefix = client, config, clock, prefix
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._touch = client.register_script(self._TOUCH)
+        self._revoke = client.register_script(self._REVOKE)
+
+    def _session_key(self, digest: str) -> str:
+        return f"{self._prefix}session:{digest}"
+
+    def _user_key(self, username: str) -> str:
+        return f"{self._prefix}user:{username}"
+
+    async def create(self, username: str) -> tuple[str, Session]:
+        now = self._clock()
+        session_id = new_session_id()
+        digest = token_hash(session_id).hex()
+        session = Session(username, now, now, deadline(self._config, now, now))
+        user_key = self._user_key(username)
+        with store_errors(*self._errors):
+            order = await self._redis.incr(f"{self._prefix}sequence")
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    self._session_key(digest),
+                    mapping={
+                        "username": username,
+                        "created_at": repr(now),
+                        "last_seen": repr(now),
+                        "expires_at": repr(session.expires_at),
+                    },
+                )
+                pipe.pexpireat(self._session_key(digest), math.ceil(session.expires_at * 1000))
+                pipe.zadd(user_key, {digest: order})
+                pipe.expire(user_key, math.ceil(self._config.absolute_timeout))
+                await pipe.execute()
+            await self._make_room(user_key, now)
+        return session_id, session
+
+    async def _make_room(self, user_key: str, now: float) -> None:
+        """Keep at most max_per_user: drop the gone and expired first, then the oldest."""
+        digests = [d.decode() for d in await self._redis.zrange(user_key, 0, -1)]
+        if len(digests) <= self._config.max_per_user:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for digest in digests:
+                pipe.hget(self._session_key(digest), "expires_at")
+            deadlines = await pipe.execute()
+        dead = [
+            d
+            for d, expires in zip(digests, deadlines, strict=True)
+            if expires is None or float(expires) <= now
+        ]
+        live = [d for d in digests if d not in dead]
+        dead += live[: max(0, len(live) - self._config.max_per_user)]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(user_key, *dead)
+            pipe.delete(*[self._session_key(d) for d in dead])
+            await pipe.execute()
+
+    async def touch(self, session_id: str) -> Session | None:
+        digest = token_hash(session_id).hex()
+        keys = [self._session_key(digest), f"{self._prefix}user:"]
+        args = [
+            repr(self._clock()),
+            repr(self._config.idle_timeout),
+            repr(self._config.absolute_timeout),
+            digest,
+        ]
+        with store_errors(*self._errors):
+            fields = await self._touch(keys=keys, args=args)
+        return self._session(fields)
+
+    async def revoke(self, session_id: str) -> Session | None:
+        digest = token_hash(session_id).hex()
+        with store_errors(*self._errors):
+            fields = await self._revoke(
+                keys=[self._session_key(digest), f"{self._prefix}user:"], args=[digest]
+            )
+        session = self._session(fields)
+        if session is None or session.expires_at <= self._clock():
+            return None
+        return session
+
+    async def revoke_all(self, username: str) -> int:
+        now = self._clock()
+        user_key = self._user_key(username)
+        with store_errors(*self._errors):
+            digests = [d.decode() for d in await self._redis.zrange(user_key, 0, -1)]
+            if not digests:
+                return 0
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for digest in digests:
+                    pipe.hget(self._session_key(digest), "expires_at")
+                pipe.delete(*[self._session_key(d) for d in digests], user_key)
+                *deadlines, _ = await pipe.execute()
+        return sum(1 for expires in deadlines if expires is not None and float(expires) > now)
+
+    async def sweep(self) -> int:
+        """Redis expires the sessions itself; this removes what their users' sets still name."""
+        now, removed = self._clock(), 0
+        with store_errors(*self._errors):
+            async for user_key in self._redis.scan_iter(match=f"{self._prefix}user:*", count=500):
+                digests = [d.decode() for d in await self._redis.zrange(user_key, 0, -1)]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for digest in digests:
+                        pipe.hget(self._session_key(digest), "expires_at")
+                    deadlines = await pipe.execute()
+                dead = [d for d, e in zip(digests, deadlines, strict=True) if e is None or float(e) <= now]
+                if dead:
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        pipe.zrem(user_key, *dead)
+                        pipe.delete(*[self._session_key(d) for d in dead])
+                        await pipe.execute()
+                    removed += len(dead)
+        return removed
+
+    async def count(self) -> int:
+        with store_errors(*self._errors):
+            return sum([1 async for _ in self._redis.scan_iter(match=f"{self._prefix}session:*", count=1000)])
+
+    async def check_consistency(self) -> None:
+        """Every session a user's set names exists and points back to that user (for tests)."""
+        async for user_key in self._redis.scan_iter(match=f"{self._prefix}user:*"):
+            username = user_key.decode().removeprefix(f"{self._prefix}user:")
+            for digest in await self._redis.zrange(user_key, 0, -1):
+                owner = await self._redis.hget(self._session_key(digest.decode()), "username")
+                if owner is not None and owner.decode() != username:
+                    raise AssertionError(f"a session in {username!r}'s set belongs to {owner!r}")
+        async for key in self._redis.scan_iter(match=f"{self._prefix}session:*"):
+            fields = await self._redis.hgetall(key)
+            digest = key.decode().removeprefix(f"{self._prefix}session:")
+            user_key = self._user_key(fields[b"username"].decode())
+            if await self._redis.zscore(user_key, digest) is None:
+                raise AssertionError("a session is missing from its user's set")
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @staticmethod
+    def _session(fields: list[bytes] | None) -> Session | None:
+        if not fields:
+            return None
+        username, created_at, last_seen, expires_at = fields
+        return Session(username.decode(), float(created_at), float(last_seen), float(expires_at))
+
+
 # ---------------------------------------------------------------------------
 # Login throttling
 # ---------------------------------------------------------------------------
 
 
+class FailureLog(Protocol):
+    """Where LoginThrottle keeps failure times: in memory, or shared through PostgreSQL or Redis."""
+
+    async def recent(self, key: str, limit: int, since: float) -> list[float]: ...
+    async def add(self, key: str, when: float, limit: int, window: float) -> None: ...
+    async def clear(self, key: str) -> None: ...
+    async def sweep(self, before: float) -> int: ...
+
+
+class MemoryFailureLog:
+    """Failure times in one process. At most `max_keys` keys, least recently failed first out,
+    so a flood of random usernames costs bounded memory (the flood's own address is throttled)."""
+
+    def __init__(self, max_keys: int = MAX_TRACKED_KEYS) -> None:
+        self._max_keys = max_keys
+        self._times: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    async def recent(self, key: str, limit: int, since: float) -> list[float]:
+        return [when for when in self._times.get(key, ()) if when > since][-limit:]
+
+    async def add(self, key: str, when: float, limit: int, window: float) -> None:
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= self._max_keys:
+                self._times.popitem(last=False)
+            times = self._times[key] = deque(maxlen=limit)
+        else:
+            self._times.move_to_end(key)
+        times.append(when)
+
+    async def clear(self, key: str) -> None:
+        self._times.pop(key, None)
+
+    async def sweep(self, before: float) -> int:
+        stale = [key for key, times in self._times.items() if times[-1] <= before]
+        for key in stale:
+            del self._times[key]
+        return len(stale)
+
+
+class PostgresFailureLog:
+    """Failure times in the `login_failures` table, shared by every server process."""
+
+    def __init__(self, engine: aiopg.sa.Engine) -> None:
+        self._engine = engine
+
+    async def recent(self, key: str, limit: int, since: float) -> list[float]:
+        table = login_failures
+        query = (
+            sa.select(table.c.failed_at)
+            .where(table.c.key == key, table.c.failed_at > since)
+            .order_by(table.c.failed_at.desc())
+            .limit(limit)
+        )
+        with store_errors():
+            async with connection(self._engine) as conn:
+                rows = await (await conn.execute(query)).fetchall()
+        return sorted(row.failed_at for row in rows)
+
+    async def add(self, key: str, when: float, limit: int, window: float) -> None:
+        with store_errors():
+            async with connection(self._engine) as conn:
+                await conn.execute(login_failures.insert().values(key=key, failed_at=when))
+
+    async def clear(self, key: str) -> None:
+        with store_errors():
+            async with connection(self._engine) as conn:
+                await conn.execute(login_failures.delete().where(login_failures.c.key == key))
+
+    async def sweep(self, before: float) -> int:
+        with store_errors():
+            async with connection(self._engine) as conn:
+                result = await conn.execute(
+                    login_failures.delete().where(login_failures.c.failed_at <= before)
+                )
+                return int(result.rowcount)
+
+
+class RedisFailureLog:
+    """Failure times in Redis sorted sets that expire with the window, shared by every process."""
+
+    def __init__(self, client: Any, prefix: str = "login:") -> None:
+        import redis.exceptions
+
+        self._redis, self._prefix = client, prefix
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+    async def recent(self, key: str, limit: int, since: float) -> list[float]:
+        with store_errors(*self._errors):
+            found = await self._redis.zrangebyscore(
+                f"{self._prefix}failures:{key}", f"({since!r}", "+inf", withscores=True
+            )
+        return [score for _, score in found][-limit:]
+
+    async def add(self, key: str, when: float, limit: int, window: float) -> None:
+        name = f"{self._prefix}failures:{key}"
+        with store_errors(*self._errors):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(name, {f"{when!r}:{secrets.token_hex(4)}": when})
+                pipe.zremrangebyrank(name, 0, -(limit + 1))
+                pipe.expire(name, math.ceil(window))
+                await pipe.execute()
+
+    async def clear(self, key: str) -> None:
+        with store_errors(*self._errors):
+            await self._redis.delete(f"{self._prefix}failures:{key}")
+
+    async def sweep(self, before: float) -> int:
+        return 0  # Redis expires each set a window after its last failure
+
+
 class LoginThrottle:
-    """Failed logins per username and per client address, in a sliding window, held in memory.
+    """Failed logins per username and per client address, in a sliding window.
 
     A wrong password charges both the username and the address; a right one clears the username.
-    Attempts on one username are checked one at a time (`one_at_a_time`), so a burst of concurrent
-    guesses cannot all pass the check before the first verdict. The table keeps at most `max_keys`
-    entries, least recently failed first out, so a flood of random usernames costs bounded memory
-    (the flood's own address is throttled meanwhile).
+    Attempts on one username are checked one at a time in this process (`one_at_a_time`), so a
+    burst of concurrent guesses cannot all pass the check before the first verdict.
     """
 
     def __init__(
         self,
         config: LoginConfig,
         clock: Callable[[], float] = time.time,
-        max_keys: int = MAX_TRACKED_KEYS,
+        log: FailureLog | None = None,
     ) -> None:
         self._window = config.failure_window
         self._limits = {"user": config.max_failures, "address": config.max_failures * ADDRESS_FAILURE_FACTOR}
         self._clock = clock
-        self._max_keys = max_keys
-        # (kind, value) -> times of its most recent failures, at most its limit of them.
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self.log: FailureLog = MemoryFailureLog() if log is None else log
         # username -> (its lock, how many hold or wait for it); an entry lives only while in use.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._failures)
 
     @contextlib.asynccontextmanager
     async def one_at_a_time(self, username: str) -> AsyncIterator[None]:
@@ -780,45 +1258,48 @@ class LoginThrottle:
             else:
                 self._locks[username] = (lock, holders - 1)
 
-    def check(self, username: str, address: str) -> float | None:
+    async def check(self, username: str, address: str) -> float | None:
         """Seconds to wait if the username or the address is over its limit, else None."""
         now = self._clock()
-        wait = max(self._wait(("user", username), now), self._wait(("address", address), now))
-        return wait if wait > 0 else None
+        waits = [await self._wait("user", username, now), await self._wait("address", address, now)]
+        return max(waits) if max(waits) > 0 else None
 
-    def failed(self, username: str, address: str) -> None:
+    async def failed(self, username: str, address: str) -> None:
         """A wrong password: count it for the username and for the address."""
         now = self._clock()
-        self._record(("user", username), now)
-        self._record(("address", address), now)
+        for kind, value in (("user", username), ("address", address)):
+            await self.log.add(f"{kind}:{value}", now, self._limits[kind], self._window)
 
-    def succeeded(self, username: str) -> None:
+    async def succeeded(self, username: str) -> None:
         """A good password clears the username's count."""
-        self._failures.pop(("user", username), None)
+        await self.log.clear(f"user:{username}")
 
-    def sweep(self) -> int:
-        """Drop keys whose failures are all older than the window; returns how many went."""
-        cutoff = self._clock() - self._window
-        stale = [key for key, times in self._failures.items() if times[-1] <= cutoff]
-        for key in stale:
-            del self._failures[key]
-        return len(stale)
+    async def sweep(self) -> int:
+        """Forget failures older than the window; returns how many keys (or rows) went."""
+        return await self.log.sweep(self._clock() - self._window)
 
-    def _wait(self, key: tuple[str, str], now: float) -> float:
-        times = self._failures.get(key)
-        if times is None or len(times) < self._limits[key[0]]:
+    async def _wait(self, kind: str, value: str, now: float) -> float:
+        limit = self._limits[kind]
+        times = await self.log.recent(f"{kind}:{value}", limit, now - self._window)
+        if len(times) < limit:
             return 0.0
         return max(0.0, times[0] + self._window - now)
 
-    def _record(self, key: tuple[str, str], now: float) -> None:
-        times = self._failures.get(key)
-        if times is None:
-            if len(self._failures) >= self._max_keys:
-                self._failures.popitem(last=False)
-            times = self._failures[key] = deque(maxlen=self._limits[key[0]])
-        else:
-            self._failures.move_to_end(key)
-        times.append(now)
+
+def open_session_store(
+    config: SessionConfig, engine: aiopg.sa.Engine, clock: Callable[[], float]
+) -> tuple[SessionStore, FailureLog]:
+    """The configured session store and, beside it, where login failures are counted."""
+    if config.store == "postgres":
+        return PostgresSessionStore(engine, config, clock), PostgresFailureLog(engine)
+    if config.store == "redis":
+        import redis.asyncio  # optional: imported only when this store is chosen
+
+        client = redis.asyncio.Redis.from_url(
+            config.redis_url, socket_timeout=DB_OPERATION_TIMEOUT, socket_connect_timeout=DB_CONNECT_TIMEOUT
+        )
+        return RedisSessionStore(client, config, clock), RedisFailureLog(client)
+    return MemorySessionStore(config, clock), MemoryFailureLog()
 
 
 def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
@@ -853,7 +1334,7 @@ def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
 config_key = web.AppKey("config", Config)
 db_engine = web.AppKey("db_engine", aiopg.sa.Engine)
 passwords = web.AppKey("passwords", Passwords)
-sessions = web.AppKey("sessions", MemorySessionStore)
+sessions = web.AppKey("sessions", SessionStore)
 login_throttle = web.AppKey("login_throttle", LoginThrottle)
 
 # ---------------------------------------------------------------------------
@@ -913,7 +1394,7 @@ async def login(request: web.Request) -> web.Response:
     throttle = app[login_throttle]
     address = client_address(request, app[config_key].webserver.trusted_proxies)
     async with throttle.one_at_a_time(username):
-        wait = throttle.check(username, address)
+        wait = await throttle.check(username, address)
         if wait is not None:
             raise json_error(
                 web.HTTPTooManyRequests,
@@ -924,10 +1405,10 @@ async def login(request: web.Request) -> web.Response:
         stored_hash = await find_password_hash(app[db_engine], username)
         verified = await app[passwords].verify(stored_hash, password)
         if not verified or stored_hash is None:
-            throttle.failed(username, address)
+            await throttle.failed(username, address)
             log.info("failed login from %s", address)
             raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
-        throttle.succeeded(username)
+        await throttle.succeeded(username)
     if app[passwords].needs_rehash(stored_hash):
         await upgrade_hash(app[db_engine], app[passwords], username, password)
     session_id, _ = await app[sessions].create(username)
@@ -996,6 +1477,14 @@ async def error_middleware(
         exc.text = json.dumps({"error": code, "message": message})
         exc.content_type = "application/json"
         raise
+    except SessionStoreUnavailable as exc:
+        log.warning("session store unavailable: %s", exc)
+        raise json_error(
+            web.HTTPServiceUnavailable,
+            "session_store_unavailable",
+            "The session store cannot be reached; try again shortly.",
+            {"Retry-After": RETRY_AFTER_SECONDS},
+        ) from None
     except DatabaseUnavailable as exc:
         log.warning("database unavailable: %s", exc)
         raise json_error(
@@ -1032,7 +1521,6 @@ class WebServer:
         app.cleanup_ctx.append(self._database)
         app.cleanup_ctx.append(self._passwords)
         app.cleanup_ctx.append(self._sessions)
-        app[login_throttle] = LoginThrottle(self.config.login, self.clock)
         app.router.add_post("/user", login)
         app.router.add_get("/user", whoami)
         app.router.add_delete("/user", logout)
@@ -1054,8 +1542,9 @@ class WebServer:
         app[passwords].close()
 
     async def _sessions(self, app: web.Application) -> AsyncIterator[None]:
-        store = MemorySessionStore(self.config.sessions, self.clock)
+        store, failures = open_session_store(self.config.sessions, app[db_engine], self.clock)
         app[sessions] = store
+        app[login_throttle] = LoginThrottle(self.config.login, self.clock, failures)
         interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
         sweeper = asyncio.create_task(sweep_forever(store, app[login_throttle], interval))
         yield
@@ -1068,7 +1557,7 @@ class WebServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def run(self) -> None:
+    def run(self, reuse_port: bool = False) -> None:
         loop = None
         if self.config.webserver.uvloop:
             import uvloop  # optional: `pip install uvloop`
@@ -1082,6 +1571,7 @@ class WebServer:
             print=lambda _banner: log.info("serving on %s", self.url),
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
+            reuse_port=reuse_port,
             access_log=logging.getLogger("server.access") if self.config.webserver.access_log else None,
             access_log_class=AccessLogger,
         )
@@ -1097,12 +1587,16 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
-async def sweep_forever(store: MemorySessionStore, throttle: LoginThrottle, interval: float) -> None:
-    """Drop expired sessions and login counters now and then, so memory holds only live ones."""
+async def sweep_forever(store: SessionStore, throttle: LoginThrottle, interval: float) -> None:
+    """Drop expired sessions and login counters now and then, so storage holds only live ones."""
     while True:
         await asyncio.sleep(interval)
-        removed = await store.sweep()
-        throttle.sweep()
+        try:
+            removed = await store.sweep()
+            await throttle.sweep()
+        except SessionStoreUnavailable as exc:
+            log.warning("could not sweep the session store: %s", exc)
+            continue
         if removed:
             log.debug("swept %d expired sessions", removed)
 
@@ -1170,7 +1664,19 @@ async def del_user_command(config: Config, name: str) -> str:
             await delete_user(engine, username)
         except UserNotFound:
             raise CommandError(f"no such user '{username}'") from None
-    return f"deleted user '{username}'"
+        # A shared store ends the user's sessions everywhere; memory sessions live in the server.
+        ended = 0
+        if config.sessions.store != "memory":
+            store, _ = open_session_store(config.sessions, engine, time.time)
+            try:
+                ended = await store.revoke_all(username)
+            except SessionStoreUnavailable as exc:
+                raise CommandError(
+                    f"deleted user '{username}', but could not end their sessions: {exc}"
+                ) from None
+            finally:
+                await store.close()
+    return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
 USER_COMMANDS: dict[str, Callable[[Config, str], Coroutine[Any, Any, str]]] = {
@@ -1188,12 +1694,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Login/logout web service.", parents=[common])
     parser.add_argument("--host", help="override webserver.host")
     parser.add_argument("--port", type=int, help="override webserver.port")
+    parser.add_argument("--workers", type=int, help="override webserver.workers (processes on one port)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     helps = {"adduser": "create a user", "passwd": "set a user's password", "deluser": "delete a user"}
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, parents=[common])
         sub.add_argument("name", metavar="NAME")
     return parser
+
+
+def serve_workers(config: Config) -> int:
+    """Run config.webserver.workers server processes on one port (SO_REUSEPORT) and wait for them.
+
+    This process owns the embedded PostgreSQL, if any, and hands its address to the workers.
+    SIGTERM or SIGINT is passed on to every worker; the exit code is 0 when all of them exit 0.
+    """
+    import multiprocessing
+
+    with contextlib.ExitStack() as stack:
+        if config.db.embedded:
+            dsn = stack.enter_context(embedded_postgres_sync(config.db.data_dir))
+            config = dataclasses.replace(config, db=dataclasses.replace(config.db, dsn=dsn))
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=_worker, args=(config,)) for _ in range(config.webserver.workers)]
+
+        def stop(signum: int, _frame: object) -> None:
+            for worker in workers:
+                if worker.pid is not None and worker.is_alive():
+                    os.kill(worker.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for worker in workers:
+            worker.start()
+        log.info("started %d workers on %s", len(workers), WebServer(config).url)
+        for worker in workers:
+            worker.join()
+        codes = [worker.exitcode for worker in workers]
+    log.info("all workers stopped")
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _worker(config: Config) -> None:
+    configure_logging(logging.INFO)
+    WebServer(config).run(reuse_port=True)
+
+
+@contextlib.contextmanager
+def embedded_postgres_sync(data_dir: Path) -> Iterator[str]:
+    """embedded_postgres for code outside an event loop."""
+    loop = asyncio.new_event_loop()
+    manager = embedded_postgres(data_dir)
+    try:
+        yield loop.run_until_complete(manager.__aenter__())
+    finally:
+        loop.run_until_complete(manager.__aexit__(None, None, None))
+        loop.close()
 
 
 def configure_logging(level: int) -> None:
@@ -1208,7 +1764,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
         if args.command is None:
             overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+            if args.workers is not None:
+                overrides["workers"] = args.workers
             config = dataclasses.replace(config, webserver=dataclasses.replace(config.webserver, **overrides))
+            check_workers(config, "--workers")
+            if config.webserver.workers > 1:
+                return serve_workers(config)
             WebServer(config).run()
         else:
             print(asyncio.run(USER_COMMANDS[args.command](config, args.name)))

@@ -6,14 +6,16 @@ named by TEST_DATABASE_URL (CI runs the suite against both).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -55,7 +57,7 @@ def db(database_url: str) -> Iterator[psycopg2.extensions.connection]:
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE users RESTART IDENTITY")
+        cur.execute("TRUNCATE users, sessions, login_failures RESTART IDENTITY")
     yield conn
     conn.close()
 
@@ -227,3 +229,55 @@ def private_cluster(tmp_path: Path) -> Iterator[PrivateCluster]:
     cluster = PrivateCluster(tmp_path / "pgdata")
     yield cluster
     cluster.close()
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_or_skip() -> None:
+    """Skip when no Redis answers, unless REQUIRE_REDIS is set (CI sets it: a skip there is a failure)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.exceptions.ConnectionError as exc:
+        if os.environ.get("REQUIRE_REDIS"):
+            pytest.fail(f"REQUIRE_REDIS is set but Redis at {REDIS_URL} does not answer: {exc}")
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc})")
+
+
+@contextlib.asynccontextmanager
+async def open_store(
+    kind: str, config: server.SessionConfig, clock: Callable[[], float], database_url: str
+) -> AsyncIterator[tuple[server.SessionStore, server.FailureLog]]:
+    """A session store of the given kind, empty, on the test database or Redis; closed after."""
+    if kind == "memory":
+        yield server.MemorySessionStore(config, clock), server.MemoryFailureLog()
+    elif kind == "postgres":
+        async with server.open_database(server.DatabaseConfig(dsn=database_url)) as engine:
+            async with server.connection(engine) as conn:
+                await conn.execute("TRUNCATE sessions, login_failures")
+            yield server.PostgresSessionStore(engine, config, clock), server.PostgresFailureLog(engine)
+    else:
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+        prefix = f"test-{uuid.uuid4().hex}:"
+        try:
+            store = server.RedisSessionStore(client, config, clock, prefix)
+            yield store, server.RedisFailureLog(client, prefix)
+        finally:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+
+STORE_KINDS = ["memory", "postgres", "redis"]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest, db: object) -> str:
+    if request.param == "redis":
+        redis_or_skip()
+    return str(request.param)

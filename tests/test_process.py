@@ -99,9 +99,7 @@ async def test_embedded_postgres_is_started_beside_the_config_and_stopped_at_exi
     assert not (pgdata / "postmaster.pid").exists(), "the embedded PostgreSQL is still running"
 
 
-def test_startup_gives_up_when_the_database_never_answers(
-    tmp_path: Path, start_server: Start
-) -> None:
+def test_startup_gives_up_when_the_database_never_answers(tmp_path: Path, start_server: Start) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": free_port()}}))
     # Nothing listens on this port; the server retries, logs each wait, and gives up with exit 1.

@@ -1,40 +1,64 @@
-"""Property tests: under any sequence of operations the session store and the login throttle
-keep their promises (Hypothesis state machines, with a clock the machine moves)."""
+"""Property tests: under any sequence of operations each session store and the login throttle
+keep their promises (Hypothesis state machines, with a clock the machine moves), for every store."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 import server
-from conftest import Clock
+from conftest import Clock, open_store
 
 USERS = st.sampled_from(["alice", "bob"])
 LIMITS = server.SessionConfig(idle_timeout=10, absolute_timeout=25, max_per_user=2)
+CLOCK_STEPS = st.integers(min_value=0, max_value=12) | st.floats(min_value=0, max_value=30)
+# Fewer examples for the shared stores: each step is a round trip to a real server.
+EXAMPLES = {"memory": 200, "postgres": 40, "redis": 40}
 
 
-class SessionStoreMachine(RuleBasedStateMachine):
-    """Runs random create / touch / revoke / revoke_all / sweep / clock steps against a model."""
+class StoreMachine(RuleBasedStateMachine):
+    """Opens a fresh store of one kind per example, on its own event loop."""
 
-    session_ids = Bundle("session_ids")
-
-    def __init__(self) -> None:
+    def __init__(self, kind: str, database_url: str) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
-        self.store = server.MemorySessionStore(LIMITS, self.clock)
+        self._store_context = open_store(kind, LIMITS, self.clock, database_url)
+        self.store, self.failure_log = self.run(self._store_context.__aenter__())
+
+    def run(self, coroutine: Any) -> Any:
+        return self.loop.run_until_complete(coroutine)
+
+    def teardown(self) -> None:
+        self.run(self._store_context.__aexit__(None, None, None))
+        self.loop.close()
+
+
+class SessionStoreMachine(StoreMachine):
+    """Random create / touch / revoke / revoke_all / sweep / clock steps against a model."""
+
+    session_ids = Bundle("session_ids")
+
+    def __init__(self, kind: str, database_url: str) -> None:
+        super().__init__(kind, database_url)
         # The model: session id -> (username, created_at, last_seen), for sessions believed live.
         self.model: dict[str, tuple[str, float, float]] = {}
 
-    def run(self, coroutine: object) -> object:
-        return self.loop.run_until_complete(coroutine)  # type: ignore[arg-type]
-
     def expires_at(self, session_id: str) -> float:
         _, created_at, last_seen = self.model[session_id]
-        return min(last_seen + LIMITS.idle_timeout, created_at + LIMITS.absolute_timeout)
+        return server.deadline(LIMITS, created_at, last_seen)
 
     def forget_expired(self) -> None:
         for session_id in [sid for sid in self.model if self.expires_at(sid) <= self.clock.now]:
@@ -42,16 +66,13 @@ class SessionStoreMachine(RuleBasedStateMachine):
 
     @rule(target=session_ids, username=USERS)
     def create(self, username: str) -> str:
-        session_id, session = self.run(self.store.create(username))  # type: ignore[misc]
+        session_id, session = self.run(self.store.create(username))
         assert session.username == username
+        self.forget_expired()
         self.model[session_id] = (username, self.clock.now, self.clock.now)
         mine = [sid for sid, (name, *_) in self.model.items() if name == username]
-        self.forget_expired()
-        live_mine = [sid for sid in mine if sid in self.model]
-        if len(live_mine) > LIMITS.max_per_user:
-            # The store drops the oldest; expired ones may already have gone.
-            oldest = min(live_mine, key=lambda sid: self.model[sid][1])
-            del self.model[oldest]
+        if len(mine) > LIMITS.max_per_user:
+            del self.model[mine[0]]  # the oldest live one makes room
         return str(session_id)
 
     @rule(session_id=session_ids)
@@ -59,7 +80,8 @@ class SessionStoreMachine(RuleBasedStateMachine):
         self.forget_expired()
         session = self.run(self.store.touch(session_id))
         if session_id in self.model:
-            assert session is not None and session.username == self.model[session_id][0]  # type: ignore[attr-defined]
+            assert session is not None and session.username == self.model[session_id][0]
+            assert session.expires_at > self.clock.now
             username, created_at, _ = self.model[session_id]
             self.model[session_id] = (username, created_at, self.clock.now)
         else:
@@ -85,39 +107,24 @@ class SessionStoreMachine(RuleBasedStateMachine):
     def sweep(self) -> None:
         self.run(self.store.sweep())
         self.forget_expired()
-        assert len(self.store) == len(self.model)
+        assert self.run(self.store.count()) == len(self.model)
 
-    @rule(seconds=st.integers(min_value=0, max_value=12) | st.floats(min_value=0, max_value=30))
+    @rule(seconds=CLOCK_STEPS)
     def advance_clock(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
     @invariant()
-    def dictionaries_are_consistent(self) -> None:
-        self.store.check_consistency()
-
-    @invariant()
-    def every_model_session_is_live_in_the_store(self) -> None:
-        self.forget_expired()
-        assert set(self.model) <= set(self.store._sessions)
-
-    def teardown(self) -> None:
-        self.loop.close()
+    def store_is_consistent(self) -> None:
+        self.run(self.store.check_consistency())
 
 
-TestSessionStore = SessionStoreMachine.TestCase
-TestSessionStore.settings = settings(
-    max_examples=200, stateful_step_count=40, derandomize=True, deadline=None
-)
-
-
-class LoginThrottleMachine(RuleBasedStateMachine):
+class LoginThrottleMachine(StoreMachine):
     """Random attempts from a few users and addresses, with clock steps, against an exact model."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.clock = Clock()
+    def __init__(self, kind: str, database_url: str) -> None:
+        super().__init__(kind, database_url)
         self.config = server.LoginConfig(max_failures=3, failure_window=60)
-        self.throttle = server.LoginThrottle(self.config, self.clock)
+        self.throttle = server.LoginThrottle(self.config, self.clock, self.failure_log)
         self.failures: dict[tuple[str, str], list[float]] = {}
 
     def blocked(self, key: tuple[str, str]) -> bool:
@@ -133,17 +140,17 @@ class LoginThrottleMachine(RuleBasedStateMachine):
     def attempt(self, username: str, address: str, outcome: str) -> None:
         user, addr = ("user", username), ("address", address)
         expect_blocked = self.blocked(user) or self.blocked(addr)
-        wait = self.throttle.check(username, address)
+        wait = self.run(self.throttle.check(username, address))
         assert (wait is not None) == expect_blocked
         if wait is not None:
             assert 0 < wait <= self.config.failure_window
             return
         if outcome == "wrong":
-            self.throttle.failed(username, address)
+            self.run(self.throttle.failed(username, address))
             self.failures.setdefault(user, []).append(self.clock.now)
             self.failures.setdefault(addr, []).append(self.clock.now)
         elif outcome == "right":
-            self.throttle.succeeded(username)
+            self.run(self.throttle.succeeded(username))
             self.failures.pop(user, None)
         # "database down": no verdict, nothing is recorded
 
@@ -153,29 +160,32 @@ class LoginThrottleMachine(RuleBasedStateMachine):
 
     @rule()
     def sweep(self) -> None:
-        self.throttle.sweep()
-        for key in list(self.failures):
-            if self.failures[key][-1] <= self.clock.now - self.config.failure_window:
-                del self.failures[key]
-        assert len(self.throttle) == len(self.failures)
+        self.run(self.throttle.sweep())
 
 
-TestLoginThrottle = LoginThrottleMachine.TestCase
-TestLoginThrottle.settings = settings(
-    max_examples=150, stateful_step_count=60, derandomize=True, deadline=None
-)
+@pytest.mark.parametrize("machine", [SessionStoreMachine, LoginThrottleMachine])
+def test_store_keeps_its_promises_under_any_sequence(
+    machine: type[StoreMachine], store_kind: str, database_url: str
+) -> None:
+    run_state_machine_as_test(
+        lambda: machine(store_kind, database_url),
+        settings=settings(
+            max_examples=EXAMPLES[store_kind], stateful_step_count=40, derandomize=True, deadline=None
+        ),
+    )
 
 
-def test_a_flood_of_random_usernames_keeps_the_throttle_bounded() -> None:
+async def test_a_flood_of_random_usernames_keeps_the_memory_throttle_bounded() -> None:
     clock = Clock()
-    throttle = server.LoginThrottle(server.LoginConfig(), clock, max_keys=1000)
+    failures = server.MemoryFailureLog(max_keys=1000)
+    throttle = server.LoginThrottle(server.LoginConfig(), clock, failures)
     for number in range(20_000):
         address = f"10.0.{number // 250 % 256}.{number % 250}"
-        if throttle.check(f"user-{number}", address) is None:
-            throttle.failed(f"user-{number}", address)
-        assert len(throttle) <= 1000
+        if await throttle.check(f"user-{number}", address) is None:
+            await throttle.failed(f"user-{number}", address)
+        assert len(failures) <= 1000
     # The table is full of recent entries; a real user's failures are still counted.
     for _ in range(server.LoginConfig().max_failures):
-        assert throttle.check("alice", "192.0.2.1") is None
-        throttle.failed("alice", "192.0.2.1")
-    assert throttle.check("alice", "192.0.2.1") is not None
+        assert await throttle.check("alice", "192.0.2.1") is None
+        await throttle.failed("alice", "192.0.2.1")
+    assert await throttle.check("alice", "192.0.2.1") is not None

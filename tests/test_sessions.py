@@ -1,89 +1,105 @@
-"""The in-memory session store: both dictionaries change together, expired sessions never return."""
+"""The session store contract, run against every store: memory, PostgreSQL and Redis.
+
+Several sessions per user, idle and absolute timeouts, max_per_user, revoke_all; the shared
+stores keep only a SHA-256 of each session id."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import psycopg2.extensions
+import pytest
+
 import server
-from conftest import Clock
+from conftest import Clock, open_store
 
 LIMITS = server.SessionConfig(idle_timeout=100, absolute_timeout=1000, max_per_user=3)
 
 
-def store(clock: Clock) -> server.MemorySessionStore:
-    return server.MemorySessionStore(LIMITS, clock)
+@pytest.fixture
+async def sessions(store_kind: str, clock: Clock, database_url: str) -> AsyncIterator[server.SessionStore]:
+    async with open_store(store_kind, LIMITS, clock, database_url) as (store, _):
+        yield store
+        await store.check_consistency()
 
 
-async def test_a_user_can_hold_several_sessions(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_a_user_can_hold_several_sessions(sessions: server.SessionStore) -> None:
     first, _ = await sessions.create("alice")
     second, _ = await sessions.create("alice")
     assert first != second
     assert (await sessions.touch(first)) is not None
     assert (await sessions.touch(second)) is not None
-    sessions.check_consistency()
 
 
-async def test_revoking_one_session_leaves_the_others(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_touch_returns_the_session(sessions: server.SessionStore, clock: Clock) -> None:
+    session_id, created = await sessions.create("alice")
+    clock.advance(10)
+    touched = await sessions.touch(session_id)
+    assert touched is not None
+    assert touched.username == "alice"
+    assert touched.created_at == created.created_at
+    assert touched.last_seen == clock.now
+    assert touched.expires_at == clock.now + LIMITS.idle_timeout
+
+
+async def test_revoking_one_session_leaves_the_others(sessions: server.SessionStore) -> None:
     first, _ = await sessions.create("alice")
     second, _ = await sessions.create("alice")
-    assert (await sessions.revoke(first)) is not None
+    revoked = await sessions.revoke(first)
+    assert revoked is not None and revoked.username == "alice"
     assert (await sessions.touch(first)) is None
     assert (await sessions.touch(second)) is not None
-    sessions.check_consistency()
 
 
-async def test_revoking_an_unknown_session_changes_nothing(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_revoking_an_unknown_session_changes_nothing(sessions: server.SessionStore) -> None:
     await sessions.create("alice")
     assert (await sessions.revoke("nope")) is None
-    assert len(sessions) == 1
+    assert await sessions.count() == 1
 
 
-async def test_revoke_all_counts_only_live_sessions(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_revoke_all_counts_only_live_sessions(sessions: server.SessionStore, clock: Clock) -> None:
     await sessions.create("alice")
     clock.advance(LIMITS.idle_timeout)
     await sessions.create("alice")
-    await sessions.create("bob")
+    bob, _ = await sessions.create("bob")
     assert await sessions.revoke_all("alice") == 1
-    assert len(sessions) == 1
     assert await sessions.revoke_all("nobody") == 0
-    sessions.check_consistency()
+    assert (await sessions.touch(bob)) is not None
 
 
-async def test_the_oldest_session_goes_beyond_max_per_user(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_the_oldest_session_goes_beyond_max_per_user(sessions: server.SessionStore) -> None:
     ids = [(await sessions.create("alice"))[0] for _ in range(LIMITS.max_per_user + 1)]
     assert (await sessions.touch(ids[0])) is None
-    assert all([await sessions.touch(sid) is not None for sid in ids[1:]])
-    assert len(sessions) == LIMITS.max_per_user
-    sessions.check_consistency()
+    for session_id in ids[1:]:
+        assert (await sessions.touch(session_id)) is not None
+    assert await sessions.count() == LIMITS.max_per_user
 
 
-async def test_making_room_drops_expired_sessions_before_a_live_one(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_making_room_drops_expired_sessions_before_a_live_one(
+    sessions: server.SessionStore, clock: Clock
+) -> None:
     ids = [(await sessions.create("alice"))[0] for _ in range(LIMITS.max_per_user)]
     clock.advance(LIMITS.idle_timeout - 1)
     await sessions.touch(ids[0])  # the oldest is in use; the others will expire
     clock.advance(2)
     await sessions.create("alice")
     assert (await sessions.touch(ids[0])) is not None
-    sessions.check_consistency()
 
 
-async def test_a_session_expires_exactly_at_its_idle_deadline(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_a_session_expires_exactly_at_its_idle_deadline(
+    sessions: server.SessionStore, clock: Clock
+) -> None:
     session_id, session = await sessions.create("alice")
     assert session.expires_at == clock.now + LIMITS.idle_timeout
     clock.advance(LIMITS.idle_timeout - 0.001)
     assert (await sessions.touch(session_id)) is not None
     clock.advance(LIMITS.idle_timeout)
     assert (await sessions.touch(session_id)) is None
-    assert len(sessions) == 0  # an expired session found on lookup is removed at once
 
 
-async def test_touch_never_extends_past_the_absolute_deadline(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_touch_never_extends_past_the_absolute_deadline(
+    sessions: server.SessionStore, clock: Clock
+) -> None:
     session_id, session = await sessions.create("alice")
     absolute = session.created_at + LIMITS.absolute_timeout
     while clock.now + LIMITS.idle_timeout / 2 < absolute:
@@ -94,27 +110,62 @@ async def test_touch_never_extends_past_the_absolute_deadline(clock: Clock) -> N
     assert (await sessions.touch(session_id)) is None
 
 
-async def test_sweep_removes_expired_sessions_and_keeps_live_ones(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_sweep_removes_expired_sessions_and_keeps_live_ones(
+    sessions: server.SessionStore, clock: Clock
+) -> None:
     for name in ("alice", "bob", "carol"):
         await sessions.create(name)
     clock.advance(LIMITS.idle_timeout / 2)
     live, _ = await sessions.create("alice")
     clock.advance(LIMITS.idle_timeout / 2)
     assert await sessions.sweep() == 3
-    assert len(sessions) == 1
+    assert await sessions.count() == 1
     assert (await sessions.touch(live)) is not None
-    sessions.check_consistency()
 
 
-async def test_an_expired_session_cannot_be_revoked(clock: Clock) -> None:
-    sessions = store(clock)
+async def test_an_expired_session_cannot_be_revoked(sessions: server.SessionStore, clock: Clock) -> None:
     session_id, _ = await sessions.create("alice")
     clock.advance(LIMITS.idle_timeout)
     assert (await sessions.revoke(session_id)) is None
-    sessions.check_consistency()
 
 
 async def test_session_ids_carry_at_least_128_bits() -> None:
     session_id = server.new_session_id()
     assert len(session_id) * 6 >= 128  # URL-safe base64: six bits a character
+
+
+async def test_postgres_keeps_only_a_hash_of_the_session_id(
+    clock: Clock, database_url: str, db: psycopg2.extensions.connection
+) -> None:
+    async with open_store("postgres", LIMITS, clock, database_url) as (store, _):
+        session_id, _ = await store.create("alice")
+    with db.cursor() as cur:
+        cur.execute("SELECT token_hash, username FROM sessions")
+        rows = cur.fetchall()
+    assert [(bytes(digest), username) for digest, username in rows] == [
+        (server.token_hash(session_id), "alice")
+    ]
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM sessions WHERE position(%s in encode(token_hash, 'escape')) > 0",
+            (session_id,),
+        )
+        assert cur.fetchone() == (0,)
+
+
+async def test_redis_keeps_only_a_hash_of_the_session_id(clock: Clock, database_url: str) -> None:
+    from conftest import redis_or_skip
+
+    redis_or_skip()
+    async with open_store("redis", LIMITS, clock, database_url) as (store, _):
+        session_id, _ = await store.create("alice")
+        client = store._redis  # type: ignore[attr-defined]
+        prefix = store._prefix  # type: ignore[attr-defined]
+        dump = b""
+        async for key in client.scan_iter(match=f"{prefix}*"):
+            dump += key + repr(await client.dump(key)).encode()
+        assert session_id.encode() not in dump
+        assert server.token_hash(session_id).hex().encode() in dump
+        # Redis itself expires the session at its deadline.
+        ttl = await client.pttl(f"{prefix}session:{server.token_hash(session_id).hex()}")
+        assert ttl > 0
