@@ -1,0 +1,255 @@
+"""Several processes, one shared store: sessions and login failures cross processes and restarts;
+workers share one port; an unreachable store answers 503 and recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+import server
+from conftest import (
+    REDIS_URL,
+    ClientFactory,
+    Clock,
+    PrivateCluster,
+    ServerProcess,
+    add_user,
+    free_port,
+    log_in,
+    make_config,
+    redis_or_skip,
+    run_command,
+)
+
+Start = Callable[..., ServerProcess]
+FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
+
+
+def shared_config(tmp_path: Path, store: str, port: int, name: str, **webserver: object) -> Path:
+    sessions: dict[str, object] = {"store": store}
+    if store == "redis":
+        sessions["redis_url"] = REDIS_URL
+    path = tmp_path / f"{name}.json"
+    config = {
+        "webserver": {"host": "127.0.0.1", "port": port, **webserver},
+        "sessions": sessions,
+        "passwords": FAST,
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(params=["postgres", "redis"])
+def shared_store(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
+    if request.param == "redis":
+        redis_or_skip()
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match="login:*"):
+            client.delete(key)
+        yield "redis"
+        for key in client.scan_iter(match="login:*"):
+            client.delete(key)
+    else:
+        yield "postgres"
+
+
+async def call(method: str, url: str, session_id: str | None = None, **kwargs: object) -> tuple[int, object]:
+    headers = {} if session_id is None else {"Authorization": session_id}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, url, headers=headers, **kwargs) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_session_made_by_one_process_works_in_another_and_survives_restarts(
+    tmp_path: Path, database_url: str, shared_store: str, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    ports = [free_port(), free_port()]
+    configs = [shared_config(tmp_path, shared_store, port, f"c{port}") for port in ports]
+    assert run_command(["adduser", "alice", "--config", str(configs[0])], "wonderland\n", env).returncode == 0
+    first, second = [start_server(["--config", str(config)], env) for config in configs]
+    first.wait_until_serving()
+    second.wait_until_serving()
+    one, other = (f"http://127.0.0.1:{port}" for port in ports)
+
+    status, body = await call("POST", f"{one}/user", json={"username": "alice", "password": "wonderland"})
+    assert status == 200
+    session_id = body["session_id"]  # type: ignore[index]
+    _, keeper = await call("POST", f"{one}/user", json={"username": "alice", "password": "wonderland"})
+    assert (await call("GET", f"{other}/user", session_id))[0] == 200
+    assert (await call("DELETE", f"{other}/user", session_id))[0] == 200
+    assert (await call("GET", f"{one}/user", session_id))[0] == 401
+
+    # Restart both: the other session, made before the restart, is still valid.
+    assert first.stop() == 0 and second.stop() == 0
+    first, second = [start_server(["--config", str(config)], env) for config in configs]
+    first.wait_until_serving()
+    second.wait_until_serving()
+    status, body = await call("GET", f"{other}/user", keeper["session_id"])  # type: ignore[index]
+    assert (status, body["username"]) == (200, "alice")  # type: ignore[index]
+
+
+async def test_failed_logins_through_one_process_count_in_another(
+    tmp_path: Path, database_url: str, shared_store: str, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    ports = [free_port(), free_port()]
+    configs = [shared_config(tmp_path, shared_store, port, f"c{port}") for port in ports]
+    assert run_command(["adduser", "alice", "--config", str(configs[0])], "wonderland\n", env).returncode == 0
+    processes = [start_server(["--config", str(config)], env) for config in configs]
+    for process in processes:
+        process.wait_until_serving()
+    urls = [f"http://127.0.0.1:{port}/user" for port in ports]
+    for attempt in range(server.LoginConfig().max_failures):
+        status, _ = await call("POST", urls[attempt % 2], json={"username": "alice", "password": "guess"})
+        assert status == 401
+    for url in urls:
+        status, body = await call("POST", url, json={"username": "alice", "password": "wonderland"})
+        assert (status, body["error"]) == (429, "too_many_attempts")  # type: ignore[index]
+
+
+async def test_deluser_ends_the_users_sessions_in_a_shared_store(
+    tmp_path: Path, database_url: str, shared_store: str, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    port = free_port()
+    config = shared_config(tmp_path, shared_store, port, "c")
+    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
+    process = start_server(["--config", str(config)], env)
+    process.wait_until_serving()
+    url = f"http://127.0.0.1:{port}/user"
+    sessions = [
+        (await call("POST", url, json={"username": "alice", "password": "wonderland"}))[1]["session_id"]  # type: ignore[index]
+        for _ in range(2)
+    ]
+    deleted = run_command(["deluser", "alice", "--config", str(config)], "", env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "ended 2 session(s)" in deleted.stdout
+    for session_id in sessions:
+        assert (await call("GET", url, session_id))[0] == 401
+
+
+async def test_workers_serve_one_port_and_stop_together_on_sigterm(
+    tmp_path: Path, database_url: str, shared_store: str, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    port = free_port()
+    config = shared_config(tmp_path, shared_store, port, "c")
+    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
+    process = start_server(["--config", str(config), "--workers", "2"], env)
+    deadline = time.monotonic() + 60
+    while process.log.count("serving on http://") < 2:
+        assert time.monotonic() < deadline and process.process.poll() is None, process.log
+        await asyncio.sleep(0.1)
+    url = f"http://127.0.0.1:{port}/user"
+    for _ in range(30):
+        status, body = await call("POST", url, json={"username": "alice", "password": "wonderland"})
+        assert status == 200
+        assert (await call("GET", url, body["session_id"]))[0] == 200  # type: ignore[index]
+    workers = psutil.Process(process.process.pid).children()
+    assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+    assert process.stop(timeout=15) == 0
+    assert "all workers stopped" in process.log
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+
+
+def test_several_workers_with_the_memory_store_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"webserver": {"port": free_port()}}))
+    result = run_command(["--config", str(config), "--workers", "2"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --workers: 'webserver.workers' above 1 needs a shared session store"
+        " ('sessions.store': 'postgres' or 'redis')"
+    ]
+
+
+async def test_postgres_store_down_answers_503_and_recovers(
+    aiohttp_client: ClientFactory, private_cluster: PrivateCluster, clock: Clock
+) -> None:
+    config = make_config(private_cluster.url, sessions=server.SessionConfig(store="postgres"))
+    client = await aiohttp_client(await server.WebServer(config, clock=clock).initializer())
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    private_cluster.stop()
+    started = time.monotonic()
+    response = await client.get("/user", headers={"Authorization": session_id})
+    assert time.monotonic() - started < 5
+    assert response.status == 503
+    assert (await response.json())["error"] == "session_store_unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+    private_cluster.start()
+    # A pooled connection may have died with the server: at most one more 503, then service.
+    statuses = [(await client.get("/user", headers={"Authorization": session_id})).status for _ in range(3)]
+    assert statuses[-1] == 200 and 500 not in statuses
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """A Redis server of the test's own on a free port; control('stop'|'start') returns its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        redis_or_skip()  # fails under REQUIRE_REDIS, skips elsewhere
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process: list[subprocess.Popen[bytes]] = []
+
+    def control(action: str) -> str:
+        if action == "start":
+            process.append(
+                subprocess.Popen(
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                    stdout=subprocess.DEVNULL,
+                    cwd=tmp_path,
+                )
+            )
+            deadline = time.monotonic() + 10
+            while (
+                subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout
+                != b"PONG\n"
+            ):
+                assert time.monotonic() < deadline, "private redis did not start"
+                time.sleep(0.05)
+        else:
+            process[-1].terminate()
+            process[-1].wait(10)
+        return f"redis://127.0.0.1:{port}/0"
+
+    yield control
+    for running in process:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+
+
+async def test_redis_store_down_answers_503_and_recovers(
+    aiohttp_client: ClientFactory, database_url: str, db: object, private_redis: Callable[[str], str]
+) -> None:
+    url = private_redis("start")
+    config = make_config(database_url, sessions=server.SessionConfig(store="redis", redis_url=url))
+    client = await aiohttp_client(await server.WebServer(config).initializer())
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    private_redis("stop")
+    for method, path in (("GET", "/user"), ("DELETE", "/user"), ("POST", "/user")):
+        started = time.monotonic()
+        body = {"username": "alice", "password": "wonderland"} if method == "POST" else None
+        response = await client.request(method, path, headers={"Authorization": session_id}, json=body)
+        assert time.monotonic() - started < 5
+        assert response.status == 503, await response.text()
+        assert (await response.json())["error"] == "session_store_unavailable"
+    private_redis("start")  # empty: Redis here keeps nothing on disk, so log in again
+    await log_in(client, "alice", "wonderland")
