@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at double precision NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_username ON sessions (username);
-CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at);
+-- No index on expires_at: every request rewrites it, and the minute's sweep can scan the table.
+DROP INDEX IF EXISTS sessions_expires_at;
 
 -- Failed logins, shared by every server process when the session store is "postgres".
 CREATE TABLE IF NOT EXISTS login_failures (

@@ -53,6 +53,7 @@ import psycopg2.extensions
 import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -385,16 +386,17 @@ sessions_table = sa.Table(
     sa.Column("token_hash", sa.LargeBinary, primary_key=True),  # SHA-256 of the session id
     sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
     sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False, index=True),
-    sa.Column("created_at", sa.Float(53), nullable=False),
-    sa.Column("last_seen", sa.Float(53), nullable=False),
-    sa.Column("expires_at", sa.Float(53), nullable=False, index=True),
+    sa.Column("created_at", DOUBLE_PRECISION, nullable=False),
+    sa.Column("last_seen", DOUBLE_PRECISION, nullable=False),
+    # Not indexed: every touch rewrites it, and an index would make each update a non-HOT one.
+    sa.Column("expires_at", DOUBLE_PRECISION, nullable=False),
 )
 
 login_failures = sa.Table(
     "login_failures",
     metadata,
     sa.Column("key", sa.String(MAX_FIELD_CHARS + 76), nullable=False),
-    sa.Column("failed_at", sa.Float(53), nullable=False, index=True),
+    sa.Column("failed_at", DOUBLE_PRECISION, nullable=False, index=True),
     sa.Index("login_failures_key", "key", "failed_at"),
 )
 
@@ -441,8 +443,16 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
         log.info("embedded PostgreSQL %s", "left to its other user" if still_running else "stopped")
 
 
-async def connect_with_retry(dsn: str, wait: float = STARTUP_DB_WAIT) -> aiopg.sa.Engine:
-    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable."""
+async def connect_with_retry(
+    dsn: str, wait: float = STARTUP_DB_WAIT, durable: bool = True
+) -> aiopg.sa.Engine:
+    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable.
+
+    durable=False turns off synchronous_commit for this engine's sessions: the server's own
+    writes (session touches, failure counts, re-hashes) may be lost in a crash's last moment,
+    which costs a user at most one more login, and each no longer waits for a disk flush.
+    """
+    options = {} if durable else {"options": "-c synchronous_commit=off"}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
@@ -454,6 +464,7 @@ async def connect_with_retry(dsn: str, wait: float = STARTUP_DB_WAIT) -> aiopg.s
                     maxsize=DB_POOL_SIZE,
                     timeout=DB_OPERATION_TIMEOUT,
                     enable_hstore=False,
+                    **options,
                 )
                 return engine
         except DatabaseUnavailable as exc:
@@ -474,13 +485,13 @@ async def create_tables(engine: aiopg.sa.Engine) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_database(config: DatabaseConfig) -> AsyncIterator[aiopg.sa.Engine]:
+async def open_database(config: DatabaseConfig, durable: bool = True) -> AsyncIterator[aiopg.sa.Engine]:
     """The engine for the configured database (embedded or not), with its tables; closed after."""
     async with contextlib.AsyncExitStack() as stack:
         dsn = config.dsn
         if dsn is None:
             dsn = await stack.enter_async_context(embedded_postgres(config.data_dir))
-        engine = await connect_with_retry(dsn)
+        engine = await connect_with_retry(dsn, durable=durable)
         stack.push_async_callback(_close_engine, engine)
         await create_tables(engine)
         yield engine
@@ -1529,7 +1540,8 @@ class WebServer:
         return app
 
     async def _database(self, app: web.Application) -> AsyncIterator[None]:
-        async with open_database(self.config.db) as engine:
+        # Users are written by the commands, durably; the server's writes can be asynchronous.
+        async with open_database(self.config.db, durable=False) as engine:
             app[db_engine] = engine
             yield
 

