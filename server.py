@@ -824,6 +824,39 @@ def store_errors(*kinds: type[BaseException]) -> Iterator[None]:
         raise SessionStoreUnavailable(str(exc) or type(exc).__name__) from exc
 
 
+def _session_param(name: str) -> sa.sql.elements.BindParameter[Any]:
+    return sa.bindparam(name, type_=DOUBLE_PRECISION)
+
+
+_SESSION_FIELDS = (
+    sessions_table.c.username,
+    sessions_table.c.created_at,
+    sessions_table.c.last_seen,
+    sessions_table.c.expires_at,
+)
+# The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
+TOUCH_SESSION = CompiledQuery.of(
+    sessions_table.update()
+    .where(
+        sessions_table.c.token_hash == sa.bindparam("digest"),
+        sessions_table.c.expires_at > _session_param("now"),
+    )
+    .values(
+        last_seen=_session_param("now"),
+        expires_at=sa.func.least(
+            _session_param("now") + _session_param("idle"),
+            sessions_table.c.created_at + _session_param("absolute"),
+        ),
+    )
+    .returning(*_SESSION_FIELDS)
+)
+REVOKE_SESSION = CompiledQuery.of(
+    sessions_table.delete()
+    .where(sessions_table.c.token_hash == sa.bindparam("digest"))
+    .returning(*_SESSION_FIELDS)
+)
+
+
 class PostgresSessionStore:
     """Sessions in the `sessions` table, shared by every process that uses the same database.
 
@@ -866,33 +899,24 @@ class PostgresSessionStore:
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
-        now = self._clock()
-        table = sessions_table
-        renewed = sa.func.least(
-            now + self._config.idle_timeout, table.c.created_at + self._config.absolute_timeout
-        )
-        query = (
-            table.update()
-            .where(table.c.token_hash == token_hash(session_id), table.c.expires_at > now)
-            .values(last_seen=now, expires_at=renewed)
-            .returning(table.c.username, table.c.created_at, table.c.last_seen, table.c.expires_at)
-        )
+        params = {
+            "digest": token_hash(session_id),
+            "now": self._clock(),
+            "idle": self._config.idle_timeout,
+            "absolute": self._config.absolute_timeout,
+        }
         with store_errors():
             async with connection(self._engine) as conn:
-                row = await (await conn.execute(query)).first()
+                row = await (await conn.execute(TOUCH_SESSION.sql, params)).first()
         return None if row is None else Session(row.username, row.created_at, row.last_seen, row.expires_at)
 
     async def revoke(self, session_id: str) -> Session | None:
         now = self._clock()
-        table = sessions_table
-        query = (
-            table.delete()
-            .where(table.c.token_hash == token_hash(session_id))
-            .returning(table.c.username, table.c.created_at, table.c.last_seen, table.c.expires_at)
-        )
         with store_errors():
             async with connection(self._engine) as conn:
-                row = await (await conn.execute(query)).first()
+                row = await (
+                    await conn.execute(REVOKE_SESSION.sql, {"digest": token_hash(session_id)})
+                ).first()
         if row is None or row.expires_at <= now:
             return None
         return Session(row.username, row.created_at, row.last_seen, row.expires_at)
