@@ -850,6 +850,40 @@ TOUCH_SESSION = CompiledQuery.of(
     )
     .returning(*_SESSION_FIELDS)
 )
+# One statement for a login: insert the session, then (in the same snapshot, which does not see the
+# new row) delete the user's expired sessions and the live ones beyond the newest `keep`.
+_new_session = (
+    sessions_table.insert()
+    .values(
+        token_hash=sa.bindparam("digest"),
+        username=sa.bindparam("username"),
+        created_at=_session_param("now"),
+        last_seen=_session_param("now"),
+        expires_at=_session_param("expires"),
+    )
+    .returning(sessions_table.c.token_hash)
+    .cte("new_session")
+)
+_older_live = (
+    sa.select(sessions_table.c.token_hash)
+    .where(
+        sessions_table.c.username == sa.bindparam("username"),
+        sessions_table.c.expires_at > _session_param("now"),
+    )
+    .order_by(sessions_table.c.seq.desc())
+    .offset(sa.bindparam("keep", type_=sa.Integer))
+)
+CREATE_SESSION = CompiledQuery.of(
+    sessions_table.delete()
+    .where(
+        sessions_table.c.username == sa.bindparam("username"),
+        sa.or_(
+            sessions_table.c.expires_at <= _session_param("now"),
+            sessions_table.c.token_hash.in_(_older_live.scalar_subquery()),
+        ),
+    )
+    .add_cte(_new_session)
+)
 REVOKE_SESSION = CompiledQuery.of(
     sessions_table.delete()
     .where(sessions_table.c.token_hash == sa.bindparam("digest"))
@@ -871,31 +905,16 @@ class PostgresSessionStore:
         now = self._clock()
         session_id = new_session_id()
         session = Session(username, now, now, deadline(self._config, now, now))
-        table = sessions_table
-        newest_first = (
-            sa.select(table.c.token_hash)
-            .where(table.c.username == username)
-            .order_by(table.c.seq.desc())
-            .offset(self._config.max_per_user)
-        )
+        params = {
+            "digest": token_hash(session_id),
+            "username": username,
+            "now": now,
+            "expires": session.expires_at,
+            "keep": self._config.max_per_user - 1,  # and the new one makes max_per_user
+        }
         with store_errors():
-            async with connection(self._engine) as conn, conn.begin():
-                await conn.execute(
-                    table.insert().values(
-                        token_hash=token_hash(session_id),
-                        username=username,
-                        created_at=now,
-                        last_seen=now,
-                        expires_at=session.expires_at,
-                    )
-                )
-                # Expired sessions go first; only then does the oldest live one make room.
-                await conn.execute(
-                    table.delete().where(table.c.username == username, table.c.expires_at <= now)
-                )
-                await conn.execute(
-                    table.delete().where(table.c.token_hash.in_(newest_first.scalar_subquery()))
-                )
+            async with connection(self._engine) as conn:
+                await conn.execute(CREATE_SESSION.sql, params)
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
@@ -961,7 +980,9 @@ class RedisSessionStore:
     `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at) that
     Redis itself expires at the session's deadline; `{prefix}user:<username>` is a sorted set of
     the user's session hashes in creation order, so the oldest can make room and `all=true` can
-    find them. The steps that read and then change a session run as Lua scripts, atomically.
+    find them. The steps that read and then change sessions run as Lua scripts: atomic, and one
+    round trip each. (The scripts derive the user's key from the session's username, so this
+    store suits a single Redis or a replicated one, not Redis Cluster.)
     """
 
     # KEYS: session key, user key. ARGV: now. Returns the session's fields, or nothing if it is
@@ -981,6 +1002,35 @@ class RedisSessionStore:
         redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
         return {f[1], f[2], ARGV[1], shown}
     """
+    # KEYS: session key, user key, sequence key. ARGV: username, now, expires_at, digest, the user
+    # set's lifetime, max_per_user, session key prefix. Adds the session; beyond max_per_user
+    # the user's expired sessions go first, then the oldest live ones.
+    _CREATE = """
+        local order = redis.call('INCR', KEYS[3])
+        redis.call('HSET', KEYS[1], 'username', ARGV[1], 'created_at', ARGV[2],
+                   'last_seen', ARGV[2], 'expires_at', ARGV[3])
+        redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
+        redis.call('ZADD', KEYS[2], order, ARGV[4])
+        redis.call('EXPIRE', KEYS[2], ARGV[5])
+        local members = redis.call('ZRANGE', KEYS[2], 0, -1)
+        local most = tonumber(ARGV[6])
+        if #members <= most then return order end
+        local now, live = tonumber(ARGV[2]), {}
+        for _, digest in ipairs(members) do
+            local expires = redis.call('HGET', ARGV[7] .. digest, 'expires_at')
+            if (not expires) or tonumber(expires) <= now then
+                redis.call('ZREM', KEYS[2], digest)
+                redis.call('DEL', ARGV[7] .. digest)
+            else
+                table.insert(live, digest)
+            end
+        end
+        for i = 1, #live - most do
+            redis.call('ZREM', KEYS[2], live[i])
+            redis.call('DEL', ARGV[7] .. live[i])
+        end
+        return order
+    """
     _REVOKE = """
         local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'last_seen', 'expires_at')
         if not f[1] then return false end
@@ -996,6 +1046,7 @@ class RedisSessionStore:
 
         self._redis, self._config, self._clock, self._prefix = client, config, clock, prefix
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._create = client.register_script(self._CREATE)
         self._touch = client.register_script(self._TOUCH)
         self._revoke = client.register_script(self._REVOKE)
 
@@ -1010,46 +1061,19 @@ class RedisSessionStore:
         session_id = new_session_id()
         digest = token_hash(session_id).hex()
         session = Session(username, now, now, deadline(self._config, now, now))
-        user_key = self._user_key(username)
-        with store_errors(*self._errors):
-            order = await self._redis.incr(f"{self._prefix}sequence")
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self._session_key(digest),
-                    mapping={
-                        "username": username,
-                        "created_at": repr(now),
-                        "last_seen": repr(now),
-                        "expires_at": repr(session.expires_at),
-                    },
-                )
-                pipe.pexpireat(self._session_key(digest), math.ceil(session.expires_at * 1000))
-                pipe.zadd(user_key, {digest: order})
-                pipe.expire(user_key, math.ceil(self._config.absolute_timeout))
-                await pipe.execute()
-            await self._make_room(user_key, now)
-        return session_id, session
-
-    async def _make_room(self, user_key: str, now: float) -> None:
-        """Keep at most max_per_user: drop the gone and expired first, then the oldest."""
-        digests = [d.decode() for d in await self._redis.zrange(user_key, 0, -1)]
-        if len(digests) <= self._config.max_per_user:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for digest in digests:
-                pipe.hget(self._session_key(digest), "expires_at")
-            deadlines = await pipe.execute()
-        dead = [
-            d
-            for d, expires in zip(digests, deadlines, strict=True)
-            if expires is None or float(expires) <= now
+        keys = [self._session_key(digest), self._user_key(username), f"{self._prefix}sequence"]
+        args = [
+            username,
+            repr(now),
+            repr(session.expires_at),
+            digest,
+            math.ceil(self._config.absolute_timeout),
+            self._config.max_per_user,
+            f"{self._prefix}session:",
         ]
-        live = [d for d in digests if d not in dead]
-        dead += live[: max(0, len(live) - self._config.max_per_user)]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(user_key, *dead)
-            pipe.delete(*[self._session_key(d) for d in dead])
-            await pipe.execute()
+        with store_errors(*self._errors):
+            await self._create(keys=keys, args=args)
+        return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
         digest = token_hash(session_id).hex()
@@ -1467,7 +1491,7 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    everywhere = request.query.get("all", "false")
+    everywhere = request.query.get("all", "false") if request.query_string else "false"
     if everywhere not in ("true", "false"):
         raise json_error(web.HTTPBadRequest, "bad_request", "The 'all' parameter must be 'true' or 'false'.")
     store = request.app[sessions]

@@ -528,7 +528,7 @@ def markdown(report: dict[str, object], seconds: float) -> str:
         f" ({seconds:.0f} s a scenario), on {machine()}.",
         f"Each server runs as one process pinned to core {SERVER_CORE}; wrk runs pinned to core {LOAD_CORE}",
         f"({THROUGHPUT_CONNECTIONS} connections for throughput, {LOGIN_CONNECTIONS} for the OWASP logins,",
-        f"{LATENCY_CONNECTIONS} for latency); the embedded PostgreSQL is not pinned. Figures compared in a",
+        f"{LATENCY_CONNECTIONS} for latency), beside the embedded PostgreSQL. Figures compared in a",
         "ratio are measured in alternating rounds (A B A B A B) and the median round is kept, so a slow",
         "moment of this shared machine touches both sides; compare ratios, not absolute figures.",
         "",
