@@ -548,7 +548,17 @@ def markdown(report: dict[str, object], seconds: float) -> str:
     memory = results["memory"]["bytes_per_session"]
     lines += ["", f"6. Memory: {memory:.0f} bytes of resident memory per live session (100,000 sessions)."]
     lines += store_rows(results)
-    lines.append("")
+    lines += [
+        "",
+        "Where the time goes with a shared store: every `GET /user` becomes a round trip to the store",
+        "(an `UPDATE … RETURNING` in PostgreSQL, an `EVALSHA` in Redis) instead of a dictionary lookup,",
+        "and on one pinned core the Python side of each round trip — the driver's request and reply",
+        "handling, one more await — costs several times what the whole memory-store request costs.",
+        "PostgreSQL also writes a row version per touch (no index on `expires_at`, so it stays a HOT",
+        "update; commits are asynchronous for the server's writes). A second worker helps Redis most:",
+        "it spreads that Python work over both cores, which here also host wrk and the databases.",
+        "",
+    ]
     return "\n".join(lines)
 
 
