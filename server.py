@@ -3,20 +3,24 @@
 It grows from the article "Asynchronous Web Server in Python" (a `WebServer` class, an
 aiopg.sa engine made in an async initializer, sessions in two dictionaries) and makes it
 safe to run: argon2id password hashes verified off the event loop, several expiring
-sessions per user, JSON errors for every bad input, and an embedded PostgreSQL when no
-database is configured.
+sessions per user, throttled password guessing, JSON errors for every bad input, an
+embedded PostgreSQL when no database is configured, and shared session stores (PostgreSQL
+or Redis) for several worker processes or machines.
 
-Endpoints (the full contract is in CONTRACT.md; every body is JSON):
+Endpoints (the full contract is in CONTRACT.md; every error body is {"error", "message"}):
     POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
-                    400 bad_json, 422 invalid_credentials_format, 401 invalid_credentials,
-                    413 body_too_large, 503 database_unavailable
+                    400 bad_json, 408 request_timeout, 413 body_too_large,
+                    422 invalid_credentials_format, 401 invalid_credentials,
+                    429 too_many_attempts, 503 database_unavailable | session_store_unavailable
     GET    /user    who am I (Authorization: <id> or Bearer <id>) -> 200 {"username", "expires_at"}
     DELETE /user    log out one session, or all of the user's with ?all=true -> 200 {"logged_out": N}
-                    GET and DELETE answer 401 invalid_session for a missing, unknown or expired id
+                    GET and DELETE answer 401 invalid_session for a missing, unknown or expired id,
+                    400 bad_request for ?all other than true/false, 503 session_store_unavailable
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
+    GET    /openapi.yaml   this API as OpenAPI 3
 
 Command line:
-    python server.py [--config FILE] [--host H] [--port P]    serve
+    python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
     python server.py adduser|passwd|deluser NAME [--config FILE]
 """
 
