@@ -254,3 +254,26 @@ async def test_redis_store_down_answers_503_and_recovers(
         assert (await response.json())["error"] == "session_store_unavailable"
     private_redis("start")  # empty: Redis here keeps nothing on disk, so log in again
     await log_in(client, "alice", "wonderland")
+
+
+async def test_workers_on_the_embedded_postgres_share_it_and_stop_it(
+    tmp_path: Path, start_server: Start
+) -> None:
+    port = free_port()
+    config = shared_config(tmp_path, "postgres", port, "config", workers=2)
+    env = {"DATABASE_URL": ""}  # the embedded PostgreSQL, beside the config file
+    added = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env, cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    process = start_server(["--config", str(config)], env)
+    deadline = time.monotonic() + 60
+    while process.log.count("serving on http://") < 2:
+        assert time.monotonic() < deadline and process.process.poll() is None, process.log
+        await asyncio.sleep(0.1)
+    url = f"http://127.0.0.1:{port}/user"
+    status, body = await call("POST", url, json={"username": "alice", "password": "wonderland"})
+    assert status == 200
+    for _ in range(10):  # new connections land on either worker; all of them know the session
+        assert (await call("GET", url, body["session_id"]))[0] == 200  # type: ignore[index]
+    assert process.stop(timeout=15) == 0
+    assert "embedded PostgreSQL stopped" in process.log
+    assert not (tmp_path / ".pgdata" / "postmaster.pid").exists()
