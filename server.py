@@ -1695,29 +1695,34 @@ def check_username(name: str) -> str:
         raise CommandError(str(exc)) from None
 
 
+async def hash_new_password(config: PasswordConfig, password: str) -> str:
+    """Hash with the server's own parameters and code, on a short-lived hashing pool."""
+    hasher = Passwords(config)
+    try:
+        return await hasher.hash(password)
+    finally:
+        hasher.close()
+
+
 async def add_user_command(config: Config, name: str) -> str:
     username, password = check_username(name), read_password()
+    password_hash = await hash_new_password(config.passwords, password)
     async with open_database(config.db) as engine:
-        hasher = Passwords(config.passwords)
         try:
-            await insert_user(engine, username, await hasher.hash(password))
+            await insert_user(engine, username, password_hash)
         except UserExists:
             raise CommandError(f"user '{username}' already exists") from None
-        finally:
-            hasher.close()
     return f"created user '{username}'"
 
 
 async def passwd_command(config: Config, name: str) -> str:
     username, password = check_username(name), read_password()
+    password_hash = await hash_new_password(config.passwords, password)
     async with open_database(config.db) as engine:
-        hasher = Passwords(config.passwords)
         try:
-            await update_password_hash(engine, username, await hasher.hash(password))
+            await update_password_hash(engine, username, password_hash)
         except UserNotFound:
             raise CommandError(f"no such user '{username}'") from None
-        finally:
-            hasher.close()
     return f"changed the password of '{username}'"
 
 

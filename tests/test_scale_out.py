@@ -73,17 +73,29 @@ async def call(method: str, url: str, session_id: str | None = None, **kwargs: o
         return response.status, await response.json()
 
 
+def two_servers(
+    tmp_path: Path, database_url: str, store: str, start_server: Start
+) -> tuple[Callable[[], list[ServerProcess]], list[str]]:
+    """Two servers' configs on one store, and user alice: a way to start both, and their URLs."""
+    env = {"DATABASE_URL": database_url}
+    ports = [free_port(), free_port()]
+    configs = [shared_config(tmp_path, store, port, f"c{port}") for port in ports]
+    assert run_command(["adduser", "alice", "--config", str(configs[0])], "wonderland\n", env).returncode == 0
+
+    def start_both() -> list[ServerProcess]:
+        processes = [start_server(["--config", str(config)], env) for config in configs]
+        for process in processes:
+            process.wait_until_serving()
+        return processes
+
+    return start_both, [f"http://127.0.0.1:{port}" for port in ports]
+
+
 async def test_a_session_made_by_one_process_works_in_another_and_survives_restarts(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start
 ) -> None:
-    env = {"DATABASE_URL": database_url}
-    ports = [free_port(), free_port()]
-    configs = [shared_config(tmp_path, shared_store, port, f"c{port}") for port in ports]
-    assert run_command(["adduser", "alice", "--config", str(configs[0])], "wonderland\n", env).returncode == 0
-    first, second = [start_server(["--config", str(config)], env) for config in configs]
-    first.wait_until_serving()
-    second.wait_until_serving()
-    one, other = (f"http://127.0.0.1:{port}" for port in ports)
+    start_both, (one, other) = two_servers(tmp_path, database_url, shared_store, start_server)
+    first, second = start_both()
 
     status, body = await call("POST", f"{one}/user", json={"username": "alice", "password": "wonderland"})
     assert status == 200
@@ -95,9 +107,7 @@ async def test_a_session_made_by_one_process_works_in_another_and_survives_resta
 
     # Restart both: the other session, made before the restart, is still valid.
     assert first.stop() == 0 and second.stop() == 0
-    first, second = [start_server(["--config", str(config)], env) for config in configs]
-    first.wait_until_serving()
-    second.wait_until_serving()
+    start_both()
     status, body = await call("GET", f"{other}/user", keeper["session_id"])  # type: ignore[index]
     assert (status, body["username"]) == (200, "alice")  # type: ignore[index]
 
@@ -105,14 +115,9 @@ async def test_a_session_made_by_one_process_works_in_another_and_survives_resta
 async def test_failed_logins_through_one_process_count_in_another(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start
 ) -> None:
-    env = {"DATABASE_URL": database_url}
-    ports = [free_port(), free_port()]
-    configs = [shared_config(tmp_path, shared_store, port, f"c{port}") for port in ports]
-    assert run_command(["adduser", "alice", "--config", str(configs[0])], "wonderland\n", env).returncode == 0
-    processes = [start_server(["--config", str(config)], env) for config in configs]
-    for process in processes:
-        process.wait_until_serving()
-    urls = [f"http://127.0.0.1:{port}/user" for port in ports]
+    start_both, bases = two_servers(tmp_path, database_url, shared_store, start_server)
+    start_both()
+    urls = [f"{base}/user" for base in bases]
     for attempt in range(server.LoginConfig().max_failures):
         status, _ = await call("POST", urls[attempt % 2], json={"username": "alice", "password": "guess"})
         assert status == 401
