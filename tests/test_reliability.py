@@ -6,28 +6,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 import server
 from conftest import (
+    Client,
     ClientFactory,
     PrivateCluster,
-    ServerProcess,
+    Start,
     add_user,
     free_port,
     log_in,
     make_config,
     run_command,
 )
-
-Client = TestClient[web.Request, web.Application]
-Start = Callable[..., ServerProcess]
 
 
 async def cluster_client(aiohttp_client: ClientFactory, cluster: PrivateCluster) -> Client:

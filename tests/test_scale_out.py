@@ -3,7 +3,6 @@ workers share one port; an unreachable store answers 503 and recovers by itself.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from conftest import (
     Clock,
     PrivateCluster,
     ServerProcess,
+    Start,
     add_user,
     free_port,
     log_in,
@@ -30,7 +30,6 @@ from conftest import (
     run_command,
 )
 
-Start = Callable[..., ServerProcess]
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 
 
@@ -71,6 +70,25 @@ async def call(method: str, url: str, session_id: str | None = None, **kwargs: o
         http.request(method, url, headers=headers, **kwargs) as response,
     ):
         return response.status, await response.json()
+
+
+def start_with_alice(
+    tmp_path: Path,
+    env: dict[str, str],
+    store: str,
+    start_server: Start,
+    args: tuple[str, ...] = (),
+    processes: int = 1,
+    **webserver: object,
+) -> tuple[ServerProcess, str, Path]:
+    """Add user alice, then serve on `store` and wait for `processes` workers; the /user URL."""
+    port = free_port()
+    config = shared_config(tmp_path, store, port, "config", **webserver)
+    added = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env, cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    process = start_server(["--config", str(config), *args], env)
+    process.wait_until_serving(processes=processes)
+    return process, f"http://127.0.0.1:{port}/user", config
 
 
 def two_servers(
@@ -130,12 +148,7 @@ async def test_deluser_ends_the_users_sessions_in_a_shared_store(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start
 ) -> None:
     env = {"DATABASE_URL": database_url}
-    port = free_port()
-    config = shared_config(tmp_path, shared_store, port, "c")
-    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
-    process = start_server(["--config", str(config)], env)
-    process.wait_until_serving()
-    url = f"http://127.0.0.1:{port}/user"
+    _, url, config = start_with_alice(tmp_path, env, shared_store, start_server)
     sessions = [
         (await call("POST", url, json={"username": "alice", "password": "wonderland"}))[1]["session_id"]  # type: ignore[index]
         for _ in range(2)
@@ -151,15 +164,9 @@ async def test_workers_serve_one_port_and_stop_together_on_sigterm(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start
 ) -> None:
     env = {"DATABASE_URL": database_url}
-    port = free_port()
-    config = shared_config(tmp_path, shared_store, port, "c")
-    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
-    process = start_server(["--config", str(config), "--workers", "2"], env)
-    deadline = time.monotonic() + 60
-    while process.log.count("serving on http://") < 2:
-        assert time.monotonic() < deadline and process.process.poll() is None, process.log
-        await asyncio.sleep(0.1)
-    url = f"http://127.0.0.1:{port}/user"
+    process, url, _ = start_with_alice(
+        tmp_path, env, shared_store, start_server, args=("--workers", "2"), processes=2
+    )
     for _ in range(30):
         status, body = await call("POST", url, json={"username": "alice", "password": "wonderland"})
         assert status == 200
@@ -264,17 +271,8 @@ async def test_redis_store_down_answers_503_and_recovers(
 async def test_workers_on_the_embedded_postgres_share_it_and_stop_it(
     tmp_path: Path, start_server: Start
 ) -> None:
-    port = free_port()
-    config = shared_config(tmp_path, "postgres", port, "config", workers=2)
     env = {"DATABASE_URL": ""}  # the embedded PostgreSQL, beside the config file
-    added = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env, cwd=tmp_path)
-    assert added.returncode == 0, added.stderr
-    process = start_server(["--config", str(config)], env)
-    deadline = time.monotonic() + 60
-    while process.log.count("serving on http://") < 2:
-        assert time.monotonic() < deadline and process.process.poll() is None, process.log
-        await asyncio.sleep(0.1)
-    url = f"http://127.0.0.1:{port}/user"
+    process, url, _ = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
     status, body = await call("POST", url, json={"username": "alice", "password": "wonderland"})
     assert status == 200
     for _ in range(10):  # new connections land on either worker; all of them know the session

@@ -7,12 +7,10 @@ import ipaddress
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 import server
-from conftest import ClientFactory, Clock, add_user, make_config
+from conftest import Client, ClientFactory, Clock, add_user, make_config
 
-Client = TestClient[web.Request, web.Application]
 LOGIN = server.LoginConfig(max_failures=3, failure_window=60)
 
 
