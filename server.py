@@ -553,14 +553,17 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
     Each failed one is closed (so the pool drops it), and the read moves on to the next or to a
     new connection, within one time budget; only then does the caller see DatabaseUnavailable.
     """
-    async with asyncio.timeout(DB_REQUEST_BUDGET):
-        for attempt in range(DB_POOL_SIZE + 1):
-            try:
-                async with connection(engine) as conn:
-                    return await conn.scalar(query.sql, params)
-            except DatabaseUnavailable:
-                if attempt == DB_POOL_SIZE:
-                    raise
+    try:
+        async with asyncio.timeout(DB_REQUEST_BUDGET):
+            for attempt in range(DB_POOL_SIZE + 1):
+                try:
+                    async with connection(engine) as conn:
+                        return await conn.scalar(query.sql, params)
+                except DatabaseUnavailable:
+                    if attempt == DB_POOL_SIZE:
+                        raise
+    except TimeoutError:
+        raise DatabaseUnavailable("no answer within the time budget") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -571,10 +574,7 @@ PING = CompiledQuery.of(sa.select(sa.literal_column("1")))
 
 
 async def find_password_hash(engine: aiopg.sa.Engine, username: str) -> str | None:
-    try:
-        password_hash: str | None = await read_scalar(engine, FIND_PASSWORD_HASH, username=username)
-    except TimeoutError:
-        raise DatabaseUnavailable("no answer within the time budget") from None
+    password_hash: str | None = await read_scalar(engine, FIND_PASSWORD_HASH, username=username)
     return password_hash
 
 
@@ -602,10 +602,7 @@ async def delete_user(engine: aiopg.sa.Engine, username: str) -> None:
 
 
 async def ping(engine: aiopg.sa.Engine) -> None:
-    try:
-        await read_scalar(engine, PING)
-    except TimeoutError:
-        raise DatabaseUnavailable("no answer within the time budget") from None
+    await read_scalar(engine, PING)
 
 
 # ---------------------------------------------------------------------------
