@@ -44,10 +44,19 @@ import threading
 import time
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeAlias
+from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
 
 import aiopg.sa
 import argon2
@@ -101,57 +110,139 @@ OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5
 # ---------------------------------------------------------------------------
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
+# Each setting is declared once, below: its type, its default, and the check a value from the
+# file must pass (a plain function over dataclasses.fields(), so the messages stay our own).
+class Invalid(ValueError):
+    """A config value fails its field's check; the message says what it must be."""
+
+
+def non_empty_string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid("a non-empty string")
+    return value
+
+
+def any_string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid("a string")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid("true or false")
+    return value
+
+
+def seconds(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise Invalid("a positive number of seconds")
+    return float(value)
+
+
+def networks(value: Any) -> tuple[IPNetwork, ...]:
+    expected = "a list of IP addresses or networks"
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(expected)
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in value)
+    except ValueError as exc:
+        raise Invalid(f"{expected} ({exc})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer:
+    """An integer within bounds; `per` names a field of the section that multiplies the minimum."""
+
+    minimum: int
+    maximum: int | None = None
+    per: str = ""
+
+    def __call__(self, value: Any) -> int:
+        valid = isinstance(value, int) and not isinstance(value, bool) and value >= self.minimum
+        if not valid or (self.maximum is not None and value > self.maximum):
+            bounds = f"from {self.minimum} to {self.maximum}"
+            if self.maximum is None:
+                bounds = f"at least {self.minimum}"
+            raise Invalid(f"an integer {bounds}")
+        return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    choices: tuple[str, ...]
+
+    def __call__(self, value: Any) -> str:
+        if non_empty_string(value) not in self.choices:
+            raise Invalid(" or ".join(f"'{choice}'" for choice in self.choices))
+        return str(value)
+
+
+def setting(default: T, check: Callable[[Any], T]) -> T:
+    """A field read from the config file: its default, and the check a given value must pass."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
 @dataclasses.dataclass(frozen=True)
 class WebServerConfig:
-    host: str = "localhost"
-    port: int = 8000
+    host: str = setting("localhost", non_empty_string)
+    port: int = setting(8000, Integer(0, 65535))
     # Peers whose X-Forwarded-For is believed; nobody's by default.
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    workers: int = 1  # processes serving the same port (SO_REUSEPORT); >1 needs a shared store
-    uvloop: bool = False  # run on uvloop's event loop (imported only when asked for)
-    access_log: bool = False  # one log line per request; costs about a third of GET /user's throughput
+    trusted_proxies: tuple[IPNetwork, ...] = setting((), networks)
+    workers: int = setting(1, Integer(1))  # processes serving one port; >1 needs a shared store
+    uvloop: bool = setting(False, boolean)  # run on uvloop's event loop (imported only when asked for)
+    access_log: bool = setting(False, boolean)  # a line per request; costs a third of GET /user's speed
 
 
 @dataclasses.dataclass(frozen=True)
 class DatabaseConfig:
     dsn: str | None = None  # None: run the embedded PostgreSQL
-    data_dir: Path = Path(".pgdata")
+    data_dir: Path = Path(".pgdata")  # the embedded PostgreSQL's, relative to the config file
 
     @property
     def embedded(self) -> bool:
         return self.dsn is None
 
 
-SESSION_STORES = ("memory", "postgres", "redis")
+# The seed's `db` keys, which make a libpq connection string.
+SEED_DB_KEYS: dict[str, Callable[[Any], Any]] = {
+    "user": non_empty_string,
+    "password": any_string,
+    "host": non_empty_string,
+    "port": Integer(1, 65535),
+    "database": non_empty_string,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class SessionConfig:
-    idle_timeout: float = 1800
-    absolute_timeout: float = 86400
-    max_per_user: int = 20
-    store: str = "memory"  # or "postgres" (a table beside users) or "redis"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    idle_timeout: float = setting(1800.0, seconds)
+    absolute_timeout: float = setting(86400.0, seconds)
+    max_per_user: int = setting(20, Integer(1))
+    # memory (this process), postgres (a table beside users) or redis
+    store: str = setting("memory", OneOf(("memory", "postgres", "redis")))
+    redis_url: str = setting("redis://127.0.0.1:6379/0", non_empty_string)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoginConfig:
-    max_failures: int = 5
-    failure_window: float = 300
+    max_failures: int = setting(5, Integer(1))
+    failure_window: float = setting(300.0, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
 class PasswordConfig:
-    time_cost: int = 2
-    memory_cost: int = 19456
-    parallelism: int = 1
-    threads: int = 0  # 0: one hashing thread per CPU
+    time_cost: int = setting(2, Integer(1))
+    memory_cost: int = setting(19456, Integer(8, per="parallelism"))  # KiB; argon2 needs 8 per lane
+    parallelism: int = setting(1, Integer(1))
+    threads: int = setting(0, Integer(0))  # 0: one hashing thread per CPU
 
     @property
     def below_owasp_minimum(self) -> bool:
@@ -171,53 +262,43 @@ class Config:
 
 
 class _Section:
-    """Reads one section of the config file, naming the file and key in every error."""
+    """One section of the config file: refuses unknown keys, names the file and key in every error."""
 
-    def __init__(self, raw: Any, name: str, source: str, known: set[str]) -> None:
+    def __init__(self, raw: Any, name: str, source: str, known: Iterable[str]) -> None:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: '{name}' must be an object")
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown key '{name}.{unknown[0]}'")
         self.raw, self.name, self.source = raw, name, source
 
-    def _fail(self, key: str, expected: str) -> NoReturn:
+    def fail(self, key: str, expected: str) -> NoReturn:
         raise ConfigError(f"{self.source}: '{self.name}.{key}' must be {expected}")
 
-    def string(self, key: str, default: str) -> str:
-        value = self.raw.get(key, default)
-        if not isinstance(value, str) or not value:
-            self._fail(key, "a non-empty string")
-        return value
-
-    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
-        value = self.raw.get(key, default)
-        valid = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        if not valid or (maximum is not None and value > maximum):
-            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-            self._fail(key, f"an integer {bounds}")
-        return int(value)
-
-    def seconds(self, key: str, default: float) -> float:
-        value = self.raw.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            self._fail(key, "a positive number of seconds")
-        return float(value)
-
-    def networks(self, key: str) -> tuple[IPNetwork, ...]:
-        value = self.raw.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            self._fail(key, "a list of IP addresses or networks")
+    def read(self, key: str, check: Callable[[Any], T], default: T) -> T:
+        if key not in self.raw:
+            return default
         try:
-            return tuple(ipaddress.ip_network(item, strict=False) for item in value)
-        except ValueError as exc:
-            self._fail(key, f"a list of IP addresses or networks ({exc})")
+            return check(self.raw[key])
+        except Invalid as exc:
+            self.fail(key, str(exc))
 
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            self._fail(key, "true or false")
-        return value
+
+def read_section(cls: type[T], raw: Any, name: str, source: str) -> T:
+    """A section as its dataclass declares it: only known keys, each checked, the rest defaults."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    section = _Section(raw, name, source, fields)
+    values: dict[str, Any] = {}
+
+    def value(key: str) -> Any:
+        if key not in values:
+            check = fields[key].metadata["check"]
+            if isinstance(check, Integer) and check.per:
+                check = dataclasses.replace(check, minimum=check.minimum * value(check.per), per="")
+            values[key] = section.read(key, check, fields[key].default)
+        return values[key]
+
+    return cls(**{key: value(key) for key in fields})
 
 
 def load_config(path: Path | str = DEFAULT_CONFIG_PATH, environ: Mapping[str, str] = os.environ) -> Config:
@@ -246,51 +327,17 @@ def parse_config(
     base_dir = Path.cwd() if base_dir is None else base_dir
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
-    sections = {"webserver", "db", "sessions", "login", "passwords"}
-    unknown = sorted(set(raw) - sections)
+    known = [field.name for field in dataclasses.fields(Config)]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
-
-    web_keys = {"host", "port", "trusted_proxies", "workers", "uvloop", "access_log"}
-    web_section = _Section(raw.get("webserver", {}), "webserver", source, web_keys)
-    webserver = WebServerConfig(
-        host=web_section.string("host", "localhost"),
-        port=web_section.integer("port", 8000, minimum=0, maximum=65535),
-        trusted_proxies=web_section.networks("trusted_proxies"),
-        workers=web_section.integer("workers", 1, minimum=1),
-        uvloop=web_section.boolean("uvloop", False),
-        access_log=web_section.boolean("access_log", False),
-    )
-    db = _parse_db(raw.get("db"), source, base_dir, environ)
-
-    session_keys = {"idle_timeout", "absolute_timeout", "max_per_user", "store", "redis_url"}
-    s = _Section(raw.get("sessions", {}), "sessions", source, session_keys)
-    sessions = SessionConfig(
-        idle_timeout=s.seconds("idle_timeout", 1800),
-        absolute_timeout=s.seconds("absolute_timeout", 86400),
-        max_per_user=s.integer("max_per_user", 20, minimum=1),
-        store=s.string("store", "memory"),
-        redis_url=s.string("redis_url", SessionConfig.redis_url),
-    )
-    if sessions.store not in SESSION_STORES:
-        s._fail("store", " or ".join(f"'{name}'" for name in SESSION_STORES))
-    s = _Section(raw.get("login", {}), "login", source, {"max_failures", "failure_window"})
-    login = LoginConfig(
-        max_failures=s.integer("max_failures", 5, minimum=1),
-        failure_window=s.seconds("failure_window", 300),
-    )
-    s = _Section(
-        raw.get("passwords", {}), "passwords", source, {"time_cost", "memory_cost", "parallelism", "threads"}
-    )
-    parallelism = s.integer("parallelism", 1, minimum=1)
-    passwords = PasswordConfig(
-        time_cost=s.integer("time_cost", 2, minimum=1),
-        # argon2 needs at least 8 KiB of memory per lane.
-        memory_cost=s.integer("memory_cost", 19456, minimum=8 * parallelism),
-        parallelism=parallelism,
-        threads=s.integer("threads", 0, minimum=0),
-    )
-    config = Config(webserver, db, sessions, login, passwords)
+    parts: dict[str, Any] = {}
+    for name in known:
+        if name == "db":
+            parts[name] = _parse_db(raw.get(name), source, base_dir, environ)
+        else:  # each section's class is the type of its default
+            parts[name] = read_section(type(getattr(Config, name)), raw.get(name, {}), name, source)
+    config = Config(**parts)
     check_workers(config, source)
     return config
 
@@ -306,23 +353,16 @@ def check_workers(config: Config, source: str) -> None:
 
 def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
     """The seed's db keys, or the embedded server; DATABASE_URL overrides both."""
-    keys = {"user", "password", "host", "port", "database", "embedded", "data_dir"}
-    s = _Section({} if raw is None else raw, "db", source, keys)
-    data_dir = base_dir / s.string("data_dir", ".pgdata")
+    s = _Section({} if raw is None else raw, "db", source, [*SEED_DB_KEYS, "embedded", "data_dir"])
+    data_dir = base_dir / s.read("data_dir", non_empty_string, str(DatabaseConfig.data_dir))
     if environ.get("DATABASE_URL"):
         return DatabaseConfig(dsn=environ["DATABASE_URL"], data_dir=data_dir)
-    seed_keys = {"user", "password", "host", "port", "database"} & set(s.raw)
-    if s.boolean("embedded", not seed_keys):
+    seed_keys = sorted(SEED_DB_KEYS.keys() & s.raw.keys())
+    if s.read("embedded", boolean, not seed_keys):
         if seed_keys:
-            raise ConfigError(f"{source}: 'db.embedded' cannot be combined with 'db.{sorted(seed_keys)[0]}'")
+            raise ConfigError(f"{source}: 'db.embedded' cannot be combined with 'db.{seed_keys[0]}'")
         return DatabaseConfig(dsn=None, data_dir=data_dir)
-    parts = {key: s.string(key, "") for key in ("user", "host", "database") if key in s.raw}
-    if "password" in s.raw:
-        if not isinstance(s.raw["password"], str):
-            s._fail("password", "a string")
-        parts["password"] = s.raw["password"]
-    if "port" in s.raw:
-        parts["port"] = str(s.integer("port", 5432, minimum=1, maximum=65535))
+    parts = {key: str(s.read(key, check, None)) for key, check in SEED_DB_KEYS.items() if key in s.raw}
     if "database" in parts:
         parts["dbname"] = parts.pop("database")
     return DatabaseConfig(dsn=str(psycopg2.extensions.make_dsn(**parts)), data_dir=data_dir)
