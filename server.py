@@ -513,7 +513,7 @@ async def connect_with_retry(
     """
     options = {} if durable else {"options": "-c synchronous_commit=off"}
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
+    give_up_at = loop.time() + wait
     while True:
         try:
             with database_errors():
@@ -527,7 +527,7 @@ async def connect_with_retry(
                 )
                 return engine
         except DatabaseUnavailable as exc:
-            remaining = deadline - loop.time()
+            remaining = give_up_at - loop.time()
             if remaining <= 0:
                 raise DatabaseUnavailable(f"PostgreSQL unreachable after {wait:.0f} s: {exc}") from None
             log.warning("PostgreSQL unreachable (%s); retrying for %.0f s more", exc, remaining)
@@ -751,41 +751,85 @@ def token_hash(session_id: str) -> bytes:
     return hashlib.sha256(session_id.encode()).digest()
 
 
-class SessionStore(Protocol):
-    """What the handlers need of a session store; memory, PostgreSQL and Redis provide it."""
+def deadline(config: SessionConfig, created_at: float, last_seen: float) -> float:
+    """When a session expires: the earlier of its idle and its absolute deadline."""
+    return min(last_seen + config.idle_timeout, created_at + config.absolute_timeout)
+
+
+class FailureLog(Protocol):
+    """Failed-login times per key (`user:<name>`, `address:<ip>`), kept for LoginThrottle."""
+
+    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]: ...
+    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None: ...
+    async def clear_failures(self, key: str) -> None: ...
+    async def sweep_failures(self, before: float) -> int: ...
+
+
+class SessionStore(FailureLog, Protocol):
+    """What the handlers need of a session store; memory, PostgreSQL and Redis provide it.
+
+    Each store keeps the login failures too, in the same place, so that a shared store also
+    shares the counts of password guesses among processes.
+    """
 
     async def create(self, username: str) -> tuple[str, Session]: ...
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
     async def revoke_all(self, username: str) -> int: ...
     async def sweep(self) -> int: ...
-    async def count(self) -> int: ...
-    async def check_consistency(self) -> None: ...
     async def close(self) -> None: ...
 
 
-def deadline(config: SessionConfig, created_at: float, last_seen: float) -> float:
-    """When a session expires: the earlier of its idle and its absolute deadline."""
-    return min(last_seen + config.idle_timeout, created_at + config.absolute_timeout)
+class MemoryFailureLog:
+    """Failure times in one process. At most `max_keys` keys, least recently failed first out,
+    so a flood of random usernames costs bounded memory (the flood's own address is throttled)."""
+
+    def __init__(self, max_keys: int = MAX_TRACKED_KEYS) -> None:
+        self._max_keys = max_keys
+        self._times: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
+        return [when for when in self._times.get(key, ()) if when > since][-limit:]
+
+    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= self._max_keys:
+                self._times.popitem(last=False)
+            times = self._times[key] = deque(maxlen=limit)
+        else:
+            self._times.move_to_end(key)
+        times.append(when)
+
+    async def clear_failures(self, key: str) -> None:
+        self._times.pop(key, None)
+
+    async def sweep_failures(self, before: float) -> int:
+        stale = [key for key, times in self._times.items() if times[-1] <= before]
+        for key in stale:
+            del self._times[key]
+        return len(stale)
 
 
-class MemorySessionStore:
+class MemorySessionStore(MemoryFailureLog):
     """The seed's two dictionaries, owned by one class: session id -> Session, user -> their ids.
 
     Every change to one dictionary is matched in the other inside a single method, which is what
     makes the seed's bug (a second login orphaning the first session) impossible. The methods are
-    coroutines so that stores backed by a database can stand behind the same interface.
+    coroutines so that stores backed by a database can stand behind the same interface. Login
+    failures are kept beside the sessions, by MemoryFailureLog.
     """
 
     def __init__(self, config: SessionConfig, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
         self._config = config
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         # A dict used as an ordered set: the first id is the user's oldest session.
         self._by_user: dict[str, dict[str, None]] = {}
-
-    def __len__(self) -> int:
-        return len(self._sessions)
 
     async def create(self, username: str) -> tuple[str, Session]:
         """A new session for username; beyond max_per_user the user's oldest one ends."""
@@ -852,19 +896,6 @@ class MemorySessionStore:
         del user_ids[session_id]
         if not user_ids:
             del self._by_user[session.username]
-
-    async def count(self) -> int:
-        """Sessions held, live or not yet swept."""
-        return len(self._sessions)
-
-    async def check_consistency(self) -> None:
-        """Raise AssertionError unless both dictionaries describe the same sessions (for tests)."""
-        indexed = {sid for ids in self._by_user.values() for sid in ids}
-        if indexed != set(self._sessions):
-            raise AssertionError("session ids differ between the two dictionaries")
-        for username, ids in self._by_user.items():
-            if not ids or any(self._sessions[sid].username != username for sid in ids):
-                raise AssertionError(f"sessions of {username!r} do not point back to that user")
 
 
 @contextlib.contextmanager
@@ -945,7 +976,8 @@ REVOKE_SESSION = CompiledQuery.of(
 
 
 class PostgresSessionStore:
-    """Sessions in the `sessions` table, shared by every process that uses the same database.
+    """Sessions in the `sessions` table and failures in `login_failures`, shared by every process
+    that uses the same database.
 
     Rows are keyed by the SHA-256 of the session id. Expired rows are deleted when met and by
     `sweep`, which the server runs every minute.
@@ -953,6 +985,13 @@ class PostgresSessionStore:
 
     def __init__(self, engine: aiopg.sa.Engine, config: SessionConfig, clock: Callable[[], float]) -> None:
         self._engine, self._config, self._clock = engine, config, clock
+
+    async def _rows(self, query: Any, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """Run one statement on a pooled connection: its rows, or [] if it returns none."""
+        with store_errors():
+            async with connection(self._engine) as conn:
+                result = await (conn.execute(query) if params is None else conn.execute(query, params))
+                return list(await result.fetchall()) if result.returns_rows else []
 
     async def create(self, username: str) -> tuple[str, Session]:
         now = self._clock()
@@ -965,9 +1004,7 @@ class PostgresSessionStore:
             "expires": session.expires_at,
             "keep": self._config.max_per_user - 1,  # and the new one makes max_per_user
         }
-        with store_errors():
-            async with connection(self._engine) as conn:
-                await conn.execute(CREATE_SESSION.sql, params)
+        await self._rows(CREATE_SESSION.sql, params)
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
@@ -977,51 +1014,45 @@ class PostgresSessionStore:
             "idle": self._config.idle_timeout,
             "absolute": self._config.absolute_timeout,
         }
-        with store_errors():
-            async with connection(self._engine) as conn:
-                row = await (await conn.execute(TOUCH_SESSION.sql, params)).first()
-        return None if row is None else Session(row.username, row.created_at, row.last_seen, row.expires_at)
+        rows = await self._rows(TOUCH_SESSION.sql, params)
+        return Session(**rows[0]) if rows else None
 
     async def revoke(self, session_id: str) -> Session | None:
         now = self._clock()
-        with store_errors():
-            async with connection(self._engine) as conn:
-                row = await (
-                    await conn.execute(REVOKE_SESSION.sql, {"digest": token_hash(session_id)})
-                ).first()
-        if row is None or row.expires_at <= now:
-            return None
-        return Session(row.username, row.created_at, row.last_seen, row.expires_at)
+        rows = await self._rows(REVOKE_SESSION.sql, {"digest": token_hash(session_id)})
+        return Session(**rows[0]) if rows and rows[0].expires_at > now else None
 
     async def revoke_all(self, username: str) -> int:
         now = self._clock()
         table = sessions_table
         query = table.delete().where(table.c.username == username).returning(table.c.expires_at)
-        with store_errors():
-            async with connection(self._engine) as conn:
-                rows = await (await conn.execute(query)).fetchall()
+        rows = await self._rows(query)
         return sum(1 for row in rows if row.expires_at > now)
 
     async def sweep(self) -> int:
-        with store_errors():
-            async with connection(self._engine) as conn:
-                result = await conn.execute(
-                    sessions_table.delete().where(sessions_table.c.expires_at <= self._clock())
-                )
-                return int(result.rowcount)
+        table = sessions_table
+        expired = table.delete().where(table.c.expires_at <= self._clock()).returning(table.c.seq)
+        return len(await self._rows(expired))
 
-    async def count(self) -> int:
-        with store_errors():
-            async with connection(self._engine) as conn:
-                return int(await conn.scalar(sa.select(sa.func.count()).select_from(sessions_table)))
+    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
+        table = login_failures
+        query = (
+            sa.select(table.c.failed_at)
+            .where(table.c.key == key, table.c.failed_at > since)
+            .order_by(table.c.failed_at.desc())
+            .limit(limit)
+        )
+        return sorted(row.failed_at for row in await self._rows(query))
 
-    async def check_consistency(self) -> None:
-        """Every row's deadline follows from its times (for tests)."""
-        async with connection(self._engine) as conn:
-            rows = await (await conn.execute(sa.select(sessions_table))).fetchall()
-        for row in rows:
-            if row.expires_at != deadline(self._config, row.created_at, row.last_seen):
-                raise AssertionError(f"a session of {row.username!r} has a wrong deadline")
+    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
+        await self._rows(login_failures.insert().values(key=key, failed_at=when))
+
+    async def clear_failures(self, key: str) -> None:
+        await self._rows(login_failures.delete().where(login_failures.c.key == key))
+
+    async def sweep_failures(self, before: float) -> int:
+        table = login_failures
+        return len(await self._rows(table.delete().where(table.c.failed_at <= before).returning(table.c.key)))
 
     async def close(self) -> None:
         """The engine belongs to the application, which closes it."""
@@ -1035,7 +1066,8 @@ class RedisSessionStore:
     the user's session hashes in creation order, so the oldest can make room and `all=true` can
     find them. The steps that read and then change sessions run as Lua scripts: atomic, and one
     round trip each. (The scripts derive the user's key from the session's username, so this
-    store suits a single Redis or a replicated one, not Redis Cluster.)
+    store suits a single Redis or a replicated one, not Redis Cluster.) `{prefix}failures:<key>`
+    is a sorted set of failure times that expires a window after the last one.
     """
 
     # KEYS: session key, user key. ARGV: now. Returns the session's fields, or nothing if it is
@@ -1185,24 +1217,28 @@ class RedisSessionStore:
                     removed += len(dead)
         return removed
 
-    async def count(self) -> int:
+    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
         with store_errors(*self._errors):
-            return sum([1 async for _ in self._redis.scan_iter(match=f"{self._prefix}session:*", count=1000)])
+            found = await self._redis.zrangebyscore(
+                f"{self._prefix}failures:{key}", f"({since!r}", "+inf", withscores=True
+            )
+        return [score for _, score in found][-limit:]
 
-    async def check_consistency(self) -> None:
-        """Every session a user's set names exists and points back to that user (for tests)."""
-        async for user_key in self._redis.scan_iter(match=f"{self._prefix}user:*"):
-            username = user_key.decode().removeprefix(f"{self._prefix}user:")
-            for digest in await self._redis.zrange(user_key, 0, -1):
-                owner = await self._redis.hget(self._session_key(digest.decode()), "username")
-                if owner is not None and owner.decode() != username:
-                    raise AssertionError(f"a session in {username!r}'s set belongs to {owner!r}")
-        async for key in self._redis.scan_iter(match=f"{self._prefix}session:*"):
-            fields = await self._redis.hgetall(key)
-            digest = key.decode().removeprefix(f"{self._prefix}session:")
-            user_key = self._user_key(fields[b"username"].decode())
-            if await self._redis.zscore(user_key, digest) is None:
-                raise AssertionError("a session is missing from its user's set")
+    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
+        name = f"{self._prefix}failures:{key}"
+        with store_errors(*self._errors):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(name, {f"{when!r}:{secrets.token_hex(4)}": when})
+                pipe.zremrangebyrank(name, 0, -(limit + 1))
+                pipe.expire(name, math.ceil(window))
+                await pipe.execute()
+
+    async def clear_failures(self, key: str) -> None:
+        with store_errors(*self._errors):
+            await self._redis.delete(f"{self._prefix}failures:{key}")
+
+    async def sweep_failures(self, before: float) -> int:
+        return 0  # Redis expires each set a window after its last failure
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -1215,123 +1251,25 @@ class RedisSessionStore:
         return Session(username.decode(), float(created_at), float(last_seen), float(expires_at))
 
 
+def open_session_store(
+    config: SessionConfig, engine: aiopg.sa.Engine, clock: Callable[[], float]
+) -> SessionStore:
+    """The configured session store, which keeps the login failures too."""
+    if config.store == "postgres":
+        return PostgresSessionStore(engine, config, clock)
+    if config.store == "redis":
+        import redis.asyncio  # optional: imported only when this store is chosen
+
+        client = redis.asyncio.Redis.from_url(
+            config.redis_url, socket_timeout=DB_OPERATION_TIMEOUT, socket_connect_timeout=DB_CONNECT_TIMEOUT
+        )
+        return RedisSessionStore(client, config, clock)
+    return MemorySessionStore(config, clock)
+
+
 # ---------------------------------------------------------------------------
 # Login throttling
 # ---------------------------------------------------------------------------
-
-
-class FailureLog(Protocol):
-    """Where LoginThrottle keeps failure times: in memory, or shared through PostgreSQL or Redis."""
-
-    async def recent(self, key: str, limit: int, since: float) -> list[float]: ...
-    async def add(self, key: str, when: float, limit: int, window: float) -> None: ...
-    async def clear(self, key: str) -> None: ...
-    async def sweep(self, before: float) -> int: ...
-
-
-class MemoryFailureLog:
-    """Failure times in one process. At most `max_keys` keys, least recently failed first out,
-    so a flood of random usernames costs bounded memory (the flood's own address is throttled)."""
-
-    def __init__(self, max_keys: int = MAX_TRACKED_KEYS) -> None:
-        self._max_keys = max_keys
-        self._times: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._times)
-
-    async def recent(self, key: str, limit: int, since: float) -> list[float]:
-        return [when for when in self._times.get(key, ()) if when > since][-limit:]
-
-    async def add(self, key: str, when: float, limit: int, window: float) -> None:
-        times = self._times.get(key)
-        if times is None:
-            if len(self._times) >= self._max_keys:
-                self._times.popitem(last=False)
-            times = self._times[key] = deque(maxlen=limit)
-        else:
-            self._times.move_to_end(key)
-        times.append(when)
-
-    async def clear(self, key: str) -> None:
-        self._times.pop(key, None)
-
-    async def sweep(self, before: float) -> int:
-        stale = [key for key, times in self._times.items() if times[-1] <= before]
-        for key in stale:
-            del self._times[key]
-        return len(stale)
-
-
-class PostgresFailureLog:
-    """Failure times in the `login_failures` table, shared by every server process."""
-
-    def __init__(self, engine: aiopg.sa.Engine) -> None:
-        self._engine = engine
-
-    async def recent(self, key: str, limit: int, since: float) -> list[float]:
-        table = login_failures
-        query = (
-            sa.select(table.c.failed_at)
-            .where(table.c.key == key, table.c.failed_at > since)
-            .order_by(table.c.failed_at.desc())
-            .limit(limit)
-        )
-        with store_errors():
-            async with connection(self._engine) as conn:
-                rows = await (await conn.execute(query)).fetchall()
-        return sorted(row.failed_at for row in rows)
-
-    async def add(self, key: str, when: float, limit: int, window: float) -> None:
-        with store_errors():
-            async with connection(self._engine) as conn:
-                await conn.execute(login_failures.insert().values(key=key, failed_at=when))
-
-    async def clear(self, key: str) -> None:
-        with store_errors():
-            async with connection(self._engine) as conn:
-                await conn.execute(login_failures.delete().where(login_failures.c.key == key))
-
-    async def sweep(self, before: float) -> int:
-        with store_errors():
-            async with connection(self._engine) as conn:
-                result = await conn.execute(
-                    login_failures.delete().where(login_failures.c.failed_at <= before)
-                )
-                return int(result.rowcount)
-
-
-class RedisFailureLog:
-    """Failure times in Redis sorted sets that expire with the window, shared by every process."""
-
-    def __init__(self, client: Any, prefix: str = "login:") -> None:
-        import redis.exceptions
-
-        self._redis, self._prefix = client, prefix
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-    async def recent(self, key: str, limit: int, since: float) -> list[float]:
-        with store_errors(*self._errors):
-            found = await self._redis.zrangebyscore(
-                f"{self._prefix}failures:{key}", f"({since!r}", "+inf", withscores=True
-            )
-        return [score for _, score in found][-limit:]
-
-    async def add(self, key: str, when: float, limit: int, window: float) -> None:
-        name = f"{self._prefix}failures:{key}"
-        with store_errors(*self._errors):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(name, {f"{when!r}:{secrets.token_hex(4)}": when})
-                pipe.zremrangebyrank(name, 0, -(limit + 1))
-                pipe.expire(name, math.ceil(window))
-                await pipe.execute()
-
-    async def clear(self, key: str) -> None:
-        with store_errors(*self._errors):
-            await self._redis.delete(f"{self._prefix}failures:{key}")
-
-    async def sweep(self, before: float) -> int:
-        return 0  # Redis expires each set a window after its last failure
 
 
 class LoginThrottle:
@@ -1346,12 +1284,12 @@ class LoginThrottle:
         self,
         config: LoginConfig,
         clock: Callable[[], float] = time.time,
-        log: FailureLog | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         self._window = config.failure_window
         self._limits = {"user": config.max_failures, "address": config.max_failures * ADDRESS_FAILURE_FACTOR}
         self._clock = clock
-        self.log: FailureLog = MemoryFailureLog() if log is None else log
+        self.failures: FailureLog = MemoryFailureLog() if failures is None else failures
         # username -> (its lock, how many hold or wait for it); an entry lives only while in use.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -1380,38 +1318,22 @@ class LoginThrottle:
         """A wrong password: count it for the username and for the address."""
         now = self._clock()
         for kind, value in (("user", username), ("address", address)):
-            await self.log.add(f"{kind}:{value}", now, self._limits[kind], self._window)
+            await self.failures.add_failure(f"{kind}:{value}", now, self._limits[kind], self._window)
 
     async def succeeded(self, username: str) -> None:
         """A good password clears the username's count."""
-        await self.log.clear(f"user:{username}")
+        await self.failures.clear_failures(f"user:{username}")
 
     async def sweep(self) -> int:
         """Forget failures older than the window; returns how many keys (or rows) went."""
-        return await self.log.sweep(self._clock() - self._window)
+        return await self.failures.sweep_failures(self._clock() - self._window)
 
     async def _wait(self, kind: str, value: str, now: float) -> float:
         limit = self._limits[kind]
-        times = await self.log.recent(f"{kind}:{value}", limit, now - self._window)
+        times = await self.failures.recent_failures(f"{kind}:{value}", limit, now - self._window)
         if len(times) < limit:
             return 0.0
         return max(0.0, times[0] + self._window - now)
-
-
-def open_session_store(
-    config: SessionConfig, engine: aiopg.sa.Engine, clock: Callable[[], float]
-) -> tuple[SessionStore, FailureLog]:
-    """The configured session store and, beside it, where login failures are counted."""
-    if config.store == "postgres":
-        return PostgresSessionStore(engine, config, clock), PostgresFailureLog(engine)
-    if config.store == "redis":
-        import redis.asyncio  # optional: imported only when this store is chosen
-
-        client = redis.asyncio.Redis.from_url(
-            config.redis_url, socket_timeout=DB_OPERATION_TIMEOUT, socket_connect_timeout=DB_CONNECT_TIMEOUT
-        )
-        return RedisSessionStore(client, config, clock), RedisFailureLog(client)
-    return MemorySessionStore(config, clock), MemoryFailureLog()
 
 
 def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
@@ -1645,9 +1567,9 @@ class WebServer:
         app[passwords].close()
 
     async def _sessions(self, app: web.Application) -> AsyncIterator[None]:
-        store, failures = open_session_store(self.config.sessions, app[db_engine], self.clock)
+        store = open_session_store(self.config.sessions, app[db_engine], self.clock)
         app[sessions] = store
-        app[login_throttle] = LoginThrottle(self.config.login, self.clock, failures)
+        app[login_throttle] = LoginThrottle(self.config.login, self.clock, store)
         interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
         sweeper = asyncio.create_task(sweep_forever(store, app[login_throttle], interval))
         yield
@@ -1775,7 +1697,7 @@ async def del_user_command(config: Config, name: str) -> str:
         # A shared store ends the user's sessions everywhere; memory sessions live in the server.
         ended = 0
         if config.sessions.store != "memory":
-            store, _ = open_session_store(config.sessions, engine, time.time)
+            store = open_session_store(config.sessions, engine, time.time)
             try:
                 ended = await store.revoke_all(username)
             except SessionStoreUnavailable as exc:

@@ -248,28 +248,87 @@ def redis_or_skip() -> None:
 @contextlib.asynccontextmanager
 async def open_store(
     kind: str, config: server.SessionConfig, clock: Callable[[], float], database_url: str
-) -> AsyncIterator[tuple[server.SessionStore, server.FailureLog]]:
+) -> AsyncIterator[server.SessionStore]:
     """A session store of the given kind, empty, on the test database or Redis; closed after."""
     if kind == "memory":
-        yield server.MemorySessionStore(config, clock), server.MemoryFailureLog()
+        yield server.MemorySessionStore(config, clock)
     elif kind == "postgres":
         async with server.open_database(server.DatabaseConfig(dsn=database_url)) as engine:
             async with server.connection(engine) as conn:
                 await conn.execute("TRUNCATE sessions, login_failures")
-            yield server.PostgresSessionStore(engine, config, clock), server.PostgresFailureLog(engine)
+            yield server.PostgresSessionStore(engine, config, clock)
     else:
         import redis.asyncio
 
         client = redis.asyncio.Redis.from_url(REDIS_URL)
         prefix = f"test-{uuid.uuid4().hex}:"
         try:
-            store = server.RedisSessionStore(client, config, clock, prefix)
-            yield store, server.RedisFailureLog(client, prefix)
+            yield server.RedisSessionStore(client, config, clock, prefix)
         finally:
             keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
             if keys:
                 await client.delete(*keys)
             await client.aclose()
+
+
+# What a store holds, seen from outside its interface: these look inside each kind of store.
+
+
+async def count_sessions(store: server.SessionStore) -> int:
+    """Sessions the store holds, live or not yet swept."""
+    if isinstance(store, server.MemorySessionStore):
+        return len(store._sessions)
+    if isinstance(store, server.PostgresSessionStore):
+        async with server.connection(store._engine) as conn:
+            return int(await conn.scalar("SELECT count(*) FROM sessions"))
+    assert isinstance(store, server.RedisSessionStore)
+    return len([key async for key in store._redis.scan_iter(match=f"{store._prefix}session:*", count=1000)])
+
+
+async def check_consistency(store: server.SessionStore) -> None:
+    """Raise AssertionError unless the store's indexes describe the same sessions."""
+    if isinstance(store, server.MemorySessionStore):
+        check_memory_store(store)
+    elif isinstance(store, server.PostgresSessionStore):
+        await check_postgres_store(store)
+    else:
+        assert isinstance(store, server.RedisSessionStore)
+        await check_redis_store(store)
+
+
+def check_memory_store(store: server.MemorySessionStore) -> None:
+    """Both dictionaries describe the same sessions."""
+    indexed = {sid for ids in store._by_user.values() for sid in ids}
+    if indexed != set(store._sessions):
+        raise AssertionError("session ids differ between the two dictionaries")
+    for username, ids in store._by_user.items():
+        if not ids or any(store._sessions[sid].username != username for sid in ids):
+            raise AssertionError(f"sessions of {username!r} do not point back to that user")
+
+
+async def check_postgres_store(store: server.PostgresSessionStore) -> None:
+    """Every row's deadline follows from its times."""
+    async with server.connection(store._engine) as conn:
+        rows = await (await conn.execute(server.sa.select(server.sessions_table))).fetchall()
+    for row in rows:
+        if row.expires_at != server.deadline(store._config, row.created_at, row.last_seen):
+            raise AssertionError(f"a session of {row.username!r} has a wrong deadline")
+
+
+async def check_redis_store(store: server.RedisSessionStore) -> None:
+    """Every session a user's set names exists and points back to that user, and the reverse."""
+    client, prefix = store._redis, store._prefix
+    async for user_key in client.scan_iter(match=f"{prefix}user:*"):
+        username = user_key.decode().removeprefix(f"{prefix}user:")
+        for digest in await client.zrange(user_key, 0, -1):
+            owner = await client.hget(f"{prefix}session:{digest.decode()}", "username")
+            if owner is not None and owner.decode() != username:
+                raise AssertionError(f"a session in {username!r}'s set belongs to {owner!r}")
+    async for key in client.scan_iter(match=f"{prefix}session:*"):
+        fields = await client.hgetall(key)
+        digest = key.decode().removeprefix(f"{prefix}session:")
+        if await client.zscore(f"{prefix}user:{fields[b'username'].decode()}", digest) is None:
+            raise AssertionError("a session is missing from its user's set")
 
 
 STORE_KINDS = ["memory", "postgres", "redis"]

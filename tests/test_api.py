@@ -10,7 +10,17 @@ import argon2
 import psycopg2.extensions
 
 import server
-from conftest import FAST_PASSWORDS, Client, ClientFactory, Clock, add_user, log_in, make_config
+from conftest import (
+    FAST_PASSWORDS,
+    Client,
+    ClientFactory,
+    Clock,
+    add_user,
+    check_consistency,
+    count_sessions,
+    log_in,
+    make_config,
+)
 
 
 def auth(session_id: str) -> dict[str, str]:
@@ -91,8 +101,8 @@ async def test_logging_out_the_old_session_keeps_the_new_one(client: Client) -> 
     assert (await client.delete("/user", headers=auth(old))).status == 200
     assert (await client.get("/user", headers=auth(new))).status == 200
     assert (await client.delete("/user", headers=auth(new))).status == 200
-    await client.app[server.sessions].check_consistency()
-    assert await client.app[server.sessions].count() == 0
+    await check_consistency(client.app[server.sessions])
+    assert await count_sessions(client.app[server.sessions]) == 0
 
 
 async def test_logout_all_ends_every_session_of_that_user_only(client: Client) -> None:

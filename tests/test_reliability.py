@@ -19,6 +19,8 @@ from conftest import (
     PrivateCluster,
     Start,
     add_user,
+    check_consistency,
+    count_sessions,
     free_port,
     log_in,
     make_config,
@@ -115,8 +117,8 @@ async def test_200_concurrent_clients_lose_and_leak_no_session(client: Client) -
 
     store = client.app[server.sessions]
     await asyncio.gather(*[cycle(number) for number in range(200)])
-    await store.check_consistency()
-    assert await store.count() == 0
+    await check_consistency(store)
+    assert await count_sessions(store) == 0
 
 
 async def test_a_body_that_never_finishes_gets_408_and_others_are_served(

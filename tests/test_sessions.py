@@ -11,16 +11,16 @@ import psycopg2.extensions
 import pytest
 
 import server
-from conftest import Clock, open_store
+from conftest import Clock, check_consistency, count_sessions, open_store
 
 LIMITS = server.SessionConfig(idle_timeout=100, absolute_timeout=1000, max_per_user=3)
 
 
 @pytest.fixture
 async def sessions(store_kind: str, clock: Clock, database_url: str) -> AsyncIterator[server.SessionStore]:
-    async with open_store(store_kind, LIMITS, clock, database_url) as (store, _):
+    async with open_store(store_kind, LIMITS, clock, database_url) as store:
         yield store
-        await store.check_consistency()
+        await check_consistency(store)
 
 
 async def test_a_user_can_hold_several_sessions(sessions: server.SessionStore) -> None:
@@ -54,7 +54,7 @@ async def test_revoking_one_session_leaves_the_others(sessions: server.SessionSt
 async def test_revoking_an_unknown_session_changes_nothing(sessions: server.SessionStore) -> None:
     await sessions.create("alice")
     assert (await sessions.revoke("nope")) is None
-    assert await sessions.count() == 1
+    assert await count_sessions(sessions) == 1
 
 
 async def test_revoke_all_counts_only_live_sessions(sessions: server.SessionStore, clock: Clock) -> None:
@@ -72,7 +72,7 @@ async def test_the_oldest_session_goes_beyond_max_per_user(sessions: server.Sess
     assert (await sessions.touch(ids[0])) is None
     for session_id in ids[1:]:
         assert (await sessions.touch(session_id)) is not None
-    assert await sessions.count() == LIMITS.max_per_user
+    assert await count_sessions(sessions) == LIMITS.max_per_user
 
 
 async def test_making_room_drops_expired_sessions_before_a_live_one(
@@ -119,7 +119,7 @@ async def test_sweep_removes_expired_sessions_and_keeps_live_ones(
     live, _ = await sessions.create("alice")
     clock.advance(LIMITS.idle_timeout / 2)
     assert await sessions.sweep() == 3
-    assert await sessions.count() == 1
+    assert await count_sessions(sessions) == 1
     assert (await sessions.touch(live)) is not None
 
 
@@ -137,7 +137,7 @@ async def test_session_ids_carry_at_least_128_bits() -> None:
 async def test_postgres_keeps_only_a_hash_of_the_session_id(
     clock: Clock, database_url: str, db: psycopg2.extensions.connection
 ) -> None:
-    async with open_store("postgres", LIMITS, clock, database_url) as (store, _):
+    async with open_store("postgres", LIMITS, clock, database_url) as store:
         session_id, _ = await store.create("alice")
     with db.cursor() as cur:
         cur.execute("SELECT token_hash, username FROM sessions")
@@ -157,7 +157,7 @@ async def test_redis_keeps_only_a_hash_of_the_session_id(clock: Clock, database_
     from conftest import redis_or_skip
 
     redis_or_skip()
-    async with open_store("redis", LIMITS, clock, database_url) as (store, _):
+    async with open_store("redis", LIMITS, clock, database_url) as store:
         session_id, _ = await store.create("alice")
         client = store._redis  # type: ignore[attr-defined]
         prefix = store._prefix  # type: ignore[attr-defined]
