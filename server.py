@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import getpass
 import hashlib
 import ipaddress
@@ -382,11 +383,11 @@ class SessionStoreUnavailable(Exception):
 
 
 class UserExists(Exception):
-    """adduser was asked for a name that is taken."""
+    """adduser was asked for a name that is taken; the message says so in one line."""
 
 
 class UserNotFound(Exception):
-    """passwd or deluser was asked for a name that does not exist."""
+    """passwd or deluser was asked for a name that does not exist; the message says so."""
 
 
 def json_error(
@@ -623,7 +624,7 @@ async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str
         async with connection(engine) as conn:
             await conn.execute(users.insert().values(username=username, password_hash=password_hash))
     except psycopg2.errors.UniqueViolation:
-        raise UserExists(username) from None
+        raise UserExists(f"user '{username}' already exists") from None
 
 
 async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
@@ -631,14 +632,14 @@ async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_
         query = users.update().where(users.c.username == username).values(password_hash=password_hash)
         result = await conn.execute(query)
         if result.rowcount == 0:
-            raise UserNotFound(username)
+            raise UserNotFound(f"no such user '{username}'")
 
 
 async def delete_user(engine: aiopg.sa.Engine, username: str) -> None:
     async with connection(engine) as conn:
         result = await conn.execute(users.delete().where(users.c.username == username))
         if result.rowcount == 0:
-            raise UserNotFound(username)
+            raise UserNotFound(f"no such user '{username}'")
 
 
 async def ping(engine: aiopg.sa.Engine) -> None:
@@ -672,14 +673,17 @@ def _lower_thread_priority() -> None:
     """Run this hashing thread only when the CPU has nothing else to do (Linux's SCHED_IDLE).
 
     The event loop then preempts hashing as soon as a request arrives: a login flood slows
-    other logins, never GET /user. Where SCHED_IDLE is missing, the lowest nice value instead.
+    other logins, never GET /user. Without SCHED_IDLE (macOS, Windows) threads keep their priority.
     """
-    thread = threading.get_native_id()
-    try:
-        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, thread, 19)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the OS has one (Linux), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Passwords:
@@ -692,9 +696,10 @@ class Passwords:
             parallelism=config.parallelism,
             type=argon2.Type.ID,
         )
-        threads = config.threads or len(os.sched_getaffinity(0))  # the CPUs this process may use
         self._executor = ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="argon2", initializer=_lower_thread_priority
+            max_workers=config.threads or usable_cpus(),
+            thread_name_prefix="argon2",
+            initializer=_lower_thread_priority,
         )
         # Verified against when the user is unknown, so that costs what a wrong password costs.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
@@ -1665,35 +1670,22 @@ async def hash_new_password(config: PasswordConfig, password: str) -> str:
         hasher.close()
 
 
-async def add_user_command(config: Config, name: str) -> str:
+async def set_password_command(config: Config, name: str, new_user: bool) -> str:
+    """adduser (new_user) or passwd: a checked password from the user, hashed, then stored."""
     username, password = check_username(name), read_password()
     password_hash = await hash_new_password(config.passwords, password)
     async with open_database(config.db) as engine:
-        try:
+        if new_user:
             await insert_user(engine, username, password_hash)
-        except UserExists:
-            raise CommandError(f"user '{username}' already exists") from None
-    return f"created user '{username}'"
-
-
-async def passwd_command(config: Config, name: str) -> str:
-    username, password = check_username(name), read_password()
-    password_hash = await hash_new_password(config.passwords, password)
-    async with open_database(config.db) as engine:
-        try:
-            await update_password_hash(engine, username, password_hash)
-        except UserNotFound:
-            raise CommandError(f"no such user '{username}'") from None
+            return f"created user '{username}'"
+        await update_password_hash(engine, username, password_hash)
     return f"changed the password of '{username}'"
 
 
 async def del_user_command(config: Config, name: str) -> str:
     username = check_username(name)
     async with open_database(config.db) as engine:
-        try:
-            await delete_user(engine, username)
-        except UserNotFound:
-            raise CommandError(f"no such user '{username}'") from None
+        await delete_user(engine, username)
         # A shared store ends the user's sessions everywhere; memory sessions live in the server.
         ended = 0
         if config.sessions.store != "memory":
@@ -1709,10 +1701,12 @@ async def del_user_command(config: Config, name: str) -> str:
     return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
-USER_COMMANDS: dict[str, Callable[[Config, str], Coroutine[Any, Any, str]]] = {
-    "adduser": add_user_command,
-    "passwd": passwd_command,
-    "deluser": del_user_command,
+UserCommand: TypeAlias = Callable[[Config, str], Coroutine[Any, Any, str]]
+# The commands that take a user's NAME: the help line, and what runs.
+USER_COMMANDS: dict[str, tuple[str, UserCommand]] = {
+    "adduser": ("create a user", functools.partial(set_password_command, new_user=True)),
+    "passwd": ("set a user's password", functools.partial(set_password_command, new_user=False)),
+    "deluser": ("delete a user", del_user_command),
 }
 
 
@@ -1726,8 +1720,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="override webserver.port")
     parser.add_argument("--workers", type=int, help="override webserver.workers (processes on one port)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    helps = {"adduser": "create a user", "passwd": "set a user's password", "deluser": "delete a user"}
-    for name, text in helps.items():
+    for name, (text, _) in USER_COMMANDS.items():
         sub = commands.add_parser(name, help=text, parents=[common])
         sub.add_argument("name", metavar="NAME")
     return parser
@@ -1802,8 +1795,9 @@ def main(argv: list[str] | None = None) -> int:
                 return serve_workers(config)
             WebServer(config).run()
         else:
-            print(asyncio.run(USER_COMMANDS[args.command](config, args.name)))
-    except (ConfigError, CommandError, DatabaseUnavailable) as exc:
+            _, command = USER_COMMANDS[args.command]
+            print(asyncio.run(command(config, args.name)))
+    except (ConfigError, CommandError, DatabaseUnavailable, UserExists, UserNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

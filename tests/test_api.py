@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import os
 
 import argon2
 import psycopg2.extensions
+import pytest
 
 import server
 from conftest import (
@@ -265,6 +267,22 @@ async def test_hashing_threads_yield_the_cpu_to_the_event_loop(config: server.Co
         # sched_getscheduler(0) names the calling thread's policy on Linux.
         assert policy == os.SCHED_IDLE
         assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the event loop's thread is untouched
+    finally:
+        hasher.close()
+
+
+async def test_without_affinity_or_sched_idle_hashing_uses_every_cpu_at_normal_priority(
+    config: server.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # macOS and Windows have neither call; the default `threads: 0` must still start.
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.delattr(os, "sched_setscheduler")
+    hasher = server.Passwords(dataclasses.replace(config.passwords, threads=0))
+    try:
+        assert hasher._executor._max_workers == os.cpu_count()
+        assert await hasher.verify(await hasher.hash("wonderland"), "wonderland")
+        policy = hasher._executor.submit(lambda: os.sched_getscheduler(0)).result()
+        assert policy == os.SCHED_OTHER
     finally:
         hasher.close()
 
