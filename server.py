@@ -7,7 +7,7 @@ sessions per user, throttled password guessing, JSON errors for every bad input,
 embedded PostgreSQL when no database is configured, and shared session stores (PostgreSQL
 or Redis) for several worker processes or machines.
 
-Endpoints (the full contract is in CONTRACT.md; every error body is {"error", "message"}):
+Endpoints (README.md and openapi.yaml have the details; every error body is {"error", "message"}):
     POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
                     400 bad_json, 408 request_timeout, 413 body_too_large,
                     422 invalid_credentials_format, 401 invalid_credentials,
@@ -22,6 +22,16 @@ Endpoints (the full contract is in CONTRACT.md; every error body is {"error", "m
 Command line:
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
     python server.py adduser|passwd|deluser NAME [--config FILE]
+
+Where the article's pieces live now (sections in this order, each under a banner):
+    WebServer, initializer()     WebServer: builds the app from a Config; initializer() adds the
+                                 routes and, in cleanup_ctx, the engine, hashing pool and store
+    loginHandler, logoutHandler  Handlers: login() for POST /user, logout() for DELETE /user
+                                 (and whoami() for GET /user)
+    sessionToUser, userToSession Sessions: MemorySessionStore._sessions and ._by_user, changed only
+                                 by its methods; PostgresSessionStore and RedisSessionStore share them
+    the config dict, the engine  Configuration: load_config() -> Config; Database: open_database()
+    run(), main                  WebServer.run(); main() under Command line
 """
 
 from __future__ import annotations
@@ -45,16 +55,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
@@ -265,7 +266,7 @@ class Config:
 class _Section:
     """One section of the config file: refuses unknown keys, names the file and key in every error."""
 
-    def __init__(self, raw: Any, name: str, source: str, known: Iterable[str]) -> None:
+    def __init__(self, raw: Any, name: str, source: str, known: Sequence[str]) -> None:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: '{name}' must be an object")
         unknown = sorted(set(raw) - set(known))
@@ -288,7 +289,7 @@ class _Section:
 def read_section(cls: type[T], raw: Any, name: str, source: str) -> T:
     """A section as its dataclass declares it: only known keys, each checked, the rest defaults."""
     fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    section = _Section(raw, name, source, fields)
+    section = _Section(raw, name, source, list(fields))
     values: dict[str, Any] = {}
 
     def value(key: str) -> Any:
