@@ -49,7 +49,6 @@ import logging
 import math
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -556,6 +555,12 @@ async def open_database(config: DatabaseConfig, durable: bool = True) -> AsyncIt
         stack.push_async_callback(_close_engine, engine)
         await create_tables(engine)
         yield engine
+
+
+async def check_database(config: DatabaseConfig) -> None:
+    """Reach the database (waiting as at start-up) and create its tables, then let go."""
+    async with open_database(config):
+        pass
 
 
 async def _close_engine(engine: aiopg.sa.Engine) -> None:
@@ -1588,24 +1593,40 @@ class WebServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def run(self, reuse_port: bool = False) -> None:
+    def server_options(self) -> dict[str, Any]:
+        """Keep-alive, shutdown timeout and access log, alike in one process and in workers."""
+        return {
+            "keepalive_timeout": KEEPALIVE_TIMEOUT,
+            "shutdown_timeout": SHUTDOWN_TIMEOUT,
+            "access_log": logging.getLogger("server.access") if self.config.webserver.access_log else None,
+            "access_log_class": AccessLogger,
+        }
+
+    def run(self) -> None:
         loop = None
         if self.config.webserver.uvloop:
             import uvloop  # optional: `pip install uvloop`
 
             loop = uvloop.new_event_loop()
+        announce = functools.partial(log.info, "serving on %s", self.url)
         web.run_app(
             self.initializer(),
             loop=loop,
             host=self.host,
             port=self.port,
-            print=lambda _banner: log.info("serving on %s", self.url),
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-            reuse_port=reuse_port,
-            access_log=logging.getLogger("server.access") if self.config.webserver.access_log else None,
-            access_log_class=AccessLogger,
+            print=lambda _: announce(),
+            **self.server_options(),
         )
+
+    async def runner(self) -> web.AppRunner:
+        """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this)."""
+        app = await self.initializer()
+
+        async def announce(_app: web.Application) -> None:  # after cleanup_ctx: the database is there
+            log.info("serving on %s (worker %d)", self.url, os.getpid())
+
+        app.on_startup.append(announce)
+        return web.AppRunner(app, **self.server_options())
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -1727,57 +1748,106 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_workers(config: Config) -> int:
-    """Run config.webserver.workers server processes on one port (SO_REUSEPORT) and wait for them.
+def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
+    """Run config.webserver.workers processes on one port under gunicorn's arbiter.
 
-    This process owns the embedded PostgreSQL, if any, and hands its address to the workers.
-    SIGTERM or SIGINT is passed on to every worker; the exit code is 0 when all of them exit 0.
+    The arbiter (this process) owns the embedded PostgreSQL, if any: it starts it and checks the
+    database before the first worker, and stops it after the last one. gunicorn then replaces a
+    worker that dies, replaces all of them gracefully on SIGHUP with the config read again
+    (`read_config`; the database stays as it is), adds or removes one on SIGTTIN / SIGTTOU, kills
+    one that stops answering its heartbeat, and a worker whose arbiter died stops by itself.
+    SIGTERM or SIGINT: every worker finishes its requests, then exit 0.
     """
-    import multiprocessing
-
-    with contextlib.ExitStack() as stack:
+    arbiter = os.getpid()
+    with contextlib.ExitStack() as resources:
         if config.db.embedded:
-            dsn = stack.enter_context(embedded_postgres_sync(config.db.data_dir))
+            dsn = resources.enter_context(embedded_postgres_sync(config.db.data_dir))
             config = dataclasses.replace(config, db=dataclasses.replace(config.db, dsn=dsn))
-        context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker, args=(config,)) for _ in range(config.webserver.workers)]
-
-        def stop(signum: int, _frame: object) -> None:
-            for worker in workers:
-                if worker.pid is not None and worker.is_alive():
-                    os.kill(worker.pid, signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        for worker in workers:
-            worker.start()
-        log.info("started %d workers on %s", len(workers), WebServer(config).url)
-        for worker in workers:
-            worker.join()
-        codes = [worker.exitcode for worker in workers]
+        asyncio.run(check_database(config.db))  # one line here, rather than a failing worker each
+        try:
+            supervisor(config, read_config).run()  # forks the workers; ends by SystemExit
+        except SystemExit as exit:
+            if os.getpid() != arbiter:
+                # A worker leaves through here too: it exits at once, as multiprocessing's forked
+                # children do, so it never runs the arbiter's cleanup (the embedded PostgreSQL).
+                logging.shutdown()
+                os._exit(int(exit.code or 0))
+            code = int(exit.code or 0)
     log.info("all workers stopped")
-    return 0 if all(code == 0 for code in codes) else 1
+    return code
 
 
-def _worker(config: Config) -> None:
+def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
+    """gunicorn's application for serve_workers; imported here, as gunicorn exists only on Unix."""
+    from gunicorn.app.base import BaseApplication
+
+    class Supervisor(BaseApplication):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.config = config
+            super().__init__()
+
+        def load_config(self) -> None:
+            """Our settings in gunicorn's terms (at start and on every SIGHUP); the workers'
+            runner brings keep-alive, shutdown timeout and access log (WebServer.server_options)."""
+            webserver = self.config.webserver
+            worker = "GunicornUVLoopWebWorker" if webserver.uvloop else "GunicornWebWorker"
+            settings = {
+                "bind": [f"{webserver.host}:{webserver.port}"],
+                "workers": webserver.workers,
+                "worker_class": f"aiohttp.worker.{worker}",
+                "keepalive": math.ceil(KEEPALIVE_TIMEOUT),
+                "graceful_timeout": math.ceil(SHUTDOWN_TIMEOUT) + 5,  # the workers close the engine after
+                "timeout": math.ceil(STARTUP_DB_WAIT) + 10,  # heartbeat; a new worker may wait for PostgreSQL
+                "control_socket_disable": True,  # one path per user would clash between servers
+            }
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Callable[[], Awaitable[web.AppRunner]]:
+            return WebServer(self.config).runner
+
+        def reload(self) -> None:
+            try:
+                self.config = dataclasses.replace(read_config(), db=self.config.db)
+            except ConfigError as exc:
+                log.error("config not reloaded, the new workers keep the old one: %s", exc)
+            self.callable = None  # workers from now on build their app from self.config
+            super().reload()
+
+    return Supervisor()
+
+
+def app_factory(config_path: str = str(DEFAULT_CONFIG_PATH)) -> Callable[[], Awaitable[web.AppRunner]]:
+    """For an existing gunicorn: gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker"""
     configure_logging(logging.INFO)
-    WebServer(config).run(reuse_port=True)
+    return WebServer(load_config(config_path)).runner
 
 
 @contextlib.contextmanager
 def embedded_postgres_sync(data_dir: Path) -> Iterator[str]:
     """embedded_postgres for code outside an event loop."""
-    loop = asyncio.new_event_loop()
-    manager = embedded_postgres(data_dir)
-    try:
-        yield loop.run_until_complete(manager.__aenter__())
-    finally:
-        loop.run_until_complete(manager.__aexit__(None, None, None))
-        loop.close()
+    with asyncio.Runner() as runner:
+        manager = embedded_postgres(data_dir)
+        dsn = runner.run(manager.__aenter__())
+        try:
+            yield dsn
+        finally:
+            runner.run(manager.__aexit__(None, None, None))
 
 
 def configure_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serving_config(args: argparse.Namespace) -> Config:
+    """The config file with --host, --port and --workers from the command line over it."""
+    config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
+    overrides = {
+        key: getattr(args, key) for key in ("host", "port", "workers") if getattr(args, key) is not None
+    }
+    config = dataclasses.replace(config, webserver=dataclasses.replace(config.webserver, **overrides))
+    check_workers(config, "--workers")
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1785,19 +1855,14 @@ def main(argv: list[str] | None = None) -> int:
     # The server logs its life; the user commands speak only when something is wrong.
     configure_logging(logging.INFO if args.command is None else logging.WARNING)
     try:
-        config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
-        if args.command is None:
-            overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-            if args.workers is not None:
-                overrides["workers"] = args.workers
-            config = dataclasses.replace(config, webserver=dataclasses.replace(config.webserver, **overrides))
-            check_workers(config, "--workers")
-            if config.webserver.workers > 1:
-                return serve_workers(config)
-            WebServer(config).run()
-        else:
+        if args.command is not None:
             _, command = USER_COMMANDS[args.command]
-            print(asyncio.run(command(config, args.name)))
+            print(asyncio.run(command(load_config(getattr(args, "config", DEFAULT_CONFIG_PATH)), args.name)))
+            return 0
+        config = serving_config(args)
+        if config.webserver.workers > 1:
+            return serve_workers(config, functools.partial(serving_config, args))
+        WebServer(config).run()
     except (ConfigError, CommandError, DatabaseUnavailable, UserExists, UserNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

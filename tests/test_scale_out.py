@@ -3,20 +3,30 @@ workers share one port; an unreachable store answers 503 and recovers by itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
+import argon2
 import psutil
+import psycopg2.extensions
 import pytest
+import requests
 
 import server
 from conftest import (
     REDIS_URL,
+    ROOT,
     ClientFactory,
     Clock,
     PrivateCluster,
@@ -280,3 +290,132 @@ async def test_workers_on_the_embedded_postgres_share_it_and_stop_it(
     assert process.stop(timeout=15) == 0
     assert "embedded PostgreSQL stopped" in process.log
     assert not (tmp_path / ".pgdata" / "postmaster.pid").exists()
+
+
+# Workers under gunicorn's arbiter: real processes, real signals.
+
+ALICE = {"username": "alice", "password": "wonderland"}
+
+
+def worker_pids(process: ServerProcess) -> set[int]:
+    return {child.pid for child in psutil.Process(process.process.pid).children()}
+
+
+def gone(pids: set[int]) -> bool:
+    """Every process has exited (a zombie waiting for a parent that is gone counts as exited)."""
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+    return True
+
+
+async def eventually(condition: Callable[[], bool], seconds: float, what: str, server: ServerProcess) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}\n{server.log}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(
+    tmp_path: Path, database_url: str, db: object, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    process, url, _ = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
+    _, body = await call("POST", url, json=ALICE)
+    session_id = body["session_id"]  # type: ignore[index]
+    before = worker_pids(process)
+    os.kill(min(before), signal.SIGKILL)
+    statuses = []
+
+    def replaced() -> bool:
+        now = worker_pids(process)
+        return min(before) not in now and len(now) == 2 and process.log.count("serving on http://") == 3
+
+    deadline = time.monotonic() + 5
+    while not replaced():
+        assert time.monotonic() < deadline, f"no new worker serving within 5 s:\n{process.log}"
+        statuses.append((await call("GET", url, session_id))[0])
+        await asyncio.sleep(0.05)
+    statuses += [(await call("GET", url, session_id))[0] for _ in range(20)]
+    assert set(statuses) == {200}
+    assert process.stop(timeout=20) == 0
+
+
+async def test_sighup_replaces_every_worker_with_the_config_read_again(
+    tmp_path: Path,
+    database_url: str,
+    db: psycopg2.extensions.connection,
+    shared_store: str,
+    start_server: Start,
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    process, url, config = start_with_alice(tmp_path, env, shared_store, start_server, processes=2, workers=2)
+    _, body = await call("POST", url, json=ALICE)
+    session_id = body["session_id"]  # type: ignore[index]
+    assert (await call("GET", url, session_id))[0] == 200
+    assert "GET /user 200" not in process.log  # no access log yet
+    old_workers = worker_pids(process)
+    # A login in flight across the reload: alice's stored hash takes a second or two to verify.
+    slow_hash = argon2.PasswordHasher(time_cost=20, memory_cost=65536, parallelism=1).hash("wonderland")
+    with db.cursor() as cur:
+        cur.execute("UPDATE users SET password_hash = %s WHERE username = 'alice'", (slow_hash,))
+    in_flight = asyncio.create_task(call("POST", url, json=ALICE))
+    await asyncio.sleep(0.3)
+    settings = json.loads(config.read_text())
+    settings["webserver"]["access_log"] = True
+    config.write_text(json.dumps(settings))
+    process.process.send_signal(signal.SIGHUP)
+
+    assert (await in_flight)[0] == 200
+    await eventually(lambda: not worker_pids(process) & old_workers, 20, "old workers gone", process)
+    await eventually(lambda: len(worker_pids(process)) == 2, 20, "two new workers", process)
+    assert (await call("GET", url, session_id))[0] == 200  # the session outlived the workers
+    await eventually(lambda: "GET /user 200" in process.log, 5, "the new config's access log", process)
+    assert process.stop(timeout=20) == 0
+
+
+async def test_killing_the_arbiter_stops_every_worker_and_closes_the_port(
+    tmp_path: Path, database_url: str, db: object, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    process, url, _ = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
+    workers = worker_pids(process)
+    assert len(workers) == 2
+    process.process.kill()
+    process.process.wait()
+    await eventually(lambda: gone(workers), 10, "every worker gone", process)
+    port = int(url.split(":")[2].split("/")[0])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_an_existing_gunicorn_serves_the_app_factory(tmp_path: Path, database_url: str, db: object) -> None:
+    env = {"DATABASE_URL": database_url}
+    port = free_port()
+    config = shared_config(tmp_path, "postgres", port, "config")
+    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
+    # The README's line, with a config path, a bind address and no control socket (tests run side by side).
+    command = [sys.executable, "-m", "gunicorn", f"server:app_factory('{config}')", "--pythonpath", str(ROOT)]
+    command += [
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--no-control-socket",
+    ]
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        gunicorn = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "serving on http://" not in log_path.read_text():
+            assert time.monotonic() < deadline and gunicorn.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        login = requests.post(f"http://127.0.0.1:{port}/user", json=ALICE, timeout=10)
+        assert login.status_code == 200
+        headers = {"Authorization": login.json()["session_id"]}
+        assert requests.get(f"http://127.0.0.1:{port}/user", headers=headers, timeout=10).status_code == 200
+    finally:
+        gunicorn.terminate()
+        assert gunicorn.wait(20) == 0
