@@ -22,6 +22,7 @@ Endpoints (README.md and openapi.yaml have the details; every error body is {"er
 Command line:
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
     python server.py adduser|passwd|deluser NAME [--config FILE]
+    gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker    an existing gunicorn
 
 Where the article's pieces live now (sections in this order, each under a banner):
     WebServer, initializer()     WebServer: builds the app from a Config; initializer() adds the
@@ -29,9 +30,11 @@ Where the article's pieces live now (sections in this order, each under a banner
     loginHandler, logoutHandler  Handlers: login() for POST /user, logout() for DELETE /user
                                  (and whoami() for GET /user)
     sessionToUser, userToSession Sessions: MemorySessionStore._sessions and ._by_user, changed only
-                                 by its methods; PostgresSessionStore and RedisSessionStore share them
+                                 by its methods; PostgresSessionStore and RedisSessionStore share
+                                 sessions between processes
     the config dict, the engine  Configuration: load_config() -> Config; Database: open_database()
-    run(), main                  WebServer.run(); main() under Command line
+    run(), main                  WebServer.run() for one process; serve_workers() puts gunicorn's
+                                 arbiter over several (Command line), where main() is
 """
 
 from __future__ import annotations
