@@ -375,6 +375,19 @@ async def test_sighup_replaces_every_worker_with_the_config_read_again(
     assert process.stop(timeout=20) == 0
 
 
+async def test_sighup_with_a_broken_config_keeps_serving_with_the_old_one(
+    tmp_path: Path, database_url: str, db: object, start_server: Start
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    process, url, config = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
+    config.write_text("{not json")
+    process.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: process.log.count("serving on http://") == 4, 20, "two new workers", process)
+    assert "config not reloaded, the new workers keep the old one" in process.log
+    assert (await call("POST", url, json=ALICE))[0] == 200
+    assert process.stop(timeout=20) == 0
+
+
 async def test_killing_the_arbiter_stops_every_worker_and_closes_the_port(
     tmp_path: Path, database_url: str, db: object, start_server: Start
 ) -> None:
