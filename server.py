@@ -1761,7 +1761,7 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
     one that stops answering its heartbeat, and a worker whose arbiter died stops by itself.
     SIGTERM or SIGINT: every worker finishes its requests, then exit 0.
     """
-    arbiter = os.getpid()
+    arbiter, code = os.getpid(), 0
     with contextlib.ExitStack() as resources:
         if config.db.embedded:
             dsn = resources.enter_context(embedded_postgres_sync(config.db.data_dir))

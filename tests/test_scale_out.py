@@ -287,7 +287,9 @@ async def test_workers_on_the_embedded_postgres_share_it_and_stop_it(
     assert status == 200
     for _ in range(10):  # new connections land on either worker; all of them know the session
         assert (await call("GET", url, body["session_id"]))[0] == 200  # type: ignore[index]
+    children = worker_pids(process)
     assert process.stop(timeout=15) == 0
+    assert gone(children)  # nothing left behind
     assert "embedded PostgreSQL stopped" in process.log
     assert not (tmp_path / ".pgdata" / "postmaster.pid").exists()
 
@@ -310,6 +312,14 @@ def gone(pids: set[int]) -> bool:
     return True
 
 
+def two_workers(
+    tmp_path: Path, database_url: str, start_server: Start, store: str
+) -> tuple[ServerProcess, str, Path]:
+    """User alice, then `python server.py` with two workers on `store`; the /user URL, the config."""
+    env = {"DATABASE_URL": database_url}
+    return start_with_alice(tmp_path, env, store, start_server, processes=2, workers=2)
+
+
 async def eventually(condition: Callable[[], bool], seconds: float, what: str, server: ServerProcess) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -320,8 +330,7 @@ async def eventually(condition: Callable[[], bool], seconds: float, what: str, s
 async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(
     tmp_path: Path, database_url: str, db: object, start_server: Start
 ) -> None:
-    env = {"DATABASE_URL": database_url}
-    process, url, _ = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
+    process, url, _ = two_workers(tmp_path, database_url, start_server, "postgres")
     _, body = await call("POST", url, json=ALICE)
     session_id = body["session_id"]  # type: ignore[index]
     before = worker_pids(process)
@@ -349,8 +358,7 @@ async def test_sighup_replaces_every_worker_with_the_config_read_again(
     shared_store: str,
     start_server: Start,
 ) -> None:
-    env = {"DATABASE_URL": database_url}
-    process, url, config = start_with_alice(tmp_path, env, shared_store, start_server, processes=2, workers=2)
+    process, url, config = two_workers(tmp_path, database_url, start_server, shared_store)
     _, body = await call("POST", url, json=ALICE)
     session_id = body["session_id"]  # type: ignore[index]
     assert (await call("GET", url, session_id))[0] == 200
@@ -378,8 +386,7 @@ async def test_sighup_replaces_every_worker_with_the_config_read_again(
 async def test_sighup_with_a_broken_config_keeps_serving_with_the_old_one(
     tmp_path: Path, database_url: str, db: object, start_server: Start
 ) -> None:
-    env = {"DATABASE_URL": database_url}
-    process, url, config = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
+    process, url, config = two_workers(tmp_path, database_url, start_server, "postgres")
     config.write_text("{not json")
     process.process.send_signal(signal.SIGHUP)
     await eventually(lambda: process.log.count("serving on http://") == 4, 20, "two new workers", process)
@@ -391,8 +398,7 @@ async def test_sighup_with_a_broken_config_keeps_serving_with_the_old_one(
 async def test_killing_the_arbiter_stops_every_worker_and_closes_the_port(
     tmp_path: Path, database_url: str, db: object, start_server: Start
 ) -> None:
-    env = {"DATABASE_URL": database_url}
-    process, url, _ = start_with_alice(tmp_path, env, "postgres", start_server, processes=2, workers=2)
+    process, url, _ = two_workers(tmp_path, database_url, start_server, "postgres")
     workers = worker_pids(process)
     assert len(workers) == 2
     process.process.kill()
