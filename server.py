@@ -1769,13 +1769,13 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
         asyncio.run(check_database(config.db))  # one line here, rather than a failing worker each
         try:
             supervisor(config, read_config).run()  # forks the workers; ends by SystemExit
-        except SystemExit as exit:
+        except SystemExit as leaving:
+            code = int(leaving.code or 0)
             if os.getpid() != arbiter:
                 # A worker leaves through here too: it exits at once, as multiprocessing's forked
                 # children do, so it never runs the arbiter's cleanup (the embedded PostgreSQL).
                 logging.shutdown()
-                os._exit(int(exit.code or 0))
-            code = int(exit.code or 0)
+                os._exit(code)
     log.info("all workers stopped")
     return code
 
@@ -1798,7 +1798,6 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
                 "bind": [f"{webserver.host}:{webserver.port}"],
                 "workers": webserver.workers,
                 "worker_class": f"aiohttp.worker.{worker}",
-                "keepalive": math.ceil(KEEPALIVE_TIMEOUT),
                 "graceful_timeout": math.ceil(SHUTDOWN_TIMEOUT) + 5,  # the workers close the engine after
                 "timeout": math.ceil(STARTUP_DB_WAIT) + 10,  # heartbeat; a new worker may wait for PostgreSQL
                 "control_socket_disable": True,  # one path per user would clash between servers
@@ -1860,7 +1859,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is not None:
             _, command = USER_COMMANDS[args.command]
-            print(asyncio.run(command(load_config(getattr(args, "config", DEFAULT_CONFIG_PATH)), args.name)))
+            config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
+            print(asyncio.run(command(config, args.name)))
             return 0
         config = serving_config(args)
         if config.webserver.workers > 1:
