@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -1761,6 +1762,7 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
     one that stops answering its heartbeat, and a worker whose arbiter died stops by itself.
     SIGTERM or SIGINT: every worker finishes its requests, then exit 0.
     """
+    check_address(config.webserver)
     arbiter, code = os.getpid(), 0
     with contextlib.ExitStack() as resources:
         if config.db.embedded:
@@ -1778,6 +1780,18 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
                 os._exit(code)
     log.info("all workers stopped")
     return code
+
+
+def check_address(webserver: WebServerConfig) -> None:
+    """Fail in one line, as one process does, where gunicorn would retry and log for seconds."""
+    host, port = webserver.host, webserver.port
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds it
+            sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:

@@ -189,6 +189,17 @@ async def test_workers_serve_one_port_and_stop_together_on_sigterm(
     assert alive == []
 
 
+def test_workers_on_a_port_in_use_fail_in_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = shared_config(tmp_path, "postgres", port, "config")
+        result = run_command(["--config", str(config), "--workers", "2"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
 def test_several_workers_with_the_memory_store_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"webserver": {"port": free_port()}}))
