@@ -375,12 +375,12 @@ async def test_sighup_replaces_every_worker_with_the_config_read_again(
     assert (await call("GET", url, session_id))[0] == 200
     assert "GET /user 200" not in process.log  # no access log yet
     old_workers = worker_pids(process)
-    # A login in flight across the reload: alice's stored hash takes a second or two to verify.
-    slow_hash = argon2.PasswordHasher(time_cost=20, memory_cost=65536, parallelism=1).hash("wonderland")
+    # A login in flight across the reload: verifying alice's stored hash takes half a second or so.
+    slow_hash = argon2.PasswordHasher(time_cost=6, memory_cost=65536, parallelism=1).hash("wonderland")
     with db.cursor() as cur:
         cur.execute("UPDATE users SET password_hash = %s WHERE username = 'alice'", (slow_hash,))
     in_flight = asyncio.create_task(call("POST", url, json=ALICE))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.1)  # the request has reached an old worker
     settings = json.loads(config.read_text())
     settings["webserver"]["access_log"] = True
     config.write_text(json.dumps(settings))
