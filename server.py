@@ -1827,7 +1827,6 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
                 self.config = dataclasses.replace(read_config(), db=self.config.db)
             except ConfigError as exc:
                 log.error("config not reloaded, the new workers keep the old one: %s", exc)
-            self.callable = None  # workers from now on build their app from self.config
             super().reload()
 
     return Supervisor()

@@ -182,10 +182,10 @@ async def test_workers_serve_one_port_and_stop_together_on_sigterm(
         assert status == 200
         assert (await call("GET", url, body["session_id"]))[0] == 200  # type: ignore[index]
     workers = psutil.Process(process.process.pid).children()
-    assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+    assert len(workers) >= 2  # the two workers
     assert process.stop(timeout=15) == 0
     assert "all workers stopped" in process.log
-    _, alive = psutil.wait_procs(workers, timeout=5)  # multiprocessing's tracker leaves just after
+    _, alive = psutil.wait_procs(workers, timeout=5)
     assert alive == []
 
 
