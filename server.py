@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import functools
 import getpass
 import hashlib
@@ -51,11 +52,13 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -71,6 +74,9 @@ import psycopg2.extensions
 import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.http_exceptions import HttpProcessingError
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 
 # ---------------------------------------------------------------------------
@@ -85,16 +91,25 @@ OPENAPI_PATH = HERE / "openapi.yaml"
 DEFAULT_CONFIG_PATH = Path("config.json")
 
 MAX_BODY_BYTES = 16 * 1024
+# Content codings of a request body that aiohttp decodes here (brotli and zstd only when installed).
+CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
 MAX_FIELD_CHARS = 1024
+MIN_PASSWORD_CHARS = 8  # for new passwords (NIST SP 800-63B); logins check no minimum
 # A session id is 43 characters; anything much longer is not worth a lookup.
 MAX_SESSION_ID_CHARS = 128
+SESSION_ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_CHARS}}}", re.ASCII)
 SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
 
 # A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
+# PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
+# PostgreSQL always gives up first: nothing the service gave up on goes on running or waiting there.
 DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
-DB_OPERATION_TIMEOUT = 2.0  # seconds, for acquiring a pooled connection and for each query
+DB_LOCK_TIMEOUT = 1.0  # seconds a statement may wait for a lock (PostgreSQL's lock_timeout)
+DB_STATEMENT_TIMEOUT = 1.5  # seconds a statement may take (PostgreSQL's statement_timeout)
+DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
 DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
-DB_POOL_SIZE = 10
+DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
+DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
 STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
 RETRY_AFTER_SECONDS = "5"
 SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
@@ -382,6 +397,11 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (refused, timed out, or the connection broke)."""
 
 
+class DatabaseBusy(DatabaseUnavailable):
+    """PostgreSQL answered, but ended a statement at its lock or statement timeout (a locked
+    table, an overloaded server). The connection is sound; another one would wait the same."""
+
+
 class SessionStoreUnavailable(Exception):
     """The shared session store (PostgreSQL or Redis) cannot be reached."""
 
@@ -462,22 +482,61 @@ login_failures = sa.Table(
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
 
 
-def engine_dsn(dsn: str) -> str:
-    """Add a connect timeout unless the DSN sets one, so an unreachable host never hangs a request."""
+def engine_dsn(dsn: str, durable: bool = True) -> str:
+    """The DSN with the service's limits added: a connect timeout and an application name unless
+    the DSN sets them, and PostgreSQL's own lock and statement timeouts (options the DSN gives
+    come after ours, so they win). durable=False also turns off synchronous_commit."""
     params = psycopg2.extensions.parse_dsn(dsn)
-    if "connect_timeout" in params:
-        return dsn
-    return str(psycopg2.extensions.make_dsn(dsn, connect_timeout=DB_CONNECT_TIMEOUT))
+    settings = {
+        "lock_timeout": f"{DB_LOCK_TIMEOUT * 1000:.0f}",
+        "statement_timeout": f"{DB_STATEMENT_TIMEOUT * 1000:.0f}",
+        **({} if durable else {"synchronous_commit": "off"}),
+    }
+    options = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    extra = {
+        "connect_timeout": params.get("connect_timeout", DB_CONNECT_TIMEOUT),
+        "application_name": params.get("application_name", DB_APPLICATION_NAME),
+        "options": f"{options} {params.get('options', '')}".strip(),
+    }
+    return str(psycopg2.extensions.make_dsn(dsn, **extra))
+
+
+# What PostgreSQL raises when it ends a statement at lock_timeout or statement_timeout.
+SERVER_TIMEOUTS = (psycopg2.errors.LockNotAvailable, psycopg2.extensions.QueryCanceledError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
 def database_errors() -> Iterator[None]:
-    """Turn a lost or refused connection into DatabaseUnavailable."""
+    """Turn a lost or refused connection into DatabaseUnavailable, and a statement PostgreSQL
+    ended at one of its timeouts into DatabaseBusy."""
     try:
         yield
+    except SERVER_TIMEOUTS as exc:
+        raise DatabaseBusy(_first_line(exc)) from exc
     except CONNECTION_ERRORS as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseUnavailable(reason) from exc
+        raise DatabaseUnavailable(_first_line(exc)) from exc
+    except asyncio.CancelledError as exc:
+        # aiopg turns PostgreSQL's statement timeout into CancelledError; a real cancellation of
+        # this task (it is `cancelling()`) passes on unchanged.
+        task = asyncio.current_task()
+        if (task is not None and task.cancelling()) or not isinstance(exc.__context__, SERVER_TIMEOUTS):
+            raise
+        raise DatabaseBusy(_first_line(exc.__context__)) from exc.__context__
+
+
+def report_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler while an engine is open: aiopg reports each statement
+    PostgreSQL timed out to it before raising (see database_errors); that is one warning line,
+    not a traceback. Everything else goes to the default handler."""
+    if isinstance(context.get("exception"), SERVER_TIMEOUTS):
+        log.warning("PostgreSQL ended a statement: %s", _first_line(context["exception"]))
+        return
+    loop.default_exception_handler(context)
 
 
 def load_pgserver() -> Any:
@@ -516,19 +575,17 @@ async def connect_with_retry(
     writes (session touches, failure counts, re-hashes) may be lost in a crash's last moment,
     which costs a user at most one more login, and each no longer waits for a disk flush.
     """
-    options = {} if durable else {"options": "-c synchronous_commit=off"}
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + wait
     while True:
         try:
             with database_errors():
                 engine: aiopg.sa.Engine = await aiopg.sa.create_engine(
-                    engine_dsn(dsn),
+                    engine_dsn(dsn, durable),
                     minsize=1,
                     maxsize=DB_POOL_SIZE,
                     timeout=DB_OPERATION_TIMEOUT,
                     enable_hstore=False,
-                    **options,
                 )
                 return engine
         except DatabaseUnavailable as exc:
@@ -555,6 +612,10 @@ async def open_database(config: DatabaseConfig, durable: bool = True) -> AsyncIt
         dsn = config.dsn
         if dsn is None:
             dsn = await stack.enter_async_context(embedded_postgres(config.data_dir))
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(report_statement_timeouts)
+            stack.callback(loop.set_exception_handler, None)
         engine = await connect_with_retry(dsn, durable=durable)
         stack.push_async_callback(_close_engine, engine)
         await create_tables(engine)
@@ -603,19 +664,23 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
     After PostgreSQL restarts, every idle pooled connection is broken but looks fine until used.
     Each failed one is closed (so the pool drops it), and the read moves on to the next or to a
     new connection, within one time budget; only then does the caller see DatabaseUnavailable.
+    An attempt starts only if it can end within the budget (the pool's wait, then a statement
+    PostgreSQL ends by itself), so the budget never abandons a statement still running there.
+    A statement PostgreSQL timed out (DatabaseBusy) is not retried: another would wait the same.
     """
-    try:
-        async with asyncio.timeout(DB_REQUEST_BUDGET):
-            for attempt in range(DB_POOL_SIZE + 1):
-                try:
-                    async with connection(engine) as conn:
-                        return await conn.scalar(query.sql, params)
-                except DatabaseUnavailable:
-                    if attempt == DB_POOL_SIZE:
-                        raise
-    except TimeoutError:
-        raise DatabaseUnavailable("no answer within the time budget") from None
-    raise AssertionError("unreachable")  # pragma: no cover
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DB_REQUEST_BUDGET
+    for _ in range(DB_POOL_SIZE):
+        try:
+            async with connection(engine) as conn:
+                return await conn.scalar(query.sql, params)
+        except DatabaseBusy:
+            raise
+        except DatabaseUnavailable:
+            if loop.time() + DB_OPERATION_TIMEOUT + DB_STATEMENT_TIMEOUT > deadline:
+                raise
+    async with connection(engine) as conn:
+        return await conn.scalar(query.sql, params)
 
 
 FIND_PASSWORD_HASH = CompiledQuery.of(
@@ -629,20 +694,43 @@ async def find_password_hash(engine: aiopg.sa.Engine, username: str) -> str | No
     return password_hash
 
 
+async def user_exists(engine: aiopg.sa.Engine, username: str) -> bool:
+    """Whether the name is taken: asked before a hash is spent on it."""
+    return await read_scalar(engine, FIND_PASSWORD_HASH, username=username) is not None
+
+
+# No statement that carries a password hash may fail: PostgreSQL would write it, hash included,
+# to its log. So the locks such a statement needs are taken first, by statements without it
+# (these may wait and time out harmlessly), and a name already taken is an empty answer, not an
+# error. Writers to `users` take turns (SHARE ROW EXCLUSIVE); logins, which read, never wait.
+LOCK_USERS = "LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE"
+
+
 async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
-    try:
-        async with connection(engine) as conn:
-            await conn.execute(users.insert().values(username=username, password_hash=password_hash))
-    except psycopg2.errors.UniqueViolation:
-        raise UserExists(f"user '{username}' already exists") from None
+    """Add a user; raises UserExists if the name is taken."""
+    async with connection(engine) as conn, conn.begin():
+        await conn.execute(LOCK_USERS)
+        added = await conn.scalar(
+            postgresql.insert(users)
+            .values(username=username, password_hash=password_hash)
+            .on_conflict_do_nothing(index_elements=[users.c.username])
+            .returning(users.c.id)
+        )
+    if added is None:
+        raise UserExists(f"user '{username}' already exists")
 
 
 async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
-    async with connection(engine) as conn:
-        query = users.update().where(users.c.username == username).values(password_hash=password_hash)
-        result = await conn.execute(query)
-        if result.rowcount == 0:
+    """Replace a user's hash; raises UserNotFound if there is no such user."""
+    async with connection(engine) as conn, conn.begin():
+        await conn.execute(LOCK_USERS)
+        # The row lock too, so the UPDATE below cannot wait for one (a statement without the hash).
+        user_id = await conn.scalar(
+            sa.select(users.c.id).where(users.c.username == username).with_for_update()
+        )
+        if user_id is None:
             raise UserNotFound(f"no such user '{username}'")
+        await conn.execute(users.update().where(users.c.id == user_id).values(password_hash=password_hash))
 
 
 async def delete_user(engine: aiopg.sa.Engine, username: str) -> None:
@@ -661,14 +749,21 @@ async def ping(engine: aiopg.sa.Engine) -> None:
 # ---------------------------------------------------------------------------
 
 
+def nfc(text: str) -> str:
+    """Unicode Normalization Form C: "é" typed as one code point or as "e" + U+0301 is one string."""
+    return unicodedata.normalize("NFC", text)
+
+
 def check_credential(value: Any, name: str) -> str:
-    """A username or password as the contract allows it; raises ValueError saying what is wrong."""
+    """A username or password as the contract allows it; raises ValueError saying what is wrong.
+
+    The length limit holds as typed and in NFC (which a few scripts make longer), the form that
+    is stored and hashed.
+    """
     if not isinstance(value, str):
         raise ValueError(f"'{name}' must be a string")
     if not value:
         raise ValueError(f"'{name}' must not be empty")
-    if len(value) > MAX_FIELD_CHARS:
-        raise ValueError(f"'{name}' must be at most {MAX_FIELD_CHARS} characters")
     # PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded: refuse both here.
     if "\x00" in value:
         raise ValueError(f"'{name}' must not contain a NUL character")
@@ -676,7 +771,21 @@ def check_credential(value: Any, name: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"'{name}' must be valid Unicode text") from None
+    if max(len(value), len(nfc(value))) > MAX_FIELD_CHARS:
+        raise ValueError(f"'{name}' must be at most {MAX_FIELD_CHARS} characters")
     return value
+
+
+def parse_username(value: Any) -> str:
+    """A username as stored and compared, in NFC: one user however its name is typed."""
+    return nfc(check_credential(value, "username"))
+
+
+def check_new_password(password: str) -> str:
+    """A new password: at least MIN_PASSWORD_CHARS characters (NIST SP 800-63B, section 3.1.1.2)."""
+    if len(nfc(password)) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"the password must have at least {MIN_PASSWORD_CHARS} characters")
+    return password
 
 
 def _lower_thread_priority() -> None:
@@ -696,8 +805,21 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+class Verdict(enum.Enum):
+    """What verifying a password found."""
+
+    WRONG = "wrong"
+    RIGHT = "right"
+    RIGHT_OUTDATED = "right, but the hash should be made again"  # older parameters or form
+
+
 class Passwords:
-    """argon2id hashing on a thread pool of its own, so the event loop never waits on it."""
+    """argon2id hashing on a thread pool of its own, so the event loop never waits on it.
+
+    Passwords are hashed in NFC. A failed verify costs what a wrong password against a hash with
+    today's parameters costs, whatever is stored: no user, a hash with other (cheaper)
+    parameters, or a value that is no hash at all (OWASP Authentication Cheat Sheet).
+    """
 
     def __init__(self, config: PasswordConfig) -> None:
         self._hasher = argon2.PasswordHasher(
@@ -716,29 +838,42 @@ class Passwords:
 
     async def hash(self, password: str) -> str:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._hasher.hash, password)
+        return await loop.run_in_executor(self._executor, self._hasher.hash, nfc(password))
 
-    async def verify(self, stored_hash: str | None, password: str) -> bool:
-        """True if password matches stored_hash; None (no such user) costs the same and is False."""
+    async def verify(self, stored_hash: str | None, password: str) -> Verdict:
+        """Check password against stored_hash (None: no such user, which is always WRONG)."""
         loop = asyncio.get_running_loop()
-        target = self._dummy_hash if stored_hash is None else stored_hash
-        matches = await loop.run_in_executor(self._executor, self._verify, target, password)
-        return matches and stored_hash is not None
+        return await loop.run_in_executor(self._executor, self._verify, stored_hash, password)
 
-    def _verify(self, stored_hash: str, password: str) -> bool:
+    def _verify(self, stored_hash: str | None, password: str) -> Verdict:
+        # The NFC form, and for a hash made before passwords were normalized, the form as typed.
+        # How many forms are tried depends on the password only, never on what is stored.
+        forms = list(dict.fromkeys([nfc(password), password]))
+        current = stored_hash is not None and self._is_current(stored_hash)
+        if not current:
+            for form in forms:  # spend what a verify at today's parameters costs
+                self._matches(self._dummy_hash, form)
+        if stored_hash is None:
+            return Verdict.WRONG
+        for form in forms:
+            if self._matches(stored_hash, form):
+                return Verdict.RIGHT if current and form == forms[0] else Verdict.RIGHT_OUTDATED
+        return Verdict.WRONG
+
+    def _matches(self, stored_hash: str, password: str) -> bool:
         try:
             return self._hasher.verify(stored_hash, password)
         except argon2.exceptions.VerifyMismatchError:
             return False
-        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        except (argon2.exceptions.VerificationError, ValueError):  # no hash argon2 can read
             log.warning("a stored password hash could not be read; treating it as a mismatch")
             return False
 
-    def needs_rehash(self, stored_hash: str) -> bool:
+    def _is_current(self, stored_hash: str) -> bool:
         try:
-            return self._hasher.check_needs_rehash(stored_hash)
-        except argon2.exceptions.InvalidHashError:
-            return True
+            return not self._hasher.check_needs_rehash(stored_hash)
+        except ValueError:  # InvalidHashError, or not even ASCII
+            return False
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -1352,28 +1487,37 @@ class LoginThrottle:
 
 
 def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
-    """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry."""
+    """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry.
+
+    An address taken from the header is an IP address in its canonical form, nothing else: it
+    becomes part of a key in the failure log, so the header's other bytes never reach a store.
+    """
     peer = request.remote or "unknown"
     if not trusted or not _is_trusted(peer, trusted):
         return peer
     hops = [hop.strip() for hop in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        ip = _ip_address(hop)
+        if ip is None:
             break  # a malformed entry: trust nothing further along the chain
-        if not _is_trusted(hop, trusted):
-            return hop
-        peer = hop
+        peer = str(ip)
+        if not _is_trusted(peer, trusted):
+            return peer
     return peer
 
 
-def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, or None; an IPv6 zone (`%eth0`) means nothing beyond its host, so None too."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(ip in network for network in trusted)
+        return None
+    return None if getattr(ip, "scope_id", None) else ip
+
+
+def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    ip = _ip_address(address)
+    return ip is not None and any(ip in network for network in trusted)
 
 
 # ---------------------------------------------------------------------------
@@ -1391,17 +1535,64 @@ login_throttle = web.AppKey("login_throttle", LoginThrottle)
 # ---------------------------------------------------------------------------
 
 
-async def read_credentials(request: web.Request) -> tuple[str, str]:
-    """The username and password from a JSON body, or the contract's 400/413/422."""
+def check_declared_body(request: web.Request) -> None:
+    """Refuse, from the headers alone, a body this service will not read: one declared larger
+    than MAX_BODY_BYTES (413), or in a content coding aiohttp does not decode (415, RFC 9110
+    section 15.5.16). Runs before `100 Continue` is sent, so such a body is never sent at all."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        code, message = FRAMEWORK_ERRORS[413]
+        body = json.dumps({"error": code, "message": message})
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BODY_BYTES,
+            actual_size=request.content_length,
+            text=body,
+            content_type="application/json",
+        )
+    coding = request.headers.get("Content-Encoding", "identity").strip()
+    if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
+        raise json_error(
+            web.HTTPUnsupportedMediaType,
+            "unsupported_content_encoding",
+            f"The Content-Encoding must be one of: {', '.join(CONTENT_CODINGS)}.",
+        )
+
+
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's handler of `Expect`, run before the route's: `100 Continue` only for a body
+    this service would read; any other expectation is 417 (RFC 9110 section 10.1.1)."""
+    if request.headers.get("Expect", "").strip().lower() != "100-continue":
+        raise json_error(
+            web.HTTPExpectationFailed, "expectation_failed", "The only expectation met is 100-continue."
+        )
+    check_declared_body(request)
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
+    check_declared_body(request)
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT):
-            body = await request.read()  # aiohttp raises 413 past client_max_size
+            return await request.read()  # aiohttp raises 413 past client_max_size
     except TimeoutError:
         raise json_error(
             web.HTTPRequestTimeout, "request_timeout", "The request body did not arrive in time."
         ) from None
+    except (web.RequestPayloadError, HttpProcessingError):
+        # Bytes that do not match the declared framing or coding (a "gzip" body that is not).
+        raise json_error(
+            web.HTTPBadRequest, "bad_body", "The body does not match its Content-Encoding or framing."
+        ) from None
+
+
+async def read_credentials(request: web.Request) -> tuple[str, str]:
+    """The username (in NFC) and password from a JSON body, or the contract's 400/413/415/422."""
+    body = await read_body(request)
     try:
-        data = json.loads(body.decode("utf-8"))
+        # RFC 8259 section 8.1: a parser may ignore a byte order mark, and some clients send one.
+        data = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
     if not isinstance(data, dict):
@@ -1411,20 +1602,22 @@ async def read_credentials(request: web.Request) -> tuple[str, str]:
             "The body must be a JSON object with 'username' and 'password'.",
         )
     try:
-        return check_credential(data.get("username"), "username"), check_credential(
-            data.get("password"), "password"
-        )
+        return parse_username(data.get("username")), check_credential(data.get("password"), "password")
     except ValueError as exc:
         raise json_error(web.HTTPUnprocessableEntity, "invalid_credentials_format", f"{exc}.") from None
 
 
 def session_id_from(request: web.Request) -> str:
-    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>`, or 401."""
+    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>`, or 401.
+
+    Only what could be a session id (URL-safe Base64, as new_session_id makes them) reaches a
+    store: any other bytes, undecodable ones included, are a 401 before any store sees them.
+    """
     value = request.headers.get("Authorization", "").strip()
     scheme, _, rest = value.partition(" ")
     if scheme.lower() == "bearer":
         value = rest.strip()
-    if not value or len(value) > MAX_SESSION_ID_CHARS:
+    if not SESSION_ID_PATTERN.fullmatch(value):
         raise invalid_session()
     return value
 
@@ -1452,13 +1645,13 @@ async def login(request: web.Request) -> web.Response:
                 {"Retry-After": str(math.ceil(wait))},
             )
         stored_hash = await find_password_hash(app[db_engine], username)
-        verified = await app[passwords].verify(stored_hash, password)
-        if not verified or stored_hash is None:
+        verdict = await app[passwords].verify(stored_hash, password)
+        if verdict is Verdict.WRONG:
             await throttle.failed(username, address)
             log.info("failed login from %s", address)
             raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
         await throttle.succeeded(username)
-    if app[passwords].needs_rehash(stored_hash):
+    if verdict is Verdict.RIGHT_OUTDATED:
         await upgrade_hash(app[db_engine], app[passwords], username, password)
     session_id, _ = await app[sessions].create(username)
     return web.json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
@@ -1527,7 +1720,7 @@ async def error_middleware(
         exc.content_type = "application/json"
         raise
     except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
-        code, message = UNAVAILABLE[type(exc)]
+        code, message = next(answer for kind, answer in UNAVAILABLE.items() if isinstance(exc, kind))
         log.warning("%s: %s", code, exc)
         raise json_error(
             web.HTTPServiceUnavailable, code, message, {"Retry-After": RETRY_AFTER_SECONDS}
@@ -1560,11 +1753,11 @@ class WebServer:
         app.cleanup_ctx.append(self._database)
         app.cleanup_ctx.append(self._passwords)
         app.cleanup_ctx.append(self._sessions)
-        app.router.add_post("/user", login)
-        app.router.add_get("/user", whoami)
-        app.router.add_delete("/user", logout)
-        app.router.add_get("/health", health)
-        app.router.add_get("/openapi.yaml", openapi)
+        app.router.add_post("/user", login, expect_handler=expect_continue)
+        app.router.add_get("/user", whoami, expect_handler=expect_continue)
+        app.router.add_delete("/user", logout, expect_handler=expect_continue)
+        app.router.add_get("/health", health, expect_handler=expect_continue)
+        app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
         return app
 
     async def _database(self, app: web.Application) -> AsyncIterator[None]:
@@ -1667,7 +1860,7 @@ class CommandError(Exception):
 
 
 def read_password(prompt_twice: bool = True) -> str:
-    """A password from a no-echo prompt, or one line of standard input when it is not a terminal."""
+    """A new password from a no-echo prompt, or one line of standard input when it is not a terminal."""
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         if prompt_twice and getpass.getpass("Repeat password: ") != password:
@@ -1675,14 +1868,15 @@ def read_password(prompt_twice: bool = True) -> str:
     else:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     try:
-        return check_credential(password, "password")
+        return check_new_password(check_credential(password, "password"))
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
 
 def check_username(name: str) -> str:
+    """The command's NAME as the login compares it (NFC), or a CommandError."""
     try:
-        return check_credential(name, "username")
+        return parse_username(name)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
@@ -1699,8 +1893,13 @@ async def hash_new_password(config: PasswordConfig, password: str) -> str:
 async def set_password_command(config: Config, name: str, new_user: bool) -> str:
     """adduser (new_user) or passwd: a checked password from the user, hashed, then stored."""
     username, password = check_username(name), read_password()
-    password_hash = await hash_new_password(config.passwords, password)
     async with open_database(config.db) as engine:
+        # Whether the name is free (or taken) is asked before a hash is spent on it.
+        if new_user and await user_exists(engine, username):
+            raise UserExists(f"user '{username}' already exists")
+        if not new_user and not await user_exists(engine, username):
+            raise UserNotFound(f"no such user '{username}'")
+        password_hash = await hash_new_password(config.passwords, password)
         if new_user:
             await insert_user(engine, username, password_hash)
             return f"created user '{username}'"

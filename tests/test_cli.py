@@ -54,9 +54,9 @@ def test_config_may_come_before_the_command(
 def test_adduser_of_an_existing_user_fails_and_keeps_the_password(
     config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
 ) -> None:
-    run_command(["adduser", "alice", "--config", str(config_file)], "first\n", env)
+    run_command(["adduser", "alice", "--config", str(config_file)], "first-password\n", env)
     before = stored_hash(db, "alice")
-    result = run_command(["adduser", "alice", "--config", str(config_file)], "second\n", env)
+    result = run_command(["adduser", "alice", "--config", str(config_file)], "second-password\n", env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: user 'alice' already exists"
     assert stored_hash(db, "alice") == before
@@ -65,15 +65,15 @@ def test_adduser_of_an_existing_user_fails_and_keeps_the_password(
 def test_passwd_sets_a_new_password(
     config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection
 ) -> None:
-    run_command(["adduser", "alice", "--config", str(config_file)], "first\n", env)
-    result = run_command(["passwd", "alice", "--config", str(config_file)], "second\n", env)
+    run_command(["adduser", "alice", "--config", str(config_file)], "first-password\n", env)
+    result = run_command(["passwd", "alice", "--config", str(config_file)], "second-password\n", env)
     assert result.returncode == 0, result.stderr
     password_hash = stored_hash(db, "alice")
-    assert password_hash is not None and argon2.PasswordHasher().verify(password_hash, "second")
+    assert password_hash is not None and argon2.PasswordHasher().verify(password_hash, "second-password")
 
 
 def test_passwd_of_a_missing_user_fails(config_file: Path, env: dict[str, str]) -> None:
-    result = run_command(["passwd", "nobody", "--config", str(config_file)], "secret\n", env)
+    result = run_command(["passwd", "nobody", "--config", str(config_file)], "secret-password\n", env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: no such user 'nobody'"
 
@@ -111,7 +111,7 @@ def test_adduser_refuses_a_password_the_login_would_refuse(
 
 
 def test_adduser_refuses_a_username_the_login_would_refuse(config_file: Path, env: dict[str, str]) -> None:
-    result = run_command(["adduser", "x" * 1025, "--config", str(config_file)], "secret\n", env)
+    result = run_command(["adduser", "x" * 1025, "--config", str(config_file)], "secret-password\n", env)
     assert result.returncode == 1
     assert "'username' must be at most 1024 characters" in result.stderr
 
@@ -133,7 +133,7 @@ def test_a_bad_config_file_exits_1_with_one_line(
     if content is not None:
         path.write_text(content)
     args = ["--config", str(path)] + ([command, "alice"] if command else [])
-    result = run_command(args, "secret\n")
+    result = run_command(args, "secret-password\n")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert message in result.stderr and str(path) in result.stderr
