@@ -1732,6 +1732,20 @@ async def error_middleware(
         ) from None
 
 
+class ClientErrorsInOneLine(logging.Filter):
+    """For aiohttp's own log: bytes its HTTP parser refuses (it answers them itself, with a plain
+    400, before any handler runs) and a body that does not decode (met again when aiohttp drains
+    it after our answer) are the client's mistakes: one warning line each, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+            record.msg, record.args = "%s: %s", (record.getMessage(), _first_line(exc))
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 # ---------------------------------------------------------------------------
 # WebServer
 # ---------------------------------------------------------------------------
@@ -1748,6 +1762,9 @@ class WebServer:
 
     async def initializer(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+        aiohttp_server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, ClientErrorsInOneLine) for f in aiohttp_server_log.filters):
+            aiohttp_server_log.addFilter(ClientErrorsInOneLine())
         app[config_key] = self.config
         # Set up in this order, torn down in reverse: the database outlives what uses it.
         app.cleanup_ctx.append(self._database)

@@ -7,6 +7,8 @@ named by TEST_DATABASE_URL (CI runs the suite against both).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -16,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -339,3 +342,54 @@ def store_kind(request: pytest.FixtureRequest, db: object) -> str:
     if request.param == "redis":
         redis_or_skip()
     return str(request.param)
+
+
+@dataclasses.dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_request(
+    port: int, head: bytes, body: bytes = b"", timeout: float = 5.0, interim: bool = False
+) -> RawResponse:
+    """Send bytes as they are (no client library cleans them up) and read the first final answer
+    (or, with interim=True, the first answer of any kind, such as `100 Continue`).
+
+    `head` is the request line and header lines without the blank line that ends them. The
+    answer is read up to its Content-Length, so a server still waiting for a body still counts.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise AssertionError(f"connection closed after {data!r}")
+                data += chunk
+            header_block, _, data = data.partition(b"\r\n\r\n")
+            status_line, *lines = header_block.decode("latin-1").split("\r\n")
+            status = int(status_line.split(" ", 2)[1])
+            if status >= 200 or interim:  # 1xx answers are interim: the final one follows
+                break
+        headers = {
+            name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in lines)
+        }
+        length = int(headers.get("content-length", "0"))
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return RawResponse(status, headers, data[:length])
+
+
+def server_config(database_url: str, store: str, **sections: object) -> server.Config:
+    """make_config with the given session store (Redis: the test Redis)."""
+    sessions = server.SessionConfig(store=store, redis_url=REDIS_URL)
+    return make_config(database_url, sessions=sessions, **sections)

@@ -3,11 +3,19 @@ and changes nothing: the server goes on serving and existing sessions stay valid
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
+import logging
+import socket
+import time
+import zlib
+from ipaddress import ip_network
 
 import pytest
 
-from conftest import Client, add_user, log_in
+import server
+from conftest import Client, ClientFactory, add_user, log_in, raw_request, server_config
 
 LONG = "x" * 1025
 
@@ -136,3 +144,217 @@ async def test_other_method_is_a_json_405(client: Client, method: str, path: str
     assert response.status == 405
     assert (await response.json())["error"] == "method_not_allowed"
     assert "GET" in response.headers["Allow"]
+
+
+# What a client may declare about a body, with how the body really is.
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+DECLARED_BODIES = [
+    pytest.param(b"Content-Encoding: gzip", credentials(), 400, "bad_body", id="gzip-declared-plain-sent"),
+    pytest.param(
+        b"Content-Encoding: deflate", credentials(), 400, "bad_body", id="deflate-declared-plain-sent"
+    ),
+    pytest.param(
+        b"Content-Encoding: gzip", gzipped(credentials())[:20], 400, "bad_json", id="gzip-truncated"
+    ),
+    pytest.param(
+        b"Content-Encoding: compress", credentials(), 415, "unsupported_content_encoding", id="compress"
+    ),
+    pytest.param(
+        b"Content-Encoding: gzip, gzip",
+        gzipped(gzipped(credentials())),
+        415,
+        "unsupported_content_encoding",
+        id="stacked-codings",
+    ),
+    pytest.param(
+        b"Content-Encoding: caf\xe9", credentials(), 415, "unsupported_content_encoding", id="latin-1-coding"
+    ),
+    pytest.param(
+        b"Content-Encoding: gzip",
+        gzipped(b" " * 40000 + credentials()),
+        413,
+        "body_too_large",
+        id="gzip-bomb",
+    ),
+    pytest.param(
+        b"Content-Type: application/json; charset=utf-16",
+        credentials().decode().encode("utf-16"),
+        400,
+        "bad_json",
+        id="utf-16-body",
+    ),
+]
+
+
+def login_head(extra: bytes, length: int | None) -> bytes:
+    lines = [b"POST /user HTTP/1.1", b"Host: localhost", b"Connection: close", extra]
+    if length is not None:
+        lines.append(b"Content-Length: %d" % length)
+    return b"\r\n".join(line for line in lines if line)
+
+
+@pytest.mark.parametrize(("header", "body", "status", "error"), DECLARED_BODIES)
+async def test_a_body_unlike_its_declared_coding_or_framing_gets_a_json_4xx(
+    client: Client, caplog: pytest.LogCaptureFixture, header: bytes, body: bytes, status: int, error: str
+) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    chunked = header.startswith(b"Transfer-Encoding")
+    head = login_head(header, None if chunked else len(body))
+    answer = await asyncio.to_thread(raw_request, client.port, head, body)
+    assert (answer.status, answer.headers["content-type"]) == (status, "application/json; charset=utf-8")
+    assert answer.json()["error"] == error
+    await log_in(client, "alice", "wonderland")
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("header", "body"),
+    [
+        pytest.param(b"Content-Encoding: gzip", gzipped(credentials()), id="gzip"),
+        pytest.param(b"Content-Encoding: GZip", gzipped(credentials()), id="gzip-any-case"),
+        pytest.param(b"Content-Encoding: deflate", zlib.compress(credentials()), id="deflate"),
+        pytest.param(b"Content-Encoding: identity", credentials(), id="identity"),
+        pytest.param(b"", b"\xef\xbb\xbf" + credentials(), id="utf-8-byte-order-mark"),
+        pytest.param(
+            b"Transfer-Encoding: chunked",
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(credentials()), credentials()),
+            id="chunked",
+        ),
+    ],
+)
+async def test_a_body_in_a_form_a_client_may_send_logs_in(client: Client, header: bytes, body: bytes) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    chunked = header.startswith(b"Transfer-Encoding")
+    answer = await asyncio.to_thread(
+        raw_request, client.port, login_head(header, None if chunked else len(body)), body
+    )
+    assert answer.status == 200, answer.body
+    assert answer.json()["session_id"]
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "error"),
+    [
+        pytest.param(b"Content-Length: 1000000", 413, "body_too_large", id="over-the-limit"),
+        pytest.param(b"Content-Length: 16385", 413, "body_too_large", id="one-byte-over"),
+        pytest.param(
+            b"Content-Length: 40\r\nContent-Encoding: zip",
+            415,
+            "unsupported_content_encoding",
+            id="unsupported-coding",
+        ),
+    ],
+)
+async def test_expect_100_continue_for_a_body_never_read_is_refused_at_once(
+    client: Client, header: bytes, status: int, error: str
+) -> None:
+    head = b"POST /user HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n" + header
+    started = time.monotonic()
+    # The first answer, before any body is sent: the refusal itself, not "100 Continue".
+    answer = await asyncio.to_thread(raw_request, client.port, head, b"", 3.0, True)
+    assert time.monotonic() - started < 2
+    assert answer.status == status and answer.json()["error"] == error
+
+
+async def test_expect_100_continue_for_a_body_within_the_limit_continues(client: Client) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    body = credentials()
+    head = b"POST /user HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: %d" % len(body)
+
+    def converse() -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+            sock.sendall(head + b"\r\n\r\n")
+            interim = sock.recv(100)
+            sock.sendall(body)
+            return interim, sock.recv(4096)
+
+    interim, final = await asyncio.to_thread(converse)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    assert final.startswith(b"HTTP/1.1 200") and b'"session_id"' in final
+
+
+# Bytes aiohttp's HTTP parser refuses by itself, before any handler runs: its own plain 400.
+PARSER_REFUSALS = [
+    pytest.param(b"Authorization: Bearer caf\x01", b"", id="control-byte-in-a-header"),
+    pytest.param(b"Content-Encoding: br\r\nContent-Length: 2", b"{}", id="brotli-not-installed"),
+    pytest.param(b"Transfer-Encoding: chunked", b'5\r\n{"use\r\nZZ\r\n', id="bad-chunk-size"),
+    pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 2", b"{}", id="length-and-chunked"),
+]
+
+
+@pytest.mark.parametrize(("header", "body"), PARSER_REFUSALS)
+async def test_bytes_the_http_parser_refuses_get_400_and_one_log_line(
+    client: Client, caplog: pytest.LogCaptureFixture, header: bytes, body: bytes
+) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    head = b"POST /user HTTP/1.1\r\nHost: localhost\r\n" + header
+    answer = await asyncio.to_thread(raw_request, client.port, head, body)
+    assert answer.status == 400
+    await log_in(client, "alice", "wonderland")
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("path", ["/user", "/health"])
+async def test_an_expectation_other_than_100_continue_is_a_json_417(client: Client, path: str) -> None:
+    head = b"GET %s HTTP/1.1\r\nHost: localhost\r\nExpect: something-else" % path.encode()
+    answer = await asyncio.to_thread(raw_request, client.port, head)
+    assert answer.status == 417 and answer.json()["error"] == "expectation_failed"
+
+
+# Header bytes no session id has: undecodable (Latin-1), other scripts, and characters outside
+# the ids' alphabet. Every store answers 401 without being asked.
+ODD_AUTHORIZATION = [
+    pytest.param(b"Bearer caf\xe9", id="latin-1-byte"),
+    pytest.param(b"caf\xe9", id="latin-1-byte-seed-form"),
+    pytest.param(b"Bearer \xff\xfe\xfd", id="invalid-utf-8"),
+    pytest.param("Bearer café".encode(), id="utf-8-letter"),
+    pytest.param("Bearer \U0001d530\U0001d522\U0001d530".encode(), id="astral-plane"),
+    pytest.param(b"Bearer a b", id="space-inside"),
+    pytest.param(b"Bearer a,b;c=d", id="punctuation"),
+    pytest.param(b"Bearer " + b"A" * 129, id="129-characters"),
+]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"DELETE"])
+@pytest.mark.parametrize("value", ODD_AUTHORIZATION)
+async def test_authorization_bytes_that_are_no_session_id_get_401_with_every_store(
+    aiohttp_client: ClientFactory, database_url: str, store_kind: str, method: bytes, value: bytes
+) -> None:
+    app = await server.WebServer(server_config(database_url, store_kind)).initializer()
+    client = await aiohttp_client(app)
+    await add_user(app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    head = method + b" /user HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: " + value
+    answer = await asyncio.to_thread(raw_request, client.port, head)
+    assert answer.status == 401 and answer.json()["error"] == "invalid_session"
+    assert (await client.get("/user", headers={"Authorization": session_id})).status == 200
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        pytest.param(b"fe80::1%caf\xe9", id="zone-with-latin-1-byte"),
+        pytest.param(b"fe80::1%" + b"x" * 2000, id="zone-longer-than-a-key"),
+        pytest.param(b"203.0.113.9\xe9", id="latin-1-byte"),
+        pytest.param(b"203.0.113.9, \xff\xff", id="invalid-utf-8-hop"),
+    ],
+)
+async def test_a_forwarded_address_reaches_the_failure_log_only_as_an_ip_address(
+    aiohttp_client: ClientFactory, database_url: str, store_kind: str, forwarded: bytes
+) -> None:
+    config = server_config(database_url, store_kind)
+    config = server.dataclasses.replace(
+        config,
+        webserver=server.dataclasses.replace(config.webserver, trusted_proxies=(ip_network("127.0.0.1"),)),
+    )
+    app = await server.WebServer(config).initializer()
+    client = await aiohttp_client(app)
+    await add_user(app, "alice", "wonderland")
+    body = credentials(password="wrong-password")
+    head = login_head(b"X-Forwarded-For: " + forwarded, len(body))
+    answer = await asyncio.to_thread(raw_request, client.port, head, body)
+    assert answer.status == 401 and answer.json()["error"] == "invalid_credentials"
+    await log_in(client, "alice", "wonderland")
