@@ -109,6 +109,7 @@ DB_STATEMENT_TIMEOUT = 1.5  # seconds a statement may take (PostgreSQL's stateme
 DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
 DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
 DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
+LOGIN_TURN_WAIT = 2.0  # seconds a login waits for the earlier attempts on its username
 DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
 STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
 RETRY_AFTER_SECONDS = "5"
@@ -1445,12 +1446,24 @@ class LoginThrottle:
 
     @contextlib.asynccontextmanager
     async def one_at_a_time(self, username: str) -> AsyncIterator[None]:
-        """Hold the username's lock: its attempts are checked and decided in turn."""
+        """Hold the username's lock: its attempts are checked and decided in turn.
+
+        A turn waited for longer than LOGIN_TURN_WAIT raises DatabaseBusy: the attempts ahead are
+        held up (by a locked or slow database, most likely), and queueing on would break the
+        request's time budget.
+        """
         lock, holders = self._locks.get(username, (asyncio.Lock(), 0))
         self._locks[username] = (lock, holders + 1)
         try:
-            async with lock:
+            try:
+                async with asyncio.timeout(LOGIN_TURN_WAIT):
+                    await lock.acquire()
+            except TimeoutError:
+                raise DatabaseBusy("earlier logins of this username did not finish in time") from None
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, holders = self._locks[username]
             if holders == 1:

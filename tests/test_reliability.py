@@ -4,11 +4,17 @@ slow and silent connections, a signal in the middle of a burst, and what reaches
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
+import uuid
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import aiohttp
+import psycopg2
+import psycopg2.extensions
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -25,6 +31,7 @@ from conftest import (
     log_in,
     make_config,
     run_command,
+    server_config,
 )
 
 
@@ -246,3 +253,96 @@ async def test_no_password_or_session_id_reaches_the_logs(
     assert "POST /user" in logs and "failed login" in logs  # the logs were captured
     assert secret not in logs
     assert session_id not in logs
+
+
+def count_backends(database_url: str, application_name: str, waiting: bool = False) -> int:
+    """Server processes of one application name (in this database), or only those waiting for a lock."""
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = %s AND (NOT %s OR wait_event_type = 'Lock')",
+            (application_name, waiting),
+        )
+        (count,) = cur.fetchone()
+    conn.close()
+    return int(count)
+
+
+@contextlib.contextmanager
+def table_locked(database_url: str, table: str) -> Iterator[None]:
+    """`LOCK TABLE` held by another client (as an operator's psql would) until the block ends."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "store"),
+    [
+        pytest.param("users", "memory", id="users-memory-store"),
+        pytest.param("users", "postgres", id="users-postgres-store"),
+        pytest.param("sessions", "postgres", id="sessions-postgres-store"),
+    ],
+)
+async def test_a_locked_table_gets_503_in_time_and_never_more_connections_than_the_pool(
+    aiohttp_client: ClientFactory, database_url: str, db: object, table: str, store: str
+) -> None:
+    name = f"lock-test-{uuid.uuid4().hex[:12]}"
+    dsn = psycopg2.extensions.make_dsn(database_url, application_name=name)
+    config = server_config(dsn, store, login=server.LoginConfig(max_failures=1000))
+    client = await aiohttp_client(await server.WebServer(config).initializer())
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    loop = asyncio.get_running_loop()
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, await loop.run_in_executor(None, count_backends, database_url, name))
+            await asyncio.sleep(0.05)
+
+    async def timed(request: Awaitable[aiohttp.ClientResponse]) -> tuple[int, str, float]:
+        started = time.monotonic()
+        response = await request
+        return response.status, (await response.json()).get("error", ""), time.monotonic() - started
+
+    credentials = {"username": "alice", "password": "wonderland"}
+    requests = [timed(client.post("/user", json=credentials)) for _ in range(20)]
+    if table == "sessions":
+        requests += [timed(client.get("/user", headers={"Authorization": session_id})) for _ in range(10)]
+    watcher = asyncio.create_task(watch())
+    with table_locked(database_url, table):
+        answers = await asyncio.gather(*requests)
+        # Nothing the service gave up on is still waiting in PostgreSQL.
+        waiting = await loop.run_in_executor(None, count_backends, database_url, name, True)
+    watcher.cancel()
+    # Which 503 depends on which query met the lock (or the full pool) first.
+    assert {status for status, *_ in answers} == {503}
+    assert {code for _, code, _ in answers} <= {"database_unavailable", "session_store_unavailable"}
+    assert max(seconds for *_, seconds in answers) < server.DB_REQUEST_BUDGET + 1
+    assert waiting == 0
+    assert 0 < peak <= server.DB_POOL_SIZE
+    # Released: the service is back at once.
+    await log_in(client, "alice", "wonderland")
+    assert (await client.get("/user", headers={"Authorization": session_id})).status == 200
+
+
+async def test_a_statement_past_its_time_is_ended_by_postgres_and_the_connection_serves_on(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"slow-test-{uuid.uuid4().hex[:12]}"
+    dsn = psycopg2.extensions.make_dsn(database_url, application_name=name)
+    async with server.open_database(server.DatabaseConfig(dsn=dsn)) as engine:
+        started = time.monotonic()
+        with pytest.raises(server.DatabaseBusy, match="statement timeout"):
+            await server.read_scalar(engine, server.CompiledQuery("SELECT pg_sleep(10)"))
+        assert time.monotonic() - started < server.DB_OPERATION_TIMEOUT
+        assert count_backends(database_url, name) == 1  # the same connection, idle again
+        await server.ping(engine)
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
