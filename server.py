@@ -813,6 +813,9 @@ class Verdict(enum.Enum):
     RIGHT = "right"
     RIGHT_OUTDATED = "right, but the hash should be made again"  # older parameters or form
 
+    def __bool__(self) -> bool:
+        return self is not Verdict.WRONG
+
 
 class Passwords:
     """argon2id hashing on a thread pool of its own, so the event loop never waits on it.

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import os
+import statistics
 
 import argon2
 import psycopg2.extensions
@@ -280,29 +281,95 @@ async def test_without_affinity_or_sched_idle_hashing_uses_every_cpu_at_normal_p
     hasher = server.Passwords(dataclasses.replace(config.passwords, threads=0))
     try:
         assert hasher._executor._max_workers == os.cpu_count()
-        assert await hasher.verify(await hasher.hash("wonderland"), "wonderland")
+        assert await hasher.verify(await hasher.hash("wonderland"), "wonderland") is server.Verdict.RIGHT
         policy = hasher._executor.submit(lambda: os.sched_getscheduler(0)).result()
         assert policy == os.SCHED_OTHER
     finally:
         hasher.close()
 
 
-async def test_unknown_user_costs_a_verify_like_a_wrong_password(
-    aiohttp_client: ClientFactory, database_url: str, db: object
+# Stored values other than a hash with today's parameters (besides none at all).
+WEAK_HASH = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("wonderland")
+NOT_A_HASH = "wonderland"  # a plain-text password left over from another system
+
+
+async def test_a_failed_login_costs_the_same_whatever_is_stored(
+    aiohttp_client: ClientFactory, database_url: str, db: psycopg2.extensions.connection
 ) -> None:
-    costly = server.PasswordConfig(time_cost=3, memory_cost=32768, parallelism=1, threads=1)
-    app = await server.WebServer(make_config(database_url, passwords=costly)).initializer()
+    # Hashing costly enough to dominate a request, and no throttling in the way.
+    costly = server.PasswordConfig(time_cost=2, memory_cost=16384, parallelism=1, threads=1)
+    config = make_config(database_url, passwords=costly, login=server.LoginConfig(max_failures=10_000))
+    app = await server.WebServer(config).initializer()
     client = await aiohttp_client(app)
-    await add_user(app, "alice", "wonderland")
+    await add_user(app, "current", "wonderland")
+    with db.cursor() as cur:
+        for username, stored in (("weak", WEAK_HASH), ("plain", NOT_A_HASH)):
+            cur.execute("INSERT INTO users (username, password_hash) VALUES (%s, %s)", (username, stored))
     loop = asyncio.get_running_loop()
+    times: dict[str, list[float]] = {"current": [], "unknown": [], "weak": [], "plain": []}
+    for _ in range(9):  # interleaved rounds, so a burst of load on the machine hits every kind
+        for username, durations in times.items():
+            started = loop.time()
+            response = await client.post("/user", json={"username": username, "password": "wrong-password"})
+            durations.append(loop.time() - started)
+            assert response.status == 401
+    baseline = statistics.median(times["current"])
+    ratios = {name: round(statistics.median(durations) / baseline, 2) for name, durations in times.items()}
+    # Before, a weak hash or a value that is no hash answered in a small fraction of the time.
+    assert all(0.6 < ratio < 2.5 for ratio in ratios.values()), ratios
 
-    async def duration(username: str) -> float:
-        start = loop.time()
-        response = await client.post("/user", json={"username": username, "password": "wrong"})
-        assert response.status == 401
-        return loop.time() - start
 
-    wrong_password = min([await duration("alice") for _ in range(3)])
-    unknown_user = min([await duration("nobody") for _ in range(3)])
-    # Without the dummy verify an unknown user would answer in a small fraction of the time.
-    assert unknown_user > 0.5 * wrong_password
+@pytest.mark.parametrize(
+    "stored", [pytest.param(WEAK_HASH, id="weak-hash"), pytest.param(NOT_A_HASH, id="not-a-hash")]
+)
+async def test_a_stored_value_that_is_no_current_hash_still_decides_correctly(
+    client: Client, db: psycopg2.extensions.connection, stored: str
+) -> None:
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO users (username, password_hash) VALUES ('alice', %s)", (stored,))
+    response = await client.post("/user", json={"username": "alice", "password": "wrong-password"})
+    assert response.status == 401
+    response = await client.post("/user", json={"username": "alice", "password": "wonderland"})
+    # A weak hash still verifies (and is upgraded); a plain-text value never matches.
+    assert response.status == (200 if stored == WEAK_HASH else 401)
+
+
+COMPOSED, DECOMPOSED = "Jos\u00e9", "Jose\u0301"  # what most keyboards type, and macOS's
+# The same password in each spelling.
+PASSWORDS = {COMPOSED: "caf\u00e9-au-lait", DECOMPOSED: "cafe\u0301-au-lait"}
+
+
+@pytest.mark.parametrize(
+    ("created", "typed"),
+    [
+        pytest.param(COMPOSED, DECOMPOSED, id="created-composed-typed-decomposed"),
+        pytest.param(DECOMPOSED, COMPOSED, id="created-decomposed-typed-composed"),
+    ],
+)
+async def test_username_and_password_are_one_however_they_are_typed(
+    client: Client, db: psycopg2.extensions.connection, created: str, typed: str
+) -> None:
+    # The login's own normalization (as adduser's): both spellings name one user with one password.
+    await add_user(client.app, server.parse_username(created), PASSWORDS[created])
+    session_id = await log_in(client, typed, PASSWORDS[typed])
+    response = await client.get("/user", headers=auth(session_id))
+    assert (await response.json())["username"] == COMPOSED
+    with db.cursor() as cur:
+        cur.execute("SELECT username FROM users")
+        assert cur.fetchall() == [(COMPOSED,)]
+
+
+async def test_a_hash_made_before_passwords_were_normalized_still_verifies_and_is_upgraded(
+    client: Client, db: psycopg2.extensions.connection
+) -> None:
+    password = PASSWORDS[DECOMPOSED]  # typed on macOS, hashed as typed by an older version
+    old_hash = argon2.PasswordHasher(time_cost=1, memory_cost=256, parallelism=1).hash(password)
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO users (username, password_hash) VALUES ('alice', %s)", (old_hash,))
+    await log_in(client, "alice", password)
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash FROM users")
+        (new_hash,) = cur.fetchone()
+    assert new_hash != old_hash
+    assert argon2.PasswordHasher().verify(new_hash, PASSWORDS[COMPOSED])  # now in NFC
+    await log_in(client, "alice", PASSWORDS[COMPOSED])  # so either spelling works from now on

@@ -9,7 +9,7 @@ import argon2
 import psycopg2.extensions
 import pytest
 
-from conftest import run_command
+from conftest import PrivateCluster, run_command
 
 FAST = {"passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1}}
 
@@ -137,3 +137,78 @@ def test_a_bad_config_file_exits_1_with_one_line(
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert message in result.stderr and str(path) in result.stderr
+
+
+COMPOSED, DECOMPOSED = "Jos\u00e9", "Jose\u0301"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param(COMPOSED, DECOMPOSED, id="composed-then-decomposed"),
+        pytest.param(DECOMPOSED, COMPOSED, id="decomposed-then-composed"),
+    ],
+)
+def test_a_name_in_its_other_unicode_form_is_the_same_user(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection, first: str, second: str
+) -> None:
+    assert run_command(["adduser", first, "--config", str(config_file)], "wonderland\n", env).returncode == 0
+    again = run_command(["adduser", second, "--config", str(config_file)], "wonderland\n", env)
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"error: user '{COMPOSED}' already exists"
+    changed = run_command(["passwd", second, "--config", str(config_file)], "looking-glass\n", env)
+    assert changed.returncode == 0, changed.stderr
+    password_hash = stored_hash(db, COMPOSED)
+    assert password_hash is not None and argon2.PasswordHasher().verify(password_hash, "looking-glass")
+    assert run_command(["deluser", second, "--config", str(config_file)], "", env).returncode == 0
+    assert stored_hash(db, COMPOSED) is None
+
+
+@pytest.mark.parametrize("command", ["adduser", "passwd"])
+@pytest.mark.parametrize(
+    "password",
+    [
+        pytest.param("seven77", id="7-characters"),
+        pytest.param("e\u0301" * 7, id="7-characters-in-14-code-points"),
+    ],
+)
+def test_a_new_password_under_8_characters_is_refused_with_one_line(
+    config_file: Path, env: dict[str, str], db: psycopg2.extensions.connection, command: str, password: str
+) -> None:
+    if command == "passwd":
+        run_command(["adduser", "alice", "--config", str(config_file)], "wonderland\n", env)
+    before = stored_hash(db, "alice")
+    result = run_command([command, "alice", "--config", str(config_file)], password + "\n", env)
+    assert result.returncode == 1
+    assert result.stderr == "error: the password must have at least 8 characters\n"
+    assert stored_hash(db, "alice") == before
+
+
+def test_a_password_of_8_characters_is_accepted(config_file: Path, env: dict[str, str]) -> None:
+    result = run_command(["adduser", "alice", "--config", str(config_file)], "eight888\n", env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_password_hash_reaches_the_postgres_log(
+    config_file: Path, private_cluster: PrivateCluster
+) -> None:
+    env = {"DATABASE_URL": private_cluster.url}
+    args = ["--config", str(config_file)]
+    assert run_command(["adduser", "alice", *args], "wonderland\n", env).returncode == 0
+    # A taken name fails; so do a new user and a new password while an operator holds the table
+    # locked against writes (reads go on, so each fails only once its hash is made).
+    assert run_command(["adduser", "alice", *args], "wonderland\n", env).returncode == 1
+    with psycopg2.connect(private_cluster.url) as locker, locker.cursor() as cur:
+        cur.execute("LOCK TABLE users IN EXCLUSIVE MODE")
+        blocked = [
+            run_command(["adduser", "bob", *args], "wonderland\n", env),
+            run_command(["passwd", "alice", *args], "looking-glass\n", env),
+        ]
+        locker.rollback()
+    locker.close()
+    for result in blocked:
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "lock timeout" in result.stderr
+    log = (private_cluster.data_dir / "log").read_text()
+    assert "lock timeout" in log  # PostgreSQL logged the failure, with its statement
+    assert "$argon2" not in log
