@@ -9,11 +9,20 @@ import pytest
 import requests
 import schemathesis
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import server
-from conftest import ROOT, ServerProcess, free_port, run_command
+from conftest import (
+    REDIS_URL,
+    ROOT,
+    STORE_KINDS,
+    ServerProcess,
+    free_port,
+    raw_request,
+    redis_or_skip,
+    run_command,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +135,149 @@ async def test_the_spec_lists_every_route_the_server_has(config: server.Config) 
         if route.method != "HEAD" and resource.canonical != "/openapi.yaml"
     }
     assert documented == served
+
+
+@pytest.fixture(scope="module")
+def store_servers(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+    """A live `python server.py` per session store (name -> port), each behind a trusted proxy
+    (127.0.0.1, so X-Forwarded-For is read), all on the test database, which has alice."""
+    redis_or_skip()
+    directory = tmp_path_factory.mktemp("stores")
+    env = {"DATABASE_URL": database_url}
+    processes: dict[str, tuple[ServerProcess, int]] = {}
+    try:
+        for store in STORE_KINDS:
+            port = free_port()
+            config = directory / f"{store}.json"
+            config.write_text(
+                json.dumps(
+                    {
+                        "webserver": {"host": "127.0.0.1", "port": port, "trusted_proxies": ["127.0.0.1"]},
+                        "sessions": {"store": store, "redis_url": REDIS_URL},
+                        "login": {"max_failures": 100_000},
+                        "passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1},
+                    }
+                )
+            )
+            if not processes:
+                run_command(["deluser", "alice", "--config", str(config)], env=env)
+                added = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env)
+                assert added.returncode == 0, added.stderr
+            processes[store] = (
+                ServerProcess(["--config", str(config)], directory / f"{store}.log", env),
+                port,
+            )
+        for process, _ in processes.values():
+            process.wait_until_serving()
+        yield {store: port for store, (_, port) in processes.items()}
+        for process, _ in processes.values():
+            assert process.stop() == 0
+            assert "Traceback" not in process.log, process.log
+    finally:
+        for process, _ in processes.values():
+            process.close()
+
+
+def answer_of_every_store(ports: dict[str, int], head: bytes, body: bytes = b"") -> tuple[int, str]:
+    """Send one request to each store's server; all must answer alike: (status, error or key)."""
+    answers = {}
+    for store, port in ports.items():
+        response = raw_request(port, head, body)
+        assert response.status < 500, (store, response)
+        assert response.headers["content-type"].startswith("application/json"), (store, response)
+        data = response.json()
+        answers[store] = (response.status, data.get("error") or ",".join(sorted(data)))
+    assert len(set(answers.values())) == 1, answers
+    return next(iter(answers.values()))
+
+
+# Bytes HTTP allows in a header value (RFC 9110 section 5.5: visible ASCII, space, tab, and
+# obs-text, bytes 0x80-0xFF that are no UTF-8 of their own): any of them may come in.
+FIELD_BYTES = [bytes([b]) for b in (9, *range(0x20, 0x7F), *range(0x80, 0x100))]
+field_values = st.lists(st.sampled_from(FIELD_BYTES), max_size=40).map(b"".join)
+text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), max_size=20).map(
+    str.encode
+)
+CREDENTIALS = json.dumps({"username": "alice", "password": "wonderland"}).encode()
+WRONG_PASSWORD = json.dumps({"username": "alice", "password": "not-wonderland"}).encode()
+
+
+def post_user(header: bytes, value: bytes, body: bytes) -> tuple[bytes, bytes]:
+    head = b"POST /user HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d\r\n%s: %s" % (
+        len(body),
+        header,
+        value,
+    )
+    return head, body
+
+
+PROPERTY_SETTINGS = settings(max_examples=150, derandomize=True, deadline=None)
+
+
+@PROPERTY_SETTINGS
+@given(
+    value=st.tuples(
+        st.sampled_from([b"", b"Bearer ", b"bearer ", b"Basic "]), field_values | text_values
+    ).map(b"".join)
+    | st.from_regex(r"\A(Bearer )?[A-Za-z0-9_-]{1,200}\Z").map(str.encode),
+    method=st.sampled_from([b"GET", b"DELETE"]),
+)
+def test_any_authorization_bytes_get_the_same_401_from_every_store(
+    store_servers: dict[str, int], value: bytes, method: bytes
+) -> None:
+    head = method + b" /user HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: " + value
+    assert answer_of_every_store(store_servers, head) == (401, "invalid_session")
+
+
+CODINGS = st.sampled_from([b"gzip", b"deflate", b"identity", b"br", b"zstd", b"compress", b"x-gzip"])
+
+
+@PROPERTY_SETTINGS
+@given(
+    value=CODINGS.flatmap(lambda c: st.sampled_from([c, c.upper(), c.title(), b" " + c + b" , gzip"]))
+    | field_values
+    | text_values
+)
+def test_any_content_encoding_gets_the_same_json_answer_from_every_store(
+    store_servers: dict[str, int], value: bytes
+) -> None:
+    # aiohttp's parser refuses a coding it knows but cannot decode, in plain text (tested elsewhere).
+    coding = value.strip().lower()
+    assume(coding not in (b"br", b"zstd") or coding.decode() in server.CONTENT_CODINGS)
+    status, _ = answer_of_every_store(store_servers, *post_user(b"Content-Encoding", value, CREDENTIALS))
+    assert status in (200, 400, 415)
+
+
+@PROPERTY_SETTINGS
+@given(
+    value=st.sampled_from(
+        [b"application/json", b"text/plain; charset=utf-8", b"application/x-www-form-urlencoded"]
+    )
+    | field_values
+    | text_values
+)
+def test_any_content_type_is_ignored_by_every_store(store_servers: dict[str, int], value: bytes) -> None:
+    assert answer_of_every_store(store_servers, *post_user(b"Content-Type", value, CREDENTIALS)) == (
+        200,
+        "session_id",
+    )
+
+
+hops = (
+    st.ip_addresses().map(lambda ip: str(ip).encode())
+    | st.ip_addresses(v=6)
+    .map(lambda ip: str(ip).encode())
+    .flatmap(lambda ip: field_values.map(lambda z: ip + b"%" + z))
+    | field_values
+    | text_values
+)
+
+
+@PROPERTY_SETTINGS
+@given(value=st.lists(hops, min_size=1, max_size=4).map(b", ".join), right=st.booleans())
+def test_any_forwarded_for_from_a_trusted_proxy_gets_the_same_answer_from_every_store(
+    store_servers: dict[str, int], value: bytes, right: bool
+) -> None:
+    body = CREDENTIALS if right else WRONG_PASSWORD
+    expected = (200, "session_id") if right else (401, "invalid_credentials")
+    assert answer_of_every_store(store_servers, *post_user(b"X-Forwarded-For", value, body)) == expected
