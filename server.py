@@ -109,7 +109,6 @@ DB_STATEMENT_TIMEOUT = 1.5  # seconds a statement may take (PostgreSQL's stateme
 DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
 DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
 DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
-LOGIN_TURN_WAIT = 2.0  # seconds a login waits for the earlier attempts on its username
 DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
 STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
 RETRY_AFTER_SECONDS = "5"
@@ -665,9 +664,10 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
     After PostgreSQL restarts, every idle pooled connection is broken but looks fine until used.
     Each failed one is closed (so the pool drops it), and the read moves on to the next or to a
     new connection, within one time budget; only then does the caller see DatabaseUnavailable.
-    An attempt starts only if it can end within the budget (the pool's wait, then a statement
-    PostgreSQL ends by itself), so the budget never abandons a statement still running there.
-    A statement PostgreSQL timed out (DatabaseBusy) is not retried: another would wait the same.
+    No attempt is cut short (a statement abandoned by the client would go on running in
+    PostgreSQL): each is bounded by the pool's wait and by PostgreSQL's own statement limits, and
+    a new one starts only while the budget has room for the pool's wait. A statement PostgreSQL
+    timed out (DatabaseBusy) is not retried: another connection would wait the same.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DB_REQUEST_BUDGET
@@ -678,7 +678,7 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
         except DatabaseBusy:
             raise
         except DatabaseUnavailable:
-            if loop.time() + DB_OPERATION_TIMEOUT + DB_STATEMENT_TIMEOUT > deadline:
+            if loop.time() + DB_OPERATION_TIMEOUT > deadline:
                 raise
     async with connection(engine) as conn:
         return await conn.scalar(query.sql, params)
@@ -1426,6 +1426,17 @@ def open_session_store(
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Turns:
+    """The attempts on one username: the lock they take in turn, how many hold or wait for it,
+    and the last unavailability one of them met (with its time.monotonic())."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    holders: int = 0
+    failure: Exception | None = None
+    failed_at: float = 0.0
+
+
 class LoginThrottle:
     """Failed logins per username and per client address, in a sliding window.
 
@@ -1444,35 +1455,33 @@ class LoginThrottle:
         self._limits = {"user": config.max_failures, "address": config.max_failures * ADDRESS_FAILURE_FACTOR}
         self._clock = clock
         self.failures: FailureLog = MemoryFailureLog() if failures is None else failures
-        # username -> (its lock, how many hold or wait for it); an entry lives only while in use.
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # username -> its turns; an entry lives only while in use.
+        self._turns: dict[str, _Turns] = {}
 
     @contextlib.asynccontextmanager
     async def one_at_a_time(self, username: str) -> AsyncIterator[None]:
         """Hold the username's lock: its attempts are checked and decided in turn.
 
-        A turn waited for longer than LOGIN_TURN_WAIT raises DatabaseBusy: the attempts ahead are
-        held up (by a locked or slow database, most likely), and queueing on would break the
-        request's time budget.
+        When an attempt finds the database or the store unavailable, the attempts that were
+        already waiting behind it get the same answer at once instead of meeting the same wall in
+        turn (twenty logins queued behind a locked table would otherwise take twenty timeouts).
         """
-        lock, holders = self._locks.get(username, (asyncio.Lock(), 0))
-        self._locks[username] = (lock, holders + 1)
+        turns = self._turns.setdefault(username, _Turns())
+        turns.holders += 1
+        queued_at = time.monotonic()
         try:
-            try:
-                async with asyncio.timeout(LOGIN_TURN_WAIT):
-                    await lock.acquire()
-            except TimeoutError:
-                raise DatabaseBusy("earlier logins of this username did not finish in time") from None
-            try:
-                yield
-            finally:
-                lock.release()
+            async with turns.lock:
+                if turns.failure is not None and turns.failed_at >= queued_at:
+                    raise type(turns.failure)(str(turns.failure))
+                try:
+                    yield
+                except (DatabaseUnavailable, SessionStoreUnavailable) as exc:
+                    turns.failure, turns.failed_at = exc, time.monotonic()
+                    raise
         finally:
-            lock, holders = self._locks[username]
-            if holders == 1:
-                del self._locks[username]
-            else:
-                self._locks[username] = (lock, holders - 1)
+            turns.holders -= 1
+            if not turns.holders:
+                del self._turns[username]
 
     async def check(self, username: str, address: str) -> float | None:
         """Seconds to wait if the username or the address is over its limit, else None."""

@@ -337,11 +337,27 @@ async def check_redis_store(store: server.RedisSessionStore) -> None:
 STORE_KINDS = ["memory", "postgres", "redis"]
 
 
+def clear_redis(prefix: str = "login:") -> None:
+    """Delete the keys a server's Redis store keeps (the server's prefix by default)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
 @pytest.fixture(params=STORE_KINDS)
-def store_kind(request: pytest.FixtureRequest, db: object) -> str:
+def store_kind(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
+    """Each session store in turn; a server's Redis keys are cleared before and after."""
     if request.param == "redis":
         redis_or_skip()
-    return str(request.param)
+        clear_redis()
+        yield "redis"
+        clear_redis()
+    else:
+        yield str(request.param)
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ from conftest import (
     ROOT,
     STORE_KINDS,
     ServerProcess,
+    clear_redis,
     free_port,
     raw_request,
     redis_or_skip,
@@ -142,6 +143,7 @@ def store_servers(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
     """A live `python server.py` per session store (name -> port), each behind a trusted proxy
     (127.0.0.1, so X-Forwarded-For is read), all on the test database, which has alice."""
     redis_or_skip()
+    clear_redis()
     directory = tmp_path_factory.mktemp("stores")
     env = {"DATABASE_URL": database_url}
     processes: dict[str, tuple[ServerProcess, int]] = {}
@@ -176,6 +178,7 @@ def store_servers(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         for process, _ in processes.values():
             process.close()
+        clear_redis()
 
 
 def answer_of_every_store(ports: dict[str, int], head: bytes, body: bytes = b"") -> tuple[int, str]:

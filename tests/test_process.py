@@ -90,9 +90,9 @@ async def test_embedded_postgres_is_started_beside_the_config_and_stopped_at_exi
     assert (pgdata / "postmaster.pid").exists()
     await login_cycle(f"http://127.0.0.1:{port}", "alice", "wonderland")
     # A user added while the server runs shares its PostgreSQL, and leaves it running.
-    added = run_command(["adduser", "bob", "--config", str(config)], "builder\n", env, cwd=tmp_path)
+    added = run_command(["adduser", "bob", "--config", str(config)], "can-we-fix-it\n", env, cwd=tmp_path)
     assert added.returncode == 0, added.stderr
-    await login_cycle(f"http://127.0.0.1:{port}", "bob", "builder")
+    await login_cycle(f"http://127.0.0.1:{port}", "bob", "can-we-fix-it")
     assert server.stop() == 0
     assert not (pgdata / "postmaster.pid").exists(), "the embedded PostgreSQL is still running"
 
