@@ -9,9 +9,11 @@ or Redis) for several worker processes or machines.
 
 Endpoints (README.md and openapi.yaml have the details; every error body is {"error", "message"}):
     POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
-                    400 bad_json, 408 request_timeout, 413 body_too_large,
-                    422 invalid_credentials_format, 401 invalid_credentials,
-                    429 too_many_attempts, 503 database_unavailable | session_store_unavailable
+                    400 bad_json | bad_body, 408 request_timeout, 413 body_too_large,
+                    415 unsupported_content_encoding, 422 invalid_credentials_format,
+                    401 invalid_credentials, 429 too_many_attempts,
+                    503 database_unavailable | session_store_unavailable
+                    (every route: 417 expectation_failed for an Expect other than 100-continue)
     GET    /user    who am I (Authorization: <id> or Bearer <id>) -> 200 {"username", "expires_at"}
     DELETE /user    log out one session, or all of the user's with ?all=true -> 200 {"logged_out": N}
                     GET and DELETE answer 401 invalid_session for a missing, unknown or expired id,

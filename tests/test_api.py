@@ -316,7 +316,7 @@ async def test_a_failed_login_costs_the_same_whatever_is_stored(
     baseline = statistics.median(times["current"])
     ratios = {name: round(statistics.median(durations) / baseline, 2) for name, durations in times.items()}
     # Before, a weak hash or a value that is no hash answered in a small fraction of the time.
-    assert all(0.6 < ratio < 2.5 for ratio in ratios.values()), ratios
+    assert all(0.5 < ratio < 3 for ratio in ratios.values()), ratios
 
 
 @pytest.mark.parametrize(
