@@ -47,6 +47,18 @@ async def test_after_max_failures_even_the_right_password_gets_429(client: Clien
     assert await attempt(client, "alice", "wonderland") == 429
 
 
+async def test_guesses_in_both_unicode_spellings_of_a_name_count_as_one(
+    aiohttp_client: ClientFactory, database_url: str, db: object, clock: Clock
+) -> None:
+    client = await make_client(aiohttp_client, database_url, clock)
+    await add_user(client.app, "Jos\u00e9", "wonderland")
+    spellings = ["Jos\u00e9", "Jose\u0301"]  # alternating would double the guesses if counted apart
+    for number in range(LOGIN.max_failures):
+        assert await attempt(client, spellings[number % 2], "guess") == 401
+    assert await attempt(client, "Jose\u0301", "wonderland") == 429
+    assert await attempt(client, "Jos\u00e9", "wonderland") == 429
+
+
 async def test_the_block_lifts_when_the_window_has_passed(client: Client, clock: Clock) -> None:
     for _ in range(LOGIN.max_failures):
         await attempt(client, "alice", "guess")
