@@ -307,16 +307,19 @@ async def test_a_failed_login_costs_the_same_whatever_is_stored(
             cur.execute("INSERT INTO users (username, password_hash) VALUES (%s, %s)", (username, stored))
     loop = asyncio.get_running_loop()
     times: dict[str, list[float]] = {"current": [], "unknown": [], "weak": [], "plain": []}
-    for _ in range(9):  # interleaved rounds, so a burst of load on the machine hits every kind
-        for username, durations in times.items():
+    names = list(times)
+    # Interleaved rounds, each in another order, so bursts of load on this shared machine (the
+    # hashing threads run under SCHED_IDLE and feel every other process) hit every kind alike.
+    for round_number in range(12):
+        for username in names[round_number % 4 :] + names[: round_number % 4]:
             started = loop.time()
             response = await client.post("/user", json={"username": username, "password": "wrong-password"})
-            durations.append(loop.time() - started)
+            times[username].append(loop.time() - started)
             assert response.status == 401
     baseline = statistics.median(times["current"])
     ratios = {name: round(statistics.median(durations) / baseline, 2) for name, durations in times.items()}
-    # Before, a weak hash or a value that is no hash answered in a small fraction of the time.
-    assert all(0.5 < ratio < 3 for ratio in ratios.values()), ratios
+    # Before, a weak hash or a value that is no hash answered in about a twentieth of the time.
+    assert all(0.25 < ratio < 4 for ratio in ratios.values()), ratios
 
 
 @pytest.mark.parametrize(
