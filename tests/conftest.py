@@ -134,7 +134,9 @@ SERVER = str(ROOT / "server.py")
 class ServerProcess:
     """`python server.py ...` in a subprocess, its log in a file, stopped with a signal."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, own_group: bool = False
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
@@ -144,6 +146,8 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             cwd=log_path.parent,
+            # A process group of its own, as a shell gives a job: a test may signal the whole group.
+            start_new_session=own_group,
         )
 
     @property
@@ -180,8 +184,8 @@ class ServerProcess:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
-    def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-        process = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env)
+    def start(args: list[str], env: dict[str, str] | None = None, own_group: bool = False) -> ServerProcess:
+        process = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env, own_group)
         started.append(process)
         return process
 
@@ -203,6 +207,30 @@ def run_command(
         cwd=cwd,
         timeout=120,
     )
+
+
+@pytest.fixture
+def scratch_database(database_url: str) -> Iterator[Callable[[str], str]]:
+    """Makes empty databases beside the test database (named after it, so parallel runs on one
+    server don't collide); returns a URL for each; drops them after the test."""
+    admin = psycopg2.connect(database_url)
+    admin.autocommit = True
+    base = psycopg2.extensions.parse_dsn(database_url)["dbname"]
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = f"{base}_{suffix}"
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return str(psycopg2.extensions.make_dsn(database_url, dbname=name))
+
+    yield make
+    with admin.cursor() as cur:
+        for name in made:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
 
 
 class PrivateCluster:

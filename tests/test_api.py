@@ -240,6 +240,30 @@ async def test_health_reports_the_database(client: Client) -> None:
     assert await response.json() == {"status": "ok", "database": "ok"}
 
 
+async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
+    """So that after a curl in a terminal the prompt starts on a line of its own."""
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    requests = [
+        ("POST", "/user", {"json": {"username": "alice", "password": "wonderland"}}),  # 200
+        ("POST", "/user", {"data": "{not json"}),  # 400
+        ("POST", "/user", {"json": {"username": "alice"}}),  # 422
+        ("POST", "/user", {"json": {"username": "alice", "password": "wrong"}}),  # 401
+        ("POST", "/user", {"data": "x" * (server.MAX_BODY_BYTES + 1)}),  # 413
+        ("GET", "/user", {"headers": auth(session_id)}),  # 200
+        ("GET", "/user", {}),  # 401
+        ("PUT", "/user", {}),  # 405
+        ("GET", "/nowhere", {}),  # 404
+        ("GET", "/health", {}),  # 200
+        ("DELETE", "/user", {"headers": auth(session_id)}),  # 200
+    ]
+    for method, path, options in requests:
+        response = await client.request(method, path, **options)
+        body = await response.text()
+        assert response.content_type == "application/json", (method, path)
+        assert body.endswith("}\n") and body.count("\n") == 1, (method, path, response.status, body)
+
+
 async def test_hashing_does_not_block_other_requests(
     aiohttp_client: ClientFactory, database_url: str, db: object
 ) -> None:
