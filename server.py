@@ -1826,7 +1826,7 @@ def check_declared_body(request: web.Request) -> None:
     section 15.5.16). Runs before `100 Continue` is sent, so such a body is never sent at all."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         code, message = FRAMEWORK_ERRORS[413]
-        body = json.dumps({"error": code, "message": message})
+        body = json_text({"error": code, "message": message})
         raise web.HTTPRequestEntityTooLarge(
             max_size=MAX_BODY_BYTES,
             actual_size=request.content_length,
