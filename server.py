@@ -21,6 +21,7 @@ and every error body is {"error", "message"}):
                     400 bad_request for ?all other than true/false, 503 session_store_unavailable
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
     GET    /openapi.yaml   this API as OpenAPI 3
+    GET    /        the demo page, index.html: log in, who am I, live events, log out
 
 Command line (a failure is one line on stderr and exit 1):
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
@@ -95,6 +96,17 @@ log = logging.getLogger("server")
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "schema.sql"
 OPENAPI_PATH = HERE / "openapi.yaml"
+INDEX_PATH = HERE / "index.html"
+# The demo page runs only its own inline script and talks only to this origin (its WebSocket
+# included); no other site may frame it, so its login form cannot be clickjacked.
+INDEX_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 DEFAULT_CONFIG_PATH = Path("config.json")
 
 MAX_BODY_BYTES = 16 * 1024
@@ -1972,6 +1984,12 @@ async def logout(request: web.Request) -> web.Response:
     return json_response({"logged_out": ended})
 
 
+async def index_page(request: web.Request) -> web.Response:
+    """GET /: the demo page (log in, who am I, live events, log out)."""
+    text = INDEX_PATH.read_text(encoding="utf-8")
+    return web.Response(text=text, content_type="text/html", headers=INDEX_HEADERS)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=OPENAPI_PATH.read_text(encoding="utf-8"), content_type="application/yaml")
 
@@ -2060,6 +2078,7 @@ class WebServer:
         app.router.add_delete("/user", logout, expect_handler=expect_continue)
         app.router.add_get("/health", health, expect_handler=expect_continue)
         app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
+        app.router.add_get("/", index_page, expect_handler=expect_continue)
         return app
 
     async def _database(self, app: web.Application) -> AsyncIterator[None]:

@@ -131,7 +131,7 @@ async def test_logout_all_with_a_value_other_than_true_or_false_is_400(client: C
     assert (await client.get("/user", headers={"Authorization": session_id})).status == 200
 
 
-@pytest.mark.parametrize("path", ["/", "/users", "/user/", "/user/alice", "/health/x", "/%00"])
+@pytest.mark.parametrize("path", ["/users", "/index.html", "/user/", "/user/alice", "/health/x", "/%00"])
 async def test_unknown_path_is_a_json_404(client: Client, path: str) -> None:
     response = await client.get(path)
     assert response.status == 404
