@@ -2539,12 +2539,30 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
 
         def reload(self) -> None:
             try:
-                self.config = dataclasses.replace(read_config(), db=self.config.db)
+                self.config = kept_on_reload(self.config, read_config())
             except ConfigError as exc:
                 log.error("config not reloaded, the new workers keep the old one: %s", exc)
             super().reload()
 
     return Supervisor()
+
+
+def kept_on_reload(running: Config, new: Config) -> Config:
+    """The config a SIGHUP brings, with what only a restart may change kept as it was at start:
+    the database, and the listening address and number of workers (gunicorn would close the bound
+    socket and fail to bind a new one while the old workers hold it: the service would go down)."""
+    old, web = running.webserver, new.webserver
+    if (web.host, web.port, web.workers) != (old.host, old.port, old.workers):
+        log.warning(
+            "config reloaded, but the address and workers stay %s:%s with %d workers until a restart",
+            old.host,
+            old.port,
+            old.workers,
+        )
+    webserver = dataclasses.replace(web, host=old.host, port=old.port, workers=old.workers)
+    config = dataclasses.replace(new, webserver=webserver, db=running.db)
+    check_workers(config, "the reloaded config")
+    return config
 
 
 def app_factory(config_path: str = str(DEFAULT_CONFIG_PATH)) -> Callable[[], Awaitable[web.AppRunner]]:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import argon2
@@ -402,6 +403,42 @@ async def test_sighup_with_a_broken_config_keeps_serving_with_the_old_one(
     process.process.send_signal(signal.SIGHUP)
     await eventually(lambda: process.log.count("serving on http://") == 4, 20, "two new workers", process)
     assert "config not reloaded, the new workers keep the old one" in process.log
+    assert (await call("POST", url, json=ALICE))[0] == 200
+    assert process.stop(timeout=20) == 0
+
+
+def _change_host(settings: dict[str, Any]) -> None:
+    settings["webserver"]["host"] = "localhost"
+
+
+def _drop_webserver(settings: dict[str, Any]) -> None:
+    del settings["webserver"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_change_host, _drop_webserver],
+    ids=["host-changed", "webserver-section-removed"],
+)
+async def test_sighup_keeps_the_listening_address_and_workers_given_at_start(
+    tmp_path: Path,
+    database_url: str,
+    db: object,
+    start_server: Start,
+    change: Callable[[dict[str, Any]], None],
+) -> None:
+    process, url, config = two_workers(tmp_path, database_url, start_server, "postgres")
+    old_workers = worker_pids(process)
+    settings = json.loads(config.read_text())
+    change(settings)
+    config.write_text(json.dumps(settings))
+    process.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: process.log.count("serving on http://") == 4, 20, "two new workers", process)
+    await eventually(lambda: not worker_pids(process) & old_workers, 20, "old workers gone", process)
+    assert "the address and workers stay 127.0.0.1:" in process.log
+    assert "Connection in use" not in process.log
+    assert process.process.poll() is None
+    assert len(worker_pids(process)) == 2
     assert (await call("POST", url, json=ALICE))[0] == 200
     assert process.stop(timeout=20) == 0
 
