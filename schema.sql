@@ -17,9 +17,19 @@ CREATE TABLE IF NOT EXISTS sessions (
     username   varchar(1024) NOT NULL,
     created_at double precision NOT NULL,
     last_seen  double precision NOT NULL,
-    expires_at double precision NOT NULL
+    expires_at double precision NOT NULL,
+    public_id  text NOT NULL,               -- its name in GET /user/sessions: random, not derived from the id
+    address    text NOT NULL,               -- the client address of the login, as the throttle saw it
+    user_agent text NOT NULL                -- the login's User-Agent, at most 256 printable ASCII characters
 );
 CREATE INDEX IF NOT EXISTS sessions_username ON sessions (username);
+-- Tables from before sessions had public ids: their sessions end (users log in again).
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS public_id text;
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS address text;
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS user_agent text;
+DELETE FROM sessions WHERE public_id IS NULL OR address IS NULL OR user_agent IS NULL;
+ALTER TABLE sessions ALTER COLUMN public_id SET NOT NULL, ALTER COLUMN address SET NOT NULL,
+    ALTER COLUMN user_agent SET NOT NULL;
 -- No index on expires_at: every request rewrites it, and the minute's sweep can scan the table.
 DROP INDEX IF EXISTS sessions_expires_at;
 

@@ -19,6 +19,11 @@ and every error body is {"error", "message"}):
     DELETE /user    log out one session, or all of the user's with ?all=true -> 200 {"logged_out": N}
                     GET and DELETE answer 401 invalid_session for a missing, unknown or expired id,
                     400 bad_request for ?all other than true/false, 503 session_store_unavailable
+    GET    /user/sessions       the caller's live sessions -> 200 {"sessions": [{"id", "created_at",
+                                "last_seen", "expires_at", "address", "user_agent", "current"}]}
+    DELETE /user/sessions/{id}  end one of them by its public id -> 200 {"logged_out": 1},
+                                404 no_such_session (unknown, malformed or another user's id)
+                    both: 401 invalid_session, 503 session_store_unavailable, as for GET /user
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
     GET    /openapi.yaml   this API as OpenAPI 3
     GET    /        the demo page, index.html: log in, who am I, live events, log out
@@ -33,7 +38,7 @@ Where the article's pieces live now (sections in this order, each under a banner
     WebServer, initializer()     WebServer: builds the app from a Config; initializer() adds the
                                  routes and, in cleanup_ctx, the engine, hashing pool and store
     loginHandler, logoutHandler  Handlers: login() for POST /user, logout() for DELETE /user
-                                 (and whoami() for GET /user)
+                                 (and whoami() for GET /user, list_sessions() and end_session())
     sessionToUser, userToSession Sessions: MemorySessionStore._sessions and ._by_user, changed only
                                  by its methods; PostgresSessionStore and RedisSessionStore share
                                  sessions between processes
@@ -118,6 +123,12 @@ MIN_PASSWORD_CHARS = 8  # for new passwords (NIST SP 800-63B); logins check no m
 MAX_SESSION_ID_CHARS = 128
 SESSION_ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_CHARS}}}", re.ASCII)
 SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
+PUBLIC_ID_BYTES = 16  # a session's public id: 128 bits, drawn separately from its secret id
+PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
+# What GET /user/sessions shows of the login that began a session. Real User-Agents are 100 to 150
+# characters; 256 keeps them whole, and both limits keep a memory session well under 1 KiB.
+MAX_USER_AGENT_CHARS = 256
+MAX_ADDRESS_CHARS = 64  # an IPv6 address with a zone id; longer ones are cut
 
 # A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
 # PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
@@ -526,6 +537,9 @@ FRAMEWORK_ERRORS = {
 # ---------------------------------------------------------------------------
 
 metadata = sa.MetaData()
+# A column that schema.sql adds to a table made by an earlier version (ADD COLUMN IF NOT EXISTS):
+# its absence is no reason to refuse to start.
+ADDED_BY_SCHEMA_SQL = {"added_by_schema_sql": True}
 
 # The one definition the code queries through; schema.sql creates the same table.
 users = sa.Table(
@@ -547,6 +561,10 @@ sessions_table = sa.Table(
     sa.Column("last_seen", DOUBLE_PRECISION, nullable=False),
     # Not indexed: every touch rewrites it, and an index would make each update a non-HOT one.
     sa.Column("expires_at", DOUBLE_PRECISION, nullable=False),
+    # Found through the username's index: a user holds at most max_per_user sessions.
+    sa.Column("public_id", sa.Text, nullable=False, info=ADDED_BY_SCHEMA_SQL),
+    sa.Column("address", sa.Text, nullable=False, info=ADDED_BY_SCHEMA_SQL),
+    sa.Column("user_agent", sa.Text, nullable=False, info=ADDED_BY_SCHEMA_SQL),
 )
 
 login_failures = sa.Table(
@@ -942,7 +960,8 @@ async def check_tables(conn: aiopg.sa.SAConnection) -> None:
     """
     for table in metadata.sorted_tables:
         columns = await table_columns(conn, table.name)
-        missing = [column.name for column in table.columns if column.name not in columns]
+        needed = [column for column in table.columns if not column.info.get("added_by_schema_sql")]
+        missing = [column.name for column in needed if column.name not in columns]
         if not columns or not missing:
             continue
         if table is users and columns >= ARTICLE_USERS_COLUMNS:
@@ -1166,10 +1185,44 @@ class Session:
     created_at: float  # Unix time
     last_seen: float
     expires_at: float  # the earlier of the idle and the absolute deadline
+    # How the session's user sees it (GET /user/sessions): a public id drawn independently of the
+    # secret one, and the client address and User-Agent of the login that began it.
+    public_id: str
+    address: str
+    user_agent: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Device:
+    """The client a login came from, as a new session records it (already cut to size)."""
+
+    address: str = ""
+    user_agent: str = ""
+
+    def begin(self, username: str, now: float, expires_at: float) -> Session:
+        """A new session on this device, with a fresh public id."""
+        return Session(username, now, now, expires_at, new_public_id(), self.address, self.user_agent)
+
+
+UNKNOWN_DEVICE = Device()  # where nothing is known of the client (the commands, tests)
 
 
 def new_session_id() -> str:
     return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def new_public_id() -> str:
+    """A session's public name: its own CSPRNG draw, so it says nothing about the secret id."""
+    return secrets.token_urlsafe(PUBLIC_ID_BYTES)
+
+
+def printable(text: str, limit: int) -> str:
+    """text cut to `limit` characters, each one outside printable ASCII shown as '?'.
+
+    For what a client sent and a user will read (User-Agent, forwarded address): bounded memory,
+    one byte a character, nothing that could pass for a control sequence.
+    """
+    return "".join(char if " " <= char <= "~" else "?" for char in text[:limit])
 
 
 def token_hash(session_id: str) -> bytes:
@@ -1198,10 +1251,12 @@ class SessionStore(FailureLog, Protocol):
     shares the counts of password guesses among processes.
     """
 
-    async def create(self, username: str) -> tuple[str, Session]: ...
+    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]: ...
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
     async def revoke_all(self, username: str) -> int: ...
+    async def sessions_of(self, username: str) -> list[Session]: ...
+    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None: ...
     async def sweep(self) -> int: ...
     async def close(self) -> None: ...
 
@@ -1257,11 +1312,11 @@ class MemorySessionStore(MemoryFailureLog):
         # A dict used as an ordered set: the first id is the user's oldest session.
         self._by_user: dict[str, dict[str, None]] = {}
 
-    async def create(self, username: str) -> tuple[str, Session]:
+    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
         """A new session for username; beyond max_per_user the user's oldest one ends."""
         now = self._clock()
         session_id = new_session_id()
-        session = Session(username, now, now, deadline(self._config, now, now))
+        session = device.begin(username, now, deadline(self._config, now, now))
         self._sessions[session_id] = session
         user_ids = self._by_user.setdefault(username, {})
         user_ids[session_id] = None
@@ -1296,6 +1351,21 @@ class MemorySessionStore(MemoryFailureLog):
             ended += self._sessions[session_id].expires_at > now
             self._remove(session_id)
         return ended
+
+    async def sessions_of(self, username: str) -> list[Session]:
+        """The user's live sessions, oldest first."""
+        now = self._clock()
+        found = (self._sessions[sid] for sid in self._by_user.get(username, ()))
+        return [session for session in found if session.expires_at > now]
+
+    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None:
+        """End the user's live session with this public id; returns its token hash and the
+        session, or None if the user has no such session (another user's counts as none)."""
+        for session_id in self._by_user.get(username, ()):
+            if self._sessions[session_id].public_id == public_id:
+                session = await self.revoke(session_id)
+                return None if session is None else (token_hash(session_id), session)
+        return None
 
     async def sweep(self) -> int:
         """Remove every expired session; returns how many were removed."""
@@ -1343,6 +1413,9 @@ _SESSION_FIELDS = (
     sessions_table.c.created_at,
     sessions_table.c.last_seen,
     sessions_table.c.expires_at,
+    sessions_table.c.public_id,
+    sessions_table.c.address,
+    sessions_table.c.user_agent,
 )
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
 TOUCH_SESSION = CompiledQuery.of(
@@ -1370,6 +1443,9 @@ _new_session = (
         created_at=_session_param("now"),
         last_seen=_session_param("now"),
         expires_at=_session_param("expires"),
+        public_id=sa.bindparam("public_id"),
+        address=sa.bindparam("address"),
+        user_agent=sa.bindparam("user_agent"),
     )
     .returning(sessions_table.c.token_hash)
     .cte("new_session")
@@ -1419,15 +1495,18 @@ class PostgresSessionStore:
                 result = await (conn.execute(query) if params is None else conn.execute(query, params))
                 return list(await result.fetchall()) if result.returns_rows else []
 
-    async def create(self, username: str) -> tuple[str, Session]:
+    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
         now = self._clock()
         session_id = new_session_id()
-        session = Session(username, now, now, deadline(self._config, now, now))
+        session = device.begin(username, now, deadline(self._config, now, now))
         params = {
             "digest": token_hash(session_id),
             "username": username,
             "now": now,
             "expires": session.expires_at,
+            "public_id": session.public_id,
+            "address": session.address,
+            "user_agent": session.user_agent,
             "keep": self._config.max_per_user - 1,  # and the new one makes max_per_user
         }
         await self._rows(CREATE_SESSION.sql, params)
@@ -1454,6 +1533,28 @@ class PostgresSessionStore:
         query = table.delete().where(table.c.username == username).returning(table.c.expires_at)
         rows = await self._rows(query)
         return sum(1 for row in rows if row.expires_at > now)
+
+    async def sessions_of(self, username: str) -> list[Session]:
+        table = sessions_table
+        query = (
+            sa.select(*_SESSION_FIELDS)
+            .where(table.c.username == username, table.c.expires_at > self._clock())
+            .order_by(table.c.seq)
+        )
+        return [Session(**row) for row in await self._rows(query)]
+
+    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None:
+        table = sessions_table
+        query = (
+            table.delete()
+            .where(table.c.username == username, table.c.public_id == public_id)
+            .returning(table.c.token_hash, *_SESSION_FIELDS)
+        )
+        rows = await self._rows(query)
+        if not rows or rows[0].expires_at <= self._clock():
+            return None
+        digest, *fields = rows[0].as_tuple()
+        return bytes(digest), Session(*fields)
 
     async def sweep(self) -> int:
         table = sessions_table
@@ -1487,19 +1588,21 @@ class PostgresSessionStore:
 class RedisSessionStore:
     """Sessions in Redis, shared by every process that uses the same Redis.
 
-    `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at) that
-    Redis itself expires at the session's deadline; `{prefix}user:<username>` is a sorted set of
-    the user's session hashes in creation order, so the oldest can make room and `all=true` can
-    find them. The steps that read and then change sessions run as Lua scripts: atomic, and one
-    round trip each. (The scripts derive the user's key from the session's username, so this
-    store suits a single Redis or a replicated one, not Redis Cluster.) `{prefix}failures:<key>`
-    is a sorted set of failure times that expires a window after the last one.
+    `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at,
+    public_id, address, user_agent) that Redis itself expires at the session's deadline;
+    `{prefix}user:<username>` is a sorted set of the user's session hashes in creation order, so
+    the oldest can make room, `all=true` can find them, and the user can list them. The steps
+    that read and then change sessions run as Lua scripts: atomic, and one round trip each. (The
+    scripts derive keys from the session's username and digests, so this store suits a single
+    Redis or a replicated one, not Redis Cluster.) `{prefix}failures:<key>` is a sorted set of
+    failure times that expires a window after the last one.
     """
 
     # KEYS: session key, user key. ARGV: now. Returns the session's fields, or nothing if it is
     # gone or expired (an expired one is removed on the way).
     _TOUCH = """
-        local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'expires_at')
+        local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'expires_at',
+                             'public_id', 'address', 'user_agent')
         if not f[1] then return false end
         local now = tonumber(ARGV[1])
         if tonumber(f[3]) <= now then
@@ -1511,15 +1614,16 @@ class RedisSessionStore:
         local shown = string.format('%.17g', expires)
         redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', shown)
         redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
-        return {f[1], f[2], ARGV[1], shown}
+        return {f[1], f[2], ARGV[1], shown, f[4], f[5], f[6]}
     """
     # KEYS: session key, user key, sequence key. ARGV: username, now, expires_at, digest, the user
-    # set's lifetime, max_per_user, session key prefix. Adds the session; beyond max_per_user
-    # the user's expired sessions go first, then the oldest live ones.
+    # set's lifetime, max_per_user, session key prefix, public id, address, User-Agent. Adds the
+    # session; beyond max_per_user the user's expired sessions go first, then the oldest live ones.
     _CREATE = """
         local order = redis.call('INCR', KEYS[3])
         redis.call('HSET', KEYS[1], 'username', ARGV[1], 'created_at', ARGV[2],
-                   'last_seen', ARGV[2], 'expires_at', ARGV[3])
+                   'last_seen', ARGV[2], 'expires_at', ARGV[3],
+                   'public_id', ARGV[8], 'address', ARGV[9], 'user_agent', ARGV[10])
         redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
         redis.call('ZADD', KEYS[2], order, ARGV[4])
         redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -1542,12 +1646,37 @@ class RedisSessionStore:
         end
         return order
     """
-    _REVOKE = """
-        local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'last_seen', 'expires_at')
+    _FIELDS = "'username', 'created_at', 'last_seen', 'expires_at', 'public_id', 'address', 'user_agent'"
+    _REVOKE = f"""
+        local f = redis.call('HMGET', KEYS[1], {_FIELDS})
         if not f[1] then return false end
         redis.call('DEL', KEYS[1])
         redis.call('ZREM', KEYS[2] .. f[1], ARGV[1])
         return f
+    """
+    # KEYS: user key. ARGV: session key prefix, now. The user's live sessions, oldest first
+    # (sessions stored before public ids existed are left out; they expire as before).
+    _LIST = f"""
+        local found = {{}}
+        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
+            if f[1] and f[5] and tonumber(f[4]) > tonumber(ARGV[2]) then table.insert(found, f) end
+        end
+        return found
+    """
+    # KEYS: user key. ARGV: session key prefix, public id. Removes the user's session with that
+    # public id; returns its digest and fields, or nothing.
+    _REVOKE_PUBLIC = f"""
+        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
+            if f[5] == ARGV[2] then
+                redis.call('DEL', ARGV[1] .. digest)
+                redis.call('ZREM', KEYS[1], digest)
+                table.insert(f, 1, digest)
+                return f
+            end
+        end
+        return false
     """
 
     def __init__(
@@ -1560,6 +1689,8 @@ class RedisSessionStore:
         self._create = client.register_script(self._CREATE)
         self._touch = client.register_script(self._TOUCH)
         self._revoke = client.register_script(self._REVOKE)
+        self._list = client.register_script(self._LIST)
+        self._revoke_public = client.register_script(self._REVOKE_PUBLIC)
 
     def _session_key(self, digest: str) -> str:
         return f"{self._prefix}session:{digest}"
@@ -1567,11 +1698,11 @@ class RedisSessionStore:
     def _user_key(self, username: str) -> str:
         return f"{self._prefix}user:{username}"
 
-    async def create(self, username: str) -> tuple[str, Session]:
+    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
         now = self._clock()
         session_id = new_session_id()
         digest = token_hash(session_id).hex()
-        session = Session(username, now, now, deadline(self._config, now, now))
+        session = device.begin(username, now, deadline(self._config, now, now))
         keys = [self._session_key(digest), self._user_key(username), f"{self._prefix}sequence"]
         args = [
             username,
@@ -1581,6 +1712,9 @@ class RedisSessionStore:
             math.ceil(self._config.absolute_timeout),
             self._config.max_per_user,
             f"{self._prefix}session:",
+            session.public_id,
+            session.address,
+            session.user_agent,
         ]
         with store_errors(*self._errors):
             await self._create(keys=keys, args=args)
@@ -1623,6 +1757,26 @@ class RedisSessionStore:
                 pipe.delete(*[self._session_key(d) for d in digests], user_key)
                 *deadlines, _ = await pipe.execute()
         return sum(1 for expires in deadlines if expires is not None and float(expires) > now)
+
+    async def sessions_of(self, username: str) -> list[Session]:
+        with store_errors(*self._errors):
+            found = await self._list(
+                keys=[self._user_key(username)], args=[f"{self._prefix}session:", repr(self._clock())]
+            )
+        return [session for session in map(self._session, found) if session is not None]
+
+    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None:
+        with store_errors(*self._errors):
+            found = await self._revoke_public(
+                keys=[self._user_key(username)], args=[f"{self._prefix}session:", public_id]
+            )
+        if not found:
+            return None
+        digest, *fields = found
+        session = self._session(fields)
+        if session is None or session.expires_at <= self._clock():
+            return None
+        return bytes.fromhex(digest.decode()), session
 
     async def sweep(self) -> int:
         """Redis expires the sessions itself; this removes what their users' sets still name."""
@@ -1670,11 +1824,16 @@ class RedisSessionStore:
         await self._redis.aclose()
 
     @staticmethod
-    def _session(fields: list[bytes] | None) -> Session | None:
-        if not fields:
-            return None
-        username, created_at, last_seen, expires_at = fields
-        return Session(username.decode(), float(created_at), float(last_seen), float(expires_at))
+    def _session(fields: list[bytes | None] | None) -> Session | None:
+        """A Session from the hash's fields in Session's order; None if it is not all there."""
+        if not fields or None in fields:
+            return None  # gone, or stored before sessions had public ids (treated as ended)
+        username, created_at, last_seen, expires_at, public_id, address, user_agent = (
+            field.decode() for field in fields if field is not None
+        )
+        return Session(
+            username, float(created_at), float(last_seen), float(expires_at), public_id, address, user_agent
+        )
 
 
 def open_session_store(
@@ -1950,7 +2109,11 @@ async def login(request: web.Request) -> web.Response:
         await throttle.succeeded(username)
     if verdict is Verdict.RIGHT_OUTDATED:
         await upgrade_hash(app[db_engine], app[passwords], username, password)
-    session_id, _ = await app[sessions].create(username)
+    device = Device(
+        printable(address, MAX_ADDRESS_CHARS),
+        printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
+    )
+    session_id, _ = await app[sessions].create(username, device)
     return json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
 
 
@@ -1963,10 +2126,16 @@ async def upgrade_hash(engine: aiopg.sa.Engine, hasher: Passwords, username: str
         log.warning("could not upgrade a password hash: %s", type(exc).__name__)
 
 
-async def whoami(request: web.Request) -> web.Response:
+async def current_session(request: web.Request) -> Session:
+    """The request's session, renewed (each valid use renews the idle timeout), or 401."""
     session = await request.app[sessions].touch(session_id_from(request))
     if session is None:
         raise invalid_session()
+    return session
+
+
+async def whoami(request: web.Request) -> web.Response:
+    session = await current_session(request)
     return json_response({"username": session.username, "expires_at": iso_utc(session.expires_at)})
 
 
@@ -1988,6 +2157,42 @@ async def index_page(request: web.Request) -> web.Response:
     """GET /: the demo page (log in, who am I, live events, log out)."""
     text = INDEX_PATH.read_text(encoding="utf-8")
     return web.Response(text=text, content_type="text/html", headers=INDEX_HEADERS)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """GET /user/sessions: every live session of the caller, oldest first, the caller's own marked."""
+    current = await current_session(request)
+    found = await request.app[sessions].sessions_of(current.username)
+    return json_response({"sessions": [describe(session, current) for session in found]})
+
+
+def describe(session: Session, current: Session) -> dict[str, Any]:
+    """A session as its user sees it: the public id, never anything of the secret one."""
+    return {
+        "id": session.public_id,
+        "created_at": iso_utc(session.created_at),
+        "last_seen": iso_utc(session.last_seen),
+        "expires_at": iso_utc(session.expires_at),
+        "address": session.address,
+        "user_agent": session.user_agent,
+        "current": session.public_id == current.public_id,
+    }
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """DELETE /user/sessions/{id}: end one of the caller's sessions, found by its public id.
+
+    An id that is malformed, unknown or another user's is the same 404, so ids of other users'
+    sessions are worth nothing, not even as a way to learn that they exist.
+    """
+    current = await current_session(request)
+    public_id = request.match_info["id"]
+    ended = None
+    if PUBLIC_ID_PATTERN.fullmatch(public_id):
+        ended = await request.app[sessions].revoke_public(current.username, public_id)
+    if ended is None:
+        raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
+    return json_response({"logged_out": 1})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -2076,6 +2281,8 @@ class WebServer:
         app.router.add_post("/user", login, expect_handler=expect_continue)
         app.router.add_get("/user", whoami, expect_handler=expect_continue)
         app.router.add_delete("/user", logout, expect_handler=expect_continue)
+        app.router.add_get("/user/sessions", list_sessions, expect_handler=expect_continue)
+        app.router.add_delete("/user/sessions/{id}", end_session, expect_handler=expect_continue)
         app.router.add_get("/health", health, expect_handler=expect_continue)
         app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
         app.router.add_get("/", index_page, expect_handler=expect_continue)

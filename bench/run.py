@@ -256,10 +256,17 @@ def memory_per_session(count: int = 100_000) -> float:
 
     store = server.MemorySessionStore(server.SessionConfig(max_per_user=1_000_000))
     users = [f"user{number}" for number in range(1000)]
+    # Each session keeps its own copy of a browser-sized User-Agent and an address, as logins
+    # from a real server would (no string shared between sessions).
+    agent = (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"
+        " Chrome/131.0.0.0 Safari/537.36"
+    )
 
     async def fill() -> None:
         for number in range(count):
-            await store.create(users[number % len(users)])
+            device = server.Device(f"203.0.{number % 256}.{number // 256 % 256}", f"{agent} #{number}")
+            await store.create(users[number % len(users)], device)
 
     before = resident()
     asyncio.run(fill())

@@ -236,3 +236,28 @@ def test_start_up_names_a_table_of_ours_that_lacks_columns(config_file: Path, ar
     result = run_command(["--config", str(config_file)], env={"DATABASE_URL": article_url})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: table 'sessions' lacks the column(s)")
+
+
+def test_start_up_upgrades_a_sessions_table_from_before_public_ids(
+    config_file: Path, article_url: str
+) -> None:
+    """The sessions table of the version before GET /user/sessions gains its columns; its
+    sessions end (they have no public id), and the server serves."""
+    with psycopg2.connect(article_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE sessions (token_hash bytea PRIMARY KEY, seq bigint GENERATED ALWAYS AS IDENTITY,"
+            " username varchar(1024) NOT NULL, created_at double precision NOT NULL,"
+            " last_seen double precision NOT NULL, expires_at double precision NOT NULL)"
+        )
+        cur.execute("INSERT INTO sessions (token_hash, username, created_at, last_seen, expires_at)"
+                    " VALUES ('\\x00', 'alice', 1, 1, 9e9)")  # fmt: skip
+    conn.close()
+    result = run_command(
+        ["adduser", "alice", "--config", str(config_file)], "wonderland\n", {"DATABASE_URL": article_url}
+    )
+    assert result.returncode == 0, result.stderr
+    assert query(article_url, "SELECT count(*) FROM sessions") == [(0,)]
+    columns = query(
+        article_url, "SELECT column_name FROM information_schema.columns WHERE table_name = 'sessions'"
+    )
+    assert {"public_id", "address", "user_agent"} <= {name for (name,) in columns}

@@ -120,6 +120,24 @@ def two_servers(
     return start_both, [f"http://127.0.0.1:{port}" for port in ports]
 
 
+async def test_a_session_ended_through_one_process_leaves_every_processs_list(
+    tmp_path: Path, database_url: str, shared_store: str, start_server: Start
+) -> None:
+    start_both, (one, other) = two_servers(tmp_path, database_url, shared_store, start_server)
+    start_both()
+    credentials = {"username": "alice", "password": "wonderland"}
+    laptop = (await call("POST", f"{one}/user", json=credentials))[1]["session_id"]  # type: ignore[index]
+    phone = (await call("POST", f"{other}/user", json=credentials))[1]["session_id"]  # type: ignore[index]
+    status, listing = await call("GET", f"{other}/user/sessions", laptop)
+    assert status == 200
+    ids = [entry["id"] for entry in listing["sessions"]]  # type: ignore[index]
+    assert len(ids) == 2
+    assert await call("DELETE", f"{one}/user/sessions/{ids[1]}", laptop) == (200, {"logged_out": 1})
+    _, listing = await call("GET", f"{other}/user/sessions", laptop)
+    assert [entry["id"] for entry in listing["sessions"]] == ids[:1]  # type: ignore[index]
+    assert (await call("GET", f"{other}/user", phone))[0] == 401
+
+
 async def test_a_session_made_by_one_process_works_in_another_and_survives_restarts(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start
 ) -> None:

@@ -129,6 +129,63 @@ async def test_an_expired_session_cannot_be_revoked(sessions: server.SessionStor
     assert (await sessions.revoke(session_id)) is None
 
 
+async def test_sessions_of_lists_the_users_live_sessions_oldest_first(
+    sessions: server.SessionStore, clock: Clock
+) -> None:
+    await sessions.create("alice", server.Device("192.0.2.1", "expired"))
+    clock.advance(LIMITS.idle_timeout)
+    await sessions.create("alice", server.Device("192.0.2.2", "first"))
+    clock.advance(1)
+    _, second = await sessions.create("alice", server.Device("2001:db8::1", "second"))
+    await sessions.create("bob")
+    found = await sessions.sessions_of("alice")
+    assert [(s.address, s.user_agent) for s in found] == [("192.0.2.2", "first"), ("2001:db8::1", "second")]
+    assert found[1] == second
+    assert await sessions.sessions_of("nobody") == []
+
+
+async def test_touch_and_revoke_return_the_public_id_and_device(sessions: server.SessionStore) -> None:
+    session_id, created = await sessions.create("alice", server.Device("192.0.2.1", "Agent/1"))
+    assert len(created.public_id) == 22
+    touched = await sessions.touch(session_id)
+    assert touched is not None
+    assert (touched.public_id, touched.address, touched.user_agent) == (
+        created.public_id,
+        "192.0.2.1",
+        "Agent/1",
+    )
+    assert await sessions.revoke(session_id) == touched
+
+
+async def test_revoke_public_ends_that_session_and_names_its_token_hash(
+    sessions: server.SessionStore,
+) -> None:
+    first, session = await sessions.create("alice")
+    second, _ = await sessions.create("alice")
+    ended = await sessions.revoke_public("alice", session.public_id)
+    assert ended is not None
+    digest, revoked = ended
+    assert digest == server.token_hash(first) and revoked.public_id == session.public_id
+    assert (await sessions.touch(first)) is None
+    assert (await sessions.touch(second)) is not None
+    assert await sessions.revoke_public("alice", session.public_id) is None
+
+
+async def test_revoke_public_ignores_other_users_sessions(sessions: server.SessionStore) -> None:
+    alice, session = await sessions.create("alice")
+    assert await sessions.revoke_public("bob", session.public_id) is None
+    assert await sessions.revoke_public("alice", server.new_public_id()) is None
+    assert (await sessions.touch(alice)) is not None
+
+
+async def test_revoke_public_of_an_expired_session_is_none(
+    sessions: server.SessionStore, clock: Clock
+) -> None:
+    _, session = await sessions.create("alice")
+    clock.advance(LIMITS.idle_timeout)
+    assert await sessions.revoke_public("alice", session.public_id) is None
+
+
 async def test_session_ids_carry_at_least_128_bits() -> None:
     session_id = server.new_session_id()
     assert len(session_id) * 6 >= 128  # URL-safe base64: six bits a character
@@ -151,6 +208,10 @@ async def test_postgres_keeps_only_a_hash_of_the_session_id(
             (session_id,),
         )
         assert cur.fetchone() == (0,)
+        cur.execute("SELECT public_id FROM sessions")
+        [(public_id,)] = cur.fetchall()
+    # The public id is an independent draw, so showing it gives away neither the id nor its hash.
+    assert public_id not in session_id and public_id not in server.token_hash(session_id).hex()
 
 
 async def test_redis_keeps_only_a_hash_of_the_session_id(clock: Clock, database_url: str) -> None:
