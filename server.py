@@ -208,6 +208,17 @@ def networks(value: Any) -> tuple[IPNetwork, ...]:
         raise Invalid(f"{expected} ({exc})") from None
 
 
+def redis_url(value: Any) -> str:
+    """A URL redis-py takes (redis://, rediss:// or unix://), checked here rather than at first use."""
+    import redis.connection  # optional: a dependency of the redis store only
+
+    try:
+        redis.connection.parse_url(non_empty_string(value))
+    except ValueError as exc:
+        raise Invalid(f"a Redis URL such as redis://HOST:PORT/DB ({exc})") from None
+    return str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Integer:
     """An integer within bounds; `per` names a field of the section that multiplies the minimum."""
@@ -279,7 +290,7 @@ class SessionConfig:
     max_per_user: int = setting(20, Integer(1))
     # memory (this process), postgres (a table beside users) or redis
     store: str = setting("memory", OneOf(("memory", "postgres", "redis")))
-    redis_url: str = setting("redis://127.0.0.1:6379/0", non_empty_string)
+    redis_url: str = setting("redis://127.0.0.1:6379/0", redis_url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,13 +442,37 @@ def database_url(url: str) -> str:
     if separator and scheme.partition("+")[0] in ("postgresql", "postgres"):
         url = f"postgresql://{rest}"
     try:
-        psycopg2.extensions.parse_dsn(url)
+        params = psycopg2.extensions.parse_dsn(url)
     except psycopg2.ProgrammingError:
         # libpq's message may quote the URL, password and all: not repeated here.
         raise ConfigError(
             "DATABASE_URL: not a PostgreSQL URL (expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
         ) from None
+    problem = libpq_value_problem(params)
+    if problem:
+        raise ConfigError(f"DATABASE_URL: {problem}")
     return url
+
+
+# Connection parameters whose values libpq checks only when it connects (and then fails at once).
+LIBPQ_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+}
+
+
+def libpq_value_problem(params: Mapping[str, str]) -> str:
+    """What libpq would refuse in parsed connection parameters, or '': a port outside 1-65535
+    (each of a list), or a value outside its parameter's choices."""
+    for port in params.get("port", "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"invalid port {port!r} (expected 1 to 65535)"
+    for name, choices in LIBPQ_CHOICES.items():
+        if name in params and params[name] not in choices:
+            return f"invalid {name} {params[name]!r} (expected one of {', '.join(choices)})"
+    return ""
 
 
 def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
@@ -589,6 +624,7 @@ REFUSALS = (
     "no password supplied",
     "no pg_hba.conf entry",
     "permission denied",
+    "invalid ",  # libpq refusing a connection parameter (a port, an option's value)
 )
 
 

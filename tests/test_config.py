@@ -129,6 +129,14 @@ BAD_CONFIGS = [
     ),
     pytest.param({"db": {"user": 5}}, "'db.user' must be a non-empty string", id="db-user-int"),
     pytest.param({"db": {"password": None}}, "'db.password' must be a string", id="db-password-null"),
+    pytest.param(
+        {"sessions": {"redis_url": "nonsense"}}, "'sessions.redis_url' must be a Redis URL", id="redis-url"
+    ),
+    pytest.param(
+        {"sessions": {"redis_url": "redis://localhost:99999/0"}},
+        "'sessions.redis_url' must be a Redis URL",
+        id="redis-url-port",
+    ),
 ]
 
 

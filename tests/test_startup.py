@@ -142,14 +142,43 @@ def test_an_unknown_role_stops_start_up_at_once(tmp_path: Path, database_url: st
     [
         pytest.param("mysql://app:hunter2-secret@localhost/app", id="other-database"),
         pytest.param("postgresql://app:hunter2-secret@localhost/app?sslmode=maybe=1&x", id="bad-query"),
+        pytest.param("postgresql://app:hunter2-secret@127.0.0.1:99999/app", id="port-out-of-range"),
+        pytest.param("postgresql://app:hunter2-secret@127.0.0.1:5432,h:0/app", id="port-in-a-list"),
+        pytest.param("postgresql://app:hunter2-secret@127.0.0.1/app?sslmode=bogus", id="bad-sslmode"),
+        pytest.param("postgresql://app:hunter2-secret@127.0.0.1/app?target_session_attrs=x", id="bad-option"),
     ],
 )
 def test_a_bad_database_url_is_one_line_without_the_password(tmp_path: Path, url: str) -> None:
     config = tmp_path / "config.json"
-    config.write_text("{}")
+    config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": free_port()}}))
+    started = time.monotonic()
     result = run_command(["--config", str(config)], env={"DATABASE_URL": url})
     line = assert_one_line_failure(result, "DATABASE_URL")
     assert "hunter2-secret" not in line
+    assert time.monotonic() - started < QUICKLY
+
+
+def test_a_connection_option_libpq_refuses_stops_start_up_at_once(tmp_path: Path, database_url: str) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": free_port()}}))
+    started = time.monotonic()
+    url = with_dbname(database_url, keepalives_idle="soon")
+    result = run_command(["--config", str(config)], env={"DATABASE_URL": url})
+    assert time.monotonic() - started < QUICKLY
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and line.startswith("error: ") and "keepalives_idle" in line
+    assert "retrying" not in result.stderr
+
+
+def test_a_bad_redis_url_is_one_line_before_postgres_starts(embedded_config: Path) -> None:
+    settings = json.loads(embedded_config.read_text())
+    settings["sessions"] = {"store": "redis", "redis_url": "nonsense"}
+    embedded_config.write_text(json.dumps(settings))
+    started = time.monotonic()
+    result = run_command(["--config", str(embedded_config)], env=NO_DATABASE_URL)
+    assert_one_line_failure(result, "'sessions.redis_url' must be a Redis URL")
+    assert time.monotonic() - started < QUICKLY
+    assert not (embedded_config.parent / ".pgdata").exists(), "PostgreSQL was started before the check"
 
 
 async def test_a_sqlalchemy_style_database_url_is_accepted(
