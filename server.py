@@ -12,6 +12,7 @@ and every error body is {"error", "message"}):
     POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
                     400 bad_json | bad_body, 408 request_timeout, 413 body_too_large,
                     415 unsupported_content_encoding, 422 invalid_credentials_format,
+                    501 unsupported_transfer_encoding,
                     401 invalid_credentials, 429 too_many_attempts,
                     503 database_unavailable | session_store_unavailable
                     (every route: 417 expectation_failed for an Expect other than 100-continue)
@@ -2029,8 +2030,10 @@ login_throttle = web.AppKey("login_throttle", LoginThrottle)
 
 def check_declared_body(request: web.Request) -> None:
     """Refuse, from the headers alone, a body this service will not read: one declared larger
-    than MAX_BODY_BYTES (413), or in a content coding aiohttp does not decode (415, RFC 9110
-    section 15.5.16). Runs before `100 Continue` is sent, so such a body is never sent at all."""
+    than MAX_BODY_BYTES (413), in a content coding aiohttp does not decode (415, RFC 9110
+    section 15.5.16), or in a transfer coding other than chunked, which aiohttp would pass on
+    undecoded (501, RFC 9112 section 6.1). Runs before `100 Continue` is sent, so such a body is
+    never sent at all."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         code, message = FRAMEWORK_ERRORS[413]
         body = json_text({"error": code, "message": message})
@@ -2039,6 +2042,13 @@ def check_declared_body(request: web.Request) -> None:
             actual_size=request.content_length,
             text=body,
             content_type="application/json",
+        )
+    transfer = request.headers.get("Transfer-Encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        raise json_error(
+            web.HTTPNotImplemented,
+            "unsupported_transfer_encoding",
+            "The only Transfer-Encoding understood is chunked.",
         )
     coding = request.headers.get("Content-Encoding", "identity").strip()
     if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:

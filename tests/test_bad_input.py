@@ -236,6 +236,17 @@ async def test_a_body_in_a_form_a_client_may_send_logs_in(client: Client, header
 
 
 @pytest.mark.parametrize(
+    "coding", [b"gzip, chunked", b"x-custom, chunked", b"identity, chunked"], ids=bytes.decode
+)
+async def test_a_transfer_coding_other_than_chunked_is_a_json_501(client: Client, coding: bytes) -> None:
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(credentials()), credentials())
+    answer = await asyncio.to_thread(
+        raw_request, client.port, login_head(b"Transfer-Encoding: " + coding, None), body
+    )
+    assert answer.status == 501 and answer.json()["error"] == "unsupported_transfer_encoding"
+
+
+@pytest.mark.parametrize(
     ("header", "status", "error"),
     [
         pytest.param(b"Content-Length: 1000000", 413, "body_too_large", id="over-the-limit"),
