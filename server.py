@@ -2601,6 +2601,9 @@ class ArticleUsers:
         if not columns >= ARTICLE_USERS_COLUMNS or "password_hash" in columns:
             return
         await conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        # Holding the table, nothing below waits for a lock; a long table may take longer than a
+        # request's statement limit, and a statement carrying hashes must not fail (and be logged).
+        await conn.execute("SET LOCAL statement_timeout = 0")
         result = await conn.execute("SELECT username, password FROM users")
         rows = [(row[0], row[1]) for row in await result.fetchall()]
         await conn.execute("ALTER TABLE users ADD COLUMN password_hash text")
