@@ -9,6 +9,7 @@ REQUIRE_BROWSER=1, which turns that skip into a failure.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -165,8 +166,13 @@ def test_logging_in_through_the_form_shows_who_and_when_the_session_expires(site
     site.log_in()
     assert "alice" in site.text("who")
     session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
-    expires = site.browser.find_element("id", "expires").get_attribute("datetime")
-    assert site.http("GET", "/user", session_id) == {"username": "alice", "expires_at": expires}
+    shown = datetime.datetime.fromisoformat(
+        site.browser.find_element("id", "expires").get_attribute("datetime")
+    )
+    answer = site.http("GET", "/user", session_id)  # a use: it renews the session a moment later
+    assert answer["username"] == "alice"
+    renewed_by = datetime.datetime.fromisoformat(answer["expires_at"]) - shown
+    assert datetime.timedelta(0) <= renewed_by < datetime.timedelta(seconds=10)
     assert session_id not in site.browser.current_url
 
 
@@ -183,6 +189,50 @@ def test_the_logout_button_ends_the_session_on_the_server(site: Site) -> None:
     session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
     site.browser.find_element("id", "logout-button").click()
     site.wait_for(lambda: site.browser.find_element("id", "login-form").is_displayed(), "the login form")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        site.http("GET", "/user", session_id)
+    refused.value.close()
+    assert refused.value.code == 401
+
+
+def test_your_sessions_lists_each_device_and_its_end_button_logs_that_one_out(site: Site) -> None:
+    from selenium.webdriver.common.by import By
+
+    site.log_in()
+    other = site.http("POST", "/user", body={"username": "alice", "password": PASSWORD})["session_id"]
+
+    def rows() -> list[str]:
+        """Ask the page to refresh its list; the rows' text as it shows them now."""
+        site.browser.find_element(By.ID, "sessions-refresh").click()
+        script = "return [...document.querySelectorAll('#sessions li')].map((li) => li.innerText)"
+        return list(site.browser.execute_script(script))
+
+    # This page's session, and the one logged in from outside (urllib's User-Agent).
+    site.wait_for(
+        lambda: (
+            [("this page" in row, "Python-urllib" in row) for row in rows()] == [(True, False), (False, True)]
+        ),
+        "both sessions listed, this page's marked",
+    )
+    # Clicked from the page's own script: a refresh still in flight may replace the row meanwhile.
+    site.browser.execute_script("document.querySelector('#sessions li:nth-child(2) button.end').click()")
+    site.wait_for(lambda: ["this page" in row for row in rows()] == [True], "only this page's session")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        site.http("GET", "/user", other)
+    refused.value.close()
+    assert refused.value.code == 401
+
+
+def test_ending_this_pages_own_session_from_the_list_signs_the_page_out(site: Site) -> None:
+    from selenium.webdriver.common.by import By
+
+    site.log_in()
+    session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
+    site.wait_for(lambda: len(site.browser.find_elements(By.CSS_SELECTOR, "#sessions li")) == 1, "the list")
+    site.browser.execute_script("document.querySelector('#sessions li button.end').click()")
+    site.wait_for(lambda: site.text("ended") == "Session ended: logout.", "the page to say the session ended")
+    assert site.browser.find_element(By.ID, "login-form").is_displayed()
+    assert not site.browser.find_element(By.ID, "sessions-section").is_displayed()
     with pytest.raises(urllib.error.HTTPError) as refused:
         site.http("GET", "/user", session_id)
     refused.value.close()
