@@ -903,10 +903,14 @@ async def open_database(
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(report_statement_timeouts)
             stack.callback(loop.set_exception_handler, None)
-        log.info("using %s", describe_database(dsn))
         engine = await connect_with_retry(dsn, durable=durable)
+        try:
+            await create_tables(engine, upgrade)
+        except BaseException:
+            await _close_engine(engine, quietly=True)  # a failed start-up says one line: its error
+            raise
+        log.info("using %s", describe_database(dsn))  # only once it is known to work
         stack.push_async_callback(_close_engine, engine)
-        await create_tables(engine, upgrade)
         yield engine
 
 
@@ -916,10 +920,11 @@ async def check_database(config: DatabaseConfig) -> None:
         pass
 
 
-async def _close_engine(engine: aiopg.sa.Engine) -> None:
+async def _close_engine(engine: aiopg.sa.Engine, quietly: bool = False) -> None:
     engine.close()
     await engine.wait_closed()
-    log.info("database engine closed")
+    if not quietly:
+        log.info("database engine closed")
 
 
 @contextlib.asynccontextmanager
