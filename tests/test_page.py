@@ -184,6 +184,34 @@ def test_a_wrong_password_shows_the_servers_message(site: Site) -> None:
     site.wait_for(lambda: site.text("login-error") == "Wrong username or password.", "the login error")
 
 
+def test_an_event_published_from_the_command_line_appears_on_the_page(site: Site) -> None:
+    site.log_in_live()
+    site.publish({"greeting": "hello from the command line"})
+    site.wait_for(lambda: site.events() == [{"greeting": "hello from the command line"}], "the event")
+
+
+def test_the_stream_resumes_without_loss_or_repeat_after_the_server_restarts(site: Site) -> None:
+    site.log_in_live()
+    site.publish({"n": 1})
+    site.wait_for(lambda: site.events() == [{"n": 1}], "the first event")
+    site.stop()
+    site.wait_for(lambda: "reconnecting" in site.text("status"), "the page to notice the drop")
+    site.publish({"n": 2})  # while no server runs: kept in the table
+    site.start()
+    site.publish({"n": 3})
+    site.wait_for(lambda: site.events() == [{"n": 1}, {"n": 2}, {"n": 3}], "every event once, in order")
+    assert site.text("status") == "Live."
+
+
+def test_logging_out_everywhere_from_outside_shows_the_session_ended_reason(site: Site) -> None:
+    site.log_in_live()
+    other = site.http("POST", "/user", body={"username": "alice", "password": PASSWORD})["session_id"]
+    assert site.http("DELETE", "/user?all=true", other) == {"logged_out": 2}
+    site.wait_for(lambda: site.text("ended") == "Session ended: logout.", "the session_ended reason")
+    assert site.browser.find_element("id", "login-form").is_displayed()
+    assert site.browser.execute_script("return sessionStorage.getItem('session_id')") is None
+
+
 def test_the_logout_button_ends_the_session_on_the_server(site: Site) -> None:
     site.log_in()
     session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
