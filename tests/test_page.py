@@ -106,6 +106,12 @@ class Site:
 
     def log_in_live(self) -> None:
         """Log in and wait until the page's event stream is open."""
+        try:
+            self.http("GET", "/events")
+        except urllib.error.HTTPError as error:
+            error.close()
+            if error.code == 404:
+                pytest.skip("this server.py serves no GET /events yet")
         self.log_in()
         self.wait_for(lambda: self.text("status") == "Live.", "the event stream to be live")
 
