@@ -76,6 +76,7 @@ import warnings
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
 
@@ -89,7 +90,8 @@ import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 
@@ -560,13 +562,27 @@ UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
     ),
 }
 
-# Codes for the errors aiohttp raises by itself (router, body size), keyed by status.
+# Codes for the errors aiohttp raises by itself (router, body size, HTTP parser), keyed by status.
 FRAMEWORK_ERRORS = {
     400: ("bad_request", "The request could not be understood."),
     404: ("not_found", "There is nothing at this path."),
     405: ("method_not_allowed", "This path does not accept this method."),
     413: ("body_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."),
+    500: ("internal_error", "An unexpected error occurred."),
 }
+UNSUPPORTED_CODING = (
+    "unsupported_content_encoding",
+    f"The Content-Encoding must be one of: {', '.join(CONTENT_CODINGS)}.",
+)
+
+
+def framework_error(status: int) -> tuple[str, str]:
+    """Code and message for a status aiohttp chose; one outside the table is named after its phrase."""
+    if status in FRAMEWORK_ERRORS:
+        return FRAMEWORK_ERRORS[status]
+    phrase = HTTPStatus(status)
+    return phrase.phrase.lower().replace(" ", "_").replace("-", "_"), f"{phrase.description}."
+
 
 # ---------------------------------------------------------------------------
 # Database
@@ -2057,11 +2073,7 @@ def check_declared_body(request: web.Request) -> None:
         )
     coding = request.headers.get("Content-Encoding", "identity").strip()
     if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
-        raise json_error(
-            web.HTTPUnsupportedMediaType,
-            "unsupported_content_encoding",
-            f"The Content-Encoding must be one of: {', '.join(CONTENT_CODINGS)}.",
-        )
+        raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
 
 
 async def expect_continue(request: web.Request) -> None:
@@ -2286,9 +2298,7 @@ async def error_middleware(
         ) from None
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        raise json_error(
-            web.HTTPInternalServerError, "internal_error", "An unexpected error occurred."
-        ) from None
+        raise json_error(web.HTTPInternalServerError, *FRAMEWORK_ERRORS[500]) from None
 
 
 class ClientErrorsInOneLine(logging.Filter):
@@ -2303,6 +2313,47 @@ class ClientErrorsInOneLine(logging.Filter):
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with the contract's JSON for what its HTTP parser refuses
+    (bad framing or lengths, control bytes, over-long lines, an unknown method, a coding it cannot
+    decode): aiohttp answers those itself, before any middleware runs, in plain text."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses once an answer has begun
+        # At parse time a content coding error means one this aiohttp cannot decode (br, zstd).
+        if isinstance(exc, ContentEncodingError):
+            status, (code, text) = 415, UNSUPPORTED_CODING
+        else:
+            code, text = framework_error(status)
+        response = web.Response(status=status, text=json_text({"error": code, "message": text}))
+        response.content_type = "application/json"
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """The AppRunner both `python server.py` and gunicorn's workers serve through: its connections
+    are JsonErrorRequestHandlers (aiohttp has no setting for the handler's class)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = JsonErrorServer
+        return server
 
 
 # ---------------------------------------------------------------------------
@@ -2389,15 +2440,29 @@ class WebServer:
         else:
             loop = asyncio.new_event_loop()
         stop_on_first_signal(loop)
-        announce = functools.partial(log.info, "serving on %s", self.url)
-        web.run_app(
-            self.initializer(),
-            loop=loop,
-            sock=sockets,
-            print=lambda _: announce(),
-            handle_signals=False,
-            **self.server_options(),
-        )
+        serving = loop.create_task(self._serve(sockets))
+        try:
+            loop.run_until_complete(serving)
+        except (web.GracefulExit, KeyboardInterrupt):
+            pass
+        finally:
+            serving.cancel()  # its cleanup finishes requests in flight, then closes the database
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(serving)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def _serve(self, sockets: Sequence[socket.socket]) -> None:
+        runner = JsonErrorRunner(await self.initializer(), **self.server_options())
+        await runner.setup()
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
+            log.info("serving on %s", self.url)
+            await asyncio.Event().wait()  # until the first signal raises GracefulExit
+        finally:
+            await runner.cleanup()
 
     async def runner(self) -> web.AppRunner:
         """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this)."""
@@ -2407,7 +2472,7 @@ class WebServer:
             log.info("serving on %s (worker %d)", self.url, os.getpid())
 
         app.on_startup.append(announce)
-        return web.AppRunner(app, **self.server_options())
+        return JsonErrorRunner(app, **self.server_options())
 
 
 def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:

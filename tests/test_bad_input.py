@@ -10,9 +10,11 @@ import logging
 import socket
 import time
 import zlib
+from collections.abc import AsyncIterator
 from ipaddress import ip_network
 
 import pytest
+from aiohttp import web
 
 import server
 from conftest import Client, ClientFactory, add_user, log_in, raw_request, server_config
@@ -287,24 +289,52 @@ async def test_expect_100_continue_for_a_body_within_the_limit_continues(client:
     assert final.startswith(b"HTTP/1.1 200") and b'"session_id"' in final
 
 
-# Bytes aiohttp's HTTP parser refuses by itself, before any handler runs: its own plain 400.
+# Bytes aiohttp's HTTP parser refuses by itself, before any middleware runs; the server's own
+# runner (the one `python server.py` and gunicorn's workers use) answers them in JSON too.
 PARSER_REFUSALS = [
-    pytest.param(b"Authorization: Bearer caf\x01", b"", id="control-byte-in-a-header"),
-    pytest.param(b"Content-Encoding: br\r\nContent-Length: 2", b"{}", id="brotli-not-installed"),
-    pytest.param(b"Transfer-Encoding: chunked", b'5\r\n{"use\r\nZZ\r\n', id="bad-chunk-size"),
-    pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 2", b"{}", id="length-and-chunked"),
+    pytest.param(b"POST", b"Authorization: Bearer caf\x01", b"", 400, id="control-byte-in-a-header"),
+    pytest.param(b"GET", b"X-Padding: " + b"a" * 9000, b"", 400, id="header-line-over-8-kib"),
+    pytest.param(b"POST", b"Content-Encoding: br\r\nContent-Length: 2", b"{}", 415, id="brotli"),
+    pytest.param(b"POST", b"Content-Encoding: zstd\r\nContent-Length: 2", b"{}", 415, id="zstandard"),
+    pytest.param(b"POST", b"Transfer-Encoding: chunked", b'5\r\n{"use\r\nZZ\r\n', 400, id="bad-chunk-size"),
+    pytest.param(
+        b"POST", b"Transfer-Encoding: chunked\r\nContent-Length: 2", b"{}", 400, id="length-and-chunked"
+    ),
+    pytest.param(b"POST", b"Content-Length: -1", b"", 400, id="negative-length"),
+    pytest.param(b"POST", b"Content-Length: abc", b"", 400, id="length-not-a-number"),
+    pytest.param(b"POST", b"Content-Length: 2\r\nContent-Length: 3", b"{}", 400, id="two-lengths"),
+    pytest.param(b"FOO", b"", b"", 400, id="unknown-method"),
 ]
 
 
-@pytest.mark.parametrize(("header", "body"), PARSER_REFUSALS)
-async def test_bytes_the_http_parser_refuses_get_400_and_one_log_line(
-    client: Client, caplog: pytest.LogCaptureFixture, header: bytes, body: bytes
+@pytest.fixture
+async def served_port(config: server.Config) -> AsyncIterator[int]:
+    """The application behind WebServer's own runner, on a free port."""
+    runner = await server.WebServer(config).runner()
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield runner.addresses[0][1]
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("method", "header", "body", "status"), PARSER_REFUSALS)
+async def test_bytes_the_http_parser_refuses_get_a_json_4xx_and_one_log_line(
+    served_port: int,
+    caplog: pytest.LogCaptureFixture,
+    method: bytes,
+    header: bytes,
+    body: bytes,
+    status: int,
 ) -> None:
-    await add_user(client.app, "alice", "wonderland")
-    head = b"POST /user HTTP/1.1\r\nHost: localhost\r\n" + header
-    answer = await asyncio.to_thread(raw_request, client.port, head, body)
-    assert answer.status == 400
-    await log_in(client, "alice", "wonderland")
+    head = method + b" /user HTTP/1.1\r\nHost: localhost\r\n" + header
+    answer = await asyncio.to_thread(raw_request, served_port, head.rstrip(b"\r\n"), body)
+    assert answer.status == status
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.body.endswith(b"\n")
+    assert set(answer.json()) == {"error", "message"}
+    healthy = await asyncio.to_thread(raw_request, served_port, b"GET /health HTTP/1.1\r\nHost: localhost")
+    assert healthy.status == 200
     assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
 
 
