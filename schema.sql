@@ -6,15 +6,19 @@ CREATE TABLE IF NOT EXISTS users (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     username      varchar(1024) NOT NULL UNIQUE,
     password_hash text NOT NULL,            -- argon2id, PHC string format
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    session_epoch bigint NOT NULL DEFAULT 0   -- raised by passwd: sessions of lower epochs end
 );
+ALTER TABLE users ADD COLUMN IF NOT EXISTS session_epoch bigint NOT NULL DEFAULT 0;
 
 -- Sessions, when "sessions.store" is "postgres". Only a SHA-256 of each session id is kept, so a
 -- leaked table or dump opens no session. Times are Unix seconds, as the server's clock gives them.
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash bytea PRIMARY KEY,
     seq        bigint GENERATED ALWAYS AS IDENTITY,   -- creation order: the oldest goes first
-    username   varchar(1024) NOT NULL,
+    username   varchar(1024) NOT NULL,       -- shown by GET /user; the account is user_id
+    user_id    bigint NOT NULL,              -- users.id: a new user of the same name is another account
+    epoch      bigint NOT NULL,              -- users.session_epoch when the session began
     created_at double precision NOT NULL,
     last_seen  double precision NOT NULL,
     expires_at double precision NOT NULL,
@@ -22,14 +26,19 @@ CREATE TABLE IF NOT EXISTS sessions (
     address    text NOT NULL,               -- the client address of the login, as the throttle saw it
     user_agent text NOT NULL                -- the login's User-Agent, at most 256 printable ASCII characters
 );
-CREATE INDEX IF NOT EXISTS sessions_username ON sessions (username);
--- Tables from before sessions had public ids: their sessions end (users log in again).
+-- Tables from before sessions had public ids or accounts: their sessions end (users log in again).
 ALTER TABLE sessions ADD COLUMN IF NOT EXISTS public_id text;
 ALTER TABLE sessions ADD COLUMN IF NOT EXISTS address text;
 ALTER TABLE sessions ADD COLUMN IF NOT EXISTS user_agent text;
-DELETE FROM sessions WHERE public_id IS NULL OR address IS NULL OR user_agent IS NULL;
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS user_id bigint;
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS epoch bigint;
+DELETE FROM sessions WHERE public_id IS NULL OR address IS NULL OR user_agent IS NULL
+    OR user_id IS NULL OR epoch IS NULL;
 ALTER TABLE sessions ALTER COLUMN public_id SET NOT NULL, ALTER COLUMN address SET NOT NULL,
-    ALTER COLUMN user_agent SET NOT NULL;
+    ALTER COLUMN user_agent SET NOT NULL, ALTER COLUMN user_id SET NOT NULL,
+    ALTER COLUMN epoch SET NOT NULL;
+DROP INDEX IF EXISTS sessions_username;
+CREATE INDEX IF NOT EXISTS sessions_user_id ON sessions (user_id);
 -- No index on expires_at: every request rewrites it, and the minute's sweep can scan the table.
 DROP INDEX IF EXISTS sessions_expires_at;
 
@@ -40,3 +49,54 @@ CREATE TABLE IF NOT EXISTS login_failures (
 );
 CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures (key, failed_at);
 CREATE INDEX IF NOT EXISTS login_failures_failed_at ON login_failures (failed_at);
+
+-- Sessions follow the account. Deleting a user, or raising its session_epoch (passwd does), ends
+-- its sessions: rows of the "postgres" store here, in the same transaction, and those every
+-- server process keeps in memory through a notification on 'session_revocations' at commit.
+CREATE OR REPLACE FUNCTION users_end_sessions() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    below bigint := CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE NEW.session_epoch END;
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.session_epoch = OLD.session_epoch THEN
+        RETURN NULL;
+    END IF;
+    DELETE FROM sessions WHERE user_id = OLD.id AND (below IS NULL OR epoch < below);
+    PERFORM pg_notify('session_revocations',
+        json_build_object('user_id', OLD.id, 'epoch', below, 'reason', 'revoked')::text);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS users_end_sessions ON users;
+CREATE TRIGGER users_end_sessions AFTER DELETE OR UPDATE OF session_epoch ON users
+    FOR EACH ROW EXECUTE FUNCTION users_end_sessions();
+
+-- Live events: the record of what was published. username NULL: for every logged-in user.
+CREATE SEQUENCE IF NOT EXISTS events_id_seq;
+CREATE TABLE IF NOT EXISTS events (
+    id         bigint PRIMARY KEY,              -- drawn by the trigger below, in commit order
+    username   varchar(1024),
+    data       jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE events_id_seq OWNED BY events.id;
+CREATE INDEX IF NOT EXISTS events_created_at ON events (created_at);
+
+-- The newest id the retention sweep has deleted: a replay from before it is "replay_truncated".
+CREATE TABLE IF NOT EXISTS events_dropped (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    through  bigint NOT NULL DEFAULT 0
+);
+INSERT INTO events_dropped DEFAULT VALUES ON CONFLICT DO NOTHING;
+
+-- Publishing takes turns: each insert waits for the previous publisher's transaction to end before
+-- it draws its id, so ids become visible in increasing order and a reader that has seen id N has
+-- seen every committed id below N. The notification carries the id only and goes out at commit
+-- (never on rollback); listeners read the row from the table.
+CREATE OR REPLACE FUNCTION events_publish() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(1702258515);  -- 0x6576_7453: 'evtS'
+    NEW.id := nextval('events_id_seq');
+    PERFORM pg_notify('events', NEW.id::text);
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS events_publish ON events;
+CREATE TRIGGER events_publish BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION events_publish();

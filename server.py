@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -87,7 +88,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import sqlalchemy as sa
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
@@ -143,6 +144,7 @@ DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connectio
 DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
 DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
 DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
+BUS_APPLICATION_NAME = "server.py bus"  # ... and for each process's listening connection
 STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
 RETRY_AFTER_SECONDS = "5"
 SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
@@ -158,6 +160,22 @@ MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the le
 
 # OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
 OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
+
+# Live events (GET /events). PostgreSQL carries them and session revocations between processes:
+# LISTEN/NOTIFY is the signal, the `events` table the record.
+EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
+REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
+MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
+EVENT_BATCH = 1000  # rows read at a time when catching up or replaying
+FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
+STREAM_TICK = 0.5  # seconds between checks of every stream's expiry, heartbeat and connection
+BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconnecting the bus
+RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
+ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII)
+WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
+WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer)
+WS_SESSION_ENDED = 4001  # no valid session, or it ended (the application range, 4000-4999)
+WS_TOO_MANY_STREAMS = 4029  # over max_streams_per_user, for a stream authenticated by its first message
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -209,6 +227,17 @@ def networks(value: Any) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(item, strict=False) for item in value)
     except ValueError as exc:
         raise Invalid(f"{expected} ({exc})") from None
+
+
+def origins(value: Any) -> tuple[str, ...]:
+    """Web origins as browsers send them in `Origin`: scheme://host[:port], nothing after."""
+    expected = 'a list of origins such as "https://example.com"'
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(expected)
+    for item in value:
+        if not ORIGIN_PATTERN.fullmatch(item):
+            raise Invalid(f"{expected} (not an origin: {item!r})")
+    return tuple(value)
 
 
 def redis_url(value: Any) -> str:
@@ -318,12 +347,22 @@ class PasswordConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EventsConfig:
+    retention: float = setting(3600.0, seconds)  # how long events are kept for replay
+    heartbeat: float = setting(30.0, seconds)  # between SSE comments and WebSocket pings
+    max_streams_per_user: int = setting(20, Integer(1))  # open streams per user, in each process
+    max_buffer: int = setting(1024 * 1024, Integer(1024))  # bytes a stream may queue unsent
+    allowed_origins: tuple[str, ...] = setting((), origins)  # besides the page's own
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     webserver: WebServerConfig = WebServerConfig()
     db: DatabaseConfig = DatabaseConfig()
     sessions: SessionConfig = SessionConfig()
     login: LoginConfig = LoginConfig()
     passwords: PasswordConfig = PasswordConfig()
+    events: EventsConfig = EventsConfig()
 
 
 class _Section:
@@ -601,6 +640,8 @@ users = sa.Table(
     sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False, unique=True),
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # Raised by passwd; a session carries the epoch it began in and ends when it is raised.
+    sa.Column("session_epoch", sa.BigInteger, nullable=False, server_default="0", info=ADDED_BY_SCHEMA_SQL),
 )
 
 sessions_table = sa.Table(
@@ -608,7 +649,7 @@ sessions_table = sa.Table(
     metadata,
     sa.Column("token_hash", sa.LargeBinary, primary_key=True),  # SHA-256 of the session id
     sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
-    sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False, index=True),
+    sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False),
     sa.Column("created_at", DOUBLE_PRECISION, nullable=False),
     sa.Column("last_seen", DOUBLE_PRECISION, nullable=False),
     # Not indexed: every touch rewrites it, and an index would make each update a non-HOT one.
@@ -617,6 +658,25 @@ sessions_table = sa.Table(
     sa.Column("public_id", sa.Text, nullable=False, info=ADDED_BY_SCHEMA_SQL),
     sa.Column("address", sa.Text, nullable=False, info=ADDED_BY_SCHEMA_SQL),
     sa.Column("user_agent", sa.Text, nullable=False, info=ADDED_BY_SCHEMA_SQL),
+    # The account (users.id and its session_epoch): a new user who takes the name is another one.
+    sa.Column("user_id", sa.BigInteger, nullable=False, index=True, info=ADDED_BY_SCHEMA_SQL),
+    sa.Column("epoch", sa.BigInteger, nullable=False, info=ADDED_BY_SCHEMA_SQL),
+)
+
+events_table = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),  # drawn by schema.sql's trigger, in commit order
+    sa.Column("username", sa.String(MAX_FIELD_CHARS)),  # NULL: every logged-in user
+    sa.Column("data", postgresql.JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+events_dropped = sa.Table(
+    "events_dropped",
+    metadata,
+    sa.Column("only_row", sa.Boolean, primary_key=True),
+    sa.Column("through", sa.BigInteger, nullable=False),  # the newest id the retention sweep deleted
 )
 
 login_failures = sa.Table(
@@ -858,7 +918,7 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
 
 
 async def connect_with_retry(
-    dsn: str, wait: float = STARTUP_DB_WAIT, durable: bool = True
+    dsn: str, wait: float = STARTUP_DB_WAIT, durable: bool = True, pool_size: int = DB_POOL_SIZE
 ) -> aiopg.sa.Engine:
     """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable.
 
@@ -874,7 +934,7 @@ async def connect_with_retry(
                 engine: aiopg.sa.Engine = await aiopg.sa.create_engine(
                     engine_dsn(dsn, durable),
                     minsize=1,
-                    maxsize=DB_POOL_SIZE,
+                    maxsize=pool_size,
                     timeout=DB_OPERATION_TIMEOUT,
                     enable_hstore=False,
                 )
@@ -908,7 +968,10 @@ async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None)
 
 @contextlib.asynccontextmanager
 async def open_database(
-    config: DatabaseConfig, durable: bool = True, upgrade: Upgrade | None = None
+    config: DatabaseConfig,
+    durable: bool = True,
+    upgrade: Upgrade | None = None,
+    pool_size: int = DB_POOL_SIZE,
 ) -> AsyncIterator[aiopg.sa.Engine]:
     """The engine for the configured database (embedded or not), with its tables; closed after."""
     async with contextlib.AsyncExitStack() as stack:
@@ -919,7 +982,7 @@ async def open_database(
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(report_statement_timeouts)
             stack.callback(loop.set_exception_handler, None)
-        engine = await connect_with_retry(dsn, durable=durable)
+        engine = await connect_with_retry(dsn, durable=durable, pool_size=pool_size)
         try:
             await create_tables(engine, upgrade)
         except BaseException:
@@ -968,7 +1031,14 @@ class CompiledQuery:
 
 
 async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
-    """Run a read-only query; retry on another connection if a pooled one turns out to be dead.
+    """The first column of the first row of a read-only query (see read_row)."""
+    row = await read_row(engine, query, **params)
+    return None if row is None else row[0]
+
+
+async def read_row(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
+    """Run a read-only query and return its first row, or None; retry on another connection if
+    a pooled one turns out to be dead.
 
     After PostgreSQL restarts, every idle pooled connection is broken but looks fine until used.
     Each failed one is closed (so the pool drops it), and the read moves on to the next or to a
@@ -983,14 +1053,14 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
     for _ in range(DB_POOL_SIZE):
         try:
             async with connection(engine) as conn:
-                return await conn.scalar(query.sql, params)
+                return await (await conn.execute(query.sql, params)).first()
         except DatabaseBusy:
             raise
         except DatabaseUnavailable:
             if loop.time() + DB_OPERATION_TIMEOUT > deadline:
                 raise
     async with connection(engine) as conn:
-        return await conn.scalar(query.sql, params)
+        return await (await conn.execute(query.sql, params)).first()
 
 
 TABLE_COLUMNS = CompiledQuery.of(
@@ -1033,20 +1103,25 @@ async def check_tables(conn: aiopg.sa.SAConnection) -> None:
         )
 
 
-FIND_PASSWORD_HASH = CompiledQuery.of(
-    sa.select(users.c.password_hash).where(users.c.username == sa.bindparam("username"))
+FIND_ACCOUNT = CompiledQuery.of(
+    sa.select(users.c.password_hash, users.c.id, users.c.session_epoch).where(
+        users.c.username == sa.bindparam("username")
+    )
 )
 PING = CompiledQuery.of(sa.select(sa.literal_column("1")))
 
 
-async def find_password_hash(engine: aiopg.sa.Engine, username: str) -> str | None:
-    password_hash: str | None = await read_scalar(engine, FIND_PASSWORD_HASH, username=username)
-    return password_hash
+async def find_account(engine: aiopg.sa.Engine, username: str) -> tuple[str | None, Account | None]:
+    """The user's stored hash and account, or (None, None) for an unknown name."""
+    row = await read_row(engine, FIND_ACCOUNT, username=username)
+    if row is None:
+        return None, None
+    return row.password_hash, Account(row.id, username, row.session_epoch)
 
 
 async def user_exists(engine: aiopg.sa.Engine, username: str) -> bool:
     """Whether the name is taken: asked before a hash is spent on it."""
-    return await read_scalar(engine, FIND_PASSWORD_HASH, username=username) is not None
+    return await read_scalar(engine, FIND_ACCOUNT, username=username) is not None
 
 
 # No statement that carries a password hash may fail: PostgreSQL would write it, hash included,
@@ -1070,8 +1145,14 @@ async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str
         raise UserExists(f"user '{username}' already exists")
 
 
-async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
-    """Replace a user's hash; raises UserNotFound if there is no such user."""
+async def update_password_hash(
+    engine: aiopg.sa.Engine, username: str, password_hash: str, end_sessions: bool = False
+) -> int:
+    """Replace a user's hash; returns the user's id; raises UserNotFound if there is no such user.
+
+    end_sessions (passwd) also raises the user's session_epoch, in a statement of its own, which
+    ends every session begun before (schema.sql's trigger; a re-hash at login ends none).
+    """
     async with connection(engine) as conn, conn.begin():
         await conn.execute(LOCK_USERS)
         # The row lock too, so the UPDATE below cannot wait for one (a statement without the hash).
@@ -1080,14 +1161,20 @@ async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_
         )
         if user_id is None:
             raise UserNotFound(f"no such user '{username}'")
+        if end_sessions:
+            epoch = users.c.session_epoch + 1
+            await conn.execute(users.update().where(users.c.id == user_id).values(session_epoch=epoch))
         await conn.execute(users.update().where(users.c.id == user_id).values(password_hash=password_hash))
+    return int(user_id)
 
 
-async def delete_user(engine: aiopg.sa.Engine, username: str) -> None:
+async def delete_user(engine: aiopg.sa.Engine, username: str) -> int:
+    """Delete a user (schema.sql's trigger ends their sessions); returns the user's id."""
     async with connection(engine) as conn:
-        result = await conn.execute(users.delete().where(users.c.username == username))
-        if result.rowcount == 0:
+        user_id = await conn.scalar(users.delete().where(users.c.username == username).returning(users.c.id))
+        if user_id is None:
             raise UserNotFound(f"no such user '{username}'")
+    return int(user_id)
 
 
 async def ping(engine: aiopg.sa.Engine) -> None:
@@ -1237,6 +1324,17 @@ class Passwords:
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Account:
+    """Who a session belongs to: the user's row (`users.id`), not the name, which a new user may
+    take after `deluser`; and the row's session_epoch, which `passwd` raises to end the sessions
+    begun before."""
+
+    user_id: int
+    username: str
+    epoch: int = 0
+
+
 @dataclasses.dataclass(slots=True)
 class Session:
     username: str
@@ -1248,6 +1346,12 @@ class Session:
     public_id: str
     address: str
     user_agent: str
+    user_id: int  # the Account's fields (Account.username is `username` above)
+    epoch: int
+
+    @property
+    def account(self) -> Account:
+        return Account(self.user_id, self.username, self.epoch)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1257,9 +1361,19 @@ class Device:
     address: str = ""
     user_agent: str = ""
 
-    def begin(self, username: str, now: float, expires_at: float) -> Session:
-        """A new session on this device, with a fresh public id."""
-        return Session(username, now, now, expires_at, new_public_id(), self.address, self.user_agent)
+    def begin(self, account: Account, now: float, expires_at: float) -> Session:
+        """A new session of account on this device, with a fresh public id."""
+        return Session(
+            account.username,
+            now,
+            now,
+            expires_at,
+            new_public_id(),
+            self.address,
+            self.user_agent,
+            account.user_id,
+            account.epoch,
+        )
 
 
 UNKNOWN_DEVICE = Device()  # where nothing is known of the client (the commands, tests)
@@ -1305,16 +1419,19 @@ class FailureLog(Protocol):
 class SessionStore(FailureLog, Protocol):
     """What the handlers need of a session store; memory, PostgreSQL and Redis provide it.
 
-    Each store keeps the login failures too, in the same place, so that a shared store also
-    shares the counts of password guesses among processes.
+    Sessions belong to an Account (user id and epoch). `revoke_user` ends an account's sessions
+    begun before an epoch (all of them for `below=None`: the user is gone); each process calls it
+    when the bus brings a revocation, so memory sessions follow the account too. Each store keeps
+    the login failures as well, so that a shared store also shares the counts of password guesses.
     """
 
-    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]: ...
+    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]: ...
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
-    async def revoke_all(self, username: str) -> int: ...
-    async def sessions_of(self, username: str) -> list[Session]: ...
-    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None: ...
+    async def revoke_all(self, user_id: int) -> int: ...
+    async def revoke_user(self, user_id: int, below: int | None) -> int: ...
+    async def sessions_of(self, user_id: int) -> list[Session]: ...
+    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None: ...
     async def sweep(self) -> int: ...
     async def close(self) -> None: ...
 
@@ -1367,16 +1484,16 @@ class MemorySessionStore(MemoryFailureLog):
         self._config = config
         self._clock = clock
         self._sessions: dict[str, Session] = {}
-        # A dict used as an ordered set: the first id is the user's oldest session.
-        self._by_user: dict[str, dict[str, None]] = {}
+        # By users.id; a dict used as an ordered set: the first id is the user's oldest session.
+        self._by_user: dict[int, dict[str, None]] = {}
 
-    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
-        """A new session for username; beyond max_per_user the user's oldest one ends."""
+    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
+        """A new session of account; beyond max_per_user the user's oldest one ends."""
         now = self._clock()
         session_id = new_session_id()
-        session = device.begin(username, now, deadline(self._config, now, now))
+        session = device.begin(account, now, deadline(self._config, now, now))
         self._sessions[session_id] = session
-        user_ids = self._by_user.setdefault(username, {})
+        user_ids = self._by_user.setdefault(account.user_id, {})
         user_ids[session_id] = None
         if len(user_ids) > self._config.max_per_user:
             # Expired sessions go first; only then does the oldest live one make room.
@@ -1401,25 +1518,35 @@ class MemorySessionStore(MemoryFailureLog):
             self._remove(session_id)
         return session
 
-    async def revoke_all(self, username: str) -> int:
-        """End every live session of username; returns how many ended."""
+    async def revoke_all(self, user_id: int) -> int:
+        """End every live session of the user; returns how many ended."""
+        return await self.revoke_user(user_id, None)
+
+    async def revoke_user(self, user_id: int, below: int | None) -> int:
+        """End the user's live sessions begun in an epoch below `below` (None: all of them)."""
         now = self._clock()
         ended = 0
-        for session_id in list(self._by_user.get(username, ())):
-            ended += self._sessions[session_id].expires_at > now
-            self._remove(session_id)
+        for session_id in list(self._by_user.get(user_id, ())):
+            session = self._sessions[session_id]
+            if below is None or session.epoch < below:
+                ended += session.expires_at > now
+                self._remove(session_id)
         return ended
 
-    async def sessions_of(self, username: str) -> list[Session]:
+    async def sessions_of(self, user_id: int) -> list[Session]:
         """The user's live sessions, oldest first."""
         now = self._clock()
-        found = (self._sessions[sid] for sid in self._by_user.get(username, ()))
+        found = (self._sessions[sid] for sid in self._by_user.get(user_id, ()))
         return [session for session in found if session.expires_at > now]
 
-    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None:
+    def accounts(self) -> set[Account]:
+        """The accounts this process holds sessions of: checked again after the bus was down."""
+        return {session.account for session in self._sessions.values()}
+
+    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
         """End the user's live session with this public id; returns its token hash and the
         session, or None if the user has no such session (another user's counts as none)."""
-        for session_id in self._by_user.get(username, ()):
+        for session_id in self._by_user.get(user_id, ()):
             if self._sessions[session_id].public_id == public_id:
                 session = await self.revoke(session_id)
                 return None if session is None else (token_hash(session_id), session)
@@ -1446,10 +1573,10 @@ class MemorySessionStore(MemoryFailureLog):
 
     def _remove(self, session_id: str) -> None:
         session = self._sessions.pop(session_id)
-        user_ids = self._by_user[session.username]
+        user_ids = self._by_user[session.user_id]
         del user_ids[session_id]
         if not user_ids:
-            del self._by_user[session.username]
+            del self._by_user[session.user_id]
 
 
 @contextlib.contextmanager
@@ -1474,6 +1601,8 @@ _SESSION_FIELDS = (
     sessions_table.c.public_id,
     sessions_table.c.address,
     sessions_table.c.user_agent,
+    sessions_table.c.user_id,
+    sessions_table.c.epoch,
 )
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
 TOUCH_SESSION = CompiledQuery.of(
@@ -1498,6 +1627,8 @@ _new_session = (
     .values(
         token_hash=sa.bindparam("digest"),
         username=sa.bindparam("username"),
+        user_id=sa.bindparam("user_id"),
+        epoch=sa.bindparam("epoch"),
         created_at=_session_param("now"),
         last_seen=_session_param("now"),
         expires_at=_session_param("expires"),
@@ -1511,7 +1642,7 @@ _new_session = (
 _older_live = (
     sa.select(sessions_table.c.token_hash)
     .where(
-        sessions_table.c.username == sa.bindparam("username"),
+        sessions_table.c.user_id == sa.bindparam("user_id"),
         sessions_table.c.expires_at > _session_param("now"),
     )
     .order_by(sessions_table.c.seq.desc())
@@ -1520,7 +1651,7 @@ _older_live = (
 CREATE_SESSION = CompiledQuery.of(
     sessions_table.delete()
     .where(
-        sessions_table.c.username == sa.bindparam("username"),
+        sessions_table.c.user_id == sa.bindparam("user_id"),
         sa.or_(
             sessions_table.c.expires_at <= _session_param("now"),
             sessions_table.c.token_hash.in_(_older_live.scalar_subquery()),
@@ -1553,13 +1684,15 @@ class PostgresSessionStore:
                 result = await (conn.execute(query) if params is None else conn.execute(query, params))
                 return list(await result.fetchall()) if result.returns_rows else []
 
-    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
+    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
         now = self._clock()
         session_id = new_session_id()
-        session = device.begin(username, now, deadline(self._config, now, now))
+        session = device.begin(account, now, deadline(self._config, now, now))
         params = {
             "digest": token_hash(session_id),
-            "username": username,
+            "username": account.username,
+            "user_id": account.user_id,
+            "epoch": account.epoch,
             "now": now,
             "expires": session.expires_at,
             "public_id": session.public_id,
@@ -1585,27 +1718,32 @@ class PostgresSessionStore:
         rows = await self._rows(REVOKE_SESSION.sql, {"digest": token_hash(session_id)})
         return Session(**rows[0]) if rows and rows[0].expires_at > now else None
 
-    async def revoke_all(self, username: str) -> int:
+    async def revoke_all(self, user_id: int) -> int:
+        return await self.revoke_user(user_id, None)
+
+    async def revoke_user(self, user_id: int, below: int | None) -> int:
         now = self._clock()
         table = sessions_table
-        query = table.delete().where(table.c.username == username).returning(table.c.expires_at)
-        rows = await self._rows(query)
+        query = table.delete().where(table.c.user_id == user_id)
+        if below is not None:
+            query = query.where(table.c.epoch < below)
+        rows = await self._rows(query.returning(table.c.expires_at))
         return sum(1 for row in rows if row.expires_at > now)
 
-    async def sessions_of(self, username: str) -> list[Session]:
+    async def sessions_of(self, user_id: int) -> list[Session]:
         table = sessions_table
         query = (
             sa.select(*_SESSION_FIELDS)
-            .where(table.c.username == username, table.c.expires_at > self._clock())
+            .where(table.c.user_id == user_id, table.c.expires_at > self._clock())
             .order_by(table.c.seq)
         )
         return [Session(**row) for row in await self._rows(query)]
 
-    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None:
+    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
         table = sessions_table
         query = (
             table.delete()
-            .where(table.c.username == username, table.c.public_id == public_id)
+            .where(table.c.user_id == user_id, table.c.public_id == public_id)
             .returning(table.c.token_hash, *_SESSION_FIELDS)
         )
         rows = await self._rows(query)
@@ -1647,8 +1785,8 @@ class RedisSessionStore:
     """Sessions in Redis, shared by every process that uses the same Redis.
 
     `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at,
-    public_id, address, user_agent) that Redis itself expires at the session's deadline;
-    `{prefix}user:<username>` is a sorted set of the user's session hashes in creation order, so
+    public_id, address, user_agent, user_id, epoch) that Redis itself expires at the session's
+    deadline; `{prefix}user:<users.id>` is a sorted set of the user's session hashes in creation order, so
     the oldest can make room, `all=true` can find them, and the user can list them. The steps
     that read and then change sessions run as Lua scripts: atomic, and one round trip each. (The
     scripts derive keys from the session's username and digests, so this store suits a single
@@ -1660,28 +1798,30 @@ class RedisSessionStore:
     # gone or expired (an expired one is removed on the way).
     _TOUCH = """
         local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'expires_at',
-                             'public_id', 'address', 'user_agent')
+                             'public_id', 'address', 'user_agent', 'user_id', 'epoch')
         if not f[1] then return false end
         local now = tonumber(ARGV[1])
-        if tonumber(f[3]) <= now then
+        if tonumber(f[3]) <= now or not f[7] then
             redis.call('DEL', KEYS[1])
-            redis.call('ZREM', KEYS[2] .. f[1], ARGV[4])
+            if f[7] then redis.call('ZREM', KEYS[2] .. f[7], ARGV[4]) end
             return false
         end
         local expires = math.min(now + tonumber(ARGV[2]), tonumber(f[2]) + tonumber(ARGV[3]))
         local shown = string.format('%.17g', expires)
         redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', shown)
         redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
-        return {f[1], f[2], ARGV[1], shown, f[4], f[5], f[6]}
+        return {f[1], f[2], ARGV[1], shown, f[4], f[5], f[6], f[7], f[8]}
     """
     # KEYS: session key, user key, sequence key. ARGV: username, now, expires_at, digest, the user
-    # set's lifetime, max_per_user, session key prefix, public id, address, User-Agent. Adds the
-    # session; beyond max_per_user the user's expired sessions go first, then the oldest live ones.
+    # set's lifetime, max_per_user, session key prefix, public id, address, User-Agent, user id,
+    # epoch. Adds the session; beyond max_per_user the user's expired sessions go first, then the
+    # oldest live ones.
     _CREATE = """
         local order = redis.call('INCR', KEYS[3])
         redis.call('HSET', KEYS[1], 'username', ARGV[1], 'created_at', ARGV[2],
                    'last_seen', ARGV[2], 'expires_at', ARGV[3],
-                   'public_id', ARGV[8], 'address', ARGV[9], 'user_agent', ARGV[10])
+                   'public_id', ARGV[8], 'address', ARGV[9], 'user_agent', ARGV[10],
+                   'user_id', ARGV[11], 'epoch', ARGV[12])
         redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
         redis.call('ZADD', KEYS[2], order, ARGV[4])
         redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -1704,13 +1844,30 @@ class RedisSessionStore:
         end
         return order
     """
-    _FIELDS = "'username', 'created_at', 'last_seen', 'expires_at', 'public_id', 'address', 'user_agent'"
+    _FIELDS = (
+        "'username', 'created_at', 'last_seen', 'expires_at', 'public_id', 'address', 'user_agent',"
+        " 'user_id', 'epoch'"
+    )
     _REVOKE = f"""
         local f = redis.call('HMGET', KEYS[1], {_FIELDS})
         if not f[1] then return false end
         redis.call('DEL', KEYS[1])
-        redis.call('ZREM', KEYS[2] .. f[1], ARGV[1])
+        if f[8] then redis.call('ZREM', KEYS[2] .. f[8], ARGV[1]) end
         return f
+    """
+    # KEYS: user key. ARGV: session key prefix, epoch ('' for every epoch), now. Ends the user's
+    # sessions begun below the epoch; returns how many of them were live.
+    _REVOKE_USER = """
+        local ended = 0
+        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+            local f = redis.call('HMGET', ARGV[1] .. digest, 'epoch', 'expires_at')
+            if ARGV[2] == '' or not f[1] or tonumber(f[1]) < tonumber(ARGV[2]) then
+                if f[2] and tonumber(f[2]) > tonumber(ARGV[3]) then ended = ended + 1 end
+                redis.call('DEL', ARGV[1] .. digest)
+                redis.call('ZREM', KEYS[1], digest)
+            end
+        end
+        return ended
     """
     # KEYS: user key. ARGV: session key prefix, now. The user's live sessions, oldest first
     # (sessions stored before public ids existed are left out; they expire as before).
@@ -1718,7 +1875,7 @@ class RedisSessionStore:
         local found = {{}}
         for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
             local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
-            if f[1] and f[5] and tonumber(f[4]) > tonumber(ARGV[2]) then table.insert(found, f) end
+            if f[1] and f[5] and f[8] and tonumber(f[4]) > tonumber(ARGV[2]) then table.insert(found, f) end
         end
         return found
     """
@@ -1749,21 +1906,22 @@ class RedisSessionStore:
         self._revoke = client.register_script(self._REVOKE)
         self._list = client.register_script(self._LIST)
         self._revoke_public = client.register_script(self._REVOKE_PUBLIC)
+        self._revoke_user = client.register_script(self._REVOKE_USER)
 
     def _session_key(self, digest: str) -> str:
         return f"{self._prefix}session:{digest}"
 
-    def _user_key(self, username: str) -> str:
-        return f"{self._prefix}user:{username}"
+    def _user_key(self, user_id: int) -> str:
+        return f"{self._prefix}user:{user_id}"
 
-    async def create(self, username: str, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
+    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
         now = self._clock()
         session_id = new_session_id()
         digest = token_hash(session_id).hex()
-        session = device.begin(username, now, deadline(self._config, now, now))
-        keys = [self._session_key(digest), self._user_key(username), f"{self._prefix}sequence"]
+        session = device.begin(account, now, deadline(self._config, now, now))
+        keys = [self._session_key(digest), self._user_key(account.user_id), f"{self._prefix}sequence"]
         args = [
-            username,
+            account.username,
             repr(now),
             repr(session.expires_at),
             digest,
@@ -1773,6 +1931,8 @@ class RedisSessionStore:
             session.public_id,
             session.address,
             session.user_agent,
+            account.user_id,
+            account.epoch,
         ]
         with store_errors(*self._errors):
             await self._create(keys=keys, args=args)
@@ -1802,31 +1962,25 @@ class RedisSessionStore:
             return None
         return session
 
-    async def revoke_all(self, username: str) -> int:
-        now = self._clock()
-        user_key = self._user_key(username)
-        with store_errors(*self._errors):
-            digests = [d.decode() for d in await self._redis.zrange(user_key, 0, -1)]
-            if not digests:
-                return 0
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for digest in digests:
-                    pipe.hget(self._session_key(digest), "expires_at")
-                pipe.delete(*[self._session_key(d) for d in digests], user_key)
-                *deadlines, _ = await pipe.execute()
-        return sum(1 for expires in deadlines if expires is not None and float(expires) > now)
+    async def revoke_all(self, user_id: int) -> int:
+        return await self.revoke_user(user_id, None)
 
-    async def sessions_of(self, username: str) -> list[Session]:
+    async def revoke_user(self, user_id: int, below: int | None) -> int:
+        args = [f"{self._prefix}session:", "" if below is None else below, repr(self._clock())]
+        with store_errors(*self._errors):
+            return int(await self._revoke_user(keys=[self._user_key(user_id)], args=args))
+
+    async def sessions_of(self, user_id: int) -> list[Session]:
         with store_errors(*self._errors):
             found = await self._list(
-                keys=[self._user_key(username)], args=[f"{self._prefix}session:", repr(self._clock())]
+                keys=[self._user_key(user_id)], args=[f"{self._prefix}session:", repr(self._clock())]
             )
         return [session for session in map(self._session, found) if session is not None]
 
-    async def revoke_public(self, username: str, public_id: str) -> tuple[bytes, Session] | None:
+    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
         with store_errors(*self._errors):
             found = await self._revoke_public(
-                keys=[self._user_key(username)], args=[f"{self._prefix}session:", public_id]
+                keys=[self._user_key(user_id)], args=[f"{self._prefix}session:", public_id]
             )
         if not found:
             return None
@@ -1886,11 +2040,19 @@ class RedisSessionStore:
         """A Session from the hash's fields in Session's order; None if it is not all there."""
         if not fields or None in fields:
             return None  # gone, or stored before sessions had public ids (treated as ended)
-        username, created_at, last_seen, expires_at, public_id, address, user_agent = (
+        username, created_at, last_seen, expires_at, public_id, address, user_agent, user_id, epoch = (
             field.decode() for field in fields if field is not None
         )
         return Session(
-            username, float(created_at), float(last_seen), float(expires_at), public_id, address, user_agent
+            username,
+            float(created_at),
+            float(last_seen),
+            float(expires_at),
+            public_id,
+            address,
+            user_agent,
+            int(user_id),
+            int(epoch),
         )
 
 
@@ -2035,6 +2197,537 @@ def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# Live events
+# ---------------------------------------------------------------------------
+
+
+class Ended(enum.Enum):
+    """Why a stream ends: a `session_ended` reason the client is told, or one of the server's."""
+
+    LOGOUT = "logout"
+    REVOKED = "revoked"  # passwd or deluser of the user
+    EXPIRED = "expired"  # the idle or the absolute timeout
+    SLOW = "slow"  # its unsent events passed events.max_buffer: WebSocket close 1013
+    SHUTDOWN = "shutdown"  # the server stops: WebSocket close 1001
+    GONE = "gone"  # the client went away
+
+    @property
+    def tells_client(self) -> bool:
+        return self in (Ended.LOGOUT, Ended.REVOKED, Ended.EXPIRED)
+
+
+def http_chunk(data: bytes) -> bytes:
+    """data as one chunk of HTTP/1.1's chunked transfer coding (RFC 9112 §7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """One final, unmasked text frame, as a server sends it (RFC 6455 §5.2; no compression)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encoded:
+    """An event as it goes out, encoded once per process and written as it is to every stream."""
+
+    id: int | None  # None: a message of one stream (replay_truncated, session_ended)
+    username: str | None  # whose streams get it; None: everyone's
+    sse: bytes  # `id:`, `event:` and `data:` lines and a blank line (the SSE format)
+    sse_chunk: bytes  # the same as one HTTP/1.1 chunk, for responses in chunked coding
+    websocket: bytes  # one WebSocket text frame holding the event's JSON
+
+    @classmethod
+    def of(cls, kind: str, text: bytes, event_id: int | None = None, username: str | None = None) -> Encoded:
+        """`text` is the event's JSON: one line (json.dumps escapes line breaks in strings)."""
+        sse = b"%bevent: %b\ndata: %b\n\n" % (
+            b"" if event_id is None else b"id: %d\n" % event_id,
+            kind.encode(),
+            text,
+        )
+        return cls(event_id, username, sse, http_chunk(sse), websocket_text_frame(text))
+
+    @classmethod
+    def notice(cls, body: dict[str, str]) -> Encoded:
+        """A message of the stream itself: {"type": ..., ...}, no id."""
+        return cls.of(body["type"], json_text(body).rstrip("\n").encode())
+
+    @classmethod
+    def row(cls, event_id: int, username: str | None, data: str, created_at: float) -> Encoded:
+        """A row of `events` (data as JSON text) as the contract's event object."""
+        text = f'{{"id":{event_id},"type":"message","data":{data},"created_at":"{iso_utc(created_at)}"}}'
+        return cls.of("message", text.encode(), event_id, username)
+
+
+REPLAY_TRUNCATED = Encoded.notice({"type": "replay_truncated"})
+SESSION_ENDED = {
+    why: Encoded.notice({"type": "session_ended", "reason": why.value}) for why in Ended if why.tells_client
+}
+SSE_HEARTBEAT = b":\n\n"  # a comment line: keeps proxies from closing an idle stream
+
+
+class Stream:
+    """One open event stream (an SSE response or a WebSocket) of one session, in this process.
+
+    Events are written straight to the connection's transport, already encoded (see Encoded), so
+    a fan-out to N streams is N buffer appends and no task or coroutine per stream. The kernel and
+    the transport buffer what the client has not read yet; once that passes `max_buffer` bytes
+    the stream ends (Ended.SLOW), so one slow reader costs bounded memory and delays nobody.
+    """
+
+    __slots__ = (
+        "account",
+        "backlog",
+        "backlog_bytes",
+        "chunked",
+        "digest",
+        "ended",
+        "expires_at",
+        "last_id",
+        "last_write",
+        "max_buffer",
+        "public_id",
+        "renewed",
+        "session_id",
+        "transport",
+        "websocket",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        session_id: str,
+        session: Session,
+        transport: asyncio.Transport,
+        websocket: bool,
+        chunked: bool,
+        max_buffer: int,
+        last_id: int = 0,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.session_id = session_id  # to renew the session's idle timeout while the stream is open
+        self.digest = token_hash(session_id)
+        self.account = session.account
+        self.public_id = session.public_id
+        self.expires_at = session.expires_at
+        self.transport, self.websocket, self.chunked = transport, websocket, chunked
+        self.max_buffer = max_buffer
+        self.last_id = last_id  # the newest event id written: nothing at or below it goes out again
+        # Live events wait here while the stream replays older ones from the table.
+        self.backlog: list[Encoded] | None = []
+        self.backlog_bytes = 0
+        self.ended: asyncio.Future[Ended] = loop.create_future()
+        self.last_write = self.renewed = loop.time()
+
+    def send(self, event: Encoded) -> None:
+        """Deliver a live event (the registry calls this for every matching stream)."""
+        if self.ended.done():
+            return
+        if self.backlog is None:
+            self.write(event)
+            return
+        self.backlog.append(event)
+        self.backlog_bytes += len(event.sse)
+        if self.backlog_bytes > self.max_buffer:
+            self.end(Ended.SLOW)
+
+    def go_live(self) -> None:
+        """The replay is done: write what arrived meanwhile, then every event as it comes."""
+        backlog, self.backlog = self.backlog or [], None
+        for event in backlog:
+            self.write(event)
+
+    def write(self, event: Encoded) -> None:
+        if event.id is not None:
+            if event.id <= self.last_id:
+                return  # replayed already
+            self.last_id = event.id
+        if self.websocket:
+            self.write_bytes(event.websocket)
+        else:
+            self.write_bytes(event.sse_chunk if self.chunked else event.sse)
+
+    def write_bytes(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        if self.transport.is_closing():
+            self.end(Ended.GONE)
+            return
+        self.transport.write(data)
+        self.last_write = asyncio.get_running_loop().time()
+        if self.transport.get_write_buffer_size() > self.max_buffer:
+            self.end(Ended.SLOW)
+
+    def end(self, why: Ended) -> None:
+        """End the stream (once; the first reason wins). Its handler does the closing."""
+        if not self.ended.done():
+            self.ended.set_result(why)
+
+
+class StreamRegistry:
+    """The open streams of this process, found by user name (events for one user), by session
+    (a logout) and by account (passwd, deluser). Changed only by add and discard."""
+
+    def __init__(self) -> None:
+        # Dicts used as ordered sets: a broadcast reaches streams in the order they opened.
+        self._streams: dict[Stream, None] = {}
+        self._by_username: dict[str, dict[Stream, None]] = {}
+        self._by_session: dict[bytes, dict[Stream, None]] = {}
+        self._by_user: dict[int, dict[Stream, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __iter__(self) -> Iterator[Stream]:
+        return iter(list(self._streams))
+
+    def add(self, stream: Stream) -> None:
+        self._streams[stream] = None
+        self._by_username.setdefault(stream.account.username, {})[stream] = None
+        self._by_session.setdefault(stream.digest, {})[stream] = None
+        self._by_user.setdefault(stream.account.user_id, {})[stream] = None
+
+    def discard(self, stream: Stream) -> None:
+        if self._streams.pop(stream, False) is None:
+            self._leave(self._by_username, stream.account.username, stream)
+            self._leave(self._by_session, stream.digest, stream)
+            self._leave(self._by_user, stream.account.user_id, stream)
+
+    @staticmethod
+    def _leave(index: dict[Any, dict[Stream, None]], key: Any, stream: Stream) -> None:
+        group = index[key]
+        del group[stream]
+        if not group:
+            del index[key]
+
+    def fan_out(self, event: Encoded) -> None:
+        """Write one event to every stream it is for: all of them, or one user's."""
+        targets = self._streams if event.username is None else self._by_username.get(event.username, {})
+        for stream in targets:
+            stream.send(event)
+
+    def end_session(self, digest: bytes, why: Ended) -> None:
+        for stream in list(self._by_session.get(digest, ())):
+            stream.end(why)
+
+    def end_user(self, user_id: int, below: int | None, why: Ended) -> None:
+        """End the user's streams whose session began in an epoch below `below` (None: all)."""
+        for stream in list(self._by_user.get(user_id, ())):
+            if below is None or stream.account.epoch < below:
+                stream.end(why)
+
+    def end_all(self, why: Ended) -> None:
+        for stream in list(self._streams):
+            stream.end(why)
+
+    def count(self, user_id: int) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    def streams_of(self, public_id: str, user_id: int) -> int:
+        """How many streams the user's session with this public id has open here."""
+        return sum(1 for stream in self._by_user.get(user_id, ()) if stream.public_id == public_id)
+
+    def accounts(self) -> set[Account]:
+        return {stream.account for stream in self._streams}
+
+
+NEW_EVENTS = (
+    "SELECT id, username, data::text, extract(epoch FROM created_at)::float8 FROM events"
+    " WHERE id > %(after)s ORDER BY id LIMIT %(limit)s"
+)
+REPLAY_EVENTS = (
+    "SELECT id, username, data::text, extract(epoch FROM created_at)::float8 FROM events"
+    " WHERE id > %(after)s AND id <= %(through)s AND (username IS NULL OR username = %(username)s)"
+    " ORDER BY id LIMIT %(limit)s"
+)
+DROPPED_THROUGH = "SELECT through FROM events_dropped"
+NEWEST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
+ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
+SWEEP_EVENTS = """
+    WITH gone AS (
+        DELETE FROM events WHERE created_at < now() - make_interval(secs => %(retention)s) RETURNING id
+    )
+    UPDATE events_dropped SET through = greatest(through, (SELECT max(id) FROM gone))
+    WHERE EXISTS (SELECT FROM gone)
+"""
+PUBLISH_EVENT = """
+    INSERT INTO events (username, data)
+    SELECT %(username)s, %(data)s::jsonb
+    WHERE %(username)s::text IS NULL OR EXISTS (SELECT FROM users WHERE username = %(username)s)
+    RETURNING id
+"""
+
+
+def event_data_text(data: Any) -> str:
+    """An event's data as JSON text; ValueError if it is no JSON value or is over 64 KiB."""
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the event's data is not a JSON value ({exc})") from None
+    if len(text.encode()) > MAX_EVENT_BYTES:
+        raise ValueError(f"the event's data is over {MAX_EVENT_BYTES // 1024} KiB as JSON")
+    return text
+
+
+async def publish(engine: aiopg.sa.Engine, data: Any, username: str | None = None) -> int:
+    """Publish a live event: `data` (any JSON value, at most 64 KiB as JSON text) goes to every
+    logged-in user's streams, or only to `username`'s. Returns the event's id.
+
+    The event is a row of `events`; every server process delivers it once the insert commits
+    (here at once: the connection autocommits). From a handler added to this file:
+    `await publish(request.app[db_engine], {"price": 3}, "alice")`. Raises ValueError for data
+    that is not JSON or too large, UserNotFound for an unknown username, DatabaseUnavailable.
+    """
+    text = event_data_text(data)
+    async with connection(engine) as conn:
+        event_id = await conn.scalar(PUBLISH_EVENT, {"username": username, "data": text})
+    if event_id is None:
+        raise UserNotFound(f"no such user '{username}'")
+    return int(event_id)
+
+
+async def replay(engine: aiopg.sa.Engine, stream: Stream, after: int, through: int) -> None:
+    """Write to stream the retained events after `after` up to `through` that are for its user,
+    in id order; first `replay_truncated` if the retention sweep dropped some of them."""
+    async with connection(engine) as conn:
+        if after < (await conn.scalar(DROPPED_THROUGH) or 0):
+            stream.write(REPLAY_TRUNCATED)
+        while after < through and not stream.ended.done():
+            params = {
+                "after": after,
+                "through": through,
+                "username": stream.account.username,
+                "limit": EVENT_BATCH,
+            }
+            rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
+            for row in rows:
+                stream.write(Encoded.row(*row.as_tuple()))
+            if len(rows) < EVENT_BATCH:
+                break
+            after = rows[-1][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    """What travels on REVOCATIONS_CHANNEL as JSON: one session ended (`session`: its token hash
+    in hex, never the id), or an account's sessions (`user_id`, with `epoch`: those begun below
+    it; null: all of them). schema.sql's trigger sends the account ones for passwd and deluser."""
+
+    reason: Ended
+    session: bytes | None = None
+    user_id: int | None = None
+    epoch: int | None = None
+
+    def payload(self) -> str:
+        if self.session is not None:
+            return json.dumps({"session": self.session.hex(), "reason": self.reason.value})
+        return json.dumps({"user_id": self.user_id, "epoch": self.epoch, "reason": self.reason.value})
+
+    @classmethod
+    def parse(cls, payload: str) -> Revocation | None:
+        """The revocation in a notification, or None (logged) if it is not one."""
+        try:
+            message = json.loads(payload)
+            reason = Ended(message["reason"])
+            if "session" in message:
+                return cls(reason, session=bytes.fromhex(message["session"]))
+            epoch = message.get("epoch")
+            return cls(reason, user_id=int(message["user_id"]), epoch=None if epoch is None else int(epoch))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignored a malformed notification on %s: %s", REVOCATIONS_CHANNEL, exc)
+            return None
+
+
+class Bus:
+    """This process's one dedicated PostgreSQL connection that LISTENs on the two channels.
+
+    - `events`: a notification carries a new row's id; the bus reads every row after the last
+      one it delivered, in id order (schema.sql makes ids visible in that order), encodes each
+      once and fans it out to the matching streams of this process.
+    - `session_revocations`: ends sessions of this process's store and closes their streams.
+    If the connection drops, the bus reconnects with backoff, LISTENs again, reads every event
+    after the last one delivered, and checks the accounts of the sessions and streams it holds
+    against `users`, since a revocation may have passed while it was away. `listening` says
+    whether notifications are arriving now.
+    """
+
+    def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, store: SessionStore) -> None:
+        self._engine, self._registry, self._store = engine, registry, store
+        self.last_id: int | None = None  # the newest event delivered; None until first connected
+        self.listening = False
+        self.connected = asyncio.Event()  # set once the first LISTEN is in place
+        # The newest revoked epoch of recently revoked accounts (None: deleted), for logins that
+        # checked a password before a passwd and would begin a session after its notification.
+        self._revoked: OrderedDict[int, int | None] = OrderedDict()
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with exponential backoff and jitter."""
+        delay = BUS_RETRY[0]
+        while True:
+            try:
+                dsn = psycopg2.extensions.make_dsn(self._engine.dsn, application_name=BUS_APPLICATION_NAME)
+                async with aiopg.connect(
+                    dsn, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False, enable_json=False
+                ) as conn:
+                    delay = BUS_RETRY[0]
+                    await self._listen(conn)
+            except (psycopg2.Error, *CONNECTION_ERRORS) as exc:
+                if self.listening:
+                    log.warning("lost the PostgreSQL bus (%s); reconnecting", _first_line(exc))
+                self.listening = False
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BUS_RETRY[1])
+
+    async def _listen(self, conn: aiopg.Connection) -> None:
+        async with conn.cursor() as cur:
+            await cur.execute(f"LISTEN {EVENTS_CHANNEL}; LISTEN {REVOCATIONS_CHANNEL}")
+            if self.last_id is None:  # events from now on; replays read older ones from the table
+                await cur.execute(NEWEST_EVENT)
+                self.last_id = int((await cur.fetchone())[0])
+            else:
+                log.info("PostgreSQL bus back; catching up")
+                await self._catch_up(cur)
+                await self._check_accounts(cur)
+            self.listening = True
+            self.connected.set()
+            while True:
+                notices = [await conn.notifies.get()]
+                while not conn.notifies.empty():
+                    notices.append(conn.notifies.get_nowait())
+                for notice in notices:
+                    if notice.channel == REVOCATIONS_CHANNEL:
+                        revocation = Revocation.parse(notice.payload)
+                        if revocation is not None:
+                            await self.apply(revocation)
+                if any(notice.channel == EVENTS_CHANNEL for notice in notices):
+                    await self._catch_up(cur)
+
+    async def _catch_up(self, cur: aiopg.Cursor) -> None:
+        """Deliver every event after the last one delivered, in id order."""
+        assert self.last_id is not None
+        while True:
+            await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
+            rows = await cur.fetchall()
+            for row in rows:
+                self.last_id = row[0]
+                self._registry.fan_out(Encoded.row(*row))
+            if len(rows) < EVENT_BATCH:
+                return
+
+    async def _check_accounts(self, cur: aiopg.Cursor) -> None:
+        """After an outage: end what a missed passwd or deluser would have ended."""
+        held = self._registry.accounts()
+        if isinstance(self._store, MemorySessionStore):
+            held |= self._store.accounts()
+        if not held:
+            return
+        await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
+        epochs = dict(await cur.fetchall())
+        for account in held:
+            if account.user_id not in epochs:
+                await self.apply(Revocation(Ended.REVOKED, user_id=account.user_id))
+            elif account.epoch < epochs[account.user_id]:
+                await self.apply(
+                    Revocation(Ended.REVOKED, user_id=account.user_id, epoch=epochs[account.user_id])
+                )
+        # A shared store's record is the truth: a stream whose session is gone ends now.
+        if not isinstance(self._store, MemorySessionStore):
+            for stream in self._registry:
+                with contextlib.suppress(SessionStoreUnavailable):
+                    if await self._store.touch(stream.session_id) is None:
+                        stream.end(Ended.LOGOUT)
+
+    async def apply(self, revocation: Revocation) -> None:
+        """End what the revocation names in this process: streams, and memory sessions."""
+        if revocation.session is not None:
+            self._registry.end_session(revocation.session, revocation.reason)
+            return
+        assert revocation.user_id is not None
+        self._registry.end_user(revocation.user_id, revocation.epoch, revocation.reason)
+        if revocation.reason is Ended.REVOKED:
+            self._remember(revocation.user_id, revocation.epoch)
+        try:
+            await self._store.revoke_user(revocation.user_id, revocation.epoch)
+        except SessionStoreUnavailable as exc:
+            log.warning("could not end revoked sessions in the session store: %s", exc)
+
+    async def announce(self, revocation: Revocation) -> None:
+        """Apply a revocation here at once, and tell every other process through PostgreSQL.
+
+        If PostgreSQL is unreachable, the others learn it when their streams next renew their
+        session (a shared store no longer has it) or when their bus reconnects."""
+        await self.apply(revocation)
+        try:
+            async with connection(self._engine) as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
+        except DatabaseUnavailable as exc:
+            log.warning("could not announce a revocation to other processes: %s", exc)
+
+    def revoked(self, account: Account) -> bool:
+        """Whether a revocation this bus brought ends sessions of this account (as it was read)."""
+        if account.user_id not in self._revoked:
+            return False
+        epoch = self._revoked[account.user_id]
+        return epoch is None or account.epoch < epoch
+
+    def _remember(self, user_id: int, epoch: int | None) -> None:
+        self._revoked[user_id] = epoch
+        self._revoked.move_to_end(user_id)
+        while len(self._revoked) > RECENT_REVOCATIONS:
+            self._revoked.popitem(last=False)
+
+
+async def watch_streams(
+    registry: StreamRegistry, store: SessionStore, config: Config, clock: Callable[[], float]
+) -> None:
+    """Every STREAM_TICK: end the streams whose client left; send SSE heartbeats; renew each
+    stream's session (an open stream is use of it) every third of the idle timeout, and end the
+    stream, with reason `expired`, once its session has expired."""
+    loop = asyncio.get_running_loop()
+    renew_every = config.sessions.idle_timeout / 3
+    heartbeat = config.events.heartbeat
+    while True:
+        await asyncio.sleep(STREAM_TICK)
+        now, moment = loop.time(), clock()
+        for stream in registry:
+            if stream.ended.done():
+                continue
+            if stream.transport.is_closing():
+                stream.end(Ended.GONE)
+            elif stream.expires_at <= moment or now - stream.renewed >= renew_every:
+                await renew(stream, store, clock)
+            elif not stream.websocket and now - stream.last_write >= heartbeat:
+                stream.write_bytes(http_chunk(SSE_HEARTBEAT) if stream.chunked else SSE_HEARTBEAT)
+
+
+async def renew(stream: Stream, store: SessionStore, clock: Callable[[], float]) -> None:
+    """Renew the stream's session; end the stream if the session is gone."""
+    try:
+        session = await store.touch(stream.session_id)
+    except SessionStoreUnavailable:
+        return  # the store is away: try again at the next tick
+    stream.renewed = asyncio.get_running_loop().time()
+    if session is not None:
+        stream.expires_at = session.expires_at
+    else:
+        stream.end(Ended.EXPIRED if stream.expires_at <= clock() else Ended.LOGOUT)
+
+
+async def sweep_events_forever(engine: aiopg.sa.Engine, retention: float) -> None:
+    """Delete events older than the retention, now and then, noting the newest id deleted."""
+    while True:
+        await asyncio.sleep(min(SWEEP_INTERVAL, retention))
+        try:
+            async with connection(engine) as conn:
+                await conn.execute(SWEEP_EVENTS, {"retention": retention})
+        except DatabaseUnavailable as exc:
+            log.warning("could not sweep old events: %s", exc)
+
+
+# ---------------------------------------------------------------------------
 # Application keys
 # ---------------------------------------------------------------------------
 
@@ -2043,6 +2736,8 @@ db_engine = web.AppKey("db_engine", aiopg.sa.Engine)
 passwords = web.AppKey("passwords", Passwords)
 sessions = web.AppKey("sessions", SessionStore)
 login_throttle = web.AppKey("login_throttle", LoginThrottle)
+streams = web.AppKey("streams", StreamRegistry)
+event_bus = web.AppKey("event_bus", Bus)
 
 # ---------------------------------------------------------------------------
 # Handlers
@@ -2163,12 +2858,16 @@ async def login(request: web.Request) -> web.Response:
                 "Too many failed logins; try again later.",
                 {"Retry-After": str(math.ceil(wait))},
             )
-        stored_hash = await find_password_hash(app[db_engine], username)
+        stored_hash, account = await find_account(app[db_engine], username)
         verdict = await app[passwords].verify(stored_hash, password)
+        # A passwd or deluser may have committed while the password was checked.
+        if account is None or app[event_bus].revoked(account):
+            verdict = Verdict.WRONG
         if verdict is Verdict.WRONG:
             await throttle.failed(username, address)
             log.info("failed login from %s", address)
             raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
+        assert account is not None  # a right password has an account
         await throttle.succeeded(username)
     if verdict is Verdict.RIGHT_OUTDATED:
         await upgrade_hash(app[db_engine], app[passwords], username, password)
@@ -2176,7 +2875,7 @@ async def login(request: web.Request) -> web.Response:
         printable(address, MAX_ADDRESS_CHARS),
         printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
     )
-    session_id, _ = await app[sessions].create(username, device)
+    session_id, _ = await app[sessions].create(account, device)
     return json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
 
 
@@ -2206,13 +2905,16 @@ async def logout(request: web.Request) -> web.Response:
     everywhere = request.query.get("all", "false") if request.query_string else "false"
     if everywhere not in ("true", "false"):
         raise json_error(web.HTTPBadRequest, "bad_request", "The 'all' parameter must be 'true' or 'false'.")
-    store = request.app[sessions]
-    session = await store.revoke(session_id_from(request))
+    store, bus = request.app[sessions], request.app[event_bus]
+    session_id = session_id_from(request)
+    session = await store.revoke(session_id)
     if session is None:
         raise invalid_session()
     ended = 1
+    await bus.announce(Revocation(Ended.LOGOUT, session=token_hash(session_id)))
     if everywhere == "true":
-        ended += await store.revoke_all(session.username)
+        ended += await store.revoke_all(session.user_id)
+        await bus.announce(Revocation(Ended.LOGOUT, user_id=session.user_id))
     return json_response({"logged_out": ended})
 
 
@@ -2225,11 +2927,12 @@ async def index_page(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     """GET /user/sessions: every live session of the caller, oldest first, the caller's own marked."""
     current = await current_session(request)
-    found = await request.app[sessions].sessions_of(current.username)
-    return json_response({"sessions": [describe(session, current) for session in found]})
+    found = await request.app[sessions].sessions_of(current.user_id)
+    registry = request.app[streams]
+    return json_response({"sessions": [describe(session, current, registry) for session in found]})
 
 
-def describe(session: Session, current: Session) -> dict[str, Any]:
+def describe(session: Session, current: Session, registry: StreamRegistry) -> dict[str, Any]:
     """A session as its user sees it: the public id, never anything of the secret one."""
     return {
         "id": session.public_id,
@@ -2239,6 +2942,7 @@ def describe(session: Session, current: Session) -> dict[str, Any]:
         "address": session.address,
         "user_agent": session.user_agent,
         "current": session.public_id == current.public_id,
+        "streams": registry.streams_of(session.public_id, session.user_id),
     }
 
 
@@ -2252,10 +2956,178 @@ async def end_session(request: web.Request) -> web.Response:
     public_id = request.match_info["id"]
     ended = None
     if PUBLIC_ID_PATTERN.fullmatch(public_id):
-        ended = await request.app[sessions].revoke_public(current.username, public_id)
+        ended = await request.app[sessions].revoke_public(current.user_id, public_id)
     if ended is None:
         raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
+    await request.app[event_bus].announce(Revocation(Ended.LOGOUT, session=ended[0]))
     return json_response({"logged_out": 1})
+
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+}
+LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
+def last_event_id(request: web.Request, websocket: bool) -> int | None:
+    """`?last_event_id=N`, or for SSE the `Last-Event-ID` header a browser sends on reconnecting."""
+    text = request.query.get("last_event_id") if request.query_string else None
+    if text is None and not websocket:
+        text = request.headers.get("Last-Event-ID")
+    if text is None or text.strip() == "":
+        return None
+    if not LAST_EVENT_ID_PATTERN.fullmatch(text.strip()):
+        raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
+    return int(text)
+
+
+def check_origin(request: web.Request, allowed: Sequence[str]) -> None:
+    """Refuse a WebSocket handshake from a page of another origin (cross-site WebSocket
+    hijacking: the browser would send that page's cookies and credentials along). A client that
+    sends no Origin is no browser, and has no page to be hijacked from."""
+    origin = request.headers.get("Origin")
+    if origin is None or origin.lower() == f"{request.scheme}://{request.host}".lower() or origin in allowed:
+        return
+    raise json_error(
+        web.HTTPForbidden, "forbidden_origin", "WebSocket connections from this origin are refused."
+    )
+
+
+def too_many_streams() -> web.HTTPException:
+    return json_error(
+        web.HTTPTooManyRequests, "too_many_streams", "This user has too many open event streams."
+    )
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """GET /events: the session's live stream, as Server-Sent Events or, for an upgrade request,
+    a WebSocket (authenticated by `Authorization` or by its first message)."""
+    app = request.app
+    config = app[config_key].events
+    websocket = web.WebSocketResponse(
+        heartbeat=config.heartbeat, compress=False, max_msg_size=MAX_BODY_BYTES, timeout=SHUTDOWN_TIMEOUT / 2
+    )
+    upgrade = websocket.can_prepare(request).ok
+    after = last_event_id(request, upgrade)
+    if upgrade:
+        check_origin(request, config.allowed_origins)
+    if upgrade and "Authorization" not in request.headers:
+        await websocket.prepare(request)
+        found = await first_message_session(websocket, app[sessions])
+        if found is None:
+            return websocket
+        session_id, session = found
+        if app[streams].count(session.user_id) >= config.max_streams_per_user:
+            await websocket.close(code=WS_TOO_MANY_STREAMS, message=b"too_many_streams")
+            return websocket
+    else:
+        session_id = session_id_from(request)
+        touched = await app[sessions].touch(session_id)
+        if touched is None:
+            raise invalid_session()
+        session = touched
+        if app[streams].count(session.user_id) >= config.max_streams_per_user:
+            raise too_many_streams()
+        if upgrade:
+            await websocket.prepare(request)
+    response: web.StreamResponse = websocket
+    if not upgrade:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+    assert request.transport is not None
+    stream = Stream(
+        session_id,
+        session,
+        request.transport,
+        websocket=upgrade,
+        chunked=not upgrade and request.version >= (1, 1),
+        max_buffer=config.max_buffer,
+        last_id=after or 0,
+    )
+    await serve_stream(request, stream, response, after)
+    return response
+
+
+async def first_message_session(
+    websocket: web.WebSocketResponse, store: SessionStore
+) -> tuple[str, Session] | None:
+    """The session named by the WebSocket's first message, `{"session_id": "..."}`, sent within
+    FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed with 4001 and this returns None."""
+    session = None
+    with contextlib.suppress(asyncio.TimeoutError):
+        message = await websocket.receive(timeout=FIRST_MESSAGE_TIMEOUT)
+        if message.type is WSMsgType.TEXT:
+            with contextlib.suppress(ValueError):
+                session_id = json.loads(message.data).get("session_id")
+                if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
+                    try:
+                        session = await store.touch(session_id)
+                    except SessionStoreUnavailable:
+                        await websocket.close(code=WS_TRY_AGAIN_LATER, message=b"session_store_unavailable")
+                        return None
+    if session is None:
+        await websocket.close(code=WS_SESSION_ENDED, message=b"invalid_session")
+        return None
+    return session_id, session
+
+
+async def serve_stream(
+    request: web.Request, stream: Stream, response: web.StreamResponse, after: int | None
+) -> None:
+    """Register the stream, replay what it missed, then hold it until it ends; close it as its
+    reason says (session_ended and 4001; 1013 for a slow reader; 1001 at shutdown)."""
+    app = request.app
+    registry, bus = app[streams], app[event_bus]
+    registry.add(stream)
+    try:
+        if after is not None and bus.last_id is not None:
+            try:
+                await replay(app[db_engine], stream, after, bus.last_id)
+            except DatabaseUnavailable as exc:
+                log.warning("could not replay events: %s", exc)
+                stream.end(Ended.GONE)  # the client reconnects with its last id and loses nothing
+            except Exception:  # the answer has begun: a JSON 500 can no longer be sent
+                log.exception("unexpected error replaying events")
+                stream.end(Ended.GONE)
+        stream.go_live()
+        if isinstance(response, web.WebSocketResponse):
+            websocket = response
+
+            def close(ended: asyncio.Future[Ended]) -> None:
+                closing.add(asyncio.ensure_future(close_websocket(websocket, stream, ended.result())))
+
+            closing: set[asyncio.Future[None]] = set()  # holds the task until it is done
+            stream.ended.add_done_callback(close)
+            async for _ in response:
+                pass  # what a client sends after its first message is ignored
+            stream.end(Ended.GONE)
+        else:
+            await end_sse(response, stream, await stream.ended)
+    finally:
+        registry.discard(stream)
+
+
+async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
+    if websocket.closed:
+        return
+    if why.tells_client and not stream.transport.is_closing():
+        stream.transport.write(SESSION_ENDED[why].websocket)
+    code = {Ended.SLOW: WS_TRY_AGAIN_LATER, Ended.SHUTDOWN: WS_GOING_AWAY}.get(why, WS_SESSION_ENDED)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await websocket.close(code=code, message=why.value.encode())
+
+
+async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
+    if why is Ended.SLOW or why is Ended.GONE:
+        stream.transport.abort()  # its unread events are dropped; it reconnects with its last id
+        return
+    if why.tells_client and not stream.transport.is_closing():
+        event = SESSION_ENDED[why]
+        stream.transport.write(event.sse_chunk if stream.chunked else event.sse)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write_eof()
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -2380,11 +3252,14 @@ class WebServer:
         app.cleanup_ctx.append(self._database)
         app.cleanup_ctx.append(self._passwords)
         app.cleanup_ctx.append(self._sessions)
+        app.cleanup_ctx.append(self._live)
+        app.on_shutdown.append(close_streams)
         app.router.add_post("/user", login, expect_handler=expect_continue)
         app.router.add_get("/user", whoami, expect_handler=expect_continue)
         app.router.add_delete("/user", logout, expect_handler=expect_continue)
         app.router.add_get("/user/sessions", list_sessions, expect_handler=expect_continue)
         app.router.add_delete("/user/sessions/{id}", end_session, expect_handler=expect_continue)
+        app.router.add_get("/events", events, expect_handler=expect_continue, allow_head=False)
         app.router.add_get("/health", health, expect_handler=expect_continue)
         app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
         app.router.add_get("/", index_page, expect_handler=expect_continue)
@@ -2392,7 +3267,8 @@ class WebServer:
 
     async def _database(self, app: web.Application) -> AsyncIterator[None]:
         # Users are written by the commands, durably; the server's writes can be asynchronous.
-        async with open_database(self.config.db, durable=False) as engine:
+        # One connection of the process's DB_POOL_SIZE is the bus's (see _live).
+        async with open_database(self.config.db, durable=False, pool_size=DB_POOL_SIZE - 1) as engine:
             app[db_engine] = engine
             yield
 
@@ -2415,6 +3291,22 @@ class WebServer:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         await store.close()
+
+    async def _live(self, app: web.Application) -> AsyncIterator[None]:
+        registry = app[streams] = StreamRegistry()
+        bus = app[event_bus] = Bus(app[db_engine], registry, app[sessions])
+        tasks = [
+            asyncio.create_task(bus.run()),
+            asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
+            asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
+        ]
+        # Serve once events are heard, so that one published right after start-up arrives.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def url(self) -> str:
@@ -2536,6 +3428,11 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+async def close_streams(app: web.Application) -> None:
+    """At shutdown, before requests in flight are waited for: end every event stream."""
+    app[streams].end_all(Ended.SHUTDOWN)
+
+
 async def sweep_forever(store: SessionStore, throttle: LoginThrottle, interval: float) -> None:
     """Drop expired sessions and login counters now and then, so storage holds only live ones."""
     while True:
@@ -2603,27 +3500,48 @@ async def set_password_command(config: Config, name: str, new_user: bool) -> str
         if new_user:
             await insert_user(engine, username, password_hash)
             return f"created user '{username}'"
-        await update_password_hash(engine, username, password_hash)
-    return f"changed the password of '{username}'"
+        user_id = await update_password_hash(engine, username, password_hash, end_sessions=True)
+        await end_redis_sessions(config, engine, user_id, f"changed the password of '{username}'")
+    return f"changed the password of '{username}' and ended their sessions"
 
 
 async def del_user_command(config: Config, name: str) -> str:
     username = check_username(name)
     async with open_database(config.db) as engine:
-        await delete_user(engine, username)
-        # A shared store ends the user's sessions everywhere; memory sessions live in the server.
-        ended = 0
-        if config.sessions.store != "memory":
-            store = open_session_store(config.sessions, engine, time.time)
-            try:
-                ended = await store.revoke_all(username)
-            except SessionStoreUnavailable as exc:
-                raise CommandError(
-                    f"deleted user '{username}', but could not end their sessions: {exc}"
-                ) from None
-            finally:
-                await store.close()
-    return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
+        user_id = await delete_user(engine, username)
+        await end_redis_sessions(config, engine, user_id, f"deleted user '{username}'")
+    return f"deleted user '{username}' and ended their sessions"
+
+
+async def end_redis_sessions(config: Config, engine: aiopg.sa.Engine, user_id: int, done: str) -> None:
+    """passwd and deluser end the user's sessions: schema.sql's trigger ends them in the postgres
+    store and notifies every running server (memory sessions, streams); Redis is told here."""
+    if config.sessions.store != "redis":
+        return
+    store = open_session_store(config.sessions, engine, time.time)
+    try:
+        await store.revoke_all(user_id)
+    except SessionStoreUnavailable as exc:
+        raise CommandError(f"{done}, but could not end their sessions in Redis: {exc}") from None
+    finally:
+        await store.close()
+
+
+async def publish_command(config: Config, data: str, to: str | None) -> str:
+    """publish DATA [--to NAME]: DATA is JSON text, to every logged-in user or to NAME's streams."""
+    if len(data.encode()) > MAX_EVENT_BYTES:
+        raise CommandError(f"DATA is over {MAX_EVENT_BYTES // 1024} KiB")
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise CommandError(f"DATA is not valid JSON ({exc})") from None
+    username = None if to is None else check_username(to)
+    async with open_database(config.db) as engine:
+        try:
+            event_id = await publish(engine, value, username)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+    return f"published event {event_id}"
 
 
 MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
@@ -2779,6 +3697,13 @@ def build_parser() -> ArgumentParser:
         help="convert the article's users table (plain-text passwords) to argon2id hashes",
         parents=[common, serve_only],
     )
+    publisher = commands.add_parser(
+        "publish",
+        help="publish a live event to every logged-in user (or one, with --to)",
+        parents=[common, serve_only],
+    )
+    publisher.add_argument("data", metavar="DATA", help="the event's data: JSON text, at most 64 KiB")
+    publisher.add_argument("--to", metavar="NAME", help="only this user's streams")
     return parser
 
 
@@ -2942,6 +3867,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(config, functools.partial(load_config, path, options=options))
         if args.command == "migrate":
             print(asyncio.run(migrate_command(config)))
+        elif args.command == "publish":
+            print(asyncio.run(publish_command(config, args.data, args.to)))
         else:
             _, command = USER_COMMANDS[args.command]
             print(asyncio.run(command(config, args.name)))

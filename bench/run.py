@@ -262,7 +262,7 @@ def memory_per_session(count: int = 100_000) -> float:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     store = server.MemorySessionStore(server.SessionConfig(max_per_user=1_000_000))
-    users = [f"user{number}" for number in range(1000)]
+    users = [server.Account(number, f"user{number}") for number in range(1000)]
     # Each session keeps its own copy of a browser-sized User-Agent and an address, as logins
     # from a real server would (no string shared between sessions).
     agent = (

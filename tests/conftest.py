@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,11 @@ async def client(
 ) -> TestClient[web.Request, web.Application]:
     app = await server.WebServer(config, clock=clock).initializer()
     return await aiohttp_client(app)
+
+
+def account(username: str) -> server.Account:
+    """An account for store tests, which need no row in `users`: a stable id per name."""
+    return server.Account(zlib.crc32(username.encode()), username)
 
 
 async def add_user(app: web.Application, username: str, password: str) -> None:
@@ -332,9 +338,9 @@ def check_memory_store(store: server.MemorySessionStore) -> None:
     indexed = {sid for ids in store._by_user.values() for sid in ids}
     if indexed != set(store._sessions):
         raise AssertionError("session ids differ between the two dictionaries")
-    for username, ids in store._by_user.items():
-        if not ids or any(store._sessions[sid].username != username for sid in ids):
-            raise AssertionError(f"sessions of {username!r} do not point back to that user")
+    for user_id, ids in store._by_user.items():
+        if not ids or any(store._sessions[sid].user_id != user_id for sid in ids):
+            raise AssertionError(f"sessions of user {user_id} do not point back to that user")
 
 
 async def check_postgres_store(store: server.PostgresSessionStore) -> None:
@@ -350,15 +356,15 @@ async def check_redis_store(store: server.RedisSessionStore) -> None:
     """Every session a user's set names exists and points back to that user, and the reverse."""
     client, prefix = store._redis, store._prefix
     async for user_key in client.scan_iter(match=f"{prefix}user:*"):
-        username = user_key.decode().removeprefix(f"{prefix}user:")
+        user_id = user_key.decode().removeprefix(f"{prefix}user:")
         for digest in await client.zrange(user_key, 0, -1):
-            owner = await client.hget(f"{prefix}session:{digest.decode()}", "username")
-            if owner is not None and owner.decode() != username:
-                raise AssertionError(f"a session in {username!r}'s set belongs to {owner!r}")
+            owner = await client.hget(f"{prefix}session:{digest.decode()}", "user_id")
+            if owner is not None and owner.decode() != user_id:
+                raise AssertionError(f"a session in user {user_id}'s set belongs to {owner!r}")
     async for key in client.scan_iter(match=f"{prefix}session:*"):
         fields = await client.hgetall(key)
         digest = key.decode().removeprefix(f"{prefix}session:")
-        if await client.zscore(f"{prefix}user:{fields[b'username'].decode()}", digest) is None:
+        if await client.zscore(f"{prefix}user:{fields[b'user_id'].decode()}", digest) is None:
             raise AssertionError("a session is missing from its user's set")
 
 

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
 )
 
 import server
-from conftest import Clock, check_consistency, count_sessions, open_store
+from conftest import account, Clock, check_consistency, count_sessions, open_store
 
 USERS = st.sampled_from(["alice", "bob"])
 LIMITS = server.SessionConfig(idle_timeout=10, absolute_timeout=25, max_per_user=2)
@@ -66,7 +66,7 @@ class SessionStoreMachine(StoreMachine):
 
     @rule(target=session_ids, username=USERS)
     def create(self, username: str) -> str:
-        session_id, session = self.run(self.store.create(username))
+        session_id, session = self.run(self.store.create(account(username)))
         assert session.username == username
         self.forget_expired()
         self.model[session_id] = (username, self.clock.now, self.clock.now)
@@ -97,7 +97,7 @@ class SessionStoreMachine(StoreMachine):
     @rule(username=USERS)
     def revoke_all(self, username: str) -> None:
         self.forget_expired()
-        ended = self.run(self.store.revoke_all(username))
+        ended = self.run(self.store.revoke_all(account(username).user_id))
         mine = [sid for sid, (name, *_) in self.model.items() if name == username]
         assert ended == len(mine)
         for session_id in mine:

@@ -55,7 +55,7 @@ async def test_creating_the_tables_twice_is_harmless(database_url: str, db: obje
         await server.create_tables(engine)
         await server.insert_user(engine, "alice", "hash")
         await server.create_tables(engine)
-        assert await server.find_password_hash(engine, "alice") == "hash"
+        assert (await server.find_account(engine, "alice"))[0] == "hash"
 
 
 async def test_the_engine_is_closed_when_the_app_shuts_down(config: server.Config) -> None:

@@ -11,7 +11,7 @@ import psycopg2.extensions
 import pytest
 
 import server
-from conftest import Clock, check_consistency, count_sessions, open_store
+from conftest import account, Clock, check_consistency, count_sessions, open_store
 
 LIMITS = server.SessionConfig(idle_timeout=100, absolute_timeout=1000, max_per_user=3)
 
@@ -24,15 +24,15 @@ async def sessions(store_kind: str, clock: Clock, database_url: str) -> AsyncIte
 
 
 async def test_a_user_can_hold_several_sessions(sessions: server.SessionStore) -> None:
-    first, _ = await sessions.create("alice")
-    second, _ = await sessions.create("alice")
+    first, _ = await sessions.create(account("alice"))
+    second, _ = await sessions.create(account("alice"))
     assert first != second
     assert (await sessions.touch(first)) is not None
     assert (await sessions.touch(second)) is not None
 
 
 async def test_touch_returns_the_session(sessions: server.SessionStore, clock: Clock) -> None:
-    session_id, created = await sessions.create("alice")
+    session_id, created = await sessions.create(account("alice"))
     clock.advance(10)
     touched = await sessions.touch(session_id)
     assert touched is not None
@@ -43,8 +43,8 @@ async def test_touch_returns_the_session(sessions: server.SessionStore, clock: C
 
 
 async def test_revoking_one_session_leaves_the_others(sessions: server.SessionStore) -> None:
-    first, _ = await sessions.create("alice")
-    second, _ = await sessions.create("alice")
+    first, _ = await sessions.create(account("alice"))
+    second, _ = await sessions.create(account("alice"))
     revoked = await sessions.revoke(first)
     assert revoked is not None and revoked.username == "alice"
     assert (await sessions.touch(first)) is None
@@ -52,23 +52,23 @@ async def test_revoking_one_session_leaves_the_others(sessions: server.SessionSt
 
 
 async def test_revoking_an_unknown_session_changes_nothing(sessions: server.SessionStore) -> None:
-    await sessions.create("alice")
+    await sessions.create(account("alice"))
     assert (await sessions.revoke("nope")) is None
     assert await count_sessions(sessions) == 1
 
 
 async def test_revoke_all_counts_only_live_sessions(sessions: server.SessionStore, clock: Clock) -> None:
-    await sessions.create("alice")
+    await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout)
-    await sessions.create("alice")
-    bob, _ = await sessions.create("bob")
-    assert await sessions.revoke_all("alice") == 1
-    assert await sessions.revoke_all("nobody") == 0
+    await sessions.create(account("alice"))
+    bob, _ = await sessions.create(account("bob"))
+    assert await sessions.revoke_all(account("alice").user_id) == 1
+    assert await sessions.revoke_all(account("nobody").user_id) == 0
     assert (await sessions.touch(bob)) is not None
 
 
 async def test_the_oldest_session_goes_beyond_max_per_user(sessions: server.SessionStore) -> None:
-    ids = [(await sessions.create("alice"))[0] for _ in range(LIMITS.max_per_user + 1)]
+    ids = [(await sessions.create(account("alice")))[0] for _ in range(LIMITS.max_per_user + 1)]
     assert (await sessions.touch(ids[0])) is None
     for session_id in ids[1:]:
         assert (await sessions.touch(session_id)) is not None
@@ -78,18 +78,18 @@ async def test_the_oldest_session_goes_beyond_max_per_user(sessions: server.Sess
 async def test_making_room_drops_expired_sessions_before_a_live_one(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    ids = [(await sessions.create("alice"))[0] for _ in range(LIMITS.max_per_user)]
+    ids = [(await sessions.create(account("alice")))[0] for _ in range(LIMITS.max_per_user)]
     clock.advance(LIMITS.idle_timeout - 1)
     await sessions.touch(ids[0])  # the oldest is in use; the others will expire
     clock.advance(2)
-    await sessions.create("alice")
+    await sessions.create(account("alice"))
     assert (await sessions.touch(ids[0])) is not None
 
 
 async def test_a_session_expires_exactly_at_its_idle_deadline(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    session_id, session = await sessions.create("alice")
+    session_id, session = await sessions.create(account("alice"))
     assert session.expires_at == clock.now + LIMITS.idle_timeout
     clock.advance(LIMITS.idle_timeout - 0.001)
     assert (await sessions.touch(session_id)) is not None
@@ -100,7 +100,7 @@ async def test_a_session_expires_exactly_at_its_idle_deadline(
 async def test_touch_never_extends_past_the_absolute_deadline(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    session_id, session = await sessions.create("alice")
+    session_id, session = await sessions.create(account("alice"))
     absolute = session.created_at + LIMITS.absolute_timeout
     while clock.now + LIMITS.idle_timeout / 2 < absolute:
         clock.advance(LIMITS.idle_timeout / 2)
@@ -114,9 +114,9 @@ async def test_sweep_removes_expired_sessions_and_keeps_live_ones(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
     for name in ("alice", "bob", "carol"):
-        await sessions.create(name)
+        await sessions.create(account(name))
     clock.advance(LIMITS.idle_timeout / 2)
-    live, _ = await sessions.create("alice")
+    live, _ = await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout / 2)
     assert await sessions.sweep() == 3
     assert await count_sessions(sessions) == 1
@@ -124,7 +124,7 @@ async def test_sweep_removes_expired_sessions_and_keeps_live_ones(
 
 
 async def test_an_expired_session_cannot_be_revoked(sessions: server.SessionStore, clock: Clock) -> None:
-    session_id, _ = await sessions.create("alice")
+    session_id, _ = await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout)
     assert (await sessions.revoke(session_id)) is None
 
@@ -132,20 +132,20 @@ async def test_an_expired_session_cannot_be_revoked(sessions: server.SessionStor
 async def test_sessions_of_lists_the_users_live_sessions_oldest_first(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    await sessions.create("alice", server.Device("192.0.2.1", "expired"))
+    await sessions.create(account("alice"), server.Device("192.0.2.1", "expired"))
     clock.advance(LIMITS.idle_timeout)
-    await sessions.create("alice", server.Device("192.0.2.2", "first"))
+    await sessions.create(account("alice"), server.Device("192.0.2.2", "first"))
     clock.advance(1)
-    _, second = await sessions.create("alice", server.Device("2001:db8::1", "second"))
-    await sessions.create("bob")
-    found = await sessions.sessions_of("alice")
+    _, second = await sessions.create(account("alice"), server.Device("2001:db8::1", "second"))
+    await sessions.create(account("bob"))
+    found = await sessions.sessions_of(account("alice").user_id)
     assert [(s.address, s.user_agent) for s in found] == [("192.0.2.2", "first"), ("2001:db8::1", "second")]
     assert found[1] == second
-    assert await sessions.sessions_of("nobody") == []
+    assert await sessions.sessions_of(account("nobody").user_id) == []
 
 
 async def test_touch_and_revoke_return_the_public_id_and_device(sessions: server.SessionStore) -> None:
-    session_id, created = await sessions.create("alice", server.Device("192.0.2.1", "Agent/1"))
+    session_id, created = await sessions.create(account("alice"), server.Device("192.0.2.1", "Agent/1"))
     assert len(created.public_id) == 22
     touched = await sessions.touch(session_id)
     assert touched is not None
@@ -160,30 +160,30 @@ async def test_touch_and_revoke_return_the_public_id_and_device(sessions: server
 async def test_revoke_public_ends_that_session_and_names_its_token_hash(
     sessions: server.SessionStore,
 ) -> None:
-    first, session = await sessions.create("alice")
-    second, _ = await sessions.create("alice")
-    ended = await sessions.revoke_public("alice", session.public_id)
+    first, session = await sessions.create(account("alice"))
+    second, _ = await sessions.create(account("alice"))
+    ended = await sessions.revoke_public(account("alice").user_id, session.public_id)
     assert ended is not None
     digest, revoked = ended
     assert digest == server.token_hash(first) and revoked.public_id == session.public_id
     assert (await sessions.touch(first)) is None
     assert (await sessions.touch(second)) is not None
-    assert await sessions.revoke_public("alice", session.public_id) is None
+    assert await sessions.revoke_public(account("alice").user_id, session.public_id) is None
 
 
 async def test_revoke_public_ignores_other_users_sessions(sessions: server.SessionStore) -> None:
-    alice, session = await sessions.create("alice")
-    assert await sessions.revoke_public("bob", session.public_id) is None
-    assert await sessions.revoke_public("alice", server.new_public_id()) is None
+    alice, session = await sessions.create(account("alice"))
+    assert await sessions.revoke_public(account("bob").user_id, session.public_id) is None
+    assert await sessions.revoke_public(account("alice").user_id, server.new_public_id()) is None
     assert (await sessions.touch(alice)) is not None
 
 
 async def test_revoke_public_of_an_expired_session_is_none(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    _, session = await sessions.create("alice")
+    _, session = await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout)
-    assert await sessions.revoke_public("alice", session.public_id) is None
+    assert await sessions.revoke_public(account("alice").user_id, session.public_id) is None
 
 
 async def test_session_ids_carry_at_least_128_bits() -> None:
@@ -195,7 +195,7 @@ async def test_postgres_keeps_only_a_hash_of_the_session_id(
     clock: Clock, database_url: str, db: psycopg2.extensions.connection
 ) -> None:
     async with open_store("postgres", LIMITS, clock, database_url) as store:
-        session_id, _ = await store.create("alice")
+        session_id, _ = await store.create(account("alice"))
     with db.cursor() as cur:
         cur.execute("SELECT token_hash, username FROM sessions")
         rows = cur.fetchall()
@@ -219,7 +219,7 @@ async def test_redis_keeps_only_a_hash_of_the_session_id(clock: Clock, database_
 
     redis_or_skip()
     async with open_store("redis", LIMITS, clock, database_url) as store:
-        session_id, _ = await store.create("alice")
+        session_id, _ = await store.create(account("alice"))
         client = store._redis  # type: ignore[attr-defined]
         prefix = store._prefix  # type: ignore[attr-defined]
         dump = b""
