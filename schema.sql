@@ -16,15 +16,15 @@ ALTER TABLE users ADD COLUMN IF NOT EXISTS session_epoch bigint NOT NULL DEFAULT
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash bytea PRIMARY KEY,
     seq        bigint GENERATED ALWAYS AS IDENTITY,   -- creation order: the oldest goes first
-    username   varchar(1024) NOT NULL,       -- shown by GET /user; the account is user_id
-    user_id    bigint NOT NULL,              -- users.id: a new user of the same name is another account
-    epoch      bigint NOT NULL,              -- users.session_epoch when the session began
+    username   varchar(1024) NOT NULL,       -- shown by GET /user; the account is user_id below
     created_at double precision NOT NULL,
     last_seen  double precision NOT NULL,
     expires_at double precision NOT NULL,
     public_id  text NOT NULL,               -- its name in GET /user/sessions: random, not derived from the id
     address    text NOT NULL,               -- the client address of the login, as the throttle saw it
-    user_agent text NOT NULL                -- the login's User-Agent, at most 256 printable ASCII characters
+    user_agent text NOT NULL,               -- the login's User-Agent, at most 256 printable ASCII characters
+    user_id    bigint NOT NULL,             -- users.id: a new user of the same name is another account
+    epoch      bigint NOT NULL              -- users.session_epoch when the session began
 );
 -- Tables from before sessions had public ids or accounts: their sessions end (users log in again).
 ALTER TABLE sessions ADD COLUMN IF NOT EXISTS public_id text;

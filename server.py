@@ -669,7 +669,9 @@ events_table = sa.Table(
     sa.Column("id", sa.BigInteger, primary_key=True),  # drawn by schema.sql's trigger, in commit order
     sa.Column("username", sa.String(MAX_FIELD_CHARS)),  # NULL: every logged-in user
     sa.Column("data", postgresql.JSONB, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True
+    ),
 )
 
 events_dropped = sa.Table(
@@ -3500,29 +3502,33 @@ async def set_password_command(config: Config, name: str, new_user: bool) -> str
         if new_user:
             await insert_user(engine, username, password_hash)
             return f"created user '{username}'"
-        user_id = await update_password_hash(engine, username, password_hash, end_sessions=True)
-        await end_redis_sessions(config, engine, user_id, f"changed the password of '{username}'")
-    return f"changed the password of '{username}' and ended their sessions"
+        _, account = await find_account(engine, username)
+        ended = await end_shared_sessions(config, engine, account)
+        await update_password_hash(engine, username, password_hash, end_sessions=True)
+    return f"changed the password of '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
 async def del_user_command(config: Config, name: str) -> str:
     username = check_username(name)
     async with open_database(config.db) as engine:
-        user_id = await delete_user(engine, username)
-        await end_redis_sessions(config, engine, user_id, f"deleted user '{username}'")
-    return f"deleted user '{username}' and ended their sessions"
+        _, account = await find_account(engine, username)
+        ended = await end_shared_sessions(config, engine, account)
+        await delete_user(engine, username)
+    return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
-async def end_redis_sessions(config: Config, engine: aiopg.sa.Engine, user_id: int, done: str) -> None:
-    """passwd and deluser end the user's sessions: schema.sql's trigger ends them in the postgres
-    store and notifies every running server (memory sessions, streams); Redis is told here."""
-    if config.sessions.store != "redis":
-        return
+async def end_shared_sessions(config: Config, engine: aiopg.sa.Engine, account: Account | None) -> int:
+    """End the account's sessions in a shared store, counting them, before passwd or deluser
+    changes the user. The change itself then ends every session of the account wherever it is
+    (schema.sql's trigger: rows begun meanwhile, and a notification to every running server for
+    sessions in memory and open streams). Returns how many live sessions ended here."""
+    if config.sessions.store == "memory" or account is None:
+        return 0
     store = open_session_store(config.sessions, engine, time.time)
     try:
-        await store.revoke_all(user_id)
+        return await store.revoke_all(account.user_id)
     except SessionStoreUnavailable as exc:
-        raise CommandError(f"{done}, but could not end their sessions in Redis: {exc}") from None
+        raise CommandError(f"could not end the user's sessions, nothing was changed: {exc}") from None
     finally:
         await store.close()
 

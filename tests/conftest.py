@@ -36,8 +36,13 @@ Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
 
 
-def apply_schema(url: str) -> None:
+def apply_schema(url: str, fresh: bool = False) -> None:
+    """Create the tables of schema.sql; fresh=True drops the service's tables first, so that a
+    test database left by an older version gets today's columns in today's order."""
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        if fresh:
+            tables = ", ".join(table.name for table in server.metadata.sorted_tables)
+            cur.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")
         cur.execute(server.SCHEMA_PATH.read_text())
     conn.close()
 
@@ -47,7 +52,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL for the whole run, with the tables of schema.sql."""
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
-        apply_schema(url)
+        apply_schema(url, fresh=True)
         yield url
         return
     cluster = PrivateCluster(tmp_path_factory.mktemp("pg") / "data")
@@ -61,7 +66,7 @@ def db(database_url: str) -> Iterator[psycopg2.extensions.connection]:
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE users, sessions, login_failures RESTART IDENTITY")
+        cur.execute("TRUNCATE users, sessions, login_failures, events RESTART IDENTITY")
     yield conn
     conn.close()
 

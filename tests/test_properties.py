@@ -19,7 +19,7 @@ from hypothesis.stateful import (
 )
 
 import server
-from conftest import account, Clock, check_consistency, count_sessions, open_store
+from conftest import Clock, account, check_consistency, count_sessions, open_store
 
 USERS = st.sampled_from(["alice", "bob"])
 LIMITS = server.SessionConfig(idle_timeout=10, absolute_timeout=25, max_per_user=2)

@@ -11,7 +11,7 @@ import psycopg2.extensions
 import pytest
 
 import server
-from conftest import account, Clock, check_consistency, count_sessions, open_store
+from conftest import Clock, account, check_consistency, count_sessions, open_store
 
 LIMITS = server.SessionConfig(idle_timeout=100, absolute_timeout=1000, max_per_user=3)
 

@@ -101,7 +101,7 @@ async def test_the_list_shows_each_live_session_of_the_caller_with_its_device(
     assert [s["current"] for s in sessions] == [True, False]
     assert [s["address"] for s in sessions] == ["127.0.0.1", "127.0.0.1"]
     assert all(set(s) == {"id", "created_at", "last_seen", "expires_at", "address", "user_agent",
-                          "current"} for s in sessions)  # fmt: skip
+                          "current", "streams"} for s in sessions)  # fmt: skip
     mine, other = sessions
     assert timestamp(mine["created_at"]) == clock.now - 65
     assert timestamp(mine["last_seen"]) == clock.now  # listing is a use of the session
