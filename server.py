@@ -4,8 +4,11 @@ It grows from the article "Asynchronous Web Server in Python" (a `WebServer` cla
 aiopg.sa engine made in an async initializer, sessions in two dictionaries) and makes it
 safe to run: argon2id password hashes verified off the event loop, several expiring
 sessions per user, throttled password guessing, JSON errors for every bad input, an
-embedded PostgreSQL when no database is configured, and shared session stores (PostgreSQL
-or Redis) for several worker processes or machines.
+embedded PostgreSQL when no database is configured, shared session stores (PostgreSQL or
+Redis) for several worker processes or machines, and the article's real-time half: live events
+pushed to logged-in users over Server-Sent Events and WebSocket. PostgreSQL is the one bus
+between processes: each LISTENs on it for new events and for session revocations, so a session
+follows its account (logout, passwd, deluser, expiry) in every process within a second.
 
 Endpoints (README.md and openapi.yaml have the details; every JSON body ends with a newline,
 and every error body is {"error", "message"}):
@@ -21,10 +24,16 @@ and every error body is {"error", "message"}):
                     GET and DELETE answer 401 invalid_session for a missing, unknown or expired id,
                     400 bad_request for ?all other than true/false, 503 session_store_unavailable
     GET    /user/sessions       the caller's live sessions -> 200 {"sessions": [{"id", "created_at",
-                                "last_seen", "expires_at", "address", "user_agent", "current"}]}
+                                "last_seen", "expires_at", "address", "user_agent", "current",
+                                "streams"}]}
     DELETE /user/sessions/{id}  end one of them by its public id -> 200 {"logged_out": 1},
                                 404 no_such_session (unknown, malformed or another user's id)
                     both: 401 invalid_session, 503 session_store_unavailable, as for GET /user
+    GET    /events  the session's live stream: Server-Sent Events, or a WebSocket for an upgrade
+                    request (authenticated by Authorization or by its first message); replays
+                    from ?last_event_id= / Last-Event-ID; events {"id", "type", "data",
+                    "created_at"}, then {"type": "session_ended", "reason"} when the session ends
+                    400 bad_request, 401 invalid_session, 403 forbidden_origin, 429 too_many_streams
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
     GET    /openapi.yaml   this API as OpenAPI 3
     GET    /        the demo page, index.html: log in, who am I, live events, log out
@@ -33,6 +42,7 @@ Command line (a failure is one line on stderr and exit 1):
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
     python server.py adduser|passwd|deluser NAME [--config FILE]
     python server.py migrate [--config FILE]    convert the article's users(username, password)
+    python server.py publish DATA [--to NAME] [--config FILE]    publish a live event (JSON DATA)
     gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker    an existing gunicorn
 
 Where the article's pieces live now (sections in this order, each under a banner):
@@ -43,6 +53,9 @@ Where the article's pieces live now (sections in this order, each under a banner
     sessionToUser, userToSession Sessions: MemorySessionStore._sessions and ._by_user, changed only
                                  by its methods; PostgresSessionStore and RedisSessionStore share
                                  sessions between processes
+    "broadcasting data to users" Live events: Bus (the LISTEN connection of each process),
+                                 StreamRegistry and Stream (open streams), publish(); events()
+                                 in Handlers serves GET /events
     the config dict, the engine  Configuration: load_config() -> Config; Database: open_database()
     run(), main                  WebServer.run() for one process; serve_workers() puts gunicorn's
                                  arbiter over several (Command line), where main() is
@@ -2579,7 +2592,9 @@ class Bus:
             except (psycopg2.Error, *CONNECTION_ERRORS) as exc:
                 if self.listening:
                     log.warning("lost the PostgreSQL bus (%s); reconnecting", _first_line(exc))
-                self.listening = False
+            except Exception:  # a bug must not leave the process deaf: log it, then reconnect
+                log.exception("unexpected error on the PostgreSQL bus; reconnecting")
+            self.listening = False
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BUS_RETRY[1])
 
