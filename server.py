@@ -364,7 +364,7 @@ class EventsConfig:
     retention: float = setting(3600.0, seconds)  # how long events are kept for replay
     heartbeat: float = setting(30.0, seconds)  # between SSE comments and WebSocket pings
     max_streams_per_user: int = setting(20, Integer(1))  # open streams per user, in each process
-    max_buffer: int = setting(1024 * 1024, Integer(1024))  # bytes a stream may queue unsent
+    max_buffer: int = setting(1024 * 1024, Integer(1))  # bytes a stream may queue unsent
     allowed_origins: tuple[str, ...] = setting((), origins)  # besides the page's own
 
 
