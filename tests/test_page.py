@@ -106,12 +106,6 @@ class Site:
 
     def log_in_live(self) -> None:
         """Log in and wait until the page's event stream is open."""
-        try:
-            self.http("GET", "/events")
-        except urllib.error.HTTPError as error:
-            error.close()
-            if error.code == 404:
-                pytest.skip("this server.py serves no GET /events yet")
         self.log_in()
         self.wait_for(lambda: self.text("status") == "Live.", "the event stream to be live")
 
@@ -136,6 +130,13 @@ class Site:
         except Exception as exc:
             shown = self.browser.find_element("tag name", "main").text
             raise AssertionError(f"waited {seconds} s for {what}; the page says: {shown}") from exc
+
+    def open_stream(self, session_id: str) -> Any:
+        """GET /events as Server-Sent Events from outside the browser, once its headers arrived."""
+        request = urllib.request.Request(self.url + "/events", headers={"Authorization": session_id})
+        response = urllib.request.urlopen(request, timeout=WAIT)
+        assert response.headers["Content-Type"] == "text/event-stream"
+        return response
 
     def http(self, method: str, path: str, session_id: str | None = None, body: object = None) -> Any:
         """A request from outside the browser, as curl would send it."""
@@ -232,8 +233,9 @@ def test_the_logout_button_ends_the_session_on_the_server(site: Site) -> None:
 def test_your_sessions_lists_each_device_and_its_end_button_logs_that_one_out(site: Site) -> None:
     from selenium.webdriver.common.by import By
 
-    site.log_in()
+    site.log_in_live()
     other = site.http("POST", "/user", body={"username": "alice", "password": PASSWORD})["session_id"]
+    other_stream = site.open_stream(other)
 
     def rows() -> list[str]:
         """Ask the page to refresh its list; the rows' text as it shows them now."""
@@ -241,16 +243,21 @@ def test_your_sessions_lists_each_device_and_its_end_button_logs_that_one_out(si
         script = "return [...document.querySelectorAll('#sessions li')].map((li) => li.innerText)"
         return list(site.browser.execute_script(script))
 
-    # This page's session, and the one logged in from outside (urllib's User-Agent).
+    # This page's session (its WebSocket open), and the one logged in from outside (urllib's
+    # User-Agent) with an SSE stream open.
     site.wait_for(
         lambda: (
-            [("this page" in row, "Python-urllib" in row) for row in rows()] == [(True, False), (False, True)]
+            [("this page" in row, "Python-urllib" in row, "1 live stream" in row) for row in rows()]
+            == [(True, False, True), (False, True, True)]
         ),
-        "both sessions listed, this page's marked",
+        "both sessions listed with their streams, this page's marked",
     )
     # Clicked from the page's own script: a refresh still in flight may replace the row meanwhile.
     site.browser.execute_script("document.querySelector('#sessions li:nth-child(2) button.end').click()")
     site.wait_for(lambda: ["this page" in row for row in rows()] == [True], "only this page's session")
+    ended = other_stream.read()  # the server ends the other session's stream: read to its end
+    other_stream.close()
+    assert ended.endswith(b'event: session_ended\ndata: {"type": "session_ended", "reason": "logout"}\n\n')
     with pytest.raises(urllib.error.HTTPError) as refused:
         site.http("GET", "/user", other)
     refused.value.close()
