@@ -186,7 +186,8 @@ BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconne
 RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
 ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII)
 WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
-WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer)
+WS_INTERNAL_ERROR = 1011
+WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
 WS_SESSION_ENDED = 4001  # no valid session, or it ended (the application range, 4000-4999)
 WS_TOO_MANY_STREAMS = 4029  # over max_streams_per_user, for a stream authenticated by its first message
 
@@ -2224,6 +2225,8 @@ class Ended(enum.Enum):
     EXPIRED = "expired"  # the idle or the absolute timeout
     SLOW = "slow"  # its unsent events passed events.max_buffer: WebSocket close 1013
     SHUTDOWN = "shutdown"  # the server stops: WebSocket close 1001
+    UNAVAILABLE = "unavailable"  # PostgreSQL could not be read (a replay): WebSocket close 1013
+    ERROR = "error"  # a bug: WebSocket close 1011
     GONE = "gone"  # the client went away
 
     @property
@@ -3104,10 +3107,10 @@ async def serve_stream(
                 await replay(app[db_engine], stream, after, bus.last_id)
             except DatabaseUnavailable as exc:
                 log.warning("could not replay events: %s", exc)
-                stream.end(Ended.GONE)  # the client reconnects with its last id and loses nothing
+                stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
             except Exception:  # the answer has begun: a JSON 500 can no longer be sent
                 log.exception("unexpected error replaying events")
-                stream.end(Ended.GONE)
+                stream.end(Ended.ERROR)
         stream.go_live()
         if isinstance(response, web.WebSocketResponse):
             websocket = response
@@ -3126,12 +3129,20 @@ async def serve_stream(
         registry.discard(stream)
 
 
+WS_CLOSE_CODES = {
+    Ended.SLOW: WS_TRY_AGAIN_LATER,
+    Ended.UNAVAILABLE: WS_TRY_AGAIN_LATER,
+    Ended.SHUTDOWN: WS_GOING_AWAY,
+    Ended.ERROR: WS_INTERNAL_ERROR,
+}
+
+
 async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
     if websocket.closed:
         return
     if why.tells_client and not stream.transport.is_closing():
         stream.transport.write(SESSION_ENDED[why].websocket)
-    code = {Ended.SLOW: WS_TRY_AGAIN_LATER, Ended.SHUTDOWN: WS_GOING_AWAY}.get(why, WS_SESSION_ENDED)
+    code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
     with contextlib.suppress(ConnectionError, RuntimeError):
         await websocket.close(code=code, message=why.value.encode())
 
