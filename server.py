@@ -3113,20 +3113,31 @@ async def serve_stream(
                 stream.end(Ended.ERROR)
         stream.go_live()
         if isinstance(response, web.WebSocketResponse):
-            websocket = response
-
-            def close(ended: asyncio.Future[Ended]) -> None:
-                closing.add(asyncio.ensure_future(close_websocket(websocket, stream, ended.result())))
-
-            closing: set[asyncio.Future[None]] = set()  # holds the task until it is done
-            stream.ended.add_done_callback(close)
-            async for _ in response:
-                pass  # what a client sends after its first message is ignored
-            stream.end(Ended.GONE)
+            await hold_websocket(response, stream)
         else:
             await end_sse(response, stream, await stream.ended)
     finally:
         registry.discard(stream)
+
+
+async def hold_websocket(websocket: web.WebSocketResponse, stream: Stream) -> None:
+    """Read (and ignore) what the client sends until the stream ends, then close the WebSocket.
+
+    The close comes after the read is cancelled: aiohttp's close() beside a pending read drops the
+    connection without waiting for the client's Close frame, and the client then sees 1006."""
+
+    async def ignore_messages() -> None:
+        async for _ in websocket:
+            pass  # what a client sends after its first message is ignored
+
+    reading = asyncio.ensure_future(ignore_messages())
+    try:
+        await asyncio.wait((reading, stream.ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reading.cancel()
+        await asyncio.wait((reading,))
+    stream.end(Ended.GONE)  # unless it ended before: the client closed or left
+    await close_websocket(websocket, stream, stream.ended.result())
 
 
 WS_CLOSE_CODES = {
