@@ -2479,6 +2479,9 @@ PUBLISH_EVENT = """
 """
 
 
+JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # the escape \u0000, not an escaped backslash's "\\u0000"
+
+
 def event_data_text(data: Any) -> str:
     """An event's data as JSON text; ValueError if it is no JSON value or is over 64 KiB."""
     try:
@@ -2487,6 +2490,8 @@ def event_data_text(data: Any) -> str:
         raise ValueError(f"the event's data is not a JSON value ({exc})") from None
     if len(text.encode()) > MAX_EVENT_BYTES:
         raise ValueError(f"the event's data is over {MAX_EVENT_BYTES // 1024} KiB as JSON")
+    if JSON_NUL.search(text):  # PostgreSQL's jsonb cannot hold U+0000
+        raise ValueError("the event's data holds the character U+0000, which PostgreSQL cannot store")
     return text
 
 
@@ -2614,7 +2619,7 @@ class Bus:
             self.listening = True
             self.connected.set()
             while True:
-                notices = [await conn.notifies.get()]
+                notices = self._buffered_notices(conn) or [await conn.notifies.get()]
                 while not conn.notifies.empty():
                     notices.append(conn.notifies.get_nowait())
                 for notice in notices:
@@ -2624,6 +2629,16 @@ class Bus:
                             await self.apply(revocation)
                 if any(notice.channel == EVENTS_CHANNEL for notice in notices):
                     await self._catch_up(cur)
+
+    @staticmethod
+    def _buffered_notices(conn: aiopg.Connection) -> list[Any]:
+        """Notifications that came in with the answer to a query: libpq holds them in its buffer
+        and no readable socket will wake aiopg for them, so ask psycopg2 (poll) for them."""
+        raw = conn.raw
+        raw.poll()
+        notices = list(raw.notifies)
+        raw.notifies.clear()
+        return notices
 
     async def _catch_up(self, cur: aiopg.Cursor) -> None:
         """Deliver every event after the last one delivered, in id order."""
@@ -3079,7 +3094,7 @@ async def first_message_session(
     with contextlib.suppress(asyncio.TimeoutError):
         message = await websocket.receive(timeout=FIRST_MESSAGE_TIMEOUT)
         if message.type is WSMsgType.TEXT:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object
                 session_id = json.loads(message.data).get("session_id")
                 if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
                     try:
