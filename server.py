@@ -79,6 +79,7 @@ import os
 import random
 import re
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -337,6 +338,8 @@ class SessionConfig:
     # memory (this process), postgres (a table beside users) or redis
     store: str = setting("memory", OneOf(("memory", "postgres", "redis")))
     redis_url: str = setting("redis://127.0.0.1:6379/0", redis_url)
+    # Sessions a shared store's process keeps in memory (CachedSessionStore); 0 turns that off.
+    cache_size: int = setting(100_000, Integer(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2072,20 +2075,183 @@ class RedisSessionStore:
         )
 
 
+def renewal_slack(config: SessionConfig) -> float:
+    """Seconds by which a near cache lets the stored idle deadline lag behind the one a client was
+    told: max(1 s, idle_timeout / 100)."""
+    return max(1.0, config.idle_timeout / 100)
+
+
+@dataclasses.dataclass(slots=True)
+class _Near:
+    """A cached session and when its deadline was last written to the store (clock time, s)."""
+
+    session: Session
+    written: float
+
+
+class CachedSessionStore:
+    """A shared store (PostgreSQL or Redis) fronted by this process's recently used sessions, kept
+    in memory by token hash (the article's dictionary again, without the secret ids).
+
+    - A hit answers `touch` without a round trip and renews the idle deadline in memory; the
+      store's deadline is renewed on the first hit after `renewal_slack` seconds, so it never lags
+      behind what a client was told by more than the slack. A miss reads the store once and fills.
+    - This process's own revocations forget first; other processes' arrive on the bus, which calls
+      `forget` and `revoke_user` (Bus.apply). Whatever a read began before a forgetting is not
+      cached (`_generation`), so a revocation racing a miss cannot leave a stale entry.
+    - `trusted` says whether the cache may answer: the server sets it to Bus.hears_everything, so
+      while the bus is down every `touch` reads the store, and the bus clears the cache when it
+      is back. Without a bus (one process, tests) the cache is always trusted.
+    - At most `size` sessions, least recently used out first; expired ones are misses and go at
+      each sweep.
+    """
+
+    def __init__(
+        self, store: SessionStore, config: SessionConfig, clock: Callable[[], float], size: int
+    ) -> None:
+        self.store, self._config, self._clock, self._size = store, config, clock, size
+        self.slack = renewal_slack(config)
+        self.trusted: Callable[[], bool] = lambda: True
+        self._near: OrderedDict[bytes, _Near] = OrderedDict()
+        self._by_user: dict[int, set[bytes]] = {}
+        self._generation = 0  # raised by every forgetting
+
+    def __len__(self) -> int:
+        return len(self._near)
+
+    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
+        session_id, session = await self.store.create(account, device)
+        # The store may have ended the user's oldest sessions to make room: read them again. (The
+        # new session is cached at its first use, so a login costs no memory until then.)
+        self._drop_user(account.user_id, None)
+        return session_id, session
+
+    async def touch(self, session_id: str) -> Session | None:
+        digest = token_hash(session_id)
+        near = self._near.get(digest)
+        if near is not None and self.trusted():
+            now = self._clock()
+            session = near.session
+            if session.expires_at > now and now - near.written < self.slack:
+                self._near.move_to_end(digest)
+                session.last_seen = now
+                session.expires_at = deadline(self._config, session.created_at, now)
+                return session
+        generation = self._generation
+        found = await self.store.touch(session_id)
+        if found is None:
+            self._drop(digest)
+        else:
+            self._fill(digest, found, generation)
+        return found
+
+    async def revoke(self, session_id: str) -> Session | None:
+        self.forget(token_hash(session_id))
+        return await self.store.revoke(session_id)
+
+    async def revoke_all(self, user_id: int) -> int:
+        return await self.revoke_user(user_id, None)
+
+    async def revoke_user(self, user_id: int, below: int | None) -> int:
+        self.forget_user(user_id, below)
+        return await self.store.revoke_user(user_id, below)
+
+    async def sessions_of(self, user_id: int) -> list[Session]:
+        """The store's list, with the renewals this process has not written yet."""
+        found = await self.store.sessions_of(user_id)
+        mine = (self._near[digest].session for digest in self._by_user.get(user_id, ()))
+        cached = {session.public_id: session for session in mine}
+        for session in found:
+            newer = cached.get(session.public_id)
+            if newer is not None and newer.last_seen > session.last_seen:
+                session.last_seen, session.expires_at = newer.last_seen, newer.expires_at
+        return found
+
+    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
+        ended = await self.store.revoke_public(user_id, public_id)
+        if ended is not None:
+            self.forget(ended[0])
+        return ended
+
+    async def sweep(self) -> int:
+        now = self._clock()
+        for digest in [d for d, near in self._near.items() if near.session.expires_at <= now]:
+            self._drop(digest)
+        return await self.store.sweep()
+
+    async def close(self) -> None:
+        self.clear()
+        await self.store.close()
+
+    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
+        return await self.store.recent_failures(key, limit, since)
+
+    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
+        await self.store.add_failure(key, when, limit, window)
+
+    async def clear_failures(self, key: str) -> None:
+        await self.store.clear_failures(key)
+
+    async def sweep_failures(self, before: float) -> int:
+        return await self.store.sweep_failures(before)
+
+    def forget(self, digest: bytes) -> None:
+        """Drop one session (by token hash); a read of it already under way will not fill."""
+        self._generation += 1
+        self._drop(digest)
+
+    def forget_user(self, user_id: int, below: int | None) -> None:
+        """Drop the account's sessions begun below the epoch (None: all of them)."""
+        self._generation += 1
+        self._drop_user(user_id, below)
+
+    def clear(self) -> None:
+        """Drop everything (the bus was away: what it missed is unknown)."""
+        self._generation += 1
+        self._near.clear()
+        self._by_user.clear()
+
+    def _fill(self, digest: bytes, session: Session, generation: int) -> None:
+        """Cache what the store just answered, unless something was forgotten meanwhile."""
+        if generation != self._generation or not self.trusted():
+            return
+        self._near[digest] = _Near(session, session.last_seen)
+        self._near.move_to_end(digest)
+        self._by_user.setdefault(session.user_id, set()).add(digest)
+        while len(self._near) > self._size:
+            self._drop(next(iter(self._near)))
+
+    def _drop(self, digest: bytes) -> None:
+        near = self._near.pop(digest, None)
+        if near is not None:
+            digests = self._by_user[near.session.user_id]
+            digests.discard(digest)
+            if not digests:
+                del self._by_user[near.session.user_id]
+
+    def _drop_user(self, user_id: int, below: int | None) -> None:
+        for digest in list(self._by_user.get(user_id, ())):
+            if below is None or self._near[digest].session.epoch < below:
+                self._drop(digest)
+
+
 def open_session_store(
     config: SessionConfig, engine: aiopg.sa.Engine, clock: Callable[[], float]
 ) -> SessionStore:
-    """The configured session store, which keeps the login failures too."""
+    """The configured session store, which keeps the login failures too; a shared one behind a
+    near cache (CachedSessionStore) unless `cache_size` is 0."""
     if config.store == "postgres":
-        return PostgresSessionStore(engine, config, clock)
-    if config.store == "redis":
+        store: SessionStore = PostgresSessionStore(engine, config, clock)
+    elif config.store == "redis":
         import redis.asyncio  # optional: imported only when this store is chosen
 
         client = redis.asyncio.Redis.from_url(
             config.redis_url, socket_timeout=DB_OPERATION_TIMEOUT, socket_connect_timeout=DB_CONNECT_TIMEOUT
         )
-        return RedisSessionStore(client, config, clock)
-    return MemorySessionStore(config, clock)
+        store = RedisSessionStore(client, config, clock)
+    else:
+        return MemorySessionStore(config, clock)
+    return CachedSessionStore(store, config, clock, config.cache_size) if config.cache_size else store
 
 
 # ---------------------------------------------------------------------------
@@ -2582,6 +2748,7 @@ class Bus:
         self.last_id: int | None = None  # the newest event delivered; None until first connected
         self.listening = False
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
+        self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
         # The newest revoked epoch of recently revoked accounts (None: deleted), for logins that
         # checked a password before a passwd and would begin a session after its notification.
         self._revoked: OrderedDict[int, int | None] = OrderedDict()
@@ -2603,6 +2770,8 @@ class Bus:
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening = False
+            self._conn = None
+            self._forget_cached()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BUS_RETRY[1])
 
@@ -2616,17 +2785,21 @@ class Bus:
                 log.info("PostgreSQL bus back; catching up")
                 await self._catch_up(cur)
                 await self._check_accounts(cur)
+            self._forget_cached()  # what the bus missed is unknown: the cache starts anew
+            self._conn = conn
             self.listening = True
             self.connected.set()
             while True:
                 notices = self._buffered_notices(conn) or [await conn.notifies.get()]
                 while not conn.notifies.empty():
                     notices.append(conn.notifies.get_nowait())
-                for notice in notices:
-                    if notice.channel == REVOCATIONS_CHANNEL:
-                        revocation = Revocation.parse(notice.payload)
-                        if revocation is not None:
-                            await self.apply(revocation)
+                parsed = (Revocation.parse(n.payload) for n in notices if n.channel == REVOCATIONS_CHANNEL)
+                revocations = [revocation for revocation in parsed if revocation is not None]
+                # The near cache forgets them all before the first await lets a request in.
+                for revocation in revocations:
+                    self._forget_cached(revocation)
+                for revocation in revocations:
+                    await self.apply(revocation)
                 if any(notice.channel == EVENTS_CHANNEL for notice in notices):
                     await self._catch_up(cur)
 
@@ -2676,7 +2849,8 @@ class Bus:
                         stream.end(Ended.LOGOUT)
 
     async def apply(self, revocation: Revocation) -> None:
-        """End what the revocation names in this process: streams, and memory sessions."""
+        """End what the revocation names in this process: streams, and memory or cached sessions."""
+        self._forget_cached(revocation)
         if revocation.session is not None:
             self._registry.end_session(revocation.session, revocation.reason)
             return
@@ -2700,6 +2874,27 @@ class Bus:
                 await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
         except DatabaseUnavailable as exc:
             log.warning("could not announce a revocation to other processes: %s", exc)
+
+    def hears_everything(self) -> bool:
+        """Whether every revocation committed so far has reached this process: listening, and
+        nothing received but not yet applied (a near cache may answer only then)."""
+        conn = self._conn
+        if not self.listening or conn is None or conn.closed or not conn.notifies.empty():
+            return False
+        readable, _, _ = select.select([conn.raw.fileno()], [], [], 0)
+        return not readable
+
+    def _forget_cached(self, revocation: Revocation | None = None) -> None:
+        """Drop from the near cache what the revocation names (None: everything)."""
+        cache = self._store
+        if not isinstance(cache, CachedSessionStore):
+            return
+        if revocation is None:
+            cache.clear()
+        elif revocation.session is not None:
+            cache.forget(revocation.session)
+        elif revocation.user_id is not None:
+            cache.forget_user(revocation.user_id, revocation.epoch)
 
     def revoked(self, account: Account) -> bool:
         """Whether a revocation this bus brought ends sessions of this account (as it was read)."""
@@ -3349,6 +3544,9 @@ class WebServer:
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
         registry = app[streams] = StreamRegistry()
         bus = app[event_bus] = Bus(app[db_engine], registry, app[sessions])
+        store = app[sessions]
+        if isinstance(store, CachedSessionStore):
+            store.trusted = bus.hears_everything  # read through to the store while the bus is away
         tasks = [
             asyncio.create_task(bus.run()),
             asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),

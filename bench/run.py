@@ -954,21 +954,26 @@ def main() -> int:
 
 
 LIVE_HEADING = "\n## Live events"
+NEAR_CACHE_HEADING = "\n## Near cache"  # written by bench/near_cache.py
 
 
 def write_report(text: str, only: str | None) -> None:
     """BENCHMARKS.md from a full run; a run of one part replaces only that part's section."""
     path = ROOT / "BENCHMARKS.md"
-    if only is None or not path.exists():
-        path.write_text(text)
+    old = path.read_text() if path.exists() else ""
+    # bench/near_cache.py's section is its own: kept, at the end, whatever this run rewrites.
+    old, near_heading, near_cache = old.partition(NEAR_CACHE_HEADING)
+    kept = near_heading + near_cache
+    if only is None or not old:
+        path.write_text(text.rstrip("\n") + "\n" + kept)
         return
-    old = path.read_text()
     old_http, _, old_live = old.partition(LIVE_HEADING)
     new_http, _, new_live = text.partition(LIVE_HEADING)
     if only == "live":
-        path.write_text(old_http.rstrip("\n") + "\n" + LIVE_HEADING + new_live)
+        path.write_text(old_http.rstrip("\n") + "\n" + LIVE_HEADING + new_live.rstrip("\n") + "\n" + kept)
     else:
-        path.write_text(new_http.rstrip("\n") + "\n" + (LIVE_HEADING + old_live if old_live else ""))
+        live = LIVE_HEADING + old_live.rstrip("\n") + "\n" if old_live else ""
+        path.write_text(new_http.rstrip("\n") + "\n" + live + kept)
 
 
 if __name__ == "__main__":

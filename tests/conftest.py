@@ -292,8 +292,12 @@ def redis_or_skip() -> None:
 async def open_store(
     kind: str, config: server.SessionConfig, clock: Callable[[], float], database_url: str
 ) -> AsyncIterator[server.SessionStore]:
-    """A session store of the given kind, empty, on the test database or Redis; closed after."""
-    if kind == "memory":
+    """A session store of the given kind, empty, on the test database or Redis; closed after.
+    `cached-postgres` and `cached-redis` are those stores behind the near cache (no bus: trusted)."""
+    if kind.startswith("cached-"):
+        async with open_store(kind.removeprefix("cached-"), config, clock, database_url) as store:
+            yield server.CachedSessionStore(store, config, clock, config.cache_size)
+    elif kind == "memory":
         yield server.MemorySessionStore(config, clock)
     elif kind == "postgres":
         async with server.open_database(server.DatabaseConfig(dsn=database_url)) as engine:
@@ -319,6 +323,8 @@ async def open_store(
 
 async def count_sessions(store: server.SessionStore) -> int:
     """Sessions the store holds, live or not yet swept."""
+    if isinstance(store, server.CachedSessionStore):
+        return await count_sessions(store.store)
     if isinstance(store, server.MemorySessionStore):
         return len(store._sessions)
     if isinstance(store, server.PostgresSessionStore):
@@ -330,7 +336,10 @@ async def count_sessions(store: server.SessionStore) -> int:
 
 async def check_consistency(store: server.SessionStore) -> None:
     """Raise AssertionError unless the store's indexes describe the same sessions."""
-    if isinstance(store, server.MemorySessionStore):
+    if isinstance(store, server.CachedSessionStore):
+        check_near_cache(store)
+        await check_consistency(store.store)
+    elif isinstance(store, server.MemorySessionStore):
         check_memory_store(store)
     elif isinstance(store, server.PostgresSessionStore):
         await check_postgres_store(store)
@@ -347,6 +356,16 @@ def check_memory_store(store: server.MemorySessionStore) -> None:
     for user_id, ids in store._by_user.items():
         if not ids or any(store._sessions[sid].user_id != user_id for sid in ids):
             raise AssertionError(f"sessions of user {user_id} do not point back to that user")
+
+
+def check_near_cache(store: server.CachedSessionStore) -> None:
+    """The cache's user index names exactly its sessions, within its size."""
+    indexed = {digest for digests in store._by_user.values() for digest in digests}
+    if indexed != set(store._near) or len(store._near) > store._size:
+        raise AssertionError("the near cache's two dictionaries differ, or it grew beyond its size")
+    for user_id, digests in store._by_user.items():
+        if not digests or any(store._near[d].session.user_id != user_id for d in digests):
+            raise AssertionError(f"cached sessions of user {user_id} do not point back to that user")
 
 
 async def check_postgres_store(store: server.PostgresSessionStore) -> None:
@@ -375,6 +394,7 @@ async def check_redis_store(store: server.RedisSessionStore) -> None:
 
 
 STORE_KINDS = ["memory", "postgres", "redis"]
+CACHED_STORE_KINDS = ["cached-postgres", "cached-redis"]  # the shared stores behind the near cache
 
 
 def clear_redis(prefix: str = "login:") -> None:
@@ -386,6 +406,14 @@ def clear_redis(prefix: str = "login:") -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(params=STORE_KINDS + CACHED_STORE_KINDS)
+def any_store_kind(request: pytest.FixtureRequest, db: object) -> str:
+    """Each store, and each shared store behind the near cache, for the tests of the store alone."""
+    if "redis" in request.param:
+        redis_or_skip()
+    return str(request.param)
 
 
 @pytest.fixture(params=STORE_KINDS)

@@ -31,7 +31,6 @@ from conftest import (
     log_in,
     make_config,
     run_command,
-    server_config,
 )
 
 
@@ -294,7 +293,9 @@ async def test_a_locked_table_gets_503_in_time_and_never_more_connections_than_t
 ) -> None:
     name = f"lock-test-{uuid.uuid4().hex[:12]}"
     dsn = psycopg2.extensions.make_dsn(database_url, application_name=name)
-    config = server_config(dsn, store, login=server.LoginConfig(max_failures=1000))
+    # Without the near cache, which would answer the GETs below from memory, table or no table.
+    sessions = server.SessionConfig(store=store, cache_size=0)
+    config = make_config(dsn, sessions=sessions, login=server.LoginConfig(max_failures=1000))
     client = await aiohttp_client(await server.WebServer(config).initializer())
     await add_user(client.app, "alice", "wonderland")
     session_id = await log_in(client, "alice", "wonderland")

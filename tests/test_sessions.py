@@ -1,4 +1,5 @@
-"""The session store contract, run against every store: memory, PostgreSQL and Redis.
+"""The session store contract, run against every store: memory, PostgreSQL and Redis, and the
+two shared ones behind the near cache.
 
 Several sessions per user, idle and absolute timeouts, max_per_user, revoke_all; the shared
 stores keep only a SHA-256 of each session id."""
@@ -17,8 +18,10 @@ LIMITS = server.SessionConfig(idle_timeout=100, absolute_timeout=1000, max_per_u
 
 
 @pytest.fixture
-async def sessions(store_kind: str, clock: Clock, database_url: str) -> AsyncIterator[server.SessionStore]:
-    async with open_store(store_kind, LIMITS, clock, database_url) as store:
+async def sessions(
+    any_store_kind: str, clock: Clock, database_url: str
+) -> AsyncIterator[server.SessionStore]:
+    async with open_store(any_store_kind, LIMITS, clock, database_url) as store:
         yield store
         await check_consistency(store)
 
