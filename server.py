@@ -52,7 +52,8 @@ Where the article's pieces live now (sections in this order, each under a banner
                                  (and whoami() for GET /user, list_sessions() and end_session())
     sessionToUser, userToSession Sessions: MemorySessionStore._sessions and ._by_user, changed only
                                  by its methods; PostgresSessionStore and RedisSessionStore share
-                                 sessions between processes
+                                 sessions between processes, each behind a CachedSessionStore (the
+                                 dictionary again, as a near cache the bus keeps honest)
     "broadcasting data to users" Live events: Bus (the LISTEN connection of each process),
                                  StreamRegistry and Stream (open streams), publish(); events()
                                  in Handlers serves GET /events

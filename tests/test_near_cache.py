@@ -77,6 +77,23 @@ async def cached(
         yield store
 
 
+@pytest.mark.parametrize(("store", "size", "cached"), [("postgres", None, True), ("redis", 5, True),
+    ("postgres", 0, False), ("memory", None, False)])  # fmt: skip
+def test_the_shared_stores_are_cached_unless_cache_size_is_zero(
+    store: str, size: int | None, cached: bool
+) -> None:
+    raw: dict[str, object] = {"store": store} | ({} if size is None else {"cache_size": size})
+    config = server.parse_config({"sessions": raw}, environ={}).sessions
+    assert config.cache_size == (100_000 if size is None else size)
+    found = server.open_session_store(config, None, time.time)  # type: ignore[arg-type]
+    assert isinstance(found, server.CachedSessionStore) == cached
+
+
+def test_a_negative_cache_size_is_a_config_error() -> None:
+    with pytest.raises(server.ConfigError, match="cache_size"):
+        server.parse_config({"sessions": {"cache_size": -1}}, environ={})
+
+
 async def test_the_cache_holds_at_most_its_size_and_a_session_it_dropped_still_works(
     cached: server.CachedSessionStore,
 ) -> None:
