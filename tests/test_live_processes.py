@@ -33,7 +33,7 @@ ENDS_WITHIN = 1.0  # the contract: a session's end reaches its streams, in any p
 ARRIVES_WITHIN = 5.0  # a bound for an event to arrive, loose for a loaded machine
 # This database's only: other databases of the cluster may have servers of their own.
 BUS_BACKENDS = "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()"
-KILL_BUS = f"SELECT pg_terminate_backend(pid) FROM ({BUS_BACKENDS}) AS bus"
+KILL_BUS = f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid IN ({BUS_BACKENDS})"
 
 
 # ---------------------------------------------------------------------------
@@ -238,8 +238,9 @@ class Client:
     async def whoami(self, served: Served, session_id: str) -> int:
         return await self.status("GET", served, "/user", session_id)
 
-    async def sse(self, served: Served, session_id: str) -> SseStream:
-        response = await self.http.get(f"{served.base}/events", headers={"Authorization": session_id})
+    async def sse(self, served: Served, session_id: str, last_event_id: int | None = None) -> SseStream:
+        query = "" if last_event_id is None else f"?last_event_id={last_event_id}"
+        response = await self.http.get(f"{served.base}/events{query}", headers={"Authorization": session_id})
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
         stream = SseStream(response)
@@ -481,6 +482,13 @@ class RefusableRole:
         with self.db.cursor() as cur:
             cur.execute(f'ALTER ROLE "{self.name}" LOGIN')
 
+    def cut_off(self) -> None:
+        """Refuse new connections, then end the bus connection of the server that uses the role."""
+        self.refuse()
+        with self.db.cursor() as cur:
+            cur.execute(f"{KILL_BUS} AND usename = %s", (server.BUS_APPLICATION_NAME, self.name))
+            assert cur.fetchall() == [(True,)]
+
     def drop(self) -> None:
         with self.db.cursor() as cur:
             cur.execute(
@@ -505,10 +513,7 @@ async def test_a_passwd_made_while_the_bus_is_cut_off_takes_effect_when_it_recon
     async with Client() as client:
         alice = await client.log_in(served, "alice", "wonderland")
         streams = await client.both(served, alice)
-        refusable_role.refuse()
-        with site.db.cursor() as cur:
-            cur.execute(KILL_BUS, (server.BUS_APPLICATION_NAME,))
-            assert cur.fetchall() == [(True,)]
+        refusable_role.cut_off()
         await site.run("passwd", "alice", stdin="looking-glass\n")
         # The server has not heard of it: its bus cannot get back (else this test means nothing).
         with pytest.raises(asyncio.TimeoutError):
@@ -518,6 +523,24 @@ async def test_a_passwd_made_while_the_bus_is_cut_off_takes_effect_when_it_recon
             assert await stream.end(within=server.BUS_RETRY[1] + 2) == "revoked"
         assert await client.whoami(served, alice) == 401
     assert "PostgreSQL bus back" in served.process.log
+
+
+async def test_a_logout_made_while_a_process_is_cut_off_closes_its_streams_when_it_reconnects(
+    site: Site, refusable_role: RefusableRole
+) -> None:
+    site.add_user("alice", "wonderland")
+    (one,) = site.serve(store="postgres")
+    (cut_off,) = site.serve(store="postgres", url=refusable_role.url)
+    async with Client() as client:
+        alice = await client.log_in(one, "alice", "wonderland")
+        streams = await client.both(cut_off, alice)
+        refusable_role.cut_off()
+        assert await client.status("DELETE", one, "/user", alice) == 200
+        with pytest.raises(asyncio.TimeoutError):  # it has not heard (else this test means nothing)
+            await streams[0].message(within=0.3)
+        refusable_role.admit()
+        for stream in streams:
+            assert await stream.end(within=server.BUS_RETRY[1] + 2) == "logout"
 
 
 # ---------------------------------------------------------------------------
@@ -665,3 +688,24 @@ async def test_sigterm_closes_the_streams_of_every_worker_and_exits_0(site: Site
         alice = await client.log_in(served, "alice", "wonderland")
         streams = await streams_on_every_worker(client, served, alice)
         await stop_while_streaming(served, streams, signal.SIGTERM)
+
+
+async def test_sighup_replaces_the_workers_closing_their_streams_for_clients_to_reconnect(site: Site) -> None:
+    site.add_user("alice", "wonderland")
+    (served,) = site.serve(store="postgres", workers=2)
+    async with Client() as client:
+        alice = await client.log_in(served, "alice", "wonderland")
+        streams = await streams_on_every_worker(client, served, alice)
+        seen = site.insert_event("before")
+        await all_receive(streams, seen, "before")
+        old = psutil.Process(served.process.process.pid).children()
+        served.process.process.send_signal(signal.SIGHUP)
+        await asyncio.wait_for(asyncio.gather(*(closed_for_shutdown(stream) for stream in streams)), 5)
+        served.process.wait_until_serving(processes=4)  # two new workers
+        _, alive = psutil.wait_procs(old, timeout=server.SHUTDOWN_TIMEOUT)
+        assert alive == [], "old workers live on"
+        # A client reconnects with its last event id and misses nothing published meanwhile.
+        missed = site.insert_event("while reconnecting")
+        again = await client.sse(served, alice, last_event_id=seen)
+        await all_receive([again], missed, "while reconnecting")
+    assert served.process.stop(timeout=server.SHUTDOWN_TIMEOUT) == 0
