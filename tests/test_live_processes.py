@@ -541,6 +541,7 @@ async def test_a_logout_made_while_a_process_is_cut_off_closes_its_streams_when_
         refusable_role.admit()
         for stream in streams:
             assert await stream.end(within=server.BUS_RETRY[1] + 2) == "logout"
+        assert await client.whoami(cut_off, alice) == 401
 
 
 # ---------------------------------------------------------------------------
