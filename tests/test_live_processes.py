@@ -284,7 +284,7 @@ def published_id(output: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Several processes on one database, each with its sessions in memory
+# Several processes on one database, each with its sessions in memory (unless said otherwise)
 # ---------------------------------------------------------------------------
 
 
@@ -327,9 +327,12 @@ async def test_passwd_and_deluser_end_the_users_streams_and_sessions_in_every_pr
         assert await client.whoami(servers[1], bob) == 200
 
 
-async def test_a_session_of_a_deleted_user_never_passes_as_the_new_user_of_that_name(site: Site) -> None:
+@pytest.mark.parametrize("store", ["memory", "postgres"])  # postgres: a shared store, and its near cache
+async def test_a_session_of_a_deleted_user_never_passes_as_the_new_user_of_that_name(
+    site: Site, store: str
+) -> None:
     site.add_user("erin", "same-password")
-    servers = site.serve(2)
+    servers = site.serve(2, store=store)
     async with Client() as client:
         old = [await client.log_in(served, "erin", "same-password") for served in servers]
         streams = await client.each_both(servers, old)
