@@ -11,8 +11,11 @@ import contextlib
 import datetime
 import json
 import os
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +23,7 @@ import psycopg2
 import pytest
 
 import server
-from conftest import Client, ClientFactory, Clock, add_user, log_in, make_config, raw_request
+from conftest import Client, ClientFactory, Clock, add_user, log_in, make_config, raw_request, run_command
 
 TRANSPORTS = ["sse", "websocket"]
 WITHIN = 1.0  # seconds: the contract's bound for a session's end to reach its streams
@@ -291,17 +294,19 @@ async def request_raw(client: Client, head: bytes) -> Any:
     return await asyncio.to_thread(raw_request, client.port, head)
 
 
-@pytest.mark.parametrize(
-    "authorization",
-    [None, "Authorization: ", "Authorization: Bearer ", "Authorization: Basic YWxpY2U6d29uZGVybGFuZA=="],
-    ids=["missing", "empty", "bearer-nothing", "basic"],
-)
-async def test_sse_without_a_valid_session_is_401_json(client: Client, authorization: str | None) -> None:
+async def test_sse_without_a_valid_session_is_401_json(client: Client) -> None:
     assert client.port is not None
-    answer = await request_raw(client, sse_head(client.port, "/events", *filter(None, [authorization])))
-    assert answer.status == 401
-    assert answer.headers["content-type"].startswith("application/json")
-    assert answer.json()["error"] == "invalid_session"
+    for authorization in [
+        None,
+        "Authorization: ",
+        "Authorization: Bearer ",
+        "Authorization: Basic YWxpY2U6d29uZGVybGFuZA==",
+        "Authorization: Bearer a b",
+    ]:
+        answer = await request_raw(client, sse_head(client.port, "/events", *filter(None, [authorization])))
+        assert answer.status == 401, authorization
+        assert answer.headers["content-type"].startswith("application/json")
+        assert answer.json()["error"] == "invalid_session"
 
 
 @pytest.mark.parametrize("style", ["plain", "bearer"])
@@ -327,30 +332,28 @@ async def test_a_logged_out_session_is_401(client: Client, transport: str) -> No
     assert (answer.status, answer.json()["error"]) == (401, "invalid_session")
 
 
-@pytest.mark.parametrize(
-    "first_message",
-    [
-        "not json",
-        "[]",
-        '"a string"',
-        "null",
-        "42",
-        "{}",
-        '{"session": "x"}',
-        '{"session_id": 42}',
-        '{"session_id": null}',
-        '{"session_id": "not a session id!"}',
-        "UNKNOWN",
-    ],
-)
-async def test_a_websocket_is_closed_4001_on_a_bad_first_message(client: Client, first_message: str) -> None:
-    if first_message == "UNKNOWN":
-        first_message = json.dumps({"session_id": server.new_session_id()})
-    websocket = await client.ws_connect("/events")
-    await websocket.send_str(first_message)
-    message = await websocket.receive(timeout=2)
-    assert message.type is aiohttp.WSMsgType.CLOSE
-    assert websocket.close_code == server.WS_SESSION_ENDED == 4001
+BAD_FIRST_MESSAGES = [
+    "not json",
+    "[]",
+    '"a string"',
+    "null",
+    "42",
+    "{}",
+    '{"session": "x"}',
+    '{"session_id": 42}',
+    '{"session_id": null}',
+    '{"session_id": "not a session id!"}',
+    json.dumps({"session_id": server.new_session_id()}),  # well-formed, unknown
+]
+
+
+async def test_a_websocket_is_closed_4001_on_a_bad_first_message(client: Client) -> None:
+    for first_message in BAD_FIRST_MESSAGES:
+        websocket = await client.ws_connect("/events")
+        await websocket.send_str(first_message)
+        message = await websocket.receive(timeout=2)
+        assert message.type is aiohttp.WSMsgType.CLOSE, first_message
+        assert websocket.close_code == server.WS_SESSION_ENDED == 4001, first_message
     assert len(client.app[server.streams]) == 0
 
 
@@ -676,16 +679,10 @@ async def test_the_publish_coroutine_returns_increasing_ids(client: Client) -> N
     assert event_ids([await stream.next() for _ in range(3)]) == [ids[0], ids[1], ids[3]]
 
 
-@pytest.mark.parametrize(
-    "data",
-    [object(), float("nan"), float("inf"), {1j: 2}, "x" * (64 * 1024), "\x00", {"key\x00": 1}],
-    ids=["object", "nan", "inf", "complex-key", "over-64-KiB", "nul", "nul-in-key"],
-)
-async def test_the_publish_coroutine_refuses_what_is_not_a_storable_json_value(
-    client: Client, data: Any
-) -> None:
-    with pytest.raises(ValueError):
-        await publish(client, data)
+async def test_the_publish_coroutine_refuses_what_is_not_a_storable_json_value(client: Client) -> None:
+    for data in [object(), float("nan"), float("inf"), {1j: 2}, "x" * (64 * 1024), "\x00", {"key\x00": 1}]:
+        with pytest.raises(ValueError):
+            await publish(client, data)
     async with server.connection(client.app[server.db_engine]) as conn:
         assert await conn.scalar("SELECT count(*) FROM events") == 0
 
@@ -705,3 +702,446 @@ async def test_the_publish_coroutine_takes_64_kib_of_json(client: Client) -> Non
 async def test_the_publish_coroutine_raises_user_not_found_for_an_unknown_user(client: Client) -> None:
     with pytest.raises(server.UserNotFound):
         await publish(client, 1, "nobody")
+
+
+# ---------------------------------------------------------------------------
+# A stream lives as long as its session
+# ---------------------------------------------------------------------------
+
+
+async def assert_session_ended(stream: EventClient, reason: str) -> None:
+    """The stream gets session_ended with `reason` and is closed (4001) within one second."""
+    received, code = await stream.ending(WITHIN)
+    assert received == [{"type": "session_ended", "reason": reason}]
+    if stream.transport == "websocket":
+        assert code == server.WS_SESSION_ENDED == 4001
+    else:
+        assert stream.blocks[-1][0] == "event: session_ended"  # and no id line
+        assert len(stream.blocks[-1]) == 2
+
+
+async def assert_alive(client: Client, *streams: EventClient) -> None:
+    event_id = await publish(client, "still open")
+    for stream in streams:
+        assert (await stream.next())["id"] == event_id
+
+
+async def test_a_logout_ends_that_sessions_streams(client: Client, transport: str) -> None:
+    phone = await log_in(client, "alice", "wonderland")
+    laptop = await log_in(client, "alice", "wonderland")
+    phone_streams = [await open_stream(client, transport, phone) for _ in range(2)]
+    laptop_stream = await open_stream(client, transport, laptop)
+    response = await client.delete("/user", headers=auth_header(phone, "bearer"))
+    assert await response.json() == {"logged_out": 1}
+    for stream in phone_streams:
+        await assert_session_ended(stream, "logout")
+    await assert_alive(client, laptop_stream)
+
+
+async def test_a_logout_of_all_sessions_ends_every_stream_of_the_user(client: Client, transport: str) -> None:
+    phone = await log_in(client, "alice", "wonderland")
+    laptop = await log_in(client, "alice", "wonderland")
+    alice_streams = [await open_stream(client, transport, session) for session in (phone, laptop)]
+    bob_stream = await open_stream(client, transport, await log_in(client, "bob", "builder123"))
+    response = await client.delete("/user?all=true", headers=auth_header(phone))
+    assert await response.json() == {"logged_out": 2}
+    for stream in alice_streams:
+        await assert_session_ended(stream, "logout")
+    await assert_alive(client, bob_stream)
+
+
+async def test_ending_a_session_by_its_id_ends_its_streams(client: Client, transport: str) -> None:
+    phone = await log_in(client, "alice", "wonderland")
+    laptop = await log_in(client, "alice", "wonderland")
+    phone_stream = await open_stream(client, transport, phone)
+    laptop_stream = await open_stream(client, transport, laptop)
+    listed = (await (await client.get("/user/sessions", headers=auth_header(laptop))).json())["sessions"]
+    (phone_id,) = [session["id"] for session in listed if not session["current"]]
+    response = await client.delete(f"/user/sessions/{phone_id}", headers=auth_header(laptop))
+    assert await response.json() == {"logged_out": 1}
+    await assert_session_ended(phone_stream, "logout")
+    await assert_alive(client, laptop_stream)
+
+
+@pytest.fixture
+def command(database_url: str, tmp_path: Path) -> Callable[..., Awaitable[Any]]:
+    """Run `python server.py ARGS` on the test database (in a thread: the server under test
+    answers on this test's event loop meanwhile)."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(FAST_COMMAND_CONFIG))
+
+    async def run(*args: str, stdin: str = "") -> Any:
+        return await asyncio.to_thread(
+            run_command, [*args, "--config", str(config_file)], stdin, {"DATABASE_URL": database_url}
+        )
+
+    return run
+
+
+async def test_passwd_ends_the_users_streams_and_sessions_with_reason_revoked(
+    client: Client, command: Callable[..., Awaitable[Any]]
+) -> None:
+    alice = await log_in(client, "alice", "wonderland")
+    alice_streams = [await open_stream(client, transport, alice) for transport in TRANSPORTS]
+    bob_streams = [
+        await open_stream(client, transport, await log_in(client, "bob", "builder123"))
+        for transport in TRANSPORTS
+    ]
+    result = await command("passwd", "alice", stdin="looking-glass\n")
+    assert result.returncode == 0, result.stderr
+    for stream in alice_streams:
+        await assert_session_ended(stream, "revoked")
+    await assert_alive(client, *bob_streams)
+    assert (await client.get("/user", headers=auth_header(alice))).status == 401
+    old = await client.post("/user", json={"username": "alice", "password": "wonderland"})
+    assert old.status == 401
+    new_session = await log_in(client, "alice", "looking-glass")
+    assert (await client.get("/user", headers=auth_header(new_session))).status == 200
+    await assert_alive(client, await open_stream(client, "websocket", new_session, auth="message"))
+
+
+async def test_deluser_ends_the_users_streams_and_a_new_user_of_that_name_gets_nothing_of_them(
+    client: Client, command: Callable[..., Awaitable[Any]]
+) -> None:
+    old = await log_in(client, "alice", "wonderland")
+    old_streams = [await open_stream(client, transport, old) for transport in TRANSPORTS]
+    bob_stream = await open_stream(client, "sse", await log_in(client, "bob", "builder123"))
+    result = await command("deluser", "alice")
+    assert result.returncode == 0, result.stderr
+    for stream in old_streams:
+        await assert_session_ended(stream, "revoked")
+    await assert_alive(client, bob_stream)
+    result = await command("adduser", "alice", stdin="a-new-alice\n")
+    assert result.returncode == 0, result.stderr
+    # The old session does not pass as the new alice: not for GET /user, a stream or a logout.
+    assert (await client.get("/user", headers=auth_header(old))).status == 401
+    assert client.port is not None
+    for head in (sse_head, websocket_head):
+        assert (
+            await request_raw(client, head(client.port, "/events", f"Authorization: {old}"))
+        ).status == 401
+    websocket = await client.ws_connect("/events")
+    await websocket.send_str(json.dumps({"session_id": old}))
+    await websocket.receive(timeout=2)
+    assert websocket.close_code == 4001
+    assert (await client.delete("/user?all=true", headers=auth_header(old))).status == 401
+    # The new alice's sessions are hers alone: logging out everywhere ends her two, and nothing else.
+    new_sessions = [await log_in(client, "alice", "a-new-alice") for _ in range(2)]
+    new_stream = await open_stream(client, "websocket", new_sessions[1])
+    response = await client.delete("/user?all=true", headers=auth_header(new_sessions[0]))
+    assert await response.json() == {"logged_out": 2}
+    await assert_session_ended(new_stream, "logout")
+    await assert_alive(client, bob_stream)
+
+
+def expiring(idle: float, absolute: float) -> server.SessionConfig:
+    return server.SessionConfig(idle_timeout=idle, absolute_timeout=absolute)
+
+
+async def test_a_stream_ends_at_the_idle_timeout_with_reason_expired(
+    start: Start, clock: Clock, transport: str
+) -> None:
+    client = await start(sessions=expiring(60, 3600))
+    stream = await open_stream(client, transport, await log_in(client, "alice", "wonderland"))
+    clock.advance(59)
+    await stream.nothing_within(0.6)
+    clock.advance(2)
+    await assert_session_ended(stream, "expired")
+
+
+async def test_a_stream_ends_at_the_absolute_timeout_with_reason_expired(
+    start: Start, clock: Clock, transport: str
+) -> None:
+    client = await start(sessions=expiring(60, 100))
+    session_id = await log_in(client, "alice", "wonderland")
+    stream = await open_stream(client, transport, session_id)
+    clock.advance(50)
+    assert (await client.get("/user", headers=auth_header(session_id))).status == 200  # renewed
+    clock.advance(49)
+    await stream.nothing_within(0.6)
+    clock.advance(2)  # 101 s after the login; 51 s after its last use
+    await assert_session_ended(stream, "expired")
+
+
+async def test_an_open_stream_renews_its_sessions_idle_timeout(
+    start: Start, clock: Clock, transport: str
+) -> None:
+    client = await start(sessions=expiring(1.5, 3600))  # an open stream renews every 0.5 s
+    session_id = await log_in(client, "alice", "wonderland")
+    stream = await open_stream(client, transport, session_id)
+    for _ in range(2):
+        clock.advance(1)
+        await asyncio.sleep(1.1)  # a renewal happens meanwhile, at this time of the clock
+    # 2 s after the login, 0.5 s past its idle timeout had nothing used the session.
+    await stream.nothing_within(0.1)
+    assert (await client.get("/user", headers=auth_header(session_id))).status == 200
+
+
+# ---------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------
+
+
+async def test_a_user_over_max_streams_per_user_is_refused(start: Start, transport: str) -> None:
+    client = await start(max_streams_per_user=2)
+    alice = await log_in(client, "alice", "wonderland")
+    held = [await open_stream(client, transport, alice) for _ in range(2)]
+    assert client.port is not None
+    for head in (sse_head, websocket_head):
+        answer = await request_raw(client, head(client.port, "/events", f"Authorization: {alice}"))
+        assert (answer.status, answer.json()["error"]) == (429, "too_many_streams")
+    websocket = await client.ws_connect("/events")
+    await websocket.send_str(json.dumps({"session_id": await log_in(client, "alice", "wonderland")}))
+    await websocket.receive(timeout=2)
+    assert websocket.close_code == server.WS_TOO_MANY_STREAMS == 4029
+    # Another user is not limited by alice's streams, and alice may open one once one closes.
+    bob_stream = await open_stream(client, transport, await log_in(client, "bob", "builder123"))
+    await held[0].close()
+    registry = client.app[server.streams]
+    await wait_until(lambda: registry.count(held_user(client)) == 1, what="the server noticed the close")
+    await assert_alive(client, held[1], bob_stream, await open_stream(client, transport, alice))
+
+
+def held_user(client: Client) -> int:
+    (user_id,) = {
+        stream.account.user_id for stream in client.app[server.streams] if stream.account.username == "alice"
+    }
+    return user_id
+
+
+async def raw_stream(client: Client, transport: str, session_id: str) -> socket.socket:
+    """A connection that asks for a stream and then never reads: a receive buffer of 4 KiB."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    assert client.port is not None
+    await loop.sock_connect(sock, ("127.0.0.1", client.port))
+    head = (websocket_head if transport == "websocket" else sse_head)(
+        client.port, "/events", f"Authorization: {session_id}"
+    )
+    await loop.sock_sendall(sock, head + b"\r\n\r\n")
+    return sock
+
+
+async def read_all(sock: socket.socket, until: Callable[[bytes], bool] = lambda _: False) -> bytes:
+    """Everything until the server closes or resets the connection, or until(what was read)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(5):
+        while not until(data):
+            try:
+                chunk = await loop.sock_recv(sock, 1 << 20)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+    return data
+
+
+def ends_with_close_frame(data: bytes) -> bool:
+    frames = websocket_frames(data) if b"\r\n\r\n" in data else []
+    return bool(frames) and frames[-1][0] == 0x8
+
+
+def websocket_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole frame a server sent (unmasked) after its 101 answer."""
+    head, _, data = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    frames, at = [], 0
+    while len(data) >= at + 2:
+        opcode, size, start = data[at] & 0x0F, data[at + 1] & 0x7F, at + 2
+        if size == 126:
+            size, start = int.from_bytes(data[at + 2 : at + 4], "big"), at + 4
+        elif size == 127:
+            size, start = int.from_bytes(data[at + 2 : at + 10], "big"), at + 10
+        if len(data) < start + size:
+            break
+        frames.append((opcode, data[start : start + size]))
+        at = start + size
+    return frames
+
+
+async def test_a_client_that_stops_reading_is_disconnected_and_others_get_every_event_promptly(
+    start: Start, transport: str
+) -> None:
+    client = await start(max_buffer=256 * 1024)
+    alice = await log_in(client, "alice", "wonderland")
+    reader = await open_stream(client, transport, alice)
+    registry = client.app[server.streams]
+    before = set(registry)
+    sock = await raw_stream(client, transport, alice)
+    try:
+        await wait_until(lambda: bool(set(registry) - before), what="the server holds the slow stream")
+        (slow,) = set(registry) - before
+        published: list[int] = []
+        slowest = 0.0
+        data = "x" * (60 * 1024)
+        while not slow.ended.done():
+            assert len(published) < 500, "the slow reader was never disconnected"
+            began = time.monotonic()
+            published.append(await publish(client, data))
+            assert (await reader.next())["id"] == published[-1]
+            slowest = max(slowest, time.monotonic() - began)
+        assert slowest < 0.5
+        received = await read_all(
+            sock, ends_with_close_frame if transport == "websocket" else lambda _: False
+        )
+    finally:
+        sock.close()
+    if transport == "websocket":
+        frames = websocket_frames(received)
+        texts = [json.loads(payload)["id"] for opcode, payload in frames if opcode == 0x1]
+        assert texts == published[: len(texts)]
+        assert frames[-1][0] == 0x8, "the last frame is a Close"
+        assert int.from_bytes(frames[-1][1][:2], "big") == server.WS_TRY_AGAIN_LATER == 1013
+    else:
+        # The connection is dropped with the events it had not taken: at least max_buffer of them.
+        assert received.count(b"\nevent: message\n") <= len(published) - 4
+    await wait_until(lambda: slow not in set(registry), what="the slow stream is gone")
+    # It reconnects with its last id and loses nothing still retained.
+    resumed = await open_stream(client, transport, alice, params={"last_event_id": str(published[-3])})
+    assert event_ids([await resumed.next(), await resumed.next()]) == published[-2:]
+    await assert_alive(client, reader, resumed)
+
+
+async def test_500_streams_on_one_process_all_receive_a_broadcast(start: Start) -> None:
+    client = await start(max_streams_per_user=500)
+    session_id = await log_in(client, "alice", "wonderland")
+    registry = client.app[server.streams]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        streams = await asyncio.gather(
+            *(
+                open_stream(client, TRANSPORTS[n % 2], session_id, http=http, registered=False)
+                for n in range(500)
+            )
+        )
+        await wait_until(lambda: len(registry) == 500, what="500 streams held")
+        began = time.monotonic()
+        event_id = await publish(client, {"to": "everyone"})
+        events = await asyncio.gather(*(stream.next(within=5) for stream in streams))
+        assert {event["id"] for event in events} == {event_id}
+        assert time.monotonic() - began < 2
+        await asyncio.gather(*(stream.close() for stream in streams))
+
+
+# ---------------------------------------------------------------------------
+# Heartbeats, the sessions list
+# ---------------------------------------------------------------------------
+
+
+async def test_sse_sends_a_comment_line_every_heartbeat(start: Start) -> None:
+    client = await start(heartbeat=0.2)
+    stream = await open_stream(client, "sse", await log_in(client, "alice", "wonderland"))
+    await stream.nothing_within(1.3)  # comments are no events
+    assert len(stream.comments) >= 2
+    await assert_alive(client, stream)
+
+
+async def test_a_websocket_gets_a_ping_every_heartbeat(start: Start) -> None:
+    client = await start(heartbeat=0.2)
+    stream = await open_stream(client, "websocket", await log_in(client, "alice", "wonderland"))
+    await stream.nothing_within(1.0)
+    assert len(stream.pings) >= 3
+    await assert_alive(client, stream)
+
+
+async def test_the_sessions_list_counts_each_sessions_open_streams(client: Client) -> None:
+    phone = await log_in(client, "alice", "wonderland")
+    laptop = await log_in(client, "alice", "wonderland")
+    phone_streams = [await open_stream(client, transport, phone) for transport in TRANSPORTS]
+
+    async def counts() -> dict[bool, int]:
+        response = await client.get("/user/sessions", headers=auth_header(laptop))
+        return {session["current"]: session["streams"] for session in (await response.json())["sessions"]}
+
+    assert await counts() == {False: 2, True: 0}
+    laptop_stream = await open_stream(client, "websocket", laptop, auth="message")
+    assert await counts() == {False: 2, True: 1}
+    await phone_streams[0].close()
+    deadline = time.monotonic() + 2
+    while await counts() != {False: 1, True: 1}:
+        assert time.monotonic() < deadline, await counts()
+        await asyncio.sleep(0.05)
+    await laptop_stream.close()
+
+
+# ---------------------------------------------------------------------------
+# The publish command
+# ---------------------------------------------------------------------------
+
+
+async def test_the_publish_command_prints_the_events_id(
+    client: Client, command: Callable[..., Awaitable[Any]]
+) -> None:
+    alice_stream = await open_stream(client, "sse", await log_in(client, "alice", "wonderland"))
+    bob_stream = await open_stream(client, "websocket", await log_in(client, "bob", "builder123"))
+    everyone, to_alice = await asyncio.gather(
+        command("publish", '{"price": 3}'), command("publish", '"for alice"', "--to", "alice")
+    )
+    ids = {}
+    for result, data in [(everyone, {"price": 3}), (to_alice, "for alice")]:
+        assert result.returncode == 0, result.stderr
+        assert re.fullmatch(r"published event [12]\n", result.stdout), result.stdout
+        ids[int(result.stdout.split()[-1])] = data
+    assert sorted(ids) == [1, 2]
+    received = [await alice_stream.next(), await alice_stream.next()]
+    assert [(event["id"], event["data"]) for event in received] == sorted(ids.items())
+    assert (await bob_stream.next())["data"] == {"price": 3}
+    await bob_stream.nothing_within(0.2)
+
+
+async def test_the_publish_command_exits_1_with_one_line_for_bad_data_or_an_unknown_user(
+    client: Client, command: Callable[..., Awaitable[Any]]
+) -> None:
+    cases = [
+        ["publish", '{"price": '],
+        ["publish", "1", "--to", "nobody"],
+        ["publish", json.dumps("x" * (64 * 1024))],
+        ["publish", '"\\u0000"'],
+    ]
+    results = await asyncio.gather(*(command(*case) for case in cases))
+    for case, result in zip(cases, results, strict=True):
+        assert result.returncode == 1, (case[:2], result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+            case[:2],
+            result.stderr,
+        )
+    async with server.connection(client.app[server.db_engine]) as conn:
+        assert await conn.scalar("SELECT count(*) FROM events") == 0
+
+
+# ---------------------------------------------------------------------------
+# Bad requests
+# ---------------------------------------------------------------------------
+
+
+async def test_other_methods_on_events_are_405(client: Client) -> None:
+    session_id = await log_in(client, "alice", "wonderland")
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        response = await client.request(method, "/events", headers=auth_header(session_id))
+        assert response.status == 405, method
+        assert (await response.json())["error"]
+    response = await client.head("/events", headers=auth_header(session_id))
+    assert response.status == 405
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert len(client.app[server.streams]) == 0
+
+
+async def test_a_bad_last_event_id_is_400_before_any_stream(client: Client, transport: str) -> None:
+    session_id = await log_in(client, "alice", "wonderland")
+    assert client.port is not None
+    head = websocket_head if transport == "websocket" else sse_head
+    for value in ["-1", "abc", "1.5", "1e3", "0x10", "9" * 19, "1 2"]:
+        query = f"/events?last_event_id={value.replace(' ', '%20')}"
+        answer = await request_raw(client, head(client.port, query, f"Authorization: {session_id}"))
+        assert (answer.status, answer.json()["error"]) == (400, "bad_request"), value
+        if transport == "sse":
+            answer = await request_raw(
+                client,
+                head(client.port, "/events", f"Authorization: {session_id}", f"Last-Event-ID: {value}"),
+            )
+            assert (answer.status, answer.json()["error"]) == (400, "bad_request"), value
+    assert len(client.app[server.streams]) == 0
