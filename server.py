@@ -2672,6 +2672,7 @@ async def publish(engine: aiopg.sa.Engine, data: Any, username: str | None = Non
     that is not JSON or too large, UserNotFound for an unknown username, DatabaseUnavailable.
     """
     text = event_data_text(data)
+    username = None if username is None else nfc(username)  # as stored and as logins compare it
     async with connection(engine) as conn:
         event_id = await conn.scalar(PUBLISH_EVENT, {"username": username, "data": text})
     if event_id is None:
