@@ -3366,8 +3366,13 @@ async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why:
     if why.tells_client and not stream.transport.is_closing():
         stream.transport.write(SESSION_ENDED[why].websocket)
     code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
+    # No waiting for unsent events to drain: a client that stopped reading would hold the handler
+    # (and shutdown) for ever. The Close frame follows them; the client's answer is awaited for
+    # the WebSocket's timeout, after which the connection is closed anyway.
     with contextlib.suppress(ConnectionError, RuntimeError):
-        await websocket.close(code=code, message=why.value.encode())
+        await websocket.close(code=code, message=why.value.encode(), drain=False)
+    if why is Ended.SLOW:
+        stream.transport.abort()  # what it has not read is dropped; it reconnects with its last id
 
 
 async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
