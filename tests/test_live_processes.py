@@ -6,10 +6,13 @@ revocation; SIGTERM and SIGINT close open streams cleanly, in one process and in
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
+import os
 import signal
+import socket
 import threading
 import time
 import urllib.parse
@@ -62,7 +65,7 @@ class Site:
         self.start_server = start_server
         self.command_config = self.config("memory", free_port())
 
-    def config(self, store: str, port: int) -> Path:
+    def config(self, store: str, port: int, events: dict[str, object] | None = None) -> Path:
         sessions: dict[str, object] = {"store": store}
         if store == "redis":
             sessions["redis_url"] = REDIS_URL
@@ -71,19 +74,25 @@ class Site:
             "webserver": {"host": "127.0.0.1", "port": port},
             "sessions": sessions,
             "passwords": FAST,
+            "events": events or {},
         }
         path.write_text(json.dumps(body))
         return path
 
     def serve(
-        self, count: int = 1, store: str = "memory", workers: int = 1, url: str | None = None
+        self,
+        count: int = 1,
+        store: str = "memory",
+        workers: int = 1,
+        url: str | None = None,
+        events: dict[str, object] | None = None,
     ) -> list[Served]:
         """Start `count` servers at once (each with `workers` workers) and wait until all serve."""
         env = {"DATABASE_URL": url or self.database_url}
         started = []
         for _ in range(count):
             port = free_port()
-            args = ["--config", str(self.config(store, port))]
+            args = ["--config", str(self.config(store, port, events))]
             if workers > 1:
                 args += ["--workers", str(workers)]
             started.append(Served(self.start_server(args, env), port))
@@ -641,6 +650,50 @@ async def test_a_signal_closes_open_streams_cleanly_and_the_server_exits_0(site:
             await client.raw_sse(served, alice),
         ]
         await stop_while_streaming(served, streams, sig)
+
+
+def frozen_websocket(port: int, session_id: str) -> socket.socket:
+    """A WebSocket client that completes its handshake, then never reads again (a small
+    receive buffer, so that the server's unsent bytes pile up on its side)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (
+        f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: {session_id}\r\n\r\n"
+    )
+    sock.sendall(head.encode())
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+async def test_a_websocket_client_that_stops_reading_is_disconnected(site: Site) -> None:
+    site.add_user("alice", "wonderland")
+    (served,) = site.serve(events={"max_buffer": 64 * 1024})
+    async with Client() as client:
+        alice = await client.log_in(served, "alice", "wonderland")
+        frozen = frozen_websocket(served.port, alice)
+        try:
+            with site.db.cursor() as cur:  # 6 MB: more than the kernel's buffers and max_buffer
+                cur.executemany(
+                    "INSERT INTO events (username, data) VALUES (NULL, %s)",
+                    [(json.dumps("x" * 60_000),)] * 100,
+                )
+            # The server gives up on it within the WebSocket's close timeout (its Close frame
+            # cannot reach a client that reads nothing): its stream is gone.
+            deadline = time.monotonic() + server.SHUTDOWN_TIMEOUT / 2 + 3
+            while True:
+                async with client.http.get(
+                    f"{served.base}/user/sessions", headers={"Authorization": alice}
+                ) as response:
+                    if [entry["streams"] for entry in (await response.json())["sessions"]] == [0]:
+                        break
+                assert time.monotonic() < deadline, "the stream of a client that reads nothing lives on"
+                await asyncio.sleep(0.2)
+        finally:
+            frozen.close()
+    assert served.process.stop(timeout=server.SHUTDOWN_TIMEOUT) == 0
 
 
 def worker_holding(served: Served, local_port: int) -> int:
