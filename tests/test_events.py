@@ -513,6 +513,29 @@ async def test_sse_frames_each_event_with_id_event_and_data_lines(client: Client
         assert json.loads(block[2].removeprefix("data: "))["data"] == value
 
 
+async def test_sse_over_http_1_0_is_the_same_stream_without_chunked_coding(client: Client) -> None:
+    session_id = await log_in(client, "alice", "wonderland")
+    loop = asyncio.get_running_loop()
+    registry = client.app[server.streams]
+    assert client.port is not None
+    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+        sock.setblocking(False)
+        await loop.sock_sendall(sock, f"GET /events HTTP/1.0\r\nAuthorization: {session_id}\r\n\r\n".encode())
+        await wait_until(lambda: len(registry) == 1, what="the server holds the stream")
+        event_id = await publish(client, {"price": 3})
+        received = await read_all(sock, lambda data: data.endswith(b"}\n\n"))
+        assert (await client.delete("/user", headers=auth_header(session_id))).status == 200
+        received += await read_all(sock)  # to the end: the server closes the connection
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"Transfer-Encoding" not in head
+    event, ended, rest = body.split(b"\n\n")
+    lines = event.decode().split("\n")
+    assert lines[:2] == [f"id: {event_id}", "event: message"]
+    assert json.loads(lines[2].removeprefix("data: "))["data"] == {"price": 3}
+    assert ended.decode().split("\n")[0] == "event: session_ended"
+    assert rest == b""
+
+
 async def test_an_sql_insert_is_delivered_when_its_transaction_commits(
     client: Client, transport: str, database_url: str
 ) -> None:
