@@ -44,6 +44,7 @@ import functools
 import gc
 import json
 import os
+import random
 import re
 import resource
 import sys
@@ -57,6 +58,7 @@ import aiohttp
 
 # Handshakes in flight at once: more overflows the server's accept queue and costs SYN retries.
 CONNECT_CONCURRENCY = 1000
+CONNECT_ATTEMPTS = 10  # per stream, with backoff (a storm of reconnections overflows the queue)
 READY_TIMEOUT = 60.0  # seconds for one stream to be open and authenticated
 EVENT_TIMEOUT = 60.0  # seconds for one event to reach every stream
 SSE_ID = re.compile(rb"\nid: (\d+)\n|^id: (\d+)\n")
@@ -252,8 +254,9 @@ class WebSocketStream(Stream):
             index = self.seen
             self.seen += 1
             self.hub.event(index, received)
-        elif buffer[start + 2] == 0x69:  # {"id": N, ...}: an event
-            self.on_event_id(int(buffer[start + 7 : buffer.index(b",", start + 7)]), received)
+        elif buffer[start + 2] == 0x69:  # {"id":N,...}: an event (int() allows a space after the colon)
+            colon = buffer.index(b":", start)
+            self.on_event_id(int(buffer[colon + 1 : buffer.index(b",", colon)]), received)
         elif b"session_ended" in buffer[start:end]:
             self.ended_reason = json.loads(buffer[start:end])["reason"].encode()
 
@@ -368,7 +371,7 @@ async def open_streams(
     async def one(number: int) -> Stream:
         last_id = last_ids[number] if last_ids else None
         async with gate:
-            for attempt in range(5):
+            for attempt in range(CONNECT_ATTEMPTS):
                 stream = target.stream(hub, sessions[number], last_id)
                 if prepare is not None:
                     prepare(number, stream)
@@ -378,10 +381,11 @@ async def open_streams(
                     )
                     await asyncio.wait_for(asyncio.shield(stream.ready), READY_TIMEOUT)
                     return stream
-                except OSError:
-                    if attempt == 4:
+                except OSError:  # refused, reset or timed out: the server's accept queue was full
+                    if attempt == CONNECT_ATTEMPTS - 1:
                         raise
-                    await asyncio.sleep(0.1 * (attempt + 1))
+                    # As a real client would: back off exponentially, with jitter.
+                    await asyncio.sleep(random.uniform(0.5, 1.0) * min(4.0, 0.1 * 2**attempt))
             raise AssertionError("unreachable")
 
     return list(await asyncio.gather(*(one(number) for number in range(len(sessions)))))
