@@ -70,6 +70,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import gc
 import getpass
 import hashlib
 import ipaddress
@@ -168,6 +169,9 @@ BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
 KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
 SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
 LISTEN_BACKLOG = 128  # connections the kernel queues before the server accepts them
+# The garbage collector in a serving process: allocations between young collections, and young
+# (then middle) collections between older ones. CPython's (700, 10, 10) suit short scripts.
+GC_THRESHOLDS = (50_000, 20, 10)
 
 # Failed logins allowed per client address: several users may share one address (an office NAT).
 ADDRESS_FAILURE_FACTOR = 10
@@ -182,6 +186,8 @@ EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
 REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
 MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
 EVENT_BATCH = 1000  # rows read at a time when catching up or replaying
+RECENT_EVENTS = 10_000  # events a process keeps, encoded, to replay from memory (see RecentEvents)
+RECENT_EVENT_BYTES = 16 * 1024 * 1024  # ... and at most this many bytes of them
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
 STREAM_TICK = 0.5  # seconds between checks of every stream's expiry, heartbeat and connection
 BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconnecting the bus
@@ -2619,6 +2625,82 @@ class StreamRegistry:
         return {stream.account for stream in self._streams}
 
 
+class RecentEvents:
+    """The events this process delivered last, encoded, so that a stream resuming from a recent
+    id replays from memory: a reconnect storm of thousands of streams then costs no query each.
+
+    It holds every event with an id above `floor`, in id order, as the bus delivered them, and no
+    event older than the retention (those are the table's to replay, with `replay_truncated`).
+    A resume from below `floor` is the table's too. Bounded by RECENT_EVENTS and RECENT_EVENT_BYTES.
+    """
+
+    def __init__(self, retention: float, most: int = RECENT_EVENTS, most_bytes: int = RECENT_EVENT_BYTES):
+        self.retention, self._most, self._most_bytes = retention, most, most_bytes
+        self._events: deque[tuple[Encoded, float]] = deque()  # and each one's created_at
+        self._bytes = 0
+        self.floor: int | None = None  # None: nothing known yet (the bus has not connected)
+        self._dropped: asyncio.Future[Any] | None = None  # the query dropped_through awaits
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def start(self, newest: int) -> None:
+        """The bus delivers every event after `newest` from now on (through add)."""
+        if self.floor is None:
+            self.floor = newest
+
+    def add(self, event: Encoded, created_at: float) -> None:
+        """The bus delivered `event`, the next in id order."""
+        assert event.id is not None
+        self._events.append((event, created_at))
+        self._bytes += self._size(event)
+        while len(self._events) > self._most or self._bytes > self._most_bytes:
+            self._drop_oldest()
+
+    def holds(self, after: int) -> bool:
+        """Whether every event after `after` this process delivered is held here."""
+        return self.floor is not None and after >= self.floor
+
+    async def dropped_through(self, engine: aiopg.sa.Engine) -> int:
+        """The newest id the table's retention sweep deleted (any process's sweep, or by hand): a
+        replay from memory says replay_truncated too, and leaves out what the table lost.
+        Replays at once share one query: a reconnect storm asks thousands of times together."""
+        if self._dropped is None:
+            self._dropped = asyncio.ensure_future(read_scalar_text(engine, DROPPED_THROUGH))
+            self._dropped.add_done_callback(self._read)
+        return int(await asyncio.shield(self._dropped) or 0)
+
+    def _read(self, done: asyncio.Future[Any]) -> None:
+        if self._dropped is done:
+            self._dropped = None
+
+    def since(self, after: int, username: str, now: float) -> list[Encoded] | None:
+        """The held events after `after` for `username`'s streams, in id order; None when some
+        of them may not be held here (the caller reads the table)."""
+        while self._events and self._events[0][1] < now - self.retention:
+            self._drop_oldest()
+        if self.floor is None or after < self.floor:
+            return None
+        found = []
+        for event, _ in reversed(self._events):  # newest first: a resume is usually recent
+            assert event.id is not None
+            if event.id <= after:
+                break
+            if event.username is None or event.username == username:
+                found.append(event)
+        found.reverse()
+        return found
+
+    def _drop_oldest(self) -> None:
+        event, _ = self._events.popleft()
+        self._bytes -= self._size(event)
+        self.floor = event.id
+
+    @staticmethod
+    def _size(event: Encoded) -> int:
+        return len(event.sse) + len(event.sse_chunk) + len(event.websocket)
+
+
 NEW_EVENTS = (
     "SELECT id, username, data::text, extract(epoch FROM created_at)::float8 FROM events"
     " WHERE id > %(after)s ORDER BY id LIMIT %(limit)s"
@@ -2680,9 +2762,26 @@ async def publish(engine: aiopg.sa.Engine, data: Any, username: str | None = Non
     return int(event_id)
 
 
-async def replay(engine: aiopg.sa.Engine, stream: Stream, after: int, through: int) -> None:
+async def read_scalar_text(engine: aiopg.sa.Engine, query: str) -> Any:
+    async with connection(engine) as conn:
+        return await conn.scalar(query)
+
+
+async def replay(
+    engine: aiopg.sa.Engine, stream: Stream, after: int, through: int, recent: RecentEvents
+) -> None:
     """Write to stream the retained events after `after` up to `through` that are for its user,
-    in id order; first `replay_truncated` if the retention sweep dropped some of them."""
+    in id order; first `replay_truncated` if the retention sweep dropped some of them. From
+    memory when `recent` holds them all (then `through` is the newest it holds), else from the table."""
+    if recent.holds(after):
+        dropped = await recent.dropped_through(engine)
+        held = recent.since(max(after, dropped), stream.account.username, time.time())
+        if held is not None:  # None: they passed the retention meanwhile, the table tells
+            if after < dropped:
+                stream.write(REPLAY_TRUNCATED)
+            for event in held:
+                stream.write(event)
+            return
     async with connection(engine) as conn:
         if after < (await conn.scalar(DROPPED_THROUGH) or 0):
             stream.write(REPLAY_TRUNCATED)
@@ -2742,12 +2841,19 @@ class Bus:
     If the connection drops, the bus reconnects with backoff, LISTENs again, reads every event
     after the last one delivered, and checks the accounts of the sessions and streams it holds
     against `users`, since a revocation may have passed while it was away. `listening` says
-    whether notifications are arriving now.
+    whether notifications are arriving now. `recent` keeps the last events delivered, for replays.
     """
 
-    def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, store: SessionStore) -> None:
+    def __init__(
+        self,
+        engine: aiopg.sa.Engine,
+        registry: StreamRegistry,
+        store: SessionStore,
+        retention: float = EventsConfig.retention,
+    ) -> None:
         self._engine, self._registry, self._store = engine, registry, store
         self.last_id: int | None = None  # the newest event delivered; None until first connected
+        self.recent = RecentEvents(retention)
         self.listening = False
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
         self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
@@ -2783,9 +2889,14 @@ class Bus:
             if self.last_id is None:  # events from now on; replays read older ones from the table
                 await cur.execute(NEWEST_EVENT)
                 self.last_id = int((await cur.fetchone())[0])
+                self.recent.start(self.last_id)
             else:
                 log.info("PostgreSQL bus back; catching up")
                 await self._catch_up(cur)
+                # Events published while away may have passed their retention before this read:
+                # only what comes from now on is known to be complete in memory.
+                self.recent = RecentEvents(self.recent.retention)
+                self.recent.start(self.last_id)
                 await self._check_accounts(cur)
             self._forget_cached()  # what the bus missed is unknown: the cache starts anew
             self._conn = conn
@@ -2823,7 +2934,9 @@ class Bus:
             rows = await cur.fetchall()
             for row in rows:
                 self.last_id = row[0]
-                self._registry.fan_out(Encoded.row(*row))
+                event = Encoded.row(*row)
+                self.recent.add(event, row[3])
+                self._registry.fan_out(event)
             if len(rows) < EVENT_BATCH:
                 return
 
@@ -3316,7 +3429,7 @@ async def serve_stream(
     try:
         if after is not None and bus.last_id is not None:
             try:
-                await replay(app[db_engine], stream, after, bus.last_id)
+                await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
             except DatabaseUnavailable as exc:
                 log.warning("could not replay events: %s", exc)
                 stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
@@ -3550,7 +3663,7 @@ class WebServer:
 
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
         registry = app[streams] = StreamRegistry()
-        bus = app[event_bus] = Bus(app[db_engine], registry, app[sessions])
+        bus = app[event_bus] = Bus(app[db_engine], registry, app[sessions], self.config.events.retention)
         store = app[sessions]
         if isinstance(store, CachedSessionStore):
             store.trusted = bus.hears_everything  # read through to the store while the bus is away
@@ -3611,6 +3724,7 @@ class WebServer:
             for sock in sockets:
                 await web.SockSite(runner, sock).start()
             log.info("serving on %s", self.url)
+            tune_garbage_collector()
             await asyncio.Event().wait()  # until the first signal raises GracefulExit
         finally:
             await runner.cleanup()
@@ -3621,9 +3735,22 @@ class WebServer:
 
         async def announce(_app: web.Application) -> None:  # after cleanup_ctx: the database is there
             log.info("serving on %s (worker %d)", self.url, os.getpid())
+            tune_garbage_collector()
 
         app.on_startup.append(announce)
         return JsonErrorRunner(app, **self.server_options())
+
+
+def tune_garbage_collector() -> None:
+    """Once a serving process has started: fewer and shorter collector pauses while it holds
+    thousands of streams (each keeps about 80 objects alive: request, protocol, reader, writer,
+    timers). A full collection walks every live object, a second or more at 10,000 streams on a
+    busy core, and stops every delivery meanwhile; CPython starts one whenever the objects that
+    survived grew by a quarter, which opening streams does again and again. Start-up's objects
+    (modules, the app) are frozen out of every collection; collections come far less often. Cycles
+    (a closed stream's objects) are still collected, by the young collections and the full ones."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
