@@ -61,6 +61,9 @@ BEGIN
         RETURN NULL;
     END IF;
     DELETE FROM sessions WHERE user_id = OLD.id AND (below IS NULL OR epoch < below);
+    IF TG_OP = 'DELETE' THEN  -- a new user who takes the name must not replay the old one's events
+        DELETE FROM events WHERE username = OLD.username;
+    END IF;
     PERFORM pg_notify('session_revocations',
         json_build_object('user_id', OLD.id, 'epoch', below, 'reason', 'revoked')::text);
     RETURN NULL;

@@ -829,6 +829,9 @@ async def test_deluser_ends_the_users_streams_and_a_new_user_of_that_name_gets_n
     old = await log_in(client, "alice", "wonderland")
     old_streams = [await open_stream(client, transport, old) for transport in TRANSPORTS]
     bob_stream = await open_stream(client, "sse", await log_in(client, "bob", "builder123"))
+    private = await publish(client, "for the old alice", "alice")
+    for stream in old_streams:
+        assert (await stream.next())["id"] == private
     result = await command("deluser", "alice")
     assert result.returncode == 0, result.stderr
     for stream in old_streams:
@@ -850,6 +853,17 @@ async def test_deluser_ends_the_users_streams_and_a_new_user_of_that_name_gets_n
     assert (await client.delete("/user?all=true", headers=auth_header(old))).status == 401
     # The new alice's sessions are hers alone: logging out everywhere ends her two, and nothing else.
     new_sessions = [await log_in(client, "alice", "a-new-alice") for _ in range(2)]
+    # Nor does she replay the old alice's events: only what was published for everyone.
+    broadcast = await publish(client, "for everyone")
+    replay = await open_stream(client, "sse", new_sessions[0], params={"last_event_id": "0"})
+    replayed = [await replay.next()]
+    while replayed[-1]["id"] != broadcast:
+        replayed.append(await replay.next())
+    assert private not in event_ids(replayed) and all(
+        event["data"] != "for the old alice" for event in replayed
+    )
+    await replay.close()
+    assert (await bob_stream.next())["id"] == broadcast
     new_stream = await open_stream(client, "websocket", new_sessions[1])
     response = await client.delete("/user?all=true", headers=auth_header(new_sessions[0]))
     assert await response.json() == {"logged_out": 2}
