@@ -65,7 +65,8 @@ BEGIN
         DELETE FROM events WHERE username = OLD.username;
     END IF;
     PERFORM pg_notify('session_revocations',
-        json_build_object('user_id', OLD.id, 'epoch', below, 'reason', 'revoked')::text);
+        json_build_object('user_id', OLD.id, 'epoch', below, 'reason', 'revoked',
+            'deleted', CASE WHEN TG_OP = 'DELETE' THEN OLD.username END)::text);
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS users_end_sessions ON users;

@@ -2691,6 +2691,12 @@ class RecentEvents:
         found.reverse()
         return found
 
+    def forget(self, username: str) -> None:
+        """Drop the events for one user (deleted: schema.sql deletes its rows as well)."""
+        kept = deque(item for item in self._events if item[0].username != username)
+        self._bytes -= sum(self._size(event) for event, _ in self._events if event.username == username)
+        self._events = kept
+
     def _drop_oldest(self) -> None:
         event, _ = self._events.popleft()
         self._bytes -= self._size(event)
@@ -2810,6 +2816,7 @@ class Revocation:
     session: bytes | None = None
     user_id: int | None = None
     epoch: int | None = None
+    deleted: str | None = None  # the name of a deleted user: its events go from memory too
 
     def payload(self) -> str:
         if self.session is not None:
@@ -2824,8 +2831,13 @@ class Revocation:
             reason = Ended(message["reason"])
             if "session" in message:
                 return cls(reason, session=bytes.fromhex(message["session"]))
-            epoch = message.get("epoch")
-            return cls(reason, user_id=int(message["user_id"]), epoch=None if epoch is None else int(epoch))
+            epoch, deleted = message.get("epoch"), message.get("deleted")
+            return cls(
+                reason,
+                user_id=int(message["user_id"]),
+                epoch=None if epoch is None else int(epoch),
+                deleted=deleted if isinstance(deleted, str) else None,
+            )
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a malformed notification on %s: %s", REVOCATIONS_CHANNEL, exc)
             return None
@@ -2971,6 +2983,8 @@ class Bus:
             return
         assert revocation.user_id is not None
         self._registry.end_user(revocation.user_id, revocation.epoch, revocation.reason)
+        if revocation.deleted is not None:  # a new user of that name must not replay them
+            self.recent.forget(revocation.deleted)
         if revocation.reason is Ended.REVOKED:
             self._remember(revocation.user_id, revocation.epoch)
         try:
