@@ -104,3 +104,16 @@ BEGIN
 END $$;
 DROP TRIGGER IF EXISTS events_publish ON events;
 CREATE TRIGGER events_publish BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION events_publish();
+
+-- Open event streams per session and server process, for GET /user/sessions with a shared session
+-- store: each process writes its own rows, naming its listening connection (pid, backend_start);
+-- a row counts only while that connection is in pg_stat_activity, so a killed process's streams
+-- stop counting as soon as PostgreSQL sees its connection close. Dead rows are swept now and then.
+CREATE TABLE IF NOT EXISTS session_streams (
+    public_id    text NOT NULL,                 -- sessions.public_id (or the Redis store's)
+    process      text NOT NULL,                 -- a random name per server process
+    holder_pid   integer NOT NULL,              -- that process's listening connection ...
+    holder_start timestamptz NOT NULL,          -- ... as pg_stat_activity shows it (pid, backend_start)
+    streams      integer NOT NULL,
+    PRIMARY KEY (public_id, process)
+);

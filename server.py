@@ -68,6 +68,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import enum
 import functools
 import gc
@@ -190,6 +191,7 @@ RECENT_EVENTS = 10_000  # events a process keeps, encoded, to replay from memory
 RECENT_EVENT_BYTES = 16 * 1024 * 1024  # ... and at most this many bytes of them
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
 STREAM_TICK = 0.5  # seconds between checks of every stream's expiry, heartbeat and connection
+STREAM_COUNTS_CHECK = 1.0  # seconds: how often StreamCounts looks for a new bus connection to name
 BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconnecting the bus
 RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
 ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII)
@@ -696,6 +698,18 @@ events_table = sa.Table(
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True
     ),
+)
+
+# Open event streams per session and server process, for GET /user/sessions with a shared store
+# (see StreamCounts). A row counts while its process's bus connection (pid, backend_start) lives.
+session_streams = sa.Table(
+    "session_streams",
+    metadata,
+    sa.Column("public_id", sa.Text, primary_key=True),
+    sa.Column("process", sa.Text, primary_key=True),  # a random name per server process
+    sa.Column("holder_pid", sa.Integer, nullable=False),
+    sa.Column("holder_start", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("streams", sa.Integer, nullable=False),
 )
 
 events_dropped = sa.Table(
@@ -2568,6 +2582,7 @@ class StreamRegistry:
         self._by_username: dict[str, dict[Stream, None]] = {}
         self._by_session: dict[bytes, dict[Stream, None]] = {}
         self._by_user: dict[int, dict[Stream, None]] = {}
+        self.on_change: Callable[[Stream], None] | None = None  # called after each add and discard
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -2580,12 +2595,16 @@ class StreamRegistry:
         self._by_username.setdefault(stream.account.username, {})[stream] = None
         self._by_session.setdefault(stream.digest, {})[stream] = None
         self._by_user.setdefault(stream.account.user_id, {})[stream] = None
+        if self.on_change is not None:
+            self.on_change(stream)
 
     def discard(self, stream: Stream) -> None:
         if self._streams.pop(stream, False) is None:
             self._leave(self._by_username, stream.account.username, stream)
             self._leave(self._by_session, stream.digest, stream)
             self._leave(self._by_user, stream.account.user_id, stream)
+            if self.on_change is not None:
+                self.on_change(stream)
 
     @staticmethod
     def _leave(index: dict[Any, dict[Stream, None]], key: Any, stream: Stream) -> None:
@@ -2719,6 +2738,13 @@ REPLAY_EVENTS = (
 DROPPED_THROUGH = "SELECT through FROM events_dropped"
 NEWEST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
 ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
+# The bus connection's backend, which StreamCounts' rows name. PostgreSQL ends the backend as soon
+# as the connection closes (this process exiting or killed); keepalives bound the wait for a host
+# that vanished without closing it (10 s idle, then 3 probes 5 s apart).
+BUS_BACKEND = """
+    SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
+    SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+"""
 SWEEP_EVENTS = """
     WITH gone AS (
         DELETE FROM events WHERE created_at < now() - make_interval(secs => %(retention)s) RETURNING id
@@ -2869,6 +2895,7 @@ class Bus:
         self.listening = False
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
         self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
+        self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while listening
         # The newest revoked epoch of recently revoked accounts (None: deleted), for logins that
         # checked a password before a passwd and would begin a session after its notification.
         self._revoked: OrderedDict[int, int | None] = OrderedDict()
@@ -2889,7 +2916,7 @@ class Bus:
                     log.warning("lost the PostgreSQL bus (%s); reconnecting", _first_line(exc))
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
-            self.listening = False
+            self.listening, self.backend = False, None
             self._conn = None
             self._forget_cached()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -2910,6 +2937,9 @@ class Bus:
                 self.recent = RecentEvents(self.recent.retention)
                 self.recent.start(self.last_id)
                 await self._check_accounts(cur)
+            await cur.execute(BUS_BACKEND)
+            pid, started = await cur.fetchone()
+            self.backend = (int(pid), started)
             self._forget_cached()  # what the bus missed is unknown: the cache starts anew
             self._conn = conn
             self.listening = True
@@ -3039,6 +3069,118 @@ class Bus:
             self._revoked.popitem(last=False)
 
 
+SESSION_STREAMS_WRITE = """
+    WITH counts (public_id, streams) AS (
+        SELECT * FROM unnest(%(public_ids)s::text[], %(counts)s::integer[])
+    ), gone AS (
+        DELETE FROM session_streams WHERE process = %(process)s AND (
+            public_id IN (SELECT public_id FROM counts WHERE streams = 0)
+            OR (%(all)s AND public_id NOT IN (SELECT public_id FROM counts))
+        )
+    )
+    INSERT INTO session_streams (public_id, process, holder_pid, holder_start, streams)
+    SELECT public_id, %(process)s, %(pid)s, %(started)s, streams FROM counts WHERE streams > 0
+    ON CONFLICT (public_id, process) DO UPDATE SET holder_pid = excluded.holder_pid,
+        holder_start = excluded.holder_start, streams = excluded.streams
+"""
+SESSION_STREAMS_ELSEWHERE = """
+    SELECT s.public_id, sum(s.streams) FROM session_streams s
+    JOIN pg_stat_activity a ON a.pid = s.holder_pid AND a.backend_start = s.holder_start
+    WHERE s.public_id = ANY(%(public_ids)s) AND s.process <> %(process)s
+    GROUP BY s.public_id
+"""
+SESSION_STREAMS_SWEEP = """
+    DELETE FROM session_streams s WHERE NOT EXISTS (
+        SELECT FROM pg_stat_activity a WHERE a.pid = s.holder_pid AND a.backend_start = s.holder_start
+    )
+"""
+
+
+class StreamCounts:
+    """How many event streams each session has open, in every server process: GET /user/sessions'
+    `streams`. With the memory store a session lives in one process, whose registry knows.
+
+    With a shared store each process writes its own counts to `session_streams`, one row per
+    session with streams here, naming this process's bus connection (pid and backend_start in
+    pg_stat_activity, where the processes, one database role, see each other's). A row counts
+    only while that connection lives: a process that stops, or is killed, stops counting as soon
+    as PostgreSQL sees its connection close (at once when the process dies; for a host that
+    vanished, when the bus's TCP keepalives give up, about 25 s). Rows of dead connections are
+    swept now and then. A count changed here is written within moments; after the bus
+    reconnects, every row of this process is rewritten to name the new connection.
+    """
+
+    def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus, shared: bool) -> None:
+        self._engine, self._registry, self._bus = engine, registry, bus
+        self.shared = shared
+        self.process = secrets.token_hex(8)
+        self._changed: dict[str, int] = {}  # public id -> user id: sessions whose count changed here
+        self._wake = asyncio.Event()
+        if shared:
+            registry.on_change = self._note
+
+    def _note(self, stream: Stream) -> None:
+        self._changed[stream.public_id] = stream.account.user_id
+        self._wake.set()
+
+    async def of(self, found: Sequence[Session]) -> dict[str, int]:
+        """The open streams of each of these sessions, by public id: here, and elsewhere."""
+        counts = {s.public_id: self._registry.streams_of(s.public_id, s.user_id) for s in found}
+        if self.shared and counts:
+            params = {"public_ids": list(counts), "process": self.process}
+            async with connection(self._engine) as conn:
+                rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall()
+            for row in rows:
+                counts[row[0]] += int(row[1])
+        return counts
+
+    async def run(self) -> None:
+        """Write the counts that changed, as they change, until cancelled."""
+        written: tuple[int, datetime.datetime] | None = None  # the bus connection our rows name
+        swept = -math.inf
+        loop = asyncio.get_running_loop()
+        while True:
+            # Not wait_for: it loses a cancellation that comes as the event is set (at shutdown,
+            # when every stream leaves at once), and the task would never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STREAM_COUNTS_CHECK):
+                    await self._wake.wait()
+            self._wake.clear()
+            backend = self._bus.backend
+            if backend is None or (backend == written and not self._changed):
+                continue  # no bus (its rows are not counted anyway), or nothing new
+            rewrite = backend != written
+            changed = (
+                {stream.public_id: stream.account.user_id for stream in self._registry} if rewrite else {}
+            )
+            changed.update(self._changed)
+            self._changed = {}
+            params = {
+                "public_ids": list(changed),
+                "counts": [
+                    self._registry.streams_of(public_id, user_id) for public_id, user_id in changed.items()
+                ],
+                "process": self.process,
+                "pid": backend[0],
+                "started": backend[1],
+                "all": rewrite,
+            }
+            try:
+                async with connection(self._engine) as conn:
+                    await conn.execute(SESSION_STREAMS_WRITE, params)
+                    if loop.time() - swept >= SWEEP_INTERVAL:
+                        await conn.execute(SESSION_STREAMS_SWEEP)
+                        swept = loop.time()
+            except Exception as exc:  # PostgreSQL away, or a bug: tried again at the next check
+                if isinstance(exc, DatabaseUnavailable):
+                    log.warning("could not record this process's open streams: %s", exc)
+                else:
+                    log.exception("unexpected error recording this process's open streams")
+                self._changed = {**changed, **self._changed}
+                continue
+            written = backend
+
+
 async def watch_streams(
     registry: StreamRegistry, store: SessionStore, config: Config, clock: Callable[[], float]
 ) -> None:
@@ -3096,6 +3238,7 @@ passwords = web.AppKey("passwords", Passwords)
 sessions = web.AppKey("sessions", SessionStore)
 login_throttle = web.AppKey("login_throttle", LoginThrottle)
 streams = web.AppKey("streams", StreamRegistry)
+stream_counts = web.AppKey("stream_counts", StreamCounts)
 event_bus = web.AppKey("event_bus", Bus)
 
 # ---------------------------------------------------------------------------
@@ -3287,11 +3430,11 @@ async def list_sessions(request: web.Request) -> web.Response:
     """GET /user/sessions: every live session of the caller, oldest first, the caller's own marked."""
     current = await current_session(request)
     found = await request.app[sessions].sessions_of(current.user_id)
-    registry = request.app[streams]
-    return json_response({"sessions": [describe(session, current, registry) for session in found]})
+    counts = await request.app[stream_counts].of(found)
+    return json_response({"sessions": [describe(session, current, counts) for session in found]})
 
 
-def describe(session: Session, current: Session, registry: StreamRegistry) -> dict[str, Any]:
+def describe(session: Session, current: Session, counts: Mapping[str, int]) -> dict[str, Any]:
     """A session as its user sees it: the public id, never anything of the secret one."""
     return {
         "id": session.public_id,
@@ -3301,7 +3444,7 @@ def describe(session: Session, current: Session, registry: StreamRegistry) -> di
         "address": session.address,
         "user_agent": session.user_agent,
         "current": session.public_id == current.public_id,
-        "streams": registry.streams_of(session.public_id, session.user_id),
+        "streams": counts[session.public_id],  # open event streams, in every process
     }
 
 
@@ -3681,8 +3824,11 @@ class WebServer:
         store = app[sessions]
         if isinstance(store, CachedSessionStore):
             store.trusted = bus.hears_everything  # read through to the store while the bus is away
+        shared = not isinstance(store, MemorySessionStore)
+        counts = app[stream_counts] = StreamCounts(app[db_engine], registry, bus, shared)
         tasks = [
             asyncio.create_task(bus.run()),
+            *([asyncio.create_task(counts.run())] if shared else []),
             asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
             asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
         ]

@@ -21,7 +21,14 @@ TABLES = [table.name for table in server.metadata.sorted_tables]
 
 
 def test_the_code_defines_the_tables_schema_sql_creates() -> None:
-    assert sorted(TABLES) == ["events", "events_dropped", "login_failures", "sessions", "users"]
+    assert sorted(TABLES) == [
+        "events",
+        "events_dropped",
+        "login_failures",
+        "session_streams",
+        "sessions",
+        "users",
+    ]
 
 
 @pytest.mark.parametrize("name", TABLES)

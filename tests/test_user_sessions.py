@@ -4,11 +4,14 @@ and are worth nothing to another user."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import ipaddress
+import json
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 from yarl import URL
 
@@ -144,6 +147,25 @@ async def test_a_session_ended_from_another_device_disappears_at_once(client: Cl
     assert (await response.json())["error"] == "invalid_session"
     status, body = await end(client, laptop, str(stolen_phone["id"]))
     assert (status, body["error"]) == (404, "no_such_session")
+
+
+async def test_a_session_ended_from_another_device_has_its_streams_closed_at_once(client: Client) -> None:
+    laptop = await log_in(client, "alice", LAPTOP)
+    phone = await log_in(client, "alice", PHONE)
+    sse = await client.get("/events", headers={"Authorization": phone})
+    assert sse.status == 200
+    websocket = await client.ws_connect("/events", headers={"Authorization": phone})
+    assert [s["streams"] for s in await listed(client, laptop)] == [0, 2]  # the list counts them
+    phone_id = next(s["id"] for s in await listed(client, laptop) if s["user_agent"] == PHONE)
+    assert await end(client, laptop, str(phone_id)) == (200, {"logged_out": 1})
+    assert [s["user_agent"] for s in await listed(client, laptop)] == [LAPTOP]
+    ended = {"type": "session_ended", "reason": "logout"}
+    async with asyncio.timeout(2):  # within a second, as the contract says, and a margin
+        assert await sse.content.read() == b"event: session_ended\ndata: %b\n\n" % json.dumps(ended).encode()
+        assert (await websocket.receive_json()) == ended
+        assert (await websocket.receive()).type is aiohttp.WSMsgType.CLOSE
+    assert websocket.close_code == server.WS_SESSION_ENDED
+    assert [s["streams"] for s in await listed(client, laptop)] == [0]
 
 
 async def test_ending_the_callers_own_session_by_its_id_logs_it_out(client: Client) -> None:
