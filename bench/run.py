@@ -803,13 +803,14 @@ def http_markdown(
     lines += store_rows(results)
     lines += [
         "",
-        "Where the time goes with a shared store: every `GET /user` becomes a round trip to the store",
-        "(an `UPDATE … RETURNING` in PostgreSQL, an `EVALSHA` in Redis) instead of a dictionary lookup,",
-        "and on one pinned core the Python side of each round trip — the driver's request and reply",
-        "handling, one more await — costs several times what the whole memory-store request costs.",
-        "PostgreSQL also writes a row version per touch (no index on `expires_at`, so it stays a HOT",
-        "update; commits are asynchronous for the server's writes). A second worker helps Redis most:",
-        "it spreads that Python work over both cores, which here also host wrk and the databases.",
+        "Where the time goes with a shared store: with the near cache (the default `sessions.cache_size`)",
+        "a `GET /user` for a session the process has seen is a dictionary lookup and its renewal is written",
+        "behind (see the Near cache section, which compares both); a login is still five round trips to",
+        "the stores. Without the cache every `GET /user` is a round trip (an `UPDATE … RETURNING` in",
+        "PostgreSQL, an `EVALSHA` in Redis), and on one pinned core the Python side of each round trip —",
+        "the driver's request and reply handling, one more await — costs several times what the whole",
+        "memory-store request costs. A second worker spreads that Python work over both cores, which",
+        "here also host wrk and the databases.",
         "",
     ]
     return lines
