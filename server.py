@@ -3139,7 +3139,12 @@ class StreamCounts:
         written: tuple[int, datetime.datetime] | None = None  # the bus connection our rows name
         swept = -math.inf
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # Cancelled (at shutdown) while a library's wait_for swallowed it (aiopg's, as a
+                # query finished at that moment): stop anyway, or the shutdown waits for ever.
+                raise asyncio.CancelledError
             # Not wait_for: it loses a cancellation that comes as the event is set (at shutdown,
             # when every stream leaves at once), and the task would never end.
             with contextlib.suppress(TimeoutError):
