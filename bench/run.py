@@ -717,6 +717,10 @@ def machine() -> str:
     )
 
 
+def command_line() -> str:
+    return " ".join(["python", "bench/run.py", *sys.argv[1:]])
+
+
 def verdict(value: float, target: float, comparison: str) -> str:
     if comparison == "info":
         return "—"
@@ -830,7 +834,7 @@ def live_markdown(
         "",
         f"## Live events: {size.streams:,} streams on one process",
         "",
-        f"Measured {datetime.date.today().isoformat()} with `python bench/run.py`, on {machine()}.",
+        f"Measured {datetime.date.today().isoformat()} with `{command_line()}`, on {machine()}.",
         f"Each server is one process on uvloop pinned to core {SERVER_CORE}; the load client",
         f"(`bench/live_client.py`: asyncio on uvloop, one protocol object per socket) holds {size.streams:,}",
         f"sockets pinned to core {LOAD_CORE}, beside PostgreSQL. server.py's events are published the real",
@@ -876,31 +880,49 @@ def live_markdown(
     return lines
 
 
-# Found with py-spy on the server under this load, and gc.callbacks timing the collector.
+# From gc.callbacks timing the collector in the server under this load, an earlier py-spy profile,
+# and the code path itself.
 LIVE_NOTES = """
-Where the time goes at 10,000 streams, and what it would take:
+Where the time goes at 10,000 streams, what was tried, and what it would take:
 
+- **This machine.** Two cores shared with other work: the load average stayed between 6 and 8
+  through the run, so every figure here, the ceiling's and the peer's too, is slower than on an idle
+  machine, and rounds differ by half. Only the ratios of one round are comparable.
 - **The system call.** Every delivery is one `send()` on a loopback TCP socket, and on this virtual
-  machine that call alone costs about 11 µs (a plain loop of `socket.send` over 5,000 connected
-  sockets; on loopback the kernel also does the receiving side's work inside it). One core can
-  then make at most ~90,000 deliveries a second in any language; the ceiling spends nearly all
-  its time in `transport.write`. Fewer calls would take coalescing: several events to one stream
-  in one write when they arrive together, which server.py does not do.
-- **Python's garbage collector.** 10,000 WebSockets keep over a million objects alive (aiohttp's
-  request, protocol, reader, writer and heartbeat timer for each), and every full collection walks
-  them all: with the default thresholds we timed full collections of 0.3 to 2.8 s on this loaded
-  machine, stopping every delivery, the logouts and the handshakes meanwhile. That is most of
-  server.py's p99 and most of its gap to the ceiling, whose sockets hold far fewer objects. Fewer
-  full collections (`gc.set_threshold(100_000, 50, 1_000)` in an experiment) took the p99 from
-  1.9 s to 0.35 s and the full collections from ten to one.
+  machine that call alone costs about 11 µs (on loopback the kernel also does the receiving side's
+  work inside it). The ceiling spends nearly all its time in `transport.write`. Fewer calls would
+  take coalescing: several events to one stream in one write when they arrive together.
+- **Python per delivery.** Beside that call server.py does about ten Python-level steps per stream
+  and event (the registry's loop, `Stream.send`, the replay backlog check, the duplicate check by
+  id, `is_closing()`, the write, the clock read for heartbeats, the buffer-size check for slow
+  readers), where the ceiling does one: most of the gap to 0.8 of the ceiling, as far as the code
+  path tells (this run was not profiled; the machine was too busy to trust one). What it would take:
+  a fan-out loop that does only the write and the buffer check, reading the clock once per event
+  rather than once per stream, and the slow-reader check through the transport's high-water
+  callback (`pause_writing`) instead of a size read per write; or the loop in C (Cython).
+- **Python's garbage collector.** 10,000 WebSockets keep about 825,000 objects alive (about 80 a
+  stream: aiohttp's request, protocol, reader, writer, timers). Timed with `gc.callbacks` in the
+  server, CPython's default thresholds ran 11 full collections during one round, each walking them
+  all for 1.4 to 3.1 s on this loaded core (9.9 s of the round's 94 s with every delivery stopped):
+  the p99 was 6.0 s. server.py now freezes its start-up objects and sets the thresholds to
+  `(50000, 20, 10)` once it serves (`tune_garbage_collector`): the same round had no full collection
+  and 1.7 s of collector time in all, and the p99 is now under a second. What is left of the p99 is
+  young collections (40 to 200 ms each here) and the CPU the machine did not give.
+- **Handshakes.** Opening 10,000 streams takes server.py several times the ceiling's time: each
+  is a full aiohttp request (middleware, the session lookup and renewal, the registry), and with
+  1,000 handshakes in flight the listen queue (128) overflows, so the kernel drops connections that
+  the client retries with backoff. A longer listen queue and a lighter upgrade path would help the
+  reconnect storm most.
+- **The reconnect storm.** Each resuming stream used to read its missed events from the `events`
+  table itself (two queries through a pool of 10 connections), so 10,000 queued behind each other.
+  Now every process keeps the last 10,000 events it delivered (at most 16 MiB, none past the
+  retention) encoded in memory, and a resume within them is served from there, with one shared
+  read of how far the retention sweep went; older resumes still read the table. A storm now costs
+  what its handshakes cost.
 - **Heartbeats.** aiohttp pings each WebSocket every `heartbeat` seconds with a task per ping and
-  a timer per socket: about a tenth of the server's time at 10,000 streams. The ceiling and the
+  a timer per socket: about a tenth of the server's time at 10,000 streams in an earlier py-spy
+  profile. The ceiling and the
   peer run without.
-- **The reconnect storm.** Each resuming stream reads its missed events from the `events` table
-  itself (two queries, through the engine's pool of 10 connections), so 10,000 at once queue
-  behind each other. Serving recent events from memory (a ring buffer of the last few thousand,
-  going to the table only for streams further behind) would make a storm cost what the handshakes
-  cost.
 - **python-socketio** runs a task per client and creates one more per client for every `emit`,
   then waits for all of them: per delivery that is several times server.py's work, and its
   latency grows with the number of clients.
