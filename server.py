@@ -169,6 +169,7 @@ SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login co
 BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
 KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
 SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
+STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
 LISTEN_BACKLOG = 128  # connections the kernel queues before the server accepts them
 # The garbage collector in a serving process: allocations between young collections, and young
 # (then middle) collections between older ones. CPython's (700, 10, 10) suit short scripts.
@@ -3818,9 +3819,7 @@ class WebServer:
         interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
         sweeper = asyncio.create_task(sweep_forever(store, app[login_throttle], interval))
         yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        await stop_tasks([sweeper])
         await store.close()
 
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
@@ -3841,9 +3840,7 @@ class WebServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
         yield
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
 
     @property
     def url(self) -> str:
@@ -3977,6 +3974,17 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             "%s %s %s %d %.1fms", request.remote, request.method, request.path, response.status, time * 1000
         )
+
+
+async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait until they are done, cancelling again as long as any
+    runs: on Python 3.11, asyncio.wait_for (which aiopg awaits queries with) drops a cancellation
+    that arrives as its query finishes, and a task that kept running would hang the shutdown."""
+    running = set(tasks)
+    while running:
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=STOP_RETRY)
 
 
 async def close_streams(app: web.Application) -> None:
