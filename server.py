@@ -172,6 +172,7 @@ SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
 STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
 LISTEN_BACKLOG = 4096  # connections the kernel queues before the server accepts them (at most
 # net.core.somaxconn): a reconnect storm of thousands of event streams overflows a short queue
+
 # The garbage collector in a serving process: allocations between young collections, and young
 # (then middle) collections between older ones. CPython's (700, 10, 10) suit short scripts.
 GC_THRESHOLDS = (50_000, 20, 10)
