@@ -97,6 +97,10 @@ INSERT INTO events_dropped DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- (never on rollback); listeners read the row from the table.
 CREATE OR REPLACE FUNCTION events_publish() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An event is at most 64 KiB of JSON, from SQL too: every process reads it within its timeouts.
+    IF octet_length(NEW.data::text) > 65536 THEN
+        RAISE EXCEPTION 'event data over 64 KiB' USING ERRCODE = 'check_violation';
+    END IF;
     PERFORM pg_advisory_xact_lock(1702258515);  -- 0x6576_7453: 'evtS'
     NEW.id := nextval('events_id_seq');
     PERFORM pg_notify('events', NEW.id::text);

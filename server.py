@@ -189,7 +189,8 @@ OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5
 EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
 REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
 MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
-EVENT_BATCH = 1000  # rows read at a time when catching up or replaying
+EVENT_BATCH = 100  # rows read at a time when catching up or replaying (at most 6.4 MiB)
+REPLAY_STALL = 10.0  # seconds a replay waits for a client to read before it counts as too slow
 RECENT_EVENTS = 10_000  # events a process keeps, encoded, to replay from memory (see RecentEvents)
 RECENT_EVENT_BYTES = 16 * 1024 * 1024  # ... and at most this many bytes of them
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
@@ -1006,7 +1007,12 @@ async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None)
             if upgrade is not None:
                 await upgrade(conn)
             await check_tables(conn)
-            await conn.execute(schema)
+            try:
+                await conn.execute(schema)
+            except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, say
+                raise StartupError(
+                    f"cannot create or update the tables of schema.sql: {_first_line(exc)}"
+                ) from None
 
 
 @contextlib.asynccontextmanager
@@ -2772,6 +2778,8 @@ def event_data_text(data: Any) -> str:
         text = json.dumps(data, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the event's data is not a JSON value ({exc})") from None
+    except RecursionError:
+        raise ValueError("the event's data is nested too deeply") from None
     if len(text.encode()) > MAX_EVENT_BYTES:
         raise ValueError(f"the event's data is over {MAX_EVENT_BYTES // 1024} KiB as JSON")
     if JSON_NUL.search(text):  # PostgreSQL's jsonb cannot hold U+0000
@@ -2815,6 +2823,7 @@ async def replay(
             if after < dropped:
                 stream.write(REPLAY_TRUNCATED)
             for event in held:
+                await pace(stream)
                 stream.write(event)
             return
     async with connection(engine) as conn:
@@ -2829,10 +2838,24 @@ async def replay(
             }
             rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
             for row in rows:
+                await pace(stream)
                 stream.write(Encoded.row(*row.as_tuple()))
             if len(rows) < EVENT_BATCH:
                 break
             after = rows[-1][0]
+
+
+async def pace(stream: Stream) -> None:
+    """Before the next replayed event: wait while the stream has over half its max_buffer unsent,
+    so that a replay goes at the client's pace instead of cutting off a client that reads as fast
+    as it can. One that reads nothing for REPLAY_STALL seconds has ended as too slow."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + REPLAY_STALL
+    while stream.transport.get_write_buffer_size() > stream.max_buffer // 2 and not stream.ended.done():
+        if stream.transport.is_closing() or loop.time() > give_up:
+            stream.end(Ended.SLOW)
+            return
+        await asyncio.sleep(0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2906,17 +2929,21 @@ class Bus:
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with exponential backoff and jitter."""
         delay = BUS_RETRY[0]
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancellation some wait_for swallowed: stop
             try:
                 dsn = psycopg2.extensions.make_dsn(self._engine.dsn, application_name=BUS_APPLICATION_NAME)
-                async with aiopg.connect(
-                    dsn, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False, enable_json=False
-                ) as conn:
-                    delay = BUS_RETRY[0]
-                    await self._listen(conn)
-            except (psycopg2.Error, *CONNECTION_ERRORS) as exc:
-                if self.listening:
-                    log.warning("lost the PostgreSQL bus (%s); reconnecting", _first_line(exc))
+                with database_errors():  # PostgreSQL's statement timeout included (aiopg cancels)
+                    async with aiopg.connect(
+                        dsn, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False, enable_json=False
+                    ) as conn:
+                        delay = BUS_RETRY[0]
+                        await self._listen(conn)
+            except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
+                if self.listening or delay == BUS_RETRY[0]:  # once per outage
+                    log.warning("no PostgreSQL bus (%s); reconnecting", _first_line(exc))
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening, self.backend = False, None
@@ -2930,8 +2957,9 @@ class Bus:
             await cur.execute(f"LISTEN {EVENTS_CHANNEL}; LISTEN {REVOCATIONS_CHANNEL}")
             if self.last_id is None:  # events from now on; replays read older ones from the table
                 await cur.execute(NEWEST_EVENT)
-                self.last_id = int((await cur.fetchone())[0])
-                self.recent.start(self.last_id)
+                newest = int((await cur.fetchone())[0])
+                if self.last_id is None:  # the application may have set it meanwhile
+                    self.start_from(newest)
             else:
                 log.info("PostgreSQL bus back; catching up")
                 await self._catch_up(cur)
@@ -2971,6 +2999,11 @@ class Bus:
         raw.notifies.clear()
         return notices
 
+    def start_from(self, newest: int) -> None:
+        """Deliver the events after `newest` (those before are the table's to replay)."""
+        self.last_id = newest
+        self.recent.start(newest)
+
     async def _catch_up(self, cur: aiopg.Cursor) -> None:
         """Deliver every event after the last one delivered, in id order."""
         assert self.last_id is not None
@@ -2984,6 +3017,7 @@ class Bus:
                 self._registry.fan_out(event)
             if len(rows) < EVENT_BATCH:
                 return
+            await asyncio.sleep(0)  # let the streams' sockets send before the next batch
 
     async def _check_accounts(self, cur: aiopg.Cursor) -> None:
         """After an outage: end what a missed passwd or deluser would have ended."""
@@ -3569,7 +3603,8 @@ async def first_message_session(
     with contextlib.suppress(asyncio.TimeoutError):
         message = await websocket.receive(timeout=FIRST_MESSAGE_TIMEOUT)
         if message.type is WSMsgType.TEXT:
-            with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object
+            # Not JSON (or nested too deeply to read), or not an object.
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 session_id = json.loads(message.data).get("session_id")
                 if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
                     try:
@@ -3592,7 +3627,9 @@ async def serve_stream(
     registry, bus = app[streams], app[event_bus]
     registry.add(stream)
     try:
-        if after is not None and bus.last_id is not None:
+        if after is not None and bus.last_id is None:  # not known yet where live events begin
+            stream.end(Ended.UNAVAILABLE)
+        elif after is not None and bus.last_id is not None:
             try:
                 await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
             except DatabaseUnavailable as exc:
@@ -3841,6 +3878,9 @@ class WebServer:
         # Serve once events are heard, so that one published right after start-up arrives.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
+        if bus.last_id is None:  # the bus connects later and catches up from here: no gap
+            with contextlib.suppress(DatabaseUnavailable):
+                bus.start_from(int(await read_scalar_text(app[db_engine], NEWEST_EVENT)))
         yield
         await stop_tasks(tasks)
 
@@ -4094,12 +4134,18 @@ async def end_shared_sessions(config: Config, engine: aiopg.sa.Engine, account: 
 
 async def publish_command(config: Config, data: str, to: str | None) -> str:
     """publish DATA [--to NAME]: DATA is JSON text, to every logged-in user or to NAME's streams."""
-    if len(data.encode()) > MAX_EVENT_BYTES:
+    try:
+        size = len(data.encode())
+    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+        raise CommandError("DATA is not valid UTF-8") from None
+    if size > MAX_EVENT_BYTES:
         raise CommandError(f"DATA is over {MAX_EVENT_BYTES // 1024} KiB")
     try:
         value = json.loads(data)
     except ValueError as exc:
         raise CommandError(f"DATA is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CommandError("DATA is nested too deeply") from None
     username = None if to is None else check_username(to)
     async with open_database(config.db) as engine:
         try:

@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
 import pytest
 
 import server
@@ -344,6 +346,7 @@ BAD_FIRST_MESSAGES = [
     '{"session_id": null}',
     '{"session_id": "not a session id!"}',
     json.dumps({"session_id": server.new_session_id()}),  # well-formed, unknown
+    "[" * 8000 + "]" * 8000,  # JSON nested too deeply to read
 ]
 
 
@@ -703,11 +706,35 @@ async def test_the_publish_coroutine_returns_increasing_ids(client: Client) -> N
 
 
 async def test_the_publish_coroutine_refuses_what_is_not_a_storable_json_value(client: Client) -> None:
-    for data in [object(), float("nan"), float("inf"), {1j: 2}, "x" * (64 * 1024), "\x00", {"key\x00": 1}]:
+    nested: list[Any] = []
+    for _ in range(100_000):
+        nested = [nested]
+    for data in [
+        object(),
+        float("nan"),
+        float("inf"),
+        {1j: 2},
+        "x" * (64 * 1024),
+        "\x00",
+        {"key\x00": 1},
+        nested,
+    ]:
         with pytest.raises(ValueError):
             await publish(client, data)
     async with server.connection(client.app[server.db_engine]) as conn:
         assert await conn.scalar("SELECT count(*) FROM events") == 0
+
+
+async def test_an_sql_insert_of_more_than_64_kib_of_json_is_refused(
+    client: Client, db: psycopg2.extensions.connection
+) -> None:
+    """Every process reads each event within its statement timeout: SQL publishers keep the limit too."""
+    with pytest.raises(psycopg2.errors.CheckViolation), db.cursor() as cur:
+        cur.execute("INSERT INTO events (username, data) VALUES (NULL, to_jsonb(repeat('x', 70000)))")
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO events (username, data) VALUES (NULL, to_jsonb(repeat('x', 60000)))")
+        cur.execute("SELECT count(*) FROM events")
+        assert cur.fetchone() == (1,)
 
 
 async def test_the_publish_coroutine_takes_64_kib_of_json(client: Client) -> None:
@@ -1147,6 +1174,8 @@ async def test_the_publish_command_exits_1_with_one_line_for_bad_data_or_an_unkn
         ["publish", '{"price": '],
         ["publish", "1", "--to", "nobody"],
         ["publish", json.dumps("x" * (64 * 1024))],
+        ["publish", "[" * 8000 + "]" * 8000],  # nested too deeply to read
+        ["publish", '"\udce9"'],  # the byte 0xE9 alone: not UTF-8 (the argument as Python decodes it)
     ]
     results = await asyncio.gather(*(command(*case) for case in cases))
     for case, result in zip(cases, results, strict=True):
