@@ -885,9 +885,10 @@ def live_markdown(
 LIVE_NOTES = """
 Where the time goes at 10,000 streams, what was tried, and what it would take:
 
-- **This machine.** Two cores shared with other work: the load average stayed between 6 and 8
-  through the run, so every figure here, the ceiling's and the peer's too, is slower than on an idle
-  machine, and rounds differ by half. Only the ratios of one round are comparable.
+- **This machine.** Two cores, shared with other work at times: figures move with its load, the
+  ceiling's and the peer's too, so only the ratios of one round compare. An earlier run of this
+  command while other jobs kept the load average at 6 to 8 measured 34,231 deliveries/s (0.52 of
+  the ceiling), a p99 of 775 ms and a storm of 76 s; the table above is from a quiet machine.
 - **The system call.** Every delivery is one `send()` on a loopback TCP socket, and on this virtual
   machine that call alone costs about 11 µs (on loopback the kernel also does the receiving side's
   work inside it). The ceiling spends nearly all its time in `transport.write`. Fewer calls would
@@ -895,27 +896,26 @@ Where the time goes at 10,000 streams, what was tried, and what it would take:
 - **Python per delivery.** Beside that call server.py does about ten Python-level steps per stream
   and event (the registry's loop, `Stream.send`, the replay backlog check, the duplicate check by
   id, `is_closing()`, the write, the clock read for heartbeats, the buffer-size check for slow
-  readers), where the ceiling does one: most of the gap to 0.8 of the ceiling, as far as the code
-  path tells (this run was not profiled; the machine was too busy to trust one). What it would take:
-  a fan-out loop that does only the write and the buffer check, reading the clock once per event
-  rather than once per stream, and the slow-reader check through the transport's high-water
-  callback (`pause_writing`) instead of a size read per write; or the loop in C (Cython).
+  readers), about 3.4 µs in all (timed over 3,000 real socketpair transports), where the ceiling
+  does one: the rest of the gap to the ceiling. What it would take: a fan-out loop that does only
+  the write and the buffer check, reading the clock once per event rather than once per stream,
+  and the slow-reader check through the transport's high-water callback (`pause_writing`) instead
+  of a size read per write; or the loop in C (Cython).
 - **Python's garbage collector.** 10,000 WebSockets keep about 825,000 objects alive (about 80 a
   stream: aiohttp's request, protocol, reader, writer, timers). Timed with `gc.callbacks` in the
-  server, CPython's default thresholds ran 11 full collections during one round, each walking them
-  all for 1.4 to 3.1 s on this loaded core (9.9 s of the round's 94 s with every delivery stopped):
-  the p99 was 6.0 s. server.py now freezes its start-up objects and sets the thresholds to
-  `(50000, 20, 10)` once it serves (`tune_garbage_collector`): the same round had no full collection
-  and 1.7 s of collector time in all, and the p99 is now under a second. What is left of the p99 is
-  young collections (40 to 200 ms each here) and the CPU the machine did not give.
-- **Handshakes.** Opening 10,000 streams takes server.py several times the ceiling's time: each
-  is a full aiohttp request (middleware, the session lookup and renewal, the registry), and with
-  1,000 handshakes in flight the listen queue (128) overflows, so the kernel drops connections that
-  the client retries with backoff. Tried in a separate storm run: a listen queue of 4,096 took the
-  last stream's catch-up from 76 s to 62 s and the median stream's from 12 s to 4 s. Opening
-  10,000 fresh streams took 8 s in a quieter moment and 61 s in this run's rounds: the handshakes
-  are CPU work on the server's core, which this run shared. A longer listen queue and a lighter
-  upgrade path would help the reconnect storm most.
+  server, CPython's default thresholds ran 11 full collections during one loaded round, each
+  walking them all for 1.4 to 3.1 s with every delivery stopped: the p99 was 6.0 s. server.py now
+  freezes its start-up objects and sets the thresholds to `(50000, 20, 10)` once it serves
+  (`tune_garbage_collector`): no full collection runs while the streams are open, and what is left
+  of the p99 is young collections and the CPU the machine gives.
+- **Handshakes: the reconnect storm's limit.** Opening 10,000 streams takes server.py five to ten
+  times the ceiling's time (15 to 28 s against 2 to 3 s here): each is a full aiohttp request
+  (middleware, the session lookup and renewal, the registry, the replay), where the ceiling's is a
+  bare upgrade. The listen queue is 4,096 now (it was 128, and overflowed: the kernel dropped
+  connections the client retried with backoff; 4,096 took a loaded storm from 76 s to 62 s). The
+  replay itself is no longer the limit (below): the last stream is on live events a fraction of a
+  second after it is back. What it would take: a lighter upgrade path (no middleware, one cached
+  session lookup), or several processes sharing the storm.
 - **The reconnect storm.** Each resuming stream used to read its missed events from the `events`
   table itself (two queries through a pool of 10 connections), so 10,000 queued behind each other.
   Now every process keeps the last 10,000 events it delivered (at most 16 MiB, none past the
@@ -924,8 +924,7 @@ Where the time goes at 10,000 streams, what was tried, and what it would take:
   what its handshakes cost.
 - **Heartbeats.** aiohttp pings each WebSocket every `heartbeat` seconds with a task per ping and
   a timer per socket: about a tenth of the server's time at 10,000 streams in an earlier py-spy
-  profile. The ceiling and the
-  peer run without.
+  profile. The ceiling and the peer run without.
 - **python-socketio** runs a task per client and creates one more per client for every `emit`,
   then waits for all of them: per delivery that is several times server.py's work, and its
   latency grows with the number of clients.
