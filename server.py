@@ -2694,7 +2694,7 @@ class RecentEvents:
         replay from memory says replay_truncated too, and leaves out what the table lost.
         Replays at once share one query: a reconnect storm asks thousands of times together."""
         if self._dropped is None:
-            self._dropped = asyncio.ensure_future(read_scalar_text(engine, DROPPED_THROUGH))
+            self._dropped = asyncio.ensure_future(read_scalar(engine, DROPPED_THROUGH))
             self._dropped.add_done_callback(self._read)
         return int(await asyncio.shield(self._dropped) or 0)
 
@@ -2744,8 +2744,8 @@ REPLAY_EVENTS = (
     " WHERE id > %(after)s AND id <= %(through)s AND (username IS NULL OR username = %(username)s)"
     " ORDER BY id LIMIT %(limit)s"
 )
-DROPPED_THROUGH = "SELECT through FROM events_dropped"
-NEWEST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
+DROPPED_THROUGH = CompiledQuery("SELECT through FROM events_dropped")
+NEWEST_EVENT = CompiledQuery("SELECT coalesce(max(id), 0) FROM events")
 ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 # The bus connection's backend, which StreamCounts' rows name. PostgreSQL ends the backend as soon
 # as the connection closes (this process exiting or killed); keepalives bound the wait for a host
@@ -2805,11 +2805,6 @@ async def publish(engine: aiopg.sa.Engine, data: Any, username: str | None = Non
     return int(event_id)
 
 
-async def read_scalar_text(engine: aiopg.sa.Engine, query: str) -> Any:
-    async with connection(engine) as conn:
-        return await conn.scalar(query)
-
-
 async def replay(
     engine: aiopg.sa.Engine, stream: Stream, after: int, through: int, recent: RecentEvents
 ) -> None:
@@ -2827,7 +2822,7 @@ async def replay(
                 stream.write(event)
             return
     async with connection(engine) as conn:
-        if after < (await conn.scalar(DROPPED_THROUGH) or 0):
+        if after < (await conn.scalar(DROPPED_THROUGH.sql) or 0):
             stream.write(REPLAY_TRUNCATED)
         while after < through and not stream.ended.done():
             params = {
@@ -2956,7 +2951,7 @@ class Bus:
         async with conn.cursor() as cur:
             await cur.execute(f"LISTEN {EVENTS_CHANNEL}; LISTEN {REVOCATIONS_CHANNEL}")
             if self.last_id is None:  # events from now on; replays read older ones from the table
-                await cur.execute(NEWEST_EVENT)
+                await cur.execute(NEWEST_EVENT.sql)
                 newest = int((await cur.fetchone())[0])
                 if self.last_id is None:  # the application may have set it meanwhile
                     self.start_from(newest)
@@ -3880,7 +3875,7 @@ class WebServer:
             await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
         if bus.last_id is None:  # the bus connects later and catches up from here: no gap
             with contextlib.suppress(DatabaseUnavailable):
-                bus.start_from(int(await read_scalar_text(app[db_engine], NEWEST_EVENT)))
+                bus.start_from(int(await read_scalar(app[db_engine], NEWEST_EVENT)))
         yield
         await stop_tasks(tasks)
 
