@@ -1168,11 +1168,6 @@ async def find_account(engine: aiopg.sa.Engine, username: str) -> tuple[str | No
     return row.password_hash, Account(row.id, username, row.session_epoch)
 
 
-async def user_exists(engine: aiopg.sa.Engine, username: str) -> bool:
-    """Whether the name is taken: asked before a hash is spent on it."""
-    return await read_scalar(engine, FIND_ACCOUNT, username=username) is not None
-
-
 # No statement that carries a password hash may fail: PostgreSQL would write it, hash included,
 # to its log. So the locks such a statement needs are taken first, by statements without it
 # (these may wait and time out harmlessly), and a name already taken is an empty answer, not an
@@ -4088,15 +4083,15 @@ async def set_password_command(config: Config, name: str, new_user: bool) -> str
     username, password = check_username(name), read_password()
     async with open_database(config.db) as engine:
         # Whether the name is free (or taken) is asked before a hash is spent on it.
-        if new_user and await user_exists(engine, username):
+        _, account = await find_account(engine, username)
+        if new_user and account is not None:
             raise UserExists(f"user '{username}' already exists")
-        if not new_user and not await user_exists(engine, username):
+        if not new_user and account is None:
             raise UserNotFound(f"no such user '{username}'")
         password_hash = await hash_new_password(config.passwords, password)
         if new_user:
             await insert_user(engine, username, password_hash)
             return f"created user '{username}'"
-        _, account = await find_account(engine, username)
         ended = await end_shared_sessions(config, engine, account)
         await update_password_hash(engine, username, password_hash, end_sessions=True)
     return f"changed the password of '{username}'" + (f" and ended {ended} session(s)" if ended else "")
