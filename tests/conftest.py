@@ -416,16 +416,27 @@ def any_store_kind(request: pytest.FixtureRequest, db: object) -> str:
     return str(request.param)
 
 
+def with_clean_redis(kind: str) -> Iterator[str]:
+    """Yield the store kind; for Redis, with a server's keys cleared before and after."""
+    if kind == "redis":
+        redis_or_skip()
+        clear_redis()
+        yield kind
+        clear_redis()
+    else:
+        yield kind
+
+
 @pytest.fixture(params=STORE_KINDS)
 def store_kind(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
     """Each session store in turn; a server's Redis keys are cleared before and after."""
-    if request.param == "redis":
-        redis_or_skip()
-        clear_redis()
-        yield "redis"
-        clear_redis()
-    else:
-        yield str(request.param)
+    yield from with_clean_redis(str(request.param))
+
+
+@pytest.fixture(params=["postgres", "redis"])
+def shared_store(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
+    """Each store several server processes can share, as store_kind gives them."""
+    yield from with_clean_redis(str(request.param))
 
 
 @dataclasses.dataclass

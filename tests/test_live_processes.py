@@ -28,7 +28,7 @@ import psycopg2.extensions
 import pytest
 
 import server
-from conftest import REDIS_URL, ServerProcess, Start, clear_redis, free_port, redis_or_skip, run_command
+from conftest import REDIS_URL, ServerProcess, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 HASHER = argon2.PasswordHasher(**FAST)  # the servers' own parameters: no re-hash at login
@@ -358,17 +358,6 @@ async def test_a_session_of_a_deleted_user_never_passes_as_the_new_user_of_that_
 # ---------------------------------------------------------------------------
 # Several processes sharing one session store
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["postgres", "redis"])
-def shared_store(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
-    if request.param == "redis":
-        redis_or_skip()
-        clear_redis()
-        yield "redis"
-        clear_redis()
-    else:
-        yield "postgres"
 
 
 async def test_a_logout_through_one_process_closes_the_streams_another_process_holds(

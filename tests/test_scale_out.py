@@ -58,22 +58,6 @@ def shared_config(tmp_path: Path, store: str, port: int, name: str, **webserver:
     return path
 
 
-@pytest.fixture(params=["postgres", "redis"])
-def shared_store(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
-    if request.param == "redis":
-        redis_or_skip()
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(match="login:*"):
-            client.delete(key)
-        yield "redis"
-        for key in client.scan_iter(match="login:*"):
-            client.delete(key)
-    else:
-        yield "postgres"
-
-
 async def call(method: str, url: str, session_id: str | None = None, **kwargs: object) -> tuple[int, object]:
     headers = {} if session_id is None else {"Authorization": session_id}
     async with (

@@ -7,32 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from conftest import REDIS_URL, ServerProcess, Start, free_port, redis_or_skip, run_command
+from conftest import REDIS_URL, ServerProcess, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
-
-
-@pytest.fixture(params=["postgres", "redis"])
-def shared_store(request: pytest.FixtureRequest, db: object) -> Iterator[str]:
-    if request.param == "redis":
-        redis_or_skip()
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(match="login:*"):
-            client.delete(key)
-        yield "redis"
-        for key in client.scan_iter(match="login:*"):
-            client.delete(key)
-        client.close()
-    else:
-        yield "postgres"
 
 
 def start_two(
