@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg2.extensions
 import pytest
-from test_scale_out import call, shared_store, two_servers  # noqa: F401 (a fixture)
+from test_scale_out import call, two_servers
 
 import server
 from conftest import (
@@ -204,7 +204,7 @@ async def test_logout_and_passwd_are_honoured_by_a_process_whose_bus_was_killed(
     tmp_path: Path,
     database_url: str,
     db: psycopg2.extensions.connection,
-    shared_store: str,  # noqa: F811
+    shared_store: str,
     start_server: Start,
     moment: str,
 ) -> None:
