@@ -351,6 +351,7 @@ class SessionConfig:
     # memory (this process), postgres (a table beside users) or redis
     store: str = setting("memory", OneOf(("memory", "postgres", "redis")))
     redis_url: str = setting("redis://127.0.0.1:6379/0", redis_url)
+    redis_prefix: str = setting("login:", non_empty_string)  # every key the redis store writes starts so
     # Sessions a shared store's process keeps in memory (CachedSessionStore); 0 turns that off.
     cache_size: int = setting(100_000, Integer(0))
 
@@ -1939,11 +1940,12 @@ class RedisSessionStore:
     """
 
     def __init__(
-        self, client: Any, config: SessionConfig, clock: Callable[[], float], prefix: str = "login:"
+        self, client: Any, config: SessionConfig, clock: Callable[[], float], prefix: str | None = None
     ) -> None:
         import redis.exceptions
 
-        self._redis, self._config, self._clock, self._prefix = client, config, clock, prefix
+        self._redis, self._config, self._clock = client, config, clock
+        self._prefix = config.redis_prefix if prefix is None else prefix
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self._create = client.register_script(self._CREATE)
         self._touch = client.register_script(self._TOUCH)

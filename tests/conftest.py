@@ -273,7 +273,10 @@ def private_cluster(tmp_path: Path) -> Iterator[PrivateCluster]:
     cluster.close()
 
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The tests' own Redis database (not the server's default 0) and a key prefix of this run's own, so
+# a run never sees, nor deletes, a real service's sessions or another run's keys.
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_PREFIX = f"test-{uuid.uuid4().hex[:12]}:"
 
 
 def redis_or_skip() -> None:
@@ -397,8 +400,8 @@ STORE_KINDS = ["memory", "postgres", "redis"]
 CACHED_STORE_KINDS = ["cached-postgres", "cached-redis"]  # the shared stores behind the near cache
 
 
-def clear_redis(prefix: str = "login:") -> None:
-    """Delete the keys a server's Redis store keeps (the server's prefix by default)."""
+def clear_redis(prefix: str = REDIS_PREFIX) -> None:
+    """Delete the keys this run's servers keep in Redis (this run's own prefix)."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
@@ -486,5 +489,5 @@ def raw_request(
 
 def server_config(database_url: str, store: str, **sections: object) -> server.Config:
     """make_config with the given session store (Redis: the test Redis)."""
-    sessions = server.SessionConfig(store=store, redis_url=REDIS_URL)
+    sessions = server.SessionConfig(store=store, redis_url=REDIS_URL, redis_prefix=REDIS_PREFIX)
     return make_config(database_url, sessions=sessions, **sections)

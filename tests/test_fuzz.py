@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import server
 from conftest import (
+    REDIS_PREFIX,
     REDIS_URL,
     ROOT,
     STORE_KINDS,
@@ -176,7 +177,7 @@ def store_servers(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
                 json.dumps(
                     {
                         "webserver": {"host": "127.0.0.1", "port": port, "trusted_proxies": ["127.0.0.1"]},
-                        "sessions": {"store": store, "redis_url": REDIS_URL},
+                        "sessions": {"store": store, "redis_url": REDIS_URL, "redis_prefix": REDIS_PREFIX},
                         "login": {"max_failures": 100_000},
                         "passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1},
                     }

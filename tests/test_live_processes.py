@@ -28,7 +28,7 @@ import psycopg2.extensions
 import pytest
 
 import server
-from conftest import REDIS_URL, ServerProcess, Start, free_port, run_command
+from conftest import REDIS_PREFIX, REDIS_URL, ServerProcess, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 HASHER = argon2.PasswordHasher(**FAST)  # the servers' own parameters: no re-hash at login
@@ -68,7 +68,7 @@ class Site:
     def config(self, store: str, port: int, events: dict[str, object] | None = None) -> Path:
         sessions: dict[str, object] = {"store": store}
         if store == "redis":
-            sessions["redis_url"] = REDIS_URL
+            sessions["redis_url"], sessions["redis_prefix"] = REDIS_URL, REDIS_PREFIX
         path = self.tmp_path / f"config-{port}.json"
         body = {
             "webserver": {"host": "127.0.0.1", "port": port},

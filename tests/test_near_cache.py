@@ -16,6 +16,7 @@ from test_scale_out import call, two_servers
 
 import server
 from conftest import (
+    REDIS_PREFIX,
     REDIS_URL,
     ClientFactory,
     Clock,
@@ -152,7 +153,7 @@ def clean_redis() -> Iterator[None]:
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match="login:*"):
+    for key in client.scan_iter(match=f"{REDIS_PREFIX}*"):
         client.delete(key)
     yield
     client.close()
@@ -168,7 +169,9 @@ async def test_a_process_whose_bus_is_down_reads_the_store_instead_of_its_cache(
 ) -> None:
     if store == "redis":
         redis_or_skip()
-    sessions = server.SessionConfig(store=store, redis_url=REDIS_URL, idle_timeout=IDLE)
+    sessions = server.SessionConfig(
+        store=store, redis_url=REDIS_URL, redis_prefix=REDIS_PREFIX, idle_timeout=IDLE
+    )
     app = await server.WebServer(make_config(database_url, sessions=sessions), clock=clock).initializer()
     client = await aiohttp_client(app)
     await add_user(app, "alice", "wonderland")

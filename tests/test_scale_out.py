@@ -26,6 +26,7 @@ import requests
 
 import server
 from conftest import (
+    REDIS_PREFIX,
     REDIS_URL,
     ROOT,
     ClientFactory,
@@ -47,7 +48,7 @@ FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 def shared_config(tmp_path: Path, store: str, port: int, name: str, **webserver: object) -> Path:
     sessions: dict[str, object] = {"store": store}
     if store == "redis":
-        sessions["redis_url"] = REDIS_URL
+        sessions["redis_url"], sessions["redis_prefix"] = REDIS_URL, REDIS_PREFIX
     path = tmp_path / f"{name}.json"
     config = {
         "webserver": {"host": "127.0.0.1", "port": port, **webserver},

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import REDIS_URL, ServerProcess, Start, free_port, run_command
+from conftest import REDIS_PREFIX, REDIS_URL, ServerProcess, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 
@@ -26,7 +26,7 @@ def start_two(
     servers = []
     for number in range(2):
         port = free_port()
-        sessions: dict[str, object] = {"store": store, "redis_url": REDIS_URL}
+        sessions: dict[str, object] = {"store": store, "redis_url": REDIS_URL, "redis_prefix": REDIS_PREFIX}
         config = {"webserver": {"host": "127.0.0.1", "port": port}, "sessions": sessions, "passwords": FAST}
         path = tmp_path / f"server-{number}.json"
         path.write_text(json.dumps(config))

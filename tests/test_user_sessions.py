@@ -16,7 +16,7 @@ import pytest
 from yarl import URL
 
 import server
-from conftest import REDIS_URL, Client, ClientFactory, Clock, add_user, make_config
+from conftest import REDIS_PREFIX, REDIS_URL, Client, ClientFactory, Clock, add_user, make_config
 
 PHONE = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36"
 LAPTOP = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
@@ -33,7 +33,7 @@ def clean_redis(store_kind: str) -> Iterator[None]:
     client = redis.Redis.from_url(REDIS_URL)
 
     def flush() -> None:
-        for key in client.scan_iter(match="login:*"):
+        for key in client.scan_iter(match=f"{REDIS_PREFIX}*"):
             client.delete(key)
 
     flush()
@@ -47,7 +47,7 @@ async def start(
 ) -> Client:
     config = make_config(
         database_url,
-        sessions=server.SessionConfig(store=store_kind, redis_url=REDIS_URL),
+        sessions=server.SessionConfig(store=store_kind, redis_url=REDIS_URL, redis_prefix=REDIS_PREFIX),
         webserver=server.WebServerConfig(host="127.0.0.1", port=0, **webserver),  # type: ignore[arg-type]
     )
     client = await aiohttp_client(await server.WebServer(config, clock=clock).initializer())
