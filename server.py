@@ -35,6 +35,8 @@ and every error body is {"error", "message"}):
                     "created_at"}, then {"type": "session_ended", "reason"} when the session ends
                     400 bad_request, 401 invalid_session, 403 forbidden_origin, 429 too_many_streams
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
+    GET    /metrics Prometheus' text format, every worker's values (loginservice_*); 404 outside
+                    metrics.allow
     GET    /openapi.yaml   this API as OpenAPI 3
     GET    /        the demo page, index.html: log in, who am I, live events, log out
 
@@ -83,10 +85,12 @@ import random
 import re
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -96,7 +100,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias, TypeVar
 
 import aiopg.sa
 import argon2
@@ -112,6 +116,9 @@ from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
+
+if TYPE_CHECKING:
+    import prometheus_client
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -387,6 +394,20 @@ class EventsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    # Clients (as the login throttle sees them) that may read GET /metrics; everyone else: 404.
+    allow: tuple[IPNetwork, ...] = setting(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), networks
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalConfig:
+    retention: float = setting(30 * 86400.0, seconds)  # how long the session journal keeps entries
+    streams: bool = setting(False, boolean)  # journal stream opens and closes too
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     webserver: WebServerConfig = WebServerConfig()
     db: DatabaseConfig = DatabaseConfig()
@@ -394,6 +415,8 @@ class Config:
     login: LoginConfig = LoginConfig()
     passwords: PasswordConfig = PasswordConfig()
     events: EventsConfig = EventsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    journal: JournalConfig = JournalConfig()
 
 
 class _Section:
@@ -1478,6 +1501,7 @@ class SessionStore(FailureLog, Protocol):
     async def sessions_of(self, user_id: int) -> list[Session]: ...
     async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None: ...
     async def sweep(self) -> int: ...
+    async def count(self) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -1604,6 +1628,11 @@ class MemorySessionStore(MemoryFailureLog):
         for session_id in expired:
             self._remove(session_id)
         return len(expired)
+
+    async def count(self) -> int:
+        """How many sessions are live."""
+        now = self._clock()
+        return sum(1 for session in self._sessions.values() if session.expires_at > now)
 
     async def close(self) -> None:
         self._sessions.clear()
@@ -1801,6 +1830,11 @@ class PostgresSessionStore:
         table = sessions_table
         expired = table.delete().where(table.c.expires_at <= self._clock()).returning(table.c.seq)
         return len(await self._rows(expired))
+
+    async def count(self) -> int:
+        table = sessions_table
+        query = sa.select(sa.func.count()).where(table.c.expires_at > self._clock())
+        return int((await self._rows(query))[0][0])
 
     async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
         table = login_failures
@@ -2055,6 +2089,14 @@ class RedisSessionStore:
                     removed += len(dead)
         return removed
 
+    async def count(self) -> int:
+        """Redis expires sessions itself, so every session key is a live one (one SCAN)."""
+        found = 0
+        with store_errors(*self._errors):
+            async for _ in self._redis.scan_iter(match=f"{self._prefix}session:*", count=1000):
+                found += 1
+        return found
+
     async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
         with store_errors(*self._errors):
             found = await self._redis.zrangebyscore(
@@ -2205,6 +2247,9 @@ class CachedSessionStore:
         for digest in [d for d, near in self._near.items() if near.session.expires_at <= now]:
             self._drop(digest)
         return await self.store.sweep()
+
+    async def count(self) -> int:
+        return await self.store.count()
 
     async def close(self) -> None:
         self.clear()
@@ -2378,7 +2423,7 @@ def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
     becomes part of a key in the failure log, so the header's other bytes never reach a store.
     """
     peer = request.remote or "unknown"
-    if not trusted or not _is_trusted(peer, trusted):
+    if not trusted or not in_networks(peer, trusted):
         return peer
     hops = [hop.strip() for hop in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
     for hop in reversed(hops):
@@ -2386,7 +2431,7 @@ def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
         if ip is None:
             break  # a malformed entry: trust nothing further along the chain
         peer = str(ip)
-        if not _is_trusted(peer, trusted):
+        if not in_networks(peer, trusted):
             return peer
     return peer
 
@@ -2400,7 +2445,7 @@ def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return None if getattr(ip, "scope_id", None) else ip
 
 
-def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+def in_networks(address: str, trusted: Sequence[IPNetwork]) -> bool:
     ip = _ip_address(address)
     return ip is not None and any(ip in network for network in trusted)
 
@@ -2533,56 +2578,65 @@ class Stream:
         self.ended: asyncio.Future[Ended] = loop.create_future()
         self.last_write = self.renewed = loop.time()
 
-    def send(self, event: Encoded) -> None:
-        """Deliver a live event (the registry calls this for every matching stream)."""
+    def send(self, event: Encoded) -> bool:
+        """Deliver a live event (the registry calls this for every matching stream); whether it
+        was written now (not held back while the stream replays, nor refused)."""
         if self.ended.done():
-            return
+            return False
         if self.backlog is None:
-            self.write(event)
-            return
+            return self.write(event)
         self.backlog.append(event)
         self.backlog_bytes += len(event.sse)
         if self.backlog_bytes > self.max_buffer:
             self.end(Ended.SLOW)
+        return False
 
-    def go_live(self) -> None:
-        """The replay is done: write what arrived meanwhile, then every event as it comes."""
+    def go_live(self) -> int:
+        """The replay is done: write what arrived meanwhile, then every event as it comes.
+        Returns how many events were written now."""
         backlog, self.backlog = self.backlog or [], None
-        for event in backlog:
-            self.write(event)
+        return sum(self.write(event) for event in backlog)
 
-    def write(self, event: Encoded) -> None:
+    def write(self, event: Encoded) -> bool:
+        """Write an event (or a notice of the stream); whether an event went out."""
         if event.id is not None:
             if event.id <= self.last_id:
-                return  # replayed already
+                return False  # replayed already
             self.last_id = event.id
         if self.websocket:
-            self.write_bytes(event.websocket)
+            written = self.write_bytes(event.websocket)
         else:
-            self.write_bytes(event.sse_chunk if self.chunked else event.sse)
+            written = self.write_bytes(event.sse_chunk if self.chunked else event.sse)
+        return written and event.id is not None
 
-    def write_bytes(self, data: bytes) -> None:
+    def write_bytes(self, data: bytes) -> bool:
         if self.ended.done():
-            return
+            return False
         if self.transport.is_closing():
             self.end(Ended.GONE)
-            return
+            return False
         self.transport.write(data)
         self.last_write = asyncio.get_running_loop().time()
         if self.transport.get_write_buffer_size() > self.max_buffer:
             self.end(Ended.SLOW)
+        return True
 
     def end(self, why: Ended) -> None:
         """End the stream (once; the first reason wins). Its handler does the closing."""
         if not self.ended.done():
             self.ended.set_result(why)
 
+    @property
+    def transport_name(self) -> str:
+        return "websocket" if self.websocket else "sse"
+
 
 class StreamRegistry:
     """The open streams of this process, found by user name (events for one user), by session
     (a logout) and by account (passwd, deluser). Changed only by add and discard."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
         # Dicts used as ordered sets: a broadcast reaches streams in the order they opened.
         self._streams: dict[Stream, None] = {}
         self._by_username: dict[str, dict[Stream, None]] = {}
@@ -2601,6 +2655,9 @@ class StreamRegistry:
         self._by_username.setdefault(stream.account.username, {})[stream] = None
         self._by_session.setdefault(stream.digest, {})[stream] = None
         self._by_user.setdefault(stream.account.user_id, {})[stream] = None
+        if self.metrics is not None:
+            self.metrics.streams_opened.labels(stream.transport_name).inc()
+            self.metrics.streams_open.labels(stream.transport_name).inc()
         if self.on_change is not None:
             self.on_change(stream)
 
@@ -2609,6 +2666,12 @@ class StreamRegistry:
             self._leave(self._by_username, stream.account.username, stream)
             self._leave(self._by_session, stream.digest, stream)
             self._leave(self._by_user, stream.account.user_id, stream)
+            if self.metrics is not None:
+                self.metrics.streams_open.labels(stream.transport_name).dec()
+                why = stream.ended.result() if stream.ended.done() else Ended.GONE
+                self.metrics.streams_closed.labels(why.value).inc()
+                if why is Ended.SLOW:
+                    self.metrics.streams_cut_slow.inc()
             if self.on_change is not None:
                 self.on_change(stream)
 
@@ -2622,8 +2685,9 @@ class StreamRegistry:
     def fan_out(self, event: Encoded) -> None:
         """Write one event to every stream it is for: all of them, or one user's."""
         targets = self._streams if event.username is None else self._by_username.get(event.username, {})
-        for stream in targets:
-            stream.send(event)
+        written = sum(stream.send(event) for stream in targets)
+        if written and self.metrics is not None:
+            self.metrics.events_delivered.inc(written)
 
     def end_session(self, digest: bytes, why: Ended) -> None:
         for stream in list(self._by_session.get(digest, ())):
@@ -2804,10 +2868,12 @@ async def publish(engine: aiopg.sa.Engine, data: Any, username: str | None = Non
 
 async def replay(
     engine: aiopg.sa.Engine, stream: Stream, after: int, through: int, recent: RecentEvents
-) -> None:
+) -> tuple[str, int]:
     """Write to stream the retained events after `after` up to `through` that are for its user,
     in id order; first `replay_truncated` if the retention sweep dropped some of them. From
-    memory when `recent` holds them all (then `through` is the newest it holds), else from the table."""
+    memory when `recent` holds them all (then `through` is the newest it holds), else from the table.
+    Returns where they came from ("memory" or "table") and how many were written."""
+    written = 0
     if recent.holds(after):
         dropped = await recent.dropped_through(engine)
         held = recent.since(max(after, dropped), stream.account.username, time.time())
@@ -2816,8 +2882,8 @@ async def replay(
                 stream.write(REPLAY_TRUNCATED)
             for event in held:
                 await pace(stream)
-                stream.write(event)
-            return
+                written += stream.write(event)
+            return "memory", written
     async with connection(engine) as conn:
         if after < (await conn.scalar(DROPPED_THROUGH.sql) or 0):
             stream.write(REPLAY_TRUNCATED)
@@ -2831,10 +2897,11 @@ async def replay(
             rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
             for row in rows:
                 await pace(stream)
-                stream.write(Encoded.row(*row.as_tuple()))
+                written += stream.write(Encoded.row(*row.as_tuple()))
             if len(rows) < EVENT_BATCH:
                 break
             after = rows[-1][0]
+    return "table", written
 
 
 async def pace(stream: Stream) -> None:
@@ -2906,8 +2973,10 @@ class Bus:
         registry: StreamRegistry,
         store: SessionStore,
         retention: float = EventsConfig.retention,
+        metrics: Metrics | None = None,
     ) -> None:
         self._engine, self._registry, self._store = engine, registry, store
+        self._metrics = metrics
         self.last_id: int | None = None  # the newest event delivered; None until first connected
         self.recent = RecentEvents(retention)
         self.listening = False
@@ -2954,6 +3023,8 @@ class Bus:
                     self.start_from(newest)
             else:
                 log.info("PostgreSQL bus back; catching up")
+                if self._metrics is not None:
+                    self._metrics.bus_reconnects.inc()
                 await self._catch_up(cur)
                 # Events published while away may have passed their retention before this read:
                 # only what comes from now on is known to be complete in memory.
@@ -3002,11 +3073,14 @@ class Bus:
         while True:
             await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
             rows = await cur.fetchall()
+            now = time.time()
             for row in rows:
                 self.last_id = row[0]
                 event = Encoded.row(*row)
                 self.recent.add(event, row[3])
                 self._registry.fan_out(event)
+                if self._metrics is not None:
+                    self._metrics.bus_lag.observe(max(0.0, now - row[3]))
             if len(rows) < EVENT_BATCH:
                 return
             await asyncio.sleep(0)  # let the streams' sockets send before the next batch
@@ -3263,6 +3337,134 @@ async def sweep_events_forever(engine: aiopg.sa.Engine, retention: float) -> Non
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+METRICS_PREFIX = "loginservice_"  # every metric's name begins so (README: Metrics)
+# Where each worker process writes its metrics when there are several: the arbiter makes a private
+# directory, names it here before the first worker starts, and removes it at exit (serve_workers).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNMATCHED_ROUTE = "unmatched"  # the route label of a request no route matched (never the raw path)
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """This process's Prometheus metrics (prometheus-client), on a registry of its own.
+
+    With several workers, prometheus-client's multiprocess mode keeps each worker's values in
+    files of the directory MULTIPROCESS_ENV names, and GET /metrics in any worker sums them all:
+    counters and histograms over every worker that ever ran (so they never go back), gauges over
+    the living ones (the arbiter drops a dead worker's, see serve_workers). Two values are read
+    when scraped, by the worker that answers: live sessions (from the store) and events published.
+    """
+
+    def __init__(self) -> None:
+        # Imported here: prometheus-client chooses its multiprocess mode when first imported, which
+        # in a worker comes after the arbiter named the directory.
+        import prometheus_client as prom
+
+        self.multiprocess = MULTIPROCESS_ENV in os.environ
+        self.registry = registry = prom.CollectorRegistry()
+        p = METRICS_PREFIX
+        self.logins = prom.Counter(f"{p}logins", "Login attempts by outcome.", ["outcome"], registry=registry)
+        self.streams_open = prom.Gauge(
+            f"{p}streams_open",
+            "Open event streams by transport.",
+            ["transport"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.streams_opened = prom.Counter(
+            f"{p}streams_opened", "Event streams opened, by transport.", ["transport"], registry=registry
+        )
+        self.events_delivered = prom.Counter(
+            f"{p}events_delivered", "Events written to event streams (live and replayed).", registry=registry
+        )
+        self.streams_closed = prom.Counter(
+            f"{p}streams_closed", "Event streams closed, by reason.", ["reason"], registry=registry
+        )
+        self.streams_cut_slow = prom.Counter(
+            f"{p}streams_cut_slow",
+            "Event streams closed because the client read too slowly.",
+            registry=registry,
+        )
+        self.bus_reconnects = prom.Counter(
+            f"{p}bus_reconnects", "Reconnections of a process's PostgreSQL bus.", registry=registry
+        )
+        self.bus_lag = prom.Histogram(
+            f"{p}bus_lag_seconds",
+            "Seconds from an event's transaction start to its delivery by a process's bus.",
+            registry=registry,
+            buckets=LAG_BUCKETS,
+        )
+        self.replays = prom.Counter(
+            f"{p}replays",
+            "Replays of missed events, by source (memory or table).",
+            ["source"],
+            registry=registry,
+        )
+        self.request_duration = prom.Histogram(
+            f"{p}http_request_duration_seconds",
+            "Seconds to answer a request, by route pattern, method and status (event streams left out).",
+            ["route", "method", "status"],
+            registry=registry,
+            buckets=REQUEST_BUCKETS,
+        )
+        for outcome in ("success", "failure", "throttled"):
+            self.logins.labels(outcome)
+        for transport in ("sse", "websocket"):
+            self.streams_open.labels(transport)
+            self.streams_opened.labels(transport)
+        for source in ("memory", "table"):
+            self.replays.labels(source)
+
+    def observe_request(self, request: web.Request, status: int, seconds: float) -> None:
+        resource = request.match_info.route.resource
+        route = UNMATCHED_ROUTE if resource is None else resource.canonical
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        self.request_duration.labels(route, method, str(status)).observe(seconds)
+
+    def exposition(self, live_sessions: int | None, events_published: int | None) -> tuple[bytes, str]:
+        """The text format for a scrape, and its Content-Type: every worker's values, and the two
+        read now (None: not known now, left out)."""
+        import prometheus_client as prom
+        from prometheus_client import multiprocess
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        if self.multiprocess:
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        now: list[prometheus_client.Metric] = []
+        if live_sessions is not None:
+            now.append(GaugeMetricFamily(f"{METRICS_PREFIX}sessions_live", "Live sessions.", live_sessions))
+        if events_published is not None:
+            now.append(
+                CounterMetricFamily(
+                    f"{METRICS_PREFIX}events_published",
+                    "Events published (the newest event id: ids are drawn one per event, in commit order).",
+                    events_published,
+                )
+            )
+        scraped = prom.CollectorRegistry()
+        scraped.register(ReadNow(now))
+        return prom.generate_latest(registry) + prom.generate_latest(scraped), prom.CONTENT_TYPE_LATEST
+
+
+class ReadNow:
+    """A collector of values read for one scrape."""
+
+    def __init__(self, metrics: list[prometheus_client.Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list[prometheus_client.Metric]:
+        return self.metrics
+
+
+# ---------------------------------------------------------------------------
 # Application keys
 # ---------------------------------------------------------------------------
 
@@ -3274,6 +3476,7 @@ login_throttle = web.AppKey("login_throttle", LoginThrottle)
 streams = web.AppKey("streams", StreamRegistry)
 stream_counts = web.AppKey("stream_counts", StreamCounts)
 event_bus = web.AppKey("event_bus", Bus)
+metrics = web.AppKey("metrics", Metrics)
 
 # ---------------------------------------------------------------------------
 # Handlers
@@ -3388,6 +3591,7 @@ async def login(request: web.Request) -> web.Response:
     async with throttle.one_at_a_time(username):
         wait = await throttle.check(username, address)
         if wait is not None:
+            app[metrics].logins.labels("throttled").inc()
             raise json_error(
                 web.HTTPTooManyRequests,
                 "too_many_attempts",
@@ -3401,6 +3605,7 @@ async def login(request: web.Request) -> web.Response:
             verdict = Verdict.WRONG
         if verdict is Verdict.WRONG:
             await throttle.failed(username, address)
+            app[metrics].logins.labels("failure").inc()
             log.info("failed login from %s", address)
             raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
         assert account is not None  # a right password has an account
@@ -3412,6 +3617,7 @@ async def login(request: web.Request) -> web.Response:
         printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
     )
     session_id, _ = await app[sessions].create(account, device)
+    app[metrics].logins.labels("success").inc()
     return json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
 
 
@@ -3623,14 +3829,16 @@ async def serve_stream(
             stream.end(Ended.UNAVAILABLE)
         elif after is not None and bus.last_id is not None:
             try:
-                await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
+                source, written = await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
+                app[metrics].replays.labels(source).inc()
+                app[metrics].events_delivered.inc(written)
             except DatabaseUnavailable as exc:
                 log.warning("could not replay events: %s", exc)
                 stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
             except Exception:  # the answer has begun: a JSON 500 can no longer be sent
                 log.exception("unexpected error replaying events")
                 stream.end(Ended.ERROR)
-        stream.go_live()
+        app[metrics].events_delivered.inc(stream.go_live())
         if isinstance(response, web.WebSocketResponse):
             await hold_websocket(response, stream)
         else:
@@ -3697,6 +3905,21 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=OPENAPI_PATH.read_text(encoding="utf-8"), content_type="application/yaml")
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus' text format, every worker's values; 404 outside metrics.allow."""
+    app = request.app
+    config = app[config_key]
+    if not in_networks(client_address(request, config.webserver.trusted_proxies), config.metrics.allow):
+        raise web.HTTPNotFound()  # the middleware gives it the JSON body of every 404
+    try:
+        live: int | None = await app[sessions].count()
+    except SessionStoreUnavailable as exc:
+        log.warning("could not count live sessions for /metrics: %s", exc)
+        live = None
+    body, content_type = app[metrics].exposition(live, app[event_bus].last_id)
+    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
 async def health(request: web.Request) -> web.Response:
     try:
         await ping(request.app[db_engine])
@@ -3708,6 +3931,22 @@ async def health(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------
 # Middleware
 # ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def metrics_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Time every answer by its route's pattern; an event stream (answered as it ran) is not timed."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        request.app[metrics].observe_request(request, exc.status, time.perf_counter() - started)
+        raise
+    if not response.prepared:
+        request.app[metrics].observe_request(request, response.status, time.perf_counter() - started)
+    return response
 
 
 @web.middleware
@@ -3806,11 +4045,14 @@ class WebServer:
         self.port = config.webserver.port
 
     async def initializer(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware, error_middleware]
+        )
         aiohttp_server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, ClientErrorsInOneLine) for f in aiohttp_server_log.filters):
             aiohttp_server_log.addFilter(ClientErrorsInOneLine())
         app[config_key] = self.config
+        app[metrics] = Metrics()
         # Set up in this order, torn down in reverse: the database outlives what uses it.
         app.cleanup_ctx.append(self._database)
         app.cleanup_ctx.append(self._passwords)
@@ -3824,6 +4066,7 @@ class WebServer:
         app.router.add_delete("/user/sessions/{id}", end_session, expect_handler=expect_continue)
         app.router.add_get("/events", events, expect_handler=expect_continue, allow_head=False)
         app.router.add_get("/health", health, expect_handler=expect_continue)
+        app.router.add_get("/metrics", metrics_page, expect_handler=expect_continue)
         app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
         app.router.add_get("/", index_page, expect_handler=expect_continue)
         return app
@@ -3854,8 +4097,10 @@ class WebServer:
         await store.close()
 
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
-        registry = app[streams] = StreamRegistry()
-        bus = app[event_bus] = Bus(app[db_engine], registry, app[sessions], self.config.events.retention)
+        registry = app[streams] = StreamRegistry(app[metrics])
+        bus = app[event_bus] = Bus(
+            app[db_engine], registry, app[sessions], self.config.events.retention, app[metrics]
+        )
         store = app[sessions]
         if isinstance(store, CachedSessionStore):
             store.trusted = bus.hears_everything  # read through to the store while the bus is away
@@ -4323,6 +4568,7 @@ def serve(config: Config, read_config: Callable[[], Config]) -> int:
     host, port = config.webserver.host, config.webserver.port
     if config.webserver.workers > 1:
         return serve_workers(config, read_config)
+    os.environ.pop(MULTIPROCESS_ENV, None)  # one process keeps its metrics in memory
     WebServer(config).run(listening_sockets(host, port))
     return 0
 
@@ -4340,6 +4586,10 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
     check_address(config.webserver)
     arbiter, code = os.getpid(), 0
     with contextlib.ExitStack() as resources:
+        # The workers' metrics files (see Metrics): a directory of this server's own, made before
+        # the first worker and removed after the last.
+        os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="loginservice-metrics-")
+        resources.callback(shutil.rmtree, os.environ[MULTIPROCESS_ENV], ignore_errors=True)
         if config.db.embedded:
             dsn = resources.enter_context(embedded_postgres_sync(config.db.data_dir))
             config = dataclasses.replace(config, db=dataclasses.replace(config.db, dsn=dsn))
@@ -4384,6 +4634,7 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
                 "graceful_timeout": math.ceil(SHUTDOWN_TIMEOUT) + 5,  # the workers close the engine after
                 "timeout": math.ceil(STARTUP_DB_WAIT) + 10,  # heartbeat; a new worker may wait for PostgreSQL
                 "control_socket_disable": True,  # one path per user would clash between servers
+                "child_exit": forget_worker_metrics,
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
@@ -4399,6 +4650,13 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
             super().reload()
 
     return Supervisor()
+
+
+def forget_worker_metrics(arbiter: Any, worker: Any) -> None:
+    """gunicorn's child_exit hook: a dead worker's gauges (open streams) leave the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, os.environ[MULTIPROCESS_ENV])
 
 
 def kept_on_reload(running: Config, new: Config) -> Config:
