@@ -53,6 +53,8 @@ CREATE INDEX IF NOT EXISTS login_failures_failed_at ON login_failures (failed_at
 -- Sessions follow the account. Deleting a user, or raising its session_epoch (passwd does), ends
 -- its sessions: rows of the "postgres" store here, in the same transaction, and those every
 -- server process keeps in memory through a notification on 'session_revocations' at commit.
+-- The session journal (below) records these as 'revoked', the reason `passwd`, `deluser`, or what
+-- the transaction named in the setting loginservice.revoke (`logout NAME`: 'operator').
 CREATE OR REPLACE FUNCTION users_end_sessions() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     below bigint := CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE NEW.session_epoch END;
@@ -60,6 +62,9 @@ BEGIN
     IF TG_OP = 'UPDATE' AND NEW.session_epoch = OLD.session_epoch THEN
         RETURN NULL;
     END IF;
+    PERFORM set_config('loginservice.ending', 'revoked:' || coalesce(
+        nullif(current_setting('loginservice.revoke', true), ''),
+        CASE WHEN TG_OP = 'DELETE' THEN 'deluser' ELSE 'passwd' END), true);
     DELETE FROM sessions WHERE user_id = OLD.id AND (below IS NULL OR epoch < below);
     IF TG_OP = 'DELETE' THEN  -- a new user who takes the name must not replay the old one's events
         DELETE FROM events WHERE username = OLD.username;
@@ -121,3 +126,63 @@ CREATE TABLE IF NOT EXISTS session_streams (
     streams      integer NOT NULL,
     PRIMARY KEY (public_id, process)
 );
+
+-- The session journal: every session's life (login, logout, evicted, revoked, expired; stream
+-- opened and closed when journal.streams is on), for backends that must not miss a logout. Ids are
+-- drawn as the events' are: each insert waits for the previous journaling transaction to end, so
+-- ids become visible in increasing order, and a reader that has seen id N has seen every committed
+-- id below N. Listeners on 'session_journal' hear each new id at commit. Old entries are deleted
+-- after journal.retention seconds.
+CREATE SEQUENCE IF NOT EXISTS session_journal_id_seq;
+CREATE TABLE IF NOT EXISTS session_journal (
+    id         bigint PRIMARY KEY,                  -- drawn by the trigger below, in commit order
+    at         timestamptz NOT NULL DEFAULT now(),  -- when the change's transaction began
+    kind       text NOT NULL,                       -- login, logout, evicted, revoked, expired, stream_...
+    username   varchar(1024) NOT NULL,
+    user_id    bigint NOT NULL,                     -- users.id: the account
+    session    text NOT NULL,                       -- the session's public id (as GET /user/sessions shows it)
+    address    text NOT NULL,                       -- the client address of the login
+    user_agent text NOT NULL,                       -- the login's User-Agent
+    reason     text                                 -- what ended it, or the stream's transport or end
+);
+ALTER SEQUENCE session_journal_id_seq OWNED BY session_journal.id;
+CREATE INDEX IF NOT EXISTS session_journal_at ON session_journal (at);
+
+CREATE OR REPLACE FUNCTION session_journal_order() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(1786934894);  -- 0x6A82_6C6E: 'jrnl'
+    NEW.id := nextval('session_journal_id_seq');
+    PERFORM pg_notify('session_journal', NEW.id::text);
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS session_journal_order ON session_journal;
+CREATE TRIGGER session_journal_order BEFORE INSERT ON session_journal
+    FOR EACH ROW EXECUTE FUNCTION session_journal_order();
+
+-- With the "postgres" session store, each change to `sessions` is journaled in its own transaction:
+-- a login as it is inserted; a session deleted as the statement that deleted it says in the setting
+-- loginservice.ending ('kind:reason'; the server sets it within the statement), or as 'expired' if
+-- it had expired by loginservice.now (the server's clock), or as 'revoked' (deleted by hand).
+CREATE OR REPLACE FUNCTION sessions_journal() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    ending text := coalesce(nullif(current_setting('loginservice.ending', true), ''), 'revoked:sql');
+    moment text := nullif(current_setting('loginservice.now', true), '');
+    kind text := split_part(ending, ':', 1);
+    reason text := nullif(split_part(ending, ':', 2), '');
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO session_journal (kind, username, user_id, session, address, user_agent)
+        VALUES ('login', NEW.username, NEW.user_id, NEW.public_id, NEW.address, NEW.user_agent);
+        RETURN NULL;
+    END IF;
+    IF OLD.expires_at <= coalesce(moment::float8, extract(epoch FROM clock_timestamp())) THEN
+        kind := 'expired';
+        reason := NULL;
+    END IF;
+    INSERT INTO session_journal (kind, username, user_id, session, address, user_agent, reason)
+    VALUES (kind, OLD.username, OLD.user_id, OLD.public_id, OLD.address, OLD.user_agent, reason);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS sessions_journal ON sessions;
+CREATE TRIGGER sessions_journal AFTER INSERT OR DELETE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION sessions_journal();

@@ -755,6 +755,22 @@ login_failures = sa.Table(
     sa.Index("login_failures_key", "key", "failed_at"),
 )
 
+# The session journal (see schema.sql): entries in commit order, written by triggers for the
+# "postgres" store and by the server for the others.
+session_journal = sa.Table(
+    "session_journal",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),  # drawn by schema.sql's trigger, in commit order
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("username", sa.String(MAX_FIELD_CHARS), nullable=False),
+    sa.Column("user_id", sa.BigInteger, nullable=False),
+    sa.Column("session", sa.Text, nullable=False),  # the session's public id
+    sa.Column("address", sa.Text, nullable=False),
+    sa.Column("user_agent", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+)
+
 # The seed article's table: users(username, password), passwords in plain text (see migrate).
 ARTICLE_USERS_COLUMNS = frozenset({"username", "password"})
 
@@ -1496,10 +1512,12 @@ class SessionStore(FailureLog, Protocol):
     async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]: ...
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
-    async def revoke_all(self, user_id: int) -> int: ...
+    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int: ...
     async def revoke_user(self, user_id: int, below: int | None) -> int: ...
     async def sessions_of(self, user_id: int) -> list[Session]: ...
-    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None: ...
+    async def revoke_public(
+        self, user_id: int, public_id: str, ending: str = "logout:sessions"
+    ) -> tuple[bytes, Session] | None: ...
     async def sweep(self) -> int: ...
     async def count(self) -> int: ...
     async def close(self) -> None: ...
@@ -1587,7 +1605,7 @@ class MemorySessionStore(MemoryFailureLog):
             self._remove(session_id)
         return session
 
-    async def revoke_all(self, user_id: int) -> int:
+    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
         """End every live session of the user; returns how many ended."""
         return await self.revoke_user(user_id, None)
 
@@ -1612,7 +1630,9 @@ class MemorySessionStore(MemoryFailureLog):
         """The accounts this process holds sessions of: checked again after the bus was down."""
         return {session.account for session in self._sessions.values()}
 
-    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
+    async def revoke_public(
+        self, user_id: int, public_id: str, ending: str = "logout:sessions"
+    ) -> tuple[bytes, Session] | None:
         """End the user's live session with this public id; returns its token hash and the
         session, or None if the user has no such session (another user's counts as none)."""
         for session_id in self._by_user.get(user_id, ()):
@@ -1678,6 +1698,28 @@ _SESSION_FIELDS = (
     sessions_table.c.user_id,
     sessions_table.c.epoch,
 )
+
+
+JOURNAL_ENDING = re.compile(r"[a-z_]+:[a-z_]*")  # 'kind:reason', as journaled_as takes it
+
+
+def journaled_as(ending: str) -> sa.sql.elements.ColumnElement[bool]:
+    """A condition that is always true, for a statement that deletes sessions: it tells schema.sql's
+    journal trigger, within the statement's own transaction, why the rows go ('kind:reason') and
+    the server's clock (by which a session deleted after its deadline is journaled as expired).
+    Literals, not parameters, so that the compiled queries need no more than their own."""
+    assert JOURNAL_ENDING.fullmatch(ending), ending
+    local = sa.true()
+    return sa.and_(
+        sa.func.set_config(
+            sa.literal_column("'loginservice.ending'"), sa.literal_column(f"'{ending}'"), local
+        ).isnot(None),
+        sa.func.set_config(
+            sa.literal_column("'loginservice.now'"), sa.cast(_session_param("now"), sa.Text), local
+        ).isnot(None),
+    )
+
+
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
 TOUCH_SESSION = CompiledQuery.of(
     sessions_table.update()
@@ -1730,12 +1772,13 @@ CREATE_SESSION = CompiledQuery.of(
             sessions_table.c.expires_at <= _session_param("now"),
             sessions_table.c.token_hash.in_(_older_live.scalar_subquery()),
         ),
+        journaled_as("evicted:max_per_user"),
     )
     .add_cte(_new_session)
 )
 REVOKE_SESSION = CompiledQuery.of(
     sessions_table.delete()
-    .where(sessions_table.c.token_hash == sa.bindparam("digest"))
+    .where(sessions_table.c.token_hash == sa.bindparam("digest"), journaled_as("logout:logout"))
     .returning(*_SESSION_FIELDS)
 )
 
@@ -1789,19 +1832,22 @@ class PostgresSessionStore:
 
     async def revoke(self, session_id: str) -> Session | None:
         now = self._clock()
-        rows = await self._rows(REVOKE_SESSION.sql, {"digest": token_hash(session_id)})
+        rows = await self._rows(REVOKE_SESSION.sql, {"digest": token_hash(session_id), "now": now})
         return Session(**rows[0]) if rows and rows[0].expires_at > now else None
 
-    async def revoke_all(self, user_id: int) -> int:
-        return await self.revoke_user(user_id, None)
+    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
+        return await self._end_user(user_id, None, ending)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
+        return await self._end_user(user_id, below, "revoked:")
+
+    async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
         now = self._clock()
         table = sessions_table
-        query = table.delete().where(table.c.user_id == user_id)
+        query = table.delete().where(table.c.user_id == user_id, journaled_as(ending))
         if below is not None:
             query = query.where(table.c.epoch < below)
-        rows = await self._rows(query.returning(table.c.expires_at))
+        rows = await self._rows(query.returning(table.c.expires_at), {"now": now})
         return sum(1 for row in rows if row.expires_at > now)
 
     async def sessions_of(self, user_id: int) -> list[Session]:
@@ -1813,14 +1859,16 @@ class PostgresSessionStore:
         )
         return [Session(**row) for row in await self._rows(query)]
 
-    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
+    async def revoke_public(
+        self, user_id: int, public_id: str, ending: str = "logout:sessions"
+    ) -> tuple[bytes, Session] | None:
         table = sessions_table
         query = (
             table.delete()
-            .where(table.c.user_id == user_id, table.c.public_id == public_id)
+            .where(table.c.user_id == user_id, table.c.public_id == public_id, journaled_as(ending))
             .returning(table.c.token_hash, *_SESSION_FIELDS)
         )
-        rows = await self._rows(query)
+        rows = await self._rows(query, {"now": self._clock()})
         if not rows or rows[0].expires_at <= self._clock():
             return None
         digest, *fields = rows[0].as_tuple()
@@ -1828,8 +1876,9 @@ class PostgresSessionStore:
 
     async def sweep(self) -> int:
         table = sessions_table
-        expired = table.delete().where(table.c.expires_at <= self._clock()).returning(table.c.seq)
-        return len(await self._rows(expired))
+        now = self._clock()
+        expired = table.delete().where(table.c.expires_at <= now, journaled_as("expired:"))
+        return len(await self._rows(expired.returning(table.c.seq), {"now": now}))
 
     async def count(self) -> int:
         table = sessions_table
@@ -2042,7 +2091,7 @@ class RedisSessionStore:
             return None
         return session
 
-    async def revoke_all(self, user_id: int) -> int:
+    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
         return await self.revoke_user(user_id, None)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
@@ -2057,7 +2106,9 @@ class RedisSessionStore:
             )
         return [session for session in map(self._session, found) if session is not None]
 
-    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
+    async def revoke_public(
+        self, user_id: int, public_id: str, ending: str = "logout:sessions"
+    ) -> tuple[bytes, Session] | None:
         with store_errors(*self._errors):
             found = await self._revoke_public(
                 keys=[self._user_key(user_id)], args=[f"{self._prefix}session:", public_id]
@@ -2218,8 +2269,9 @@ class CachedSessionStore:
         self.forget(token_hash(session_id))
         return await self.store.revoke(session_id)
 
-    async def revoke_all(self, user_id: int) -> int:
-        return await self.revoke_user(user_id, None)
+    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
+        self.forget_user(user_id, None)
+        return await self.store.revoke_all(user_id, ending)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
         self.forget_user(user_id, below)
@@ -2236,8 +2288,10 @@ class CachedSessionStore:
                 session.last_seen, session.expires_at = newer.last_seen, newer.expires_at
         return found
 
-    async def revoke_public(self, user_id: int, public_id: str) -> tuple[bytes, Session] | None:
-        ended = await self.store.revoke_public(user_id, public_id)
+    async def revoke_public(
+        self, user_id: int, public_id: str, ending: str = "logout:sessions"
+    ) -> tuple[bytes, Session] | None:
+        ended = await self.store.revoke_public(user_id, public_id, ending)
         if ended is not None:
             self.forget(ended[0])
         return ended
@@ -2448,6 +2502,57 @@ def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 def in_networks(address: str, trusted: Sequence[IPNetwork]) -> bool:
     ip = _ip_address(address)
     return ip is not None and any(ip in network for network in trusted)
+
+
+# ---------------------------------------------------------------------------
+# Session journal
+# ---------------------------------------------------------------------------
+
+JOURNAL_CHANNEL = "session_journal"  # a notification's payload: the new entry's id
+JOURNAL_BATCH = 1000  # entries read at a time
+JOURNAL_ENTRIES = CompiledQuery.of(
+    sa.select(session_journal)
+    .where(session_journal.c.id > sa.bindparam("after"))
+    .order_by(session_journal.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+SWEEP_JOURNAL = "DELETE FROM session_journal WHERE at < now() - make_interval(secs => %(retention)s)"
+
+
+def journal_entry(row: Any) -> dict[str, Any]:
+    """A row of session_journal as the JSON object `journal` prints."""
+    at = row.at.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+    return {
+        "id": row.id,
+        "at": at.replace("+00:00", "Z"),
+        "kind": row.kind,
+        "username": row.username,
+        "user_id": row.user_id,
+        "session": row.session,
+        "address": row.address,
+        "user_agent": row.user_agent,
+        "reason": row.reason,
+    }
+
+
+async def read_journal(
+    engine: aiopg.sa.Engine, after: int, limit: int = JOURNAL_BATCH
+) -> list[dict[str, Any]]:
+    """The entries after id `after`, oldest first, at most `limit`."""
+    async with connection(engine) as conn:
+        rows = await (await conn.execute(JOURNAL_ENTRIES.sql, {"after": after, "limit": limit})).fetchall()
+    return [journal_entry(row) for row in rows]
+
+
+async def sweep_journal_forever(engine: aiopg.sa.Engine, retention: float) -> None:
+    """Delete journal entries older than journal.retention, once a minute."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        try:
+            async with connection(engine) as conn:
+                await conn.execute(SWEEP_JOURNAL, {"retention": retention})
+        except DatabaseUnavailable as exc:
+            log.warning("could not sweep the session journal: %s", exc)
 
 
 # ---------------------------------------------------------------------------
@@ -4111,6 +4216,7 @@ class WebServer:
             *([asyncio.create_task(counts.run())] if shared else []),
             asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
             asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
+            asyncio.create_task(sweep_journal_forever(app[db_engine], self.config.journal.retention)),
         ]
         # Serve once events are heard, so that one published right after start-up arrives.
         with contextlib.suppress(asyncio.TimeoutError):
@@ -4339,7 +4445,7 @@ async def set_password_command(config: Config, name: str, new_user: bool) -> str
         if new_user:
             await insert_user(engine, username, password_hash)
             return f"created user '{username}'"
-        ended = await end_shared_sessions(config, engine, account)
+        ended = await end_shared_sessions(config, engine, account, "passwd")
         await update_password_hash(engine, username, password_hash, end_sessions=True)
     return f"changed the password of '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
@@ -4348,12 +4454,14 @@ async def del_user_command(config: Config, name: str) -> str:
     username = check_username(name)
     async with open_database(config.db) as engine:
         _, account = await find_account(engine, username)
-        ended = await end_shared_sessions(config, engine, account)
+        ended = await end_shared_sessions(config, engine, account, "deluser")
         await delete_user(engine, username)
     return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
-async def end_shared_sessions(config: Config, engine: aiopg.sa.Engine, account: Account | None) -> int:
+async def end_shared_sessions(
+    config: Config, engine: aiopg.sa.Engine, account: Account | None, why: str
+) -> int:
     """End the account's sessions in a shared store, counting them, before passwd or deluser
     changes the user. The change itself then ends every session of the account wherever it is
     (schema.sql's trigger: rows begun meanwhile, and a notification to every running server for
@@ -4362,11 +4470,130 @@ async def end_shared_sessions(config: Config, engine: aiopg.sa.Engine, account: 
         return 0
     store = open_session_store(config.sessions, engine, time.time)
     try:
-        return await store.revoke_all(account.user_id)
+        return await store.revoke_all(account.user_id, f"revoked:{why}")
     except SessionStoreUnavailable as exc:
         raise CommandError(f"could not end the user's sessions, nothing was changed: {exc}") from None
     finally:
         await store.close()
+
+
+async def user_account(engine: aiopg.sa.Engine, name: str) -> Account:
+    """The account of the command's NAME, or UserNotFound."""
+    username = check_username(name)
+    _, account = await find_account(engine, username)
+    if account is None:
+        raise UserNotFound(f"no such user '{username}'")
+    return account
+
+
+def shared_store_needed(config: Config, command: str) -> None:
+    if config.sessions.store == "memory":
+        raise CommandError(
+            f"'{command}' needs a shared session store ('sessions.store': 'postgres' or 'redis'):"
+            " the memory store keeps sessions inside one server process"
+        )
+
+
+async def sessions_command(config: Config, name: str) -> str:
+    """sessions NAME: the user's live sessions as JSON lines, open streams counted in every process."""
+    shared_store_needed(config, "sessions")
+    async with open_database(config.db) as engine:
+        account = await user_account(engine, name)
+        store = open_session_store(config.sessions, engine, time.time)
+        try:
+            found = await store.sessions_of(account.user_id)
+        except SessionStoreUnavailable as exc:
+            raise CommandError(f"could not read the session store: {exc}") from None
+        finally:
+            await store.close()
+        counts = await open_streams(engine, [session.public_id for session in found])
+    return "\n".join(
+        json.dumps(
+            {
+                "id": session.public_id,
+                "created_at": iso_utc(session.created_at),
+                "last_seen": iso_utc(session.last_seen),
+                "expires_at": iso_utc(session.expires_at),
+                "address": session.address,
+                "user_agent": session.user_agent,
+                "streams": counts.get(session.public_id, 0),
+            }
+        )
+        for session in found
+    )
+
+
+async def open_streams(engine: aiopg.sa.Engine, public_ids: list[str]) -> dict[str, int]:
+    """Open event streams of these sessions in every running server process (shared stores)."""
+    if not public_ids:
+        return {}
+    params = {"public_ids": public_ids, "process": ""}  # "": no process is named so, all count
+    async with connection(engine) as conn:
+        rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall()
+    return {row[0]: int(row[1]) for row in rows}
+
+
+async def logout_command(config: Config, name: str, public_id: str | None) -> str:
+    """logout NAME [SESSION_ID]: end the user's sessions (or one) in every process, password unchanged."""
+    async with open_database(config.db) as engine:
+        account = await user_account(engine, name)
+        if public_id is None:
+            ended = await end_shared_sessions(config, engine, account, "operator")
+            await raise_session_epoch(engine, account.user_id, "operator")
+            counted = f" ({ended} live)" if config.sessions.store != "memory" else ""
+            return f"ended every session of '{account.username}'{counted}"
+        shared_store_needed(config, "logout NAME SESSION_ID")
+        store = open_session_store(config.sessions, engine, time.time)
+        try:
+            found = None
+            if PUBLIC_ID_PATTERN.fullmatch(public_id):
+                found = await store.revoke_public(account.user_id, public_id, "revoked:operator")
+        except SessionStoreUnavailable as exc:
+            raise CommandError(f"could not end the session: {exc}") from None
+        finally:
+            await store.close()
+        if found is None:
+            raise CommandError(f"'{account.username}' has no live session '{printable(public_id, 64)}'")
+        revocation = Revocation(Ended.REVOKED, session=found[0])
+        async with connection(engine) as conn:
+            await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
+    return f"ended session '{public_id}' of '{account.username}'"
+
+
+async def raise_session_epoch(engine: aiopg.sa.Engine, user_id: int, why: str) -> None:
+    """End every session of the account wherever it is (schema.sql's trigger and its notification),
+    the password unchanged; the journal records them as revoked for `why`."""
+    async with connection(engine) as conn, conn.begin():
+        await conn.execute(sa.select(sa.func.set_config("loginservice.revoke", why, True)))
+        epoch = users.c.session_epoch + 1
+        await conn.execute(users.update().where(users.c.id == user_id).values(session_epoch=epoch))
+
+
+async def journal_command(config: Config, after: int, follow: bool) -> None:
+    """journal [--after ID] [--follow]: the session journal as JSON lines, oldest first; with
+    --follow, new entries as they commit (LISTEN before the first read: nothing falls between)."""
+    async with open_database(config.db) as engine:
+        if not follow:
+            while entries := await read_journal(engine, after):
+                after = print_entries(entries)
+            return
+        dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name="server.py journal")
+        async with aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT) as listener:
+            async with listener.cursor() as cur:
+                await cur.execute(f"LISTEN {JOURNAL_CHANNEL}")
+            while True:
+                while entries := await read_journal(engine, after):
+                    after = print_entries(entries)
+                await listener.notifies.get()
+                while not listener.notifies.empty():
+                    listener.notifies.get_nowait()
+
+
+def print_entries(entries: list[dict[str, Any]]) -> int:
+    """Print journal entries as JSON lines; returns the last one's id."""
+    for entry in entries:
+        print(json.dumps(entry, ensure_ascii=False), flush=True)
+    return int(entries[-1]["id"])
 
 
 async def publish_command(config: Config, data: str, to: str | None) -> str:
@@ -4552,6 +4779,26 @@ def build_parser() -> ArgumentParser:
     )
     publisher.add_argument("data", metavar="DATA", help="the event's data: JSON text, at most 64 KiB")
     publisher.add_argument("--to", metavar="NAME", help="only this user's streams")
+    lister = commands.add_parser(
+        "sessions",
+        help="list a user's live sessions (JSON lines), in every process",
+        parents=[common, serve_only],
+    )
+    lister.add_argument("name", metavar="NAME")
+    ender = commands.add_parser(
+        "logout",
+        help="end all of a user's sessions, or one by its id, in every process (the password stays)",
+        parents=[common, serve_only],
+    )
+    ender.add_argument("name", metavar="NAME")
+    ender.add_argument(
+        "session_id", metavar="SESSION_ID", nargs="?", help="a session's public id (see sessions)"
+    )
+    reader = commands.add_parser(
+        "journal", help="print the session journal as JSON lines", parents=[common, serve_only]
+    )
+    reader.add_argument("--after", metavar="ID", type=int, default=0, help="only entries after this id")
+    reader.add_argument("--follow", action="store_true", help="then wait for new entries, printing each")
     return parser
 
 
@@ -4730,6 +4977,15 @@ def main(argv: list[str] | None = None) -> int:
             print(asyncio.run(migrate_command(config)))
         elif args.command == "publish":
             print(asyncio.run(publish_command(config, args.data, args.to)))
+        elif args.command == "sessions":
+            listing = asyncio.run(sessions_command(config, args.name))
+            if listing:
+                print(listing)
+        elif args.command == "logout":
+            print(asyncio.run(logout_command(config, args.name, args.session_id)))
+        elif args.command == "journal":
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(journal_command(config, args.after, args.follow))
         else:
             _, command = USER_COMMANDS[args.command]
             print(asyncio.run(command(config, args.name)))
