@@ -72,6 +72,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import errno
 import functools
 import gc
 import getpass
@@ -83,6 +84,7 @@ import math
 import os
 import random
 import re
+import resource
 import secrets
 import select
 import shutil
@@ -177,6 +179,7 @@ BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
 KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
 SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
 STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
+FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" lines
 LISTEN_BACKLOG = 4096  # connections the kernel queues before the server accepts them (at most
 # net.core.somaxconn): a reconnect storm of thousands of event streams overflows a short queue
 
@@ -1297,9 +1300,21 @@ def check_credential(value: Any, name: str) -> str:
     return value
 
 
+# Unicode categories no username may contain: controls (newline, ESC), format characters
+# (zero-width and direction marks), line and paragraph separators, and private-use characters.
+FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Zl", "Zp"})
+
+
 def parse_username(value: Any) -> str:
-    """A username as stored and compared, in NFC: one user however its name is typed."""
-    return nfc(check_credential(value, "username"))
+    """A username as stored and compared, in NFC: one user however its name is typed. It has no
+    control or format characters and no leading or trailing space, so it cannot forge a log line
+    or pass for another name."""
+    name = nfc(check_credential(value, "username"))
+    if any(unicodedata.category(char) in FORBIDDEN_NAME_CATEGORIES for char in name):
+        raise ValueError("'username' must not contain control or format characters")
+    if name != name.strip():
+        raise ValueError("'username' must not begin or end with a space")
+    return name
 
 
 def check_new_password(password: str) -> str:
@@ -2470,7 +2485,7 @@ class LoginThrottle:
         return max(0.0, times[0] + self._window - now)
 
 
-def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+def client_address(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
     """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry.
 
     An address taken from the header is an IP address in its canonical form, nothing else: it
@@ -3767,8 +3782,16 @@ async def logout(request: web.Request) -> web.Response:
 
 async def index_page(request: web.Request) -> web.Response:
     """GET /: the demo page (log in, who am I, live events, log out)."""
-    text = INDEX_PATH.read_text(encoding="utf-8")
+    text = read_served_file(INDEX_PATH)
     return web.Response(text=text, content_type="text/html", headers=INDEX_HEADERS)
+
+
+def read_served_file(path: Path) -> str:
+    """A file served as it is (index.html, openapi.yaml); 404 when server.py was copied without it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise web.HTTPNotFound() from None
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -4007,7 +4030,7 @@ async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> N
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=OPENAPI_PATH.read_text(encoding="utf-8"), content_type="application/yaml")
+    return web.Response(text=read_served_file(OPENAPI_PATH), content_type="application/yaml")
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -4153,6 +4176,7 @@ class WebServer:
         app = web.Application(
             client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware, error_middleware]
         )
+        asyncio.get_running_loop().set_exception_handler(ServingLoopErrors())
         aiohttp_server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, ClientErrorsInOneLine) for f in aiohttp_server_log.filters):
             aiohttp_server_log.addFilter(ClientErrorsInOneLine())
@@ -4238,7 +4262,7 @@ class WebServer:
             "keepalive_timeout": KEEPALIVE_TIMEOUT,
             "shutdown_timeout": SHUTDOWN_TIMEOUT,
             "access_log": logging.getLogger("server.access") if self.config.webserver.access_log else None,
-            "access_log_class": AccessLogger,
+            "access_log_class": AccessLogger.behind(self.config.webserver.trusted_proxies),
         }
 
     def run(self, sockets: Sequence[socket.socket]) -> None:
@@ -4286,6 +4310,48 @@ class WebServer:
 
         app.on_startup.append(announce)
         return JsonErrorRunner(app, **self.server_options())
+
+
+class ServingLoopErrors:
+    """A serving event loop's exception handler. Out of file descriptors, asyncio reports every
+    refused accept (many a second, each a traceback whose formatting itself needs a file): here
+    that is one line every FD_LOG_INTERVAL seconds with a count, and the server serves on as
+    connections close. A statement PostgreSQL timed out is one line (report_statement_timeouts)."""
+
+    def __init__(self) -> None:
+        self.logged_at = -math.inf
+        self.refused = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.refused += 1
+            now = time.monotonic()
+            if now - self.logged_at >= FD_LOG_INTERVAL:
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                log.error(
+                    "out of file descriptors (open-files limit %d): %d accept(s) refused since the"
+                    " last such line; new connections wait until others close",
+                    limit,
+                    self.refused,
+                )
+                self.logged_at, self.refused = now, 0
+            return
+        report_statement_timeouts(loop, context)
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's open-files limit to its hard limit: each open stream holds a file
+    descriptor, and the usual soft limit of 1,024 is far below what one process serves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
 
 
 def tune_garbage_collector() -> None:
@@ -4353,11 +4419,20 @@ def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[so
 
 class AccessLogger(AbstractAccessLogger):
     """One short line per request: client, method, path, status, time. Headers (and so session
-    ids) are never logged, and the query string is left out."""
+    ids) are never logged, and the query string is left out. The client is the address the login
+    throttle and the sessions list see (behind webserver.trusted_proxies, the forwarded one)."""
+
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def behind(cls, trusted_proxies: tuple[IPNetwork, ...]) -> type[AccessLogger]:
+        """The class aiohttp makes its access logger from, for a server behind these proxies."""
+        return type(cls.__name__, (cls,), {"trusted_proxies": trusted_proxies})
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        client = client_address(request, self.trusted_proxies)
         self.logger.info(
-            "%s %s %s %d %.1fms", request.remote, request.method, request.path, response.status, time * 1000
+            "%s %s %s %d %.1fms", client, request.method, request.path, response.status, time * 1000
         )
 
 
@@ -4403,9 +4478,18 @@ class CommandError(Exception):
 def read_password(prompt_twice: bool = True) -> str:
     """A new password from a no-echo prompt, or one line of standard input when it is not a terminal."""
     if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if prompt_twice and getpass.getpass("Repeat password: ") != password:
-            raise CommandError("the passwords do not match")
+        # Ctrl-C is a KeyboardInterrupt here, also inside asyncio.run (whose own handler would only
+        # cancel the command's task, which waits in getpass until Enter).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            password = getpass.getpass("Password: ")
+            if prompt_twice and getpass.getpass("Repeat password: ") != password:
+                raise CommandError("the passwords do not match")
+        except (KeyboardInterrupt, EOFError):  # Ctrl-C, Ctrl-D
+            print(file=sys.stderr)  # getpass leaves the cursor after the prompt
+            raise CommandError("no password given; nothing was changed") from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
     else:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     try:
@@ -4414,10 +4498,11 @@ def read_password(prompt_twice: bool = True) -> str:
         raise CommandError(str(exc)) from None
 
 
-def check_username(name: str) -> str:
-    """The command's NAME as the login compares it (NFC), or a CommandError."""
+def check_username(name: str, new: bool = False) -> str:
+    """The command's NAME as the login compares it (NFC), or a CommandError. Only a new name
+    must follow today's rules: a user named before them can still be found and deleted."""
     try:
-        return parse_username(name)
+        return parse_username(name) if new else nfc(check_credential(name, "username"))
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
@@ -4433,7 +4518,7 @@ async def hash_new_password(config: PasswordConfig, password: str) -> str:
 
 async def set_password_command(config: Config, name: str, new_user: bool) -> str:
     """adduser (new_user) or passwd: a checked password from the user, hashed, then stored."""
-    username, password = check_username(name), read_password()
+    username, password = check_username(name, new=new_user), read_password()
     async with open_database(config.db) as engine:
         # Whether the name is free (or taken) is asked before a hash is spent on it.
         _, account = await find_account(engine, username)
@@ -4669,6 +4754,7 @@ class ArticleUsers:
         await conn.execute("SET LOCAL statement_timeout = 0")
         result = await conn.execute("SELECT username, password FROM users")
         rows = [(row[0], row[1]) for row in await result.fetchall()]
+        self._check_names([username for username, _ in rows])
         await conn.execute("ALTER TABLE users ADD COLUMN password_hash text")
         for start in range(0, len(rows), MIGRATE_BATCH):
             batch = rows[start : start + MIGRATE_BATCH]
@@ -4688,6 +4774,24 @@ class ArticleUsers:
                 print(f"migrate: {start + len(batch)} of {len(rows)} passwords hashed", file=sys.stderr)
         await self._reshape(conn, columns)
         self.converted = len(rows)
+
+    @staticmethod
+    def _check_names(names: list[str | None]) -> None:
+        """Refuse, naming them, usernames that would collide (the same name, or the same in NFC)
+        or that are missing: the unique key could not be made, and a user must choose."""
+        if any(not name for name in names):
+            raise CommandError("cannot convert table 'users', nothing was changed: a row has no username")
+        forms: dict[str, list[str]] = {}
+        for name in names:
+            forms.setdefault(nfc(name or ""), []).append(name or "")
+        clashes = [group for group in forms.values() if len(group) > 1]
+        if clashes:
+            shown = "; ".join(" = ".join(repr(name) for name in group) for group in clashes[:10])
+            more = f" and {len(clashes) - 10} more" if len(clashes) > 10 else ""
+            raise CommandError(
+                f"cannot convert table 'users', nothing was changed: {len(clashes)} username(s) are"
+                f" taken twice ({shown}{more}); rename or delete one of each in SQL, then run migrate again"
+            )
 
     async def _hash(self, password: str | None) -> str:
         if not password:
@@ -4802,10 +4906,13 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _option_value(text: str | None) -> int | str | None:
-    """A command-line override as the config file would hold it: a number when it reads as one."""
+def _option_value(key: str, text: str | None) -> int | str | None:
+    """A command-line override as the config file would hold it: --port and --workers are numbers
+    when they read as one; --host is always a name (`--host 0` is 0.0.0.0, as for any server)."""
+    if text is None or key == "host":
+        return text
     try:
-        return None if text is None else int(text)
+        return int(text)
     except ValueError:
         return text
 
@@ -4813,6 +4920,7 @@ def _option_value(text: str | None) -> int | str | None:
 def serve(config: Config, read_config: Callable[[], Config]) -> int:
     """Serve until SIGINT or SIGTERM; the port is bound before anything else starts."""
     host, port = config.webserver.host, config.webserver.port
+    raise_open_files_limit()  # the workers inherit it
     if config.webserver.workers > 1:
         return serve_workers(config, read_config)
     os.environ.pop(MULTIPROCESS_ENV, None)  # one process keeps its metrics in memory
@@ -4927,7 +5035,15 @@ def kept_on_reload(running: Config, new: Config) -> Config:
 def app_factory(config_path: str = str(DEFAULT_CONFIG_PATH)) -> Callable[[], Awaitable[web.AppRunner]]:
     """For an existing gunicorn: gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker"""
     configure_logging(logging.INFO)
-    return WebServer(load_config(config_path)).runner
+    raise_open_files_limit()
+    config = load_config(config_path)
+    if config.sessions.store == "memory":
+        log.warning(
+            "sessions.store is 'memory': each gunicorn worker keeps sessions of its own, so with more"
+            " than one worker a client gets 401 from the workers it did not log in on; set"
+            " sessions.store to 'postgres' or 'redis' (or run one worker)"
+        )
+    return WebServer(config).runner
 
 
 @contextlib.contextmanager
@@ -4942,8 +5058,39 @@ def embedded_postgres_sync(data_dir: Path) -> Iterator[str]:
             runner.run(manager.__aexit__(None, None, None))
 
 
+# Characters a log line shows escaped (\x1b, \n, \u202e): nothing a client sends can end a line,
+# move the cursor or reorder the text a reader sees.
+ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def escape_controls(text: str) -> str:
+    """text with every control, format and line-separator character written as an escape."""
+    if text.isprintable():  # the usual case, at C speed
+        return text
+    return "".join(
+        char
+        if char == " " or unicodedata.category(char) not in ESCAPED_CATEGORIES
+        else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log lines whose message is escaped (see escape_controls); a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging(level: int) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Every line the service logs (its own, aiohttp's, the access log, gunicorn's) is escaped."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(EscapingFormatter(LOG_FORMAT))
 
 
 # Failures a user can fix: each is printed as one line, exit 1, never a traceback.
@@ -4962,7 +5109,7 @@ STARTUP_FAILURES = (
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    options = {key: _option_value(getattr(args, key, None)) for key in SERVE_OPTIONS}
+    options = {key: _option_value(key, getattr(args, key, None)) for key in SERVE_OPTIONS}
     given = [key for key, value in options.items() if value is not None]
     if args.command is not None and given:
         parser.error(f"--{given[0]} is an option of serving; '{args.command}' does not take it")
@@ -4974,23 +5121,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             return serve(config, functools.partial(load_config, path, options=options))
         if args.command == "migrate":
-            print(asyncio.run(migrate_command(config)))
+            print(escape_controls(asyncio.run(migrate_command(config))))
         elif args.command == "publish":
-            print(asyncio.run(publish_command(config, args.data, args.to)))
+            print(escape_controls(asyncio.run(publish_command(config, args.data, args.to))))
         elif args.command == "sessions":
             listing = asyncio.run(sessions_command(config, args.name))
             if listing:
                 print(listing)
         elif args.command == "logout":
-            print(asyncio.run(logout_command(config, args.name, args.session_id)))
+            print(escape_controls(asyncio.run(logout_command(config, args.name, args.session_id))))
         elif args.command == "journal":
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(journal_command(config, args.after, args.follow))
         else:
             _, command = USER_COMMANDS[args.command]
-            print(asyncio.run(command(config, args.name)))
+            print(escape_controls(asyncio.run(command(config, args.name))))
     except STARTUP_FAILURES as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

@@ -221,7 +221,12 @@ class Client:
     """An HTTP client for the servers; the streams it opened are closed when it is."""
 
     def __init__(self) -> None:
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        # A connection per request: a stream must reach the worker that accepts it, not ride on
+        # a kept-alive connection another worker holds (see streams_on_every_worker).
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        )
         self.opened: list[Stream | RawSse] = []
 
     async def __aenter__(self) -> Client:
@@ -695,20 +700,24 @@ def worker_holding(served: Served, local_port: int) -> int:
 
 
 async def streams_on_every_worker(client: Client, served: Served, session_id: str) -> list[RawSse | WsStream]:
-    """Open streams (SSE and WebSocket in turn) until every worker holds at least one of each kind."""
-    workers = {worker.pid for worker in psutil.Process(served.process.process.pid).children()}
+    """An SSE and a WebSocket stream on each worker. How the kernel spreads connections over the
+    workers is chance (it may give one worker all of them), so each stream opens while the other
+    workers are paused (SIGSTOP): only the worker meant can accept its connection."""
+    workers = [worker.pid for worker in psutil.Process(served.process.process.pid).children()]
     assert len(workers) == 2
     streams: list[RawSse | WsStream] = []
-    held: dict[type, set[int]] = {RawSse: set(), WsStream: set()}
-    while any(pids != workers for pids in held.values()):
-        assert len(streams) < 18, f"the kernel gave every connection to one worker: {held}"
-        stream = (
-            await client.raw_sse(served, session_id)
-            if len(streams) % 2
-            else await client.ws(served, session_id)
-        )
-        streams.append(stream)
-        held[type(stream)].add(worker_holding(served, stream.local_port))
+    for worker in workers:
+        others = [other for other in workers if other != worker]
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            for opening in (client.raw_sse(served, session_id), client.ws(served, session_id)):
+                stream = await asyncio.wait_for(opening, 10)
+                assert worker_holding(served, stream.local_port) == worker
+                streams.append(stream)
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
     return streams
 
 

@@ -261,3 +261,19 @@ def test_start_up_upgrades_a_sessions_table_from_before_public_ids(
         article_url, "SELECT column_name FROM information_schema.columns WHERE table_name = 'sessions'"
     )
     assert {"public_id", "address", "user_agent"} <= {name for (name,) in columns}
+
+
+def test_migrate_names_the_usernames_that_are_taken_twice(config_file: Path, article_url: str) -> None:
+    """Two rows of one name, or of one name in two Unicode forms, cannot both keep it: migrate
+    names them, changes nothing, and says what to do."""
+    users = {"alice": "one", "José": "two", "Jose\u0301": "three", "bob": "four"}
+    create_article_table(article_url, "CREATE TABLE users (username text, password text)", users)
+    with psycopg2.connect(article_url) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO users VALUES ('alice', 'five')")
+    conn.close()
+    result = run_command(["migrate", "--config", str(config_file)], env={"DATABASE_URL": article_url})
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "nothing was changed" in result.stderr
+    assert "2 username(s) are taken twice" in result.stderr
+    assert "'alice' = 'alice'" in result.stderr and "'José' = 'Jose\u0301'" in result.stderr
+    assert query(article_url, "SELECT count(*) FROM users WHERE password IS NOT NULL") == [(5,)]
