@@ -4337,6 +4337,8 @@ class ServingLoopErrors:
                 )
                 self.logged_at, self.refused = now, 0
             return
+        if isinstance(exc, ValueError) and str(exc) == "Invalid file descriptor: -1":
+            return  # asyncio's retry of a refused accept, due after the shutdown closed the socket
         report_statement_timeouts(loop, context)
 
 
