@@ -12,14 +12,18 @@ follows its account (logout, passwd, deluser, expiry) in every process within a 
 
 Endpoints (README.md and openapi.yaml have the details; every JSON body ends with a newline,
 and every error body is {"error", "message"}):
-    POST   /user    log in: {"username", "password"} -> 200 {"session_id"}
+    POST   /user    log in: {"username", "password"} -> 200 {"session_id"}; with ?cookie=true
+                    200 {"username", "expires_at"} and the session in an HttpOnly cookie
                     400 bad_json | bad_body, 408 request_timeout, 413 body_too_large,
                     415 unsupported_content_encoding, 422 invalid_credentials_format,
                     501 unsupported_transfer_encoding,
                     401 invalid_credentials, 429 too_many_attempts,
                     503 database_unavailable | session_store_unavailable
-                    (every route: 417 expectation_failed for an Expect other than 100-continue)
-    GET    /user    who am I (Authorization: <id> or Bearer <id>) -> 200 {"username", "expires_at"}
+                    (every route: 417 expectation_failed for an Expect other than 100-continue;
+                    403 forbidden_origin for a cookie login, and for an unsafe method or a
+                    WebSocket with the cookie, from a page not of this origin or webserver.origins)
+    GET    /user    who am I (Authorization: <id> or Bearer <id>, or else the session cookie)
+                    -> 200 {"username", "expires_at"}
     DELETE /user    log out one session, or all of the user's with ?all=true -> 200 {"logged_out": N}
                     GET and DELETE answer 401 invalid_session for a missing, unknown or expired id,
                     400 bad_request for ?all other than true/false, 503 session_store_unavailable
@@ -68,9 +72,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime
+import email.utils
 import enum
 import errno
 import functools
@@ -132,16 +138,15 @@ HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "schema.sql"
 OPENAPI_PATH = HERE / "openapi.yaml"
 INDEX_PATH = HERE / "index.html"
-# The demo page runs only its own inline script and talks only to this origin (its WebSocket
-# included); no other site may frame it, so its login form cannot be clickjacked.
-INDEX_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
+# The demo page runs only its own inline script, named by its hash (index_page), and talks only to
+# this origin; no other site may frame it, so its login form cannot be clickjacked.
+INDEX_POLICY = (
+    "default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+INDEX_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+INDEX_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+SERVER_HEADER = "server.py"  # what every answer says in Server: no software versions
 DEFAULT_CONFIG_PATH = Path("config.json")
 
 MAX_BODY_BYTES = 16 * 1024
@@ -208,7 +213,11 @@ STREAM_TICK = 0.5  # seconds between checks of every stream's expiry, heartbeat 
 STREAM_COUNTS_CHECK = 1.0  # seconds: how often StreamCounts looks for a new bus connection to name
 BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconnecting the bus
 RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
-ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII)
+ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII | re.IGNORECASE)
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+HOST_PATTERN = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # methods a cookie may come with from any page
+COOKIE_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
 WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
@@ -273,9 +282,34 @@ def origins(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise Invalid(expected)
     for item in value:
-        if not ORIGIN_PATTERN.fullmatch(item):
+        if origin_key(item) is None:
             raise Invalid(f"{expected} (not an origin: {item!r})")
     return tuple(value)
+
+
+def origin_key(text: str) -> str | None:
+    """An origin as browsers serialize it (lower case, no default port), or None for anything else
+    (`null`, a path, a user name)."""
+    if not ORIGIN_PATTERN.fullmatch(text) or "@" in text:
+        return None
+    scheme, _, host = text.lower().partition("://")
+    return f"{scheme}://{host.removesuffix(DEFAULT_PORTS.get(scheme, '-'))}"
+
+
+def cookie_settings(value: Any) -> CookieConfig:
+    """`sessions.cookie`: {"name": a cookie name, "secure": "auto", true or false}."""
+    expected = 'an object such as {"name": "session", "secure": "auto"}'
+    if not isinstance(value, dict) or set(value) - {"name", "secure"}:
+        raise Invalid(expected)
+    name = value.get("name", CookieConfig.name)
+    secure = value.get("secure", CookieConfig.secure)
+    if not isinstance(name, str) or not COOKIE_NAME_PATTERN.fullmatch(name):
+        raise Invalid(f"{expected} (a cookie name is letters, digits and !#$%&'*+-.^_`|~)")
+    if secure not in ("auto", True, False):
+        raise Invalid(f'{expected} ("secure": "auto", true or false)')
+    if secure is False and name.startswith(("__Host-", "__Secure-")):
+        raise Invalid(f"{expected} (browsers keep a {name.partition('-')[0]}- cookie only with Secure)")
+    return CookieConfig(name, secure)
 
 
 def redis_url(value: Any) -> str:
@@ -331,6 +365,8 @@ class WebServerConfig:
     workers: int = setting(1, Integer(1))  # processes serving one port; >1 needs a shared store
     uvloop: bool = setting(False, boolean)  # run on uvloop's event loop (imported only when asked for)
     access_log: bool = setting(False, boolean)  # a line per request; costs a third of GET /user's speed
+    # Origins of other pages that may use the session cookie, CORS and WebSockets (check_origin).
+    origins: tuple[str, ...] = setting((), origins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +390,15 @@ SEED_DB_KEYS: dict[str, Callable[[Any], Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class CookieConfig:
+    name: str = "session"
+    secure: str | bool = "auto"  # auto: Secure when the request came over https (see request_scheme)
+
+
+DEFAULT_COOKIE = CookieConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class SessionConfig:
     idle_timeout: float = setting(1800.0, seconds)
     absolute_timeout: float = setting(86400.0, seconds)
@@ -364,6 +409,8 @@ class SessionConfig:
     redis_prefix: str = setting("login:", non_empty_string)  # every key the redis store writes starts so
     # Sessions a shared store's process keeps in memory (CachedSessionStore); 0 turns that off.
     cache_size: int = setting(100_000, Integer(0))
+    # POST /user?cookie=true; a frozen dataclass, so one shared default is safe
+    cookie: CookieConfig = setting(DEFAULT_COOKIE, cookie_settings)  # noqa: RUF009
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +440,7 @@ class EventsConfig:
     heartbeat: float = setting(30.0, seconds)  # between SSE comments and WebSocket pings
     max_streams_per_user: int = setting(20, Integer(1))  # open streams per user, in each process
     max_buffer: int = setting(1024 * 1024, Integer(1))  # bytes a stream may queue unsent
-    allowed_origins: tuple[str, ...] = setting((), origins)  # besides the page's own
+    allowed_origins: tuple[str, ...] = setting((), origins)  # the older name of webserver.origins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +467,12 @@ class Config:
     events: EventsConfig = EventsConfig()
     metrics: MetricsConfig = MetricsConfig()
     journal: JournalConfig = JournalConfig()
+
+    @functools.cached_property
+    def origins(self) -> frozenset[str]:
+        """Other origins allowed to use the cookie, CORS and WebSockets, as origin_key makes them."""
+        listed = (*self.webserver.origins, *self.events.allowed_origins)
+        return frozenset(key for key in map(origin_key, listed) if key is not None)
 
 
 class _Section:
@@ -3681,18 +3734,38 @@ async def read_credentials(request: web.Request) -> tuple[str, str]:
 
 
 def session_id_from(request: web.Request) -> str:
-    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>`, or 401.
+    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>` or, without that
+    header, from the session cookie; or 401. A cookie sent with an unsafe method or a WebSocket
+    handshake must come from an allowed origin (check_origin): the browser adds it to requests any
+    page makes.
 
     Only what could be a session id (URL-safe Base64, as new_session_id makes them) reaches a
     store: any other bytes, undecodable ones included, are a 401 before any store sees them.
     """
-    value = request.headers.get("Authorization", "").strip()
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer":
-        value = rest.strip()
+    cookie = session_cookie(request)
+    if cookie is not None:
+        if request.method not in SAFE_METHODS or is_websocket_handshake(request):
+            check_origin(request, required=True)
+        value = cookie.strip()
+    else:
+        value = request.headers.get("Authorization", "").strip()
+        scheme, _, rest = value.partition(" ")
+        if scheme.lower() == "bearer":
+            value = rest.strip()
     if not SESSION_ID_PATTERN.fullmatch(value):
         raise invalid_session()
     return value
+
+
+def session_cookie(request: web.Request) -> str | None:
+    """The session cookie's value, unless an Authorization header (which wins) names the session."""
+    if "Authorization" in request.headers:
+        return None
+    return request.cookies.get(request.app[config_key].sessions.cookie.name)
+
+
+def is_websocket_handshake(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
 def invalid_session() -> web.HTTPException:
@@ -3704,6 +3777,10 @@ def iso_utc(timestamp: float) -> str:
 
 
 async def login(request: web.Request) -> web.Response:
+    """POST /user; with ?cookie=true the session goes into an HttpOnly cookie, not the body."""
+    in_cookie = flag(request, "cookie")
+    if in_cookie:
+        check_origin(request, required=True)  # login CSRF: no other site logs a browser in
     username, password = await read_credentials(request)
     app = request.app
     throttle = app[login_throttle]
@@ -3736,9 +3813,51 @@ async def login(request: web.Request) -> web.Response:
         printable(address, MAX_ADDRESS_CHARS),
         printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
     )
-    session_id, _ = await app[sessions].create(account, device)
+    session_id, session = await app[sessions].create(account, device)
     app[metrics].logins.labels("success").inc()
-    return json_response({"session_id": session_id}, headers={"Cache-Control": "no-store"})
+    if not in_cookie:
+        return json_response({"session_id": session_id}, headers=NO_STORE)
+    response = json_response(
+        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
+    )
+    set_session_cookie(request, response, session_id, session)
+    return response
+
+
+def flag(request: web.Request, name: str) -> bool:
+    """A true/false query parameter (false when absent), or 400."""
+    value = request.query.get(name, "false") if request.query_string else "false"
+    if value not in ("true", "false"):
+        raise json_error(
+            web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
+        )
+    return value == "true"
+
+
+def set_session_cookie(
+    request: web.Request, response: web.StreamResponse, session_id: str, session: Session
+) -> None:
+    """The session as a cookie no script can read, sent only to this site, gone at its absolute timeout."""
+    config = request.app[config_key].sessions
+    lifetime = config.absolute_timeout
+    secure = config.cookie.secure
+    response.set_cookie(
+        config.cookie.name,
+        session_id,
+        max_age=math.floor(lifetime),
+        expires=email.utils.formatdate(session.created_at + lifetime, usegmt=True),
+        path="/",
+        secure=request_scheme(request) == "https" if secure == "auto" else bool(secure),
+        httponly=True,
+        samesite="Strict",
+    )
+
+
+def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    """Tell the browser to forget the session cookie (a logout), when the request carried it."""
+    if session_cookie(request) is not None:
+        name = request.app[config_key].sessions.cookie.name
+        response.del_cookie(name, path="/", httponly=True, samesite="Strict")
 
 
 async def upgrade_hash(engine: aiopg.sa.Engine, hasher: Passwords, username: str, password: str) -> None:
@@ -3760,30 +3879,43 @@ async def current_session(request: web.Request) -> Session:
 
 async def whoami(request: web.Request) -> web.Response:
     session = await current_session(request)
-    return json_response({"username": session.username, "expires_at": iso_utc(session.expires_at)})
+    return json_response(
+        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
+    )
 
 
 async def logout(request: web.Request) -> web.Response:
-    everywhere = request.query.get("all", "false") if request.query_string else "false"
-    if everywhere not in ("true", "false"):
-        raise json_error(web.HTTPBadRequest, "bad_request", "The 'all' parameter must be 'true' or 'false'.")
+    everywhere = flag(request, "all")
     store, bus = request.app[sessions], request.app[event_bus]
-    session_id = session_id_from(request)
-    session = await store.revoke(session_id)
-    if session is None:
-        raise invalid_session()
+    try:
+        session_id = session_id_from(request)
+        session = await store.revoke(session_id)
+        if session is None:
+            raise invalid_session()
+    except web.HTTPUnauthorized as refused:
+        clear_session_cookie(request, refused)  # a cookie naming no session is forgotten too
+        raise
     ended = 1
     await bus.announce(Revocation(Ended.LOGOUT, session=token_hash(session_id)))
-    if everywhere == "true":
+    if everywhere:
         ended += await store.revoke_all(session.user_id)
         await bus.announce(Revocation(Ended.LOGOUT, user_id=session.user_id))
-    return json_response({"logged_out": ended})
+    response = json_response({"logged_out": ended})
+    clear_session_cookie(request, response)
+    return response
 
 
 async def index_page(request: web.Request) -> web.Response:
     """GET /: the demo page (log in, who am I, live events, log out)."""
     text = read_served_file(INDEX_PATH)
-    return web.Response(text=text, content_type="text/html", headers=INDEX_HEADERS)
+    return web.Response(text=text, content_type="text/html", headers=index_headers(text))
+
+
+def index_headers(page: str) -> dict[str, str]:
+    """The page's headers; its CSP allows exactly the inline scripts the served text holds."""
+    hashes = [hashlib.sha256(script.encode()).digest() for script in INDEX_SCRIPT.findall(page)]
+    scripts = " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in hashes) or "'none'"
+    return {"Content-Security-Policy": INDEX_POLICY.format(scripts=scripts), **INDEX_HEADERS}
 
 
 def read_served_file(path: Path) -> str:
@@ -3799,7 +3931,8 @@ async def list_sessions(request: web.Request) -> web.Response:
     current = await current_session(request)
     found = await request.app[sessions].sessions_of(current.user_id)
     counts = await request.app[stream_counts].of(found)
-    return json_response({"sessions": [describe(session, current, counts) for session in found]})
+    listed = [describe(session, current, counts) for session in found]
+    return json_response({"sessions": listed}, headers=NO_STORE)
 
 
 def describe(session: Session, current: Session, counts: Mapping[str, int]) -> dict[str, Any]:
@@ -3830,9 +3963,16 @@ async def end_session(request: web.Request) -> web.Response:
     if ended is None:
         raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
     await request.app[event_bus].announce(Revocation(Ended.LOGOUT, session=ended[0]))
-    return json_response({"logged_out": 1})
+    response = json_response({"logged_out": 1})
+    if public_id == current.public_id:
+        clear_session_cookie(request, response)
+    return response
 
 
+# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
+NO_STORE = {"Cache-Control": "no-store"}  # answers with session data: no cache keeps them
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-store",
@@ -3853,16 +3993,57 @@ def last_event_id(request: web.Request, websocket: bool) -> int | None:
     return int(text)
 
 
-def check_origin(request: web.Request, allowed: Sequence[str]) -> None:
-    """Refuse a WebSocket handshake from a page of another origin (cross-site WebSocket
-    hijacking: the browser would send that page's cookies and credentials along). A client that
-    sends no Origin is no browser, and has no page to be hijacked from."""
+def check_origin(request: web.Request, required: bool) -> None:
+    """Refuse (403 forbidden_origin) a request made by a page of an origin other than this
+    service's own (own_origin) or webserver.origins: a cross-site request forgery, or a cross-site
+    WebSocket hijacking. `Origin: null` (a sandboxed or opaque page) is refused too. A request with
+    no Origin passes only when not `required` (a WebSocket handshake that brings its own session:
+    no browser leaves Origin out of one, so this is no page) or when `Sec-Fetch-Site: same-origin`
+    vouches for it; browsers send Origin with every cross-origin POST, DELETE and handshake."""
     origin = request.headers.get("Origin")
-    if origin is None or origin.lower() == f"{request.scheme}://{request.host}".lower() or origin in allowed:
+    if origin is None:
+        if not required or request.headers.get("Sec-Fetch-Site", "").strip() == "same-origin":
+            return
+    elif allowed_origin(request, origin):
         return
-    raise json_error(
-        web.HTTPForbidden, "forbidden_origin", "WebSocket connections from this origin are refused."
-    )
+    raise json_error(web.HTTPForbidden, "forbidden_origin", "Requests from this page's origin are refused.")
+
+
+def allowed_origin(request: web.Request, origin: str) -> bool:
+    key = origin_key(origin.strip())
+    return key is not None and (key in request.app[config_key].origins or key == own_origin(request))
+
+
+def own_origin(request: web.Request) -> str | None:
+    """The origin the request was addressed to, when no attacker can own its name: an IP address,
+    `localhost` or the configured webserver.host. Any other name in Host may be a DNS-rebinding
+    page's (its Host and Origin agree on the attacker's name); a public name behind a proxy is
+    known only from webserver.origins. Behind a trusted proxy, X-Forwarded-Host and -Proto count."""
+    host = request.host
+    if trusted_proxy(request):
+        host = request.headers.get("X-Forwarded-Host", host).partition(",")[0].strip()
+    match = HOST_PATTERN.fullmatch(host)
+    if match is None:
+        return None
+    name = match["name"].lower()
+    configured = request.app[config_key].webserver.host.lower()
+    if name not in ("localhost", configured) and _ip_address(name.strip("[]")) is None:
+        return None
+    return origin_key(f"{request_scheme(request)}://{host}")
+
+
+def trusted_proxy(request: web.Request) -> bool:
+    return in_networks(request.remote or "", request.app[config_key].webserver.trusted_proxies)
+
+
+def request_scheme(request: web.Request) -> str:
+    """http or https, as the client reached the service: directly, or through a trusted proxy
+    that says so in X-Forwarded-Proto (the first value: the proxy nearest the client)."""
+    if trusted_proxy(request):
+        forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if forwarded in ("http", "https"):
+            return forwarded
+    return request.scheme
 
 
 def too_many_streams() -> web.HTTPException:
@@ -3882,8 +4063,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     upgrade = websocket.can_prepare(request).ok
     after = last_event_id(request, upgrade)
     if upgrade:
-        check_origin(request, config.allowed_origins)
-    if upgrade and "Authorization" not in request.headers:
+        check_origin(request, required=False)
+    if upgrade and "Authorization" not in request.headers and session_cookie(request) is None:
         await websocket.prepare(request)
         found = await first_message_session(websocket, app[sessions])
         if found is None:
@@ -4103,6 +4284,46 @@ async def error_middleware(
         raise json_error(web.HTTPInternalServerError, *FRAMEWORK_ERRORS[500]) from None
 
 
+@web.middleware
+async def preflight_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A CORS preflight (OPTIONS with Access-Control-Request-Method) from a page of
+    webserver.origins gets the methods its path takes; from any other page, 403 forbidden_origin."""
+    refusal = request.match_info.http_exception
+    if (
+        request.method != "OPTIONS"
+        or "Access-Control-Request-Method" not in request.headers
+        or "Origin" not in request.headers
+        or not isinstance(refusal, web.HTTPMethodNotAllowed)
+    ):
+        return await handler(request)
+    key = origin_key(request.headers["Origin"].strip())
+    if key is None or key not in request.app[config_key].origins:
+        check_origin(request, required=True)  # a page of this service's own origin needs no preflight
+    headers = {
+        "Access-Control-Allow-Methods": ", ".join(sorted(refusal.allowed_methods)),
+        "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
+        "Access-Control-Max-Age": CORS_MAX_AGE,
+    }
+    return web.Response(status=204, headers=headers)
+
+
+async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer (errors, streams and WebSocket handshakes too): no software versions in Server;
+    for a page of webserver.origins, the CORS headers that let it read answers and send the cookie."""
+    response.headers["Server"] = SERVER_HEADER
+    origins = request.app[config_key].origins
+    if not origins:
+        return
+    response.headers.add("Vary", "Origin")
+    origin = request.headers.get("Origin", "").strip()
+    if origin_key(origin) in origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+
+
 class ClientErrorsInOneLine(logging.Filter):
     """For aiohttp's own log: bytes its HTTP parser refuses (it answers them itself, with a plain
     400, before any handler runs) and a body that does not decode (met again when aiohttp drains
@@ -4139,6 +4360,7 @@ class JsonErrorRequestHandler(RequestHandler):
             code, text = framework_error(status)
         response = web.Response(status=status, text=json_text({"error": code, "message": text}))
         response.content_type = "application/json"
+        response.headers["Server"] = SERVER_HEADER  # no application here: response_headers does not run
         response.force_close()
         return response
 
@@ -4174,9 +4396,11 @@ class WebServer:
 
     async def initializer(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware, error_middleware]
+            client_max_size=MAX_BODY_BYTES,
+            middlewares=[metrics_middleware, error_middleware, preflight_middleware],
         )
         asyncio.get_running_loop().set_exception_handler(ServingLoopErrors())
+        app.on_response_prepare.append(response_headers)
         aiohttp_server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, ClientErrorsInOneLine) for f in aiohttp_server_log.filters):
             aiohttp_server_log.addFilter(ClientErrorsInOneLine())
