@@ -3982,15 +3982,15 @@ LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
 def last_event_id(request: web.Request, websocket: bool) -> int | None:
-    """`?last_event_id=N`, or for SSE the `Last-Event-ID` header a browser sends on reconnecting."""
-    text = request.query.get("last_event_id") if request.query_string else None
-    if text is None and not websocket:
-        text = request.headers.get("Last-Event-ID")
-    if text is None or text.strip() == "":
-        return None
-    if not LAST_EVENT_ID_PATTERN.fullmatch(text.strip()):
+    """`?last_event_id=N`, or for SSE the `Last-Event-ID` header a browser sends on reconnecting;
+    with both, the larger: an EventSource reconnects to the same URL, its header saying how far it got."""
+    texts = [request.query.get("last_event_id") if request.query_string else None]
+    if not websocket:
+        texts.append(request.headers.get("Last-Event-ID"))
+    found = [text.strip() for text in texts if text is not None and text.strip() != ""]
+    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
         raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
-    return int(text)
+    return max(map(int, found), default=None)
 
 
 def check_origin(request: web.Request, required: bool) -> None:

@@ -614,7 +614,7 @@ async def test_a_reconnect_with_the_last_event_id_replays_what_was_missed(
     await stream.nothing_within(0.2)
 
 
-async def test_the_last_event_id_query_wins_over_the_header(client: Client) -> None:
+async def test_with_both_the_query_and_last_event_id_the_larger_counts(client: Client) -> None:
     session_id = await log_in(client, "alice", "wonderland")
     ids = [await publish(client, n) for n in range(4)]
     stream = await open_stream(
@@ -626,6 +626,17 @@ async def test_the_last_event_id_query_wins_over_the_header(client: Client) -> N
     )
     assert event_ids([await stream.next(), await stream.next()]) == ids[2:]
     await stream.nothing_within(0.2)
+    # An EventSource reconnecting to its URL (?last_event_id= of when it was made) with the header
+    # saying how far it got since: no event again.
+    reconnected = await open_stream(
+        client,
+        "sse",
+        session_id,
+        params={"last_event_id": str(ids[0])},
+        headers={"Last-Event-ID": str(ids[2])},
+    )
+    assert event_ids([await reconnected.next()]) == ids[3:]
+    await reconnected.nothing_within(0.2)
 
 
 async def test_a_reconnect_while_events_are_published_has_no_gap_and_no_duplicate(

@@ -3,16 +3,19 @@
 Each test runs `python server.py` as a subprocess on the test database with the PostgreSQL session
 store (so sessions outlive a restart), and a headless Chromium that uses the page as a person would:
 typing into the login form, clicking, waiting for what the page shows. Events are published with
-`python server.py publish`. Without a browser the tests are skipped with the reason; CI sets
-REQUIRE_BROWSER=1, which turns that skip into a failure.
+`python server.py publish`. The page logs in in cookie mode, so the tests read the session id the
+way only the browser itself can: from its cookie jar, through WebDriver. Without a browser the
+tests are skipped with the reason; CI sets REQUIRE_BROWSER=1, which turns that skip into a failure.
 """
 
 from __future__ import annotations
 
 import datetime
+import http.server
 import json
 import os
 import shutil
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -60,14 +63,21 @@ def browser() -> Iterator[Any]:
 class Site:
     """A real server on the test database, the page open in the browser, and the commands beside it."""
 
-    def __init__(self, browser: Any, tmp_path: Path, database_url: str, start: Callable[..., ServerProcess]):
+    def __init__(
+        self,
+        browser: Any,
+        tmp_path: Path,
+        database_url: str,
+        start: Callable[..., ServerProcess],
+        origins: list[str] | None = None,
+    ):
         self.browser, self.start_process = browser, start
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"DATABASE_URL": database_url}
         self.config = tmp_path / "config.json"
         config = {
-            "webserver": {"host": "127.0.0.1", "port": self.port},
+            "webserver": {"host": "127.0.0.1", "port": self.port, "origins": origins or []},
             "sessions": {"store": "postgres"},
             "passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1},
         }
@@ -92,8 +102,14 @@ class Site:
 
     def open_page(self) -> None:
         self.browser.get(self.url + "/")
-        self.browser.execute_script("sessionStorage.clear()")
+        self.browser.delete_all_cookies()  # cookies ignore ports: another test's server set them
+        self.browser.execute_script("sessionStorage.clear(); localStorage.clear()")
         self.browser.get(self.url + "/")
+
+    def session_id(self) -> str | None:
+        """The session cookie, as the browser holds it (WebDriver sees HttpOnly cookies; pages do not)."""
+        cookie = self.browser.get_cookie("session")
+        return None if cookie is None else str(cookie["value"])
 
     def log_in(self, username: str = "alice", password: str = PASSWORD) -> None:
         from selenium.webdriver.common.by import By
@@ -131,7 +147,7 @@ class Site:
             shown = self.browser.find_element("tag name", "main").text
             raise AssertionError(f"waited {seconds} s for {what}; the page says: {shown}") from exc
 
-    def open_stream(self, session_id: str) -> Any:
+    def open_stream(self, session_id: str | None) -> Any:
         """GET /events as Server-Sent Events from outside the browser, once its headers arrived."""
         request = urllib.request.Request(self.url + "/events", headers={"Authorization": session_id})
         response = urllib.request.urlopen(request, timeout=WAIT)
@@ -158,6 +174,44 @@ def site(
     return found
 
 
+class OtherOrigin:
+    """Another local origin (another port of 127.0.0.1): a plain HTTP server of its own that
+    serves one page. For the browser it is another origin, but the same site: SameSite=Strict lets
+    the session cookie go with its requests to the service, so only the origin rules stop them."""
+
+    def __init__(self) -> None:
+        self.page = ""
+        pages = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = pages.page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def other_origin() -> Iterator[OtherOrigin]:
+    found = OtherOrigin()
+    yield found
+    found.close()
+
+
 async def test_get_slash_serves_the_page_as_html_that_loads_nothing_from_elsewhere(client: Client) -> None:
     response = await client.get("/")
     assert response.status == 200
@@ -172,7 +226,7 @@ async def test_get_slash_serves_the_page_as_html_that_loads_nothing_from_elsewhe
 def test_logging_in_through_the_form_shows_who_and_when_the_session_expires(site: Site) -> None:
     site.log_in()
     assert "alice" in site.text("who")
-    session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
+    session_id = site.session_id()
     shown = datetime.datetime.fromisoformat(
         site.browser.find_element("id", "expires").get_attribute("datetime")
     )
@@ -216,12 +270,12 @@ def test_logging_out_everywhere_from_outside_shows_the_session_ended_reason(site
     assert site.http("DELETE", "/user?all=true", other) == {"logged_out": 2}
     site.wait_for(lambda: site.text("ended") == "Session ended: logout.", "the session_ended reason")
     assert site.browser.find_element("id", "login-form").is_displayed()
-    assert site.browser.execute_script("return sessionStorage.getItem('session_id')") is None
+    site.wait_for(lambda: site.session_id() is None, "the page to have the stale cookie cleared")
 
 
 def test_the_logout_button_ends_the_session_on_the_server(site: Site) -> None:
     site.log_in()
-    session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
+    session_id = site.session_id()
     site.browser.find_element("id", "logout-button").click()
     site.wait_for(lambda: site.browser.find_element("id", "login-form").is_displayed(), "the login form")
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -268,7 +322,7 @@ def test_ending_this_pages_own_session_from_the_list_signs_the_page_out(site: Si
     from selenium.webdriver.common.by import By
 
     site.log_in()
-    session_id = site.browser.execute_script("return sessionStorage.getItem('session_id')")
+    session_id = site.session_id()
     site.wait_for(lambda: len(site.browser.find_elements(By.CSS_SELECTOR, "#sessions li")) == 1, "the list")
     site.browser.execute_script("document.querySelector('#sessions li button.end').click()")
     site.wait_for(lambda: site.text("ended") == "Session ended: logout.", "the page to say the session ended")
@@ -278,3 +332,150 @@ def test_ending_this_pages_own_session_from_the_list_signs_the_page_out(site: Si
         site.http("GET", "/user", session_id)
     refused.value.close()
     assert refused.value.code == 401
+
+
+# ---------------------------------------------------------------------------
+# The session cookie in the browser
+# ---------------------------------------------------------------------------
+
+
+def test_the_page_holds_no_session_id_anywhere_a_script_can_read(site: Site) -> None:
+    site.log_in_live()
+    session_id = site.session_id()
+    assert session_id and site.http("GET", "/user", session_id)["username"] == "alice"
+    cookie = site.browser.get_cookie("session")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+    readable = site.browser.execute_script(
+        """return {
+            cookie: document.cookie,
+            session: Object.entries(sessionStorage),
+            local: Object.entries(localStorage),
+            html: document.documentElement.outerHTML,
+            url: location.href,
+        }"""
+    )
+    assert readable["cookie"] == ""
+    assert readable["local"] == []
+    assert all(session_id not in value for _, value in readable["session"])
+    assert session_id not in readable["html"] and session_id not in readable["url"]
+    # And it works: a reload is still signed in, an event arrives, the logout button ends it.
+    site.browser.refresh()
+    site.wait_for(lambda: site.text("status") == "Live.", "the stream to be live again after a reload")
+    site.publish({"after": "reload"})
+    site.wait_for(lambda: site.events() == [{"after": "reload"}], "the event after the reload")
+    site.browser.find_element("id", "logout-button").click()
+    site.wait_for(lambda: site.session_id() is None, "the logout to clear the cookie")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        site.http("GET", "/user", session_id)
+    refused.value.close()
+    assert refused.value.code == 401
+
+
+def test_a_native_event_source_with_the_cookie_receives_a_published_event(site: Site) -> None:
+    site.log_in()
+    site.browser.execute_script(
+        """window.received = [];
+        window.source = new EventSource("/events");
+        window.source.onopen = () => window.received.push("open");
+        window.source.onmessage = (message) => window.received.push(JSON.parse(message.data).data);"""
+    )
+    site.wait_for(lambda: "open" in site.browser.execute_script("return window.received"), "it to open")
+    site.publish({"to": "event source"})
+    site.wait_for(
+        lambda: {"to": "event source"} in site.browser.execute_script("return window.received"),
+        "the native EventSource to receive the event",
+    )
+    site.browser.execute_script("window.source.close()")
+
+
+ATTACK = """<!doctype html><meta charset="utf-8"><title>another origin</title><script>
+const service = "{service}";
+const tried = [];
+async function attempt(name, url, options) {{
+  try {{
+    const response = await fetch(url, options);
+    tried.push([name, response.type, response.status]);
+  }} catch (error) {{
+    tried.push([name, "error", 0]);
+  }}
+}}
+(async () => {{
+  await attempt("delete", service + "/user?all=true", {{method: "DELETE", credentials: "include"}});
+  await attempt("end", service + "/user/sessions/{public_id}", {{method: "DELETE", credentials: "include"}});
+  // A simple request (no preflight): a login CSRF into the attacker's account.
+  await attempt("login", service + "/user?cookie=true", {{
+    method: "POST", mode: "no-cors", credentials: "include",
+    body: JSON.stringify({{username: "mallory", password: "{password}"}}),
+  }});
+  document.title = JSON.stringify(tried);
+}})();
+</script>"""
+
+
+def test_a_page_of_another_local_origin_cannot_log_the_visitor_out_or_in(
+    site: Site, other_origin: OtherOrigin
+) -> None:
+    site.command("adduser", "mallory", stdin=PASSWORD + "\n")
+    site.log_in_live()
+    session_id = site.session_id()
+    [mine] = site.http("GET", "/user/sessions", session_id)["sessions"]
+    other_origin.page = ATTACK.format(service=site.url, public_id=mine["id"], password=PASSWORD)
+    site.browser.get(other_origin.url + "/")
+    site.wait_for(lambda: site.browser.title.startswith("["), "the other origin's page to try")
+    tried = json.loads(site.browser.title)
+    # The DELETEs need a preflight, which is refused; the login goes, with the cookie, and is
+    # refused by its Origin (the page cannot see the answer: an opaque response).
+    assert tried == [["delete", "error", 0], ["end", "error", 0], ["login", "opaque", 0]]
+    site.browser.get(site.url + "/")
+    assert site.session_id() == session_id  # not replaced by mallory's session
+    assert site.http("GET", "/user", session_id)["username"] == "alice"
+    site.wait_for(lambda: site.text("who") == "alice", "the page to still be alice's")
+
+
+APP = """<!doctype html><meta charset="utf-8"><title>an app of a listed origin</title><script>
+const service = "{service}";
+const steps = [];
+(async () => {{
+  const login = await fetch(service + "/user?cookie=true", {{
+    method: "POST", credentials: "include", headers: {{"Content-Type": "application/json"}},
+    body: JSON.stringify({{username: "alice", password: "{password}"}}),
+  }});
+  steps.push(["login", login.status, Object.keys(await login.json()).sort().join(",")]);
+  const who = await fetch(service + "/user", {{credentials: "include"}});
+  steps.push(["who", who.status, (await who.json()).username]);
+  const source = new EventSource(service + "/events", {{withCredentials: true}});
+  source.onopen = () => {{ document.title = "open"; }};
+  source.onmessage = async (message) => {{
+    steps.push(["event", 200, JSON.stringify(JSON.parse(message.data).data)]);
+    source.close();
+    const out = await fetch(service + "/user", {{method: "DELETE", credentials: "include"}});
+    steps.push(["logout", out.status, JSON.stringify(await out.json())]);
+    document.title = JSON.stringify(steps);
+  }};
+}})();
+</script>"""
+
+
+def test_a_page_of_a_listed_origin_uses_the_cookie_with_credentials_include(
+    browser: Any,
+    tmp_path: Path,
+    database_url: str,
+    db: object,
+    start_server: Callable[..., ServerProcess],
+    other_origin: OtherOrigin,
+) -> None:
+    site = Site(browser, tmp_path, database_url, start_server, origins=[other_origin.url])
+    site.command("adduser", "alice", stdin=PASSWORD + "\n")
+    site.start()
+    site.open_page()  # no cookie left from another test
+    other_origin.page = APP.format(service=site.url, password=PASSWORD)
+    browser.get(other_origin.url + "/")
+    site.wait_for(lambda: browser.title == "open", "the app's EventSource to open")
+    site.publish({"for": "the app"})
+    site.wait_for(lambda: browser.title.startswith("["), "the app to log in, stream and log out")
+    assert json.loads(browser.title) == [
+        ["login", 200, "expires_at,username"],
+        ["who", 200, "alice"],
+        ["event", 200, '{"for":"the app"}'],
+        ["logout", 200, '{"logged_out":1}'],
+    ]
