@@ -254,6 +254,24 @@ def test_any_authorization_bytes_get_the_same_401_from_every_store(
     assert answer_of_every_store(store_servers, head) == (401, "invalid_session")
 
 
+@PROPERTY_SETTINGS
+@given(
+    value=st.tuples(
+        st.sampled_from([b"", b"session=", b"a=b; session=", b'session="']), field_values | text_values
+    ).map(b"".join),
+    method=st.sampled_from([b"GET", b"DELETE"]),
+)
+def test_any_cookie_bytes_get_the_same_401_from_every_store(
+    store_servers: dict[str, int], value: bytes, method: bytes
+) -> None:
+    # From the service's own origin (localhost), so a DELETE passes the origin rule and meets the cookie.
+    head = (
+        method + b" /user HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\nConnection: close\r\n"
+        b"Cookie: " + value
+    )
+    assert answer_of_every_store(store_servers, head) == (401, "invalid_session")
+
+
 CODINGS = st.sampled_from([b"gzip", b"deflate", b"identity", b"br", b"zstd", b"compress", b"x-gzip"])
 
 
