@@ -88,6 +88,15 @@ CREATE TABLE IF NOT EXISTS events (
 );
 ALTER SEQUENCE events_id_seq OWNED BY events.id;
 CREATE INDEX IF NOT EXISTS events_created_at ON events (created_at);
+-- A topic event (topic set, username NULL) goes to the streams subscribed to the topic; sender is
+-- the user who published it over HTTP (the event's "from"), NULL for commands, SQL and Python.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS topic varchar(200)
+    CHECK (topic ~ '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$');
+ALTER TABLE events ADD COLUMN IF NOT EXISTS sender varchar(1024);
+DO $$ BEGIN
+    ALTER TABLE events ADD CONSTRAINT events_one_audience CHECK (username IS NULL OR topic IS NULL);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
 
 -- The newest id the retention sweep has deleted: a replay from before it is "replay_truncated".
 CREATE TABLE IF NOT EXISTS events_dropped (
@@ -186,3 +195,27 @@ END $$;
 DROP TRIGGER IF EXISTS sessions_journal ON sessions;
 CREATE TRIGGER sessions_journal AFTER INSERT OR DELETE ON sessions
     FOR EACH ROW EXECUTE FUNCTION sessions_journal();
+
+-- Members of the topics whose rule says "members" (subscribe) or "publishers" (publish), by
+-- account: a new user who takes a deleted user's name is no member. Removing a row (DELETE,
+-- `topic remove`, or deleting the user) ends that topic on the member's open streams in every
+-- server process: the trigger's notification on 'topic_members' goes out at commit.
+CREATE TABLE IF NOT EXISTS topic_members (
+    topic     varchar(200) NOT NULL CHECK (topic ~ '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$'),
+    user_id   bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    publisher boolean NOT NULL DEFAULT false,   -- may publish where the rule says "publishers"
+    PRIMARY KEY (topic, user_id)
+);
+CREATE INDEX IF NOT EXISTS topic_members_user_id ON topic_members (user_id);
+
+CREATE OR REPLACE FUNCTION topic_members_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.topic = OLD.topic AND NEW.user_id = OLD.user_id THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_notify('topic_members', json_build_object('user_id', OLD.user_id, 'topic', OLD.topic)::text);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS topic_members_ended ON topic_members;
+CREATE TRIGGER topic_members_ended AFTER DELETE OR UPDATE ON topic_members
+    FOR EACH ROW EXECUTE FUNCTION topic_members_ended();

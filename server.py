@@ -104,7 +104,16 @@ import time
 import unicodedata
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
@@ -203,6 +212,11 @@ OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5
 # LISTEN/NOTIFY is the signal, the `events` table the record.
 EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
 REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
+MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
+PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
+# A topic: 1-200 characters of A-Z a-z 0-9 _ . : @ -, the first a letter or a digit.
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
+EVENT_BODY_BYTES = 6 * 64 * 1024 + 1024  # a POST /events body: 64 KiB of data, each character escaped
 MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
 EVENT_BATCH = 100  # rows read at a time when catching up or replaying (at most 6.4 MiB)
 REPLAY_STALL = 10.0  # seconds a replay waits for a client to read before it counts as too slow
@@ -323,6 +337,59 @@ def redis_url(value: Any) -> str:
     return str(value)
 
 
+def rate(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise Invalid("a positive number (per second)")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicRule:
+    """One rule of events.topics: which topics (`pattern`: a name, or a prefix ending in `*`),
+    who may subscribe (anyone logged in, or members) and publish over HTTP, and presence."""
+
+    pattern: str
+    subscribe: str = "members"
+    publish: str = "nobody"
+    presence: bool = False
+
+    def matches(self, topic: str) -> bool:
+        if self.pattern.endswith("*"):
+            return topic.startswith(self.pattern[:-1])
+        return topic == self.pattern
+
+
+TOPIC_RULE_CHOICES = {
+    "subscribe": ("anyone", "members"),
+    "publish": ("anyone", "members", "publishers", "nobody"),
+}
+TOPIC_PREFIX_PATTERN = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.:@-]{0,198})?\*", re.ASCII)
+
+
+def topic_rules(value: Any) -> tuple[TopicRule, ...]:
+    expected = 'a list of rules such as {"pattern": "room:*", "subscribe": "members", "publish": "anyone"}'
+    if not isinstance(value, list):
+        raise Invalid(expected)
+    rules = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"pattern", "subscribe", "publish", "presence"}:
+            raise Invalid(f"{expected} (rule {i + 1} is not one, or has an unknown key)")
+        pattern = item.get("pattern")
+        if not isinstance(pattern, str) or not (
+            TOPIC_PATTERN.fullmatch(pattern) or TOPIC_PREFIX_PATTERN.fullmatch(pattern)
+        ):
+            raise Invalid(
+                f"{expected} (rule {i + 1}: 'pattern' must be a topic name or a prefix ending in *)"
+            )
+        for key, choices in TOPIC_RULE_CHOICES.items():
+            if key in item and item[key] not in choices:
+                raise Invalid(f"{expected} (rule {i + 1}: '{key}' must be one of {', '.join(choices)})")
+        if not isinstance(item.get("presence", False), bool):
+            raise Invalid(f"{expected} (rule {i + 1}: 'presence' must be true or false)")
+        rules.append(TopicRule(**item))
+    return tuple(rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class Integer:
     """An integer within bounds; `per` names a field of the section that multiplies the minimum."""
@@ -441,6 +508,13 @@ class EventsConfig:
     max_streams_per_user: int = setting(20, Integer(1))  # open streams per user, in each process
     max_buffer: int = setting(1024 * 1024, Integer(1))  # bytes a stream may queue unsent
     allowed_origins: tuple[str, ...] = setting((), origins)  # the older name of webserver.origins
+    topics: tuple[TopicRule, ...] = setting((), topic_rules)  # who may use which topics, first match
+    max_topics_per_stream: int = setting(100, Integer(1))
+    publish_rate: float = setting(10.0, rate)  # HTTP publishes per user per second, in each process
+
+    def rule(self, topic: str) -> TopicRule | None:
+        """The first rule whose pattern matches the topic; None: no client may use it."""
+        return next((rule for rule in self.topics if rule.matches(topic)), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -782,6 +856,18 @@ events_table = sa.Table(
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now(), index=True
     ),
+    sa.Column("topic", sa.String(200), info=ADDED_BY_SCHEMA_SQL),  # a topic's subscribers only
+    sa.Column("sender", sa.String(MAX_FIELD_CHARS), info=ADDED_BY_SCHEMA_SQL),  # "from": an HTTP publisher
+)
+
+# Members of members-only topics, by account (see Topics); deleting a row ends the membership.
+topic_members = sa.Table(
+    "topic_members",
+    metadata,
+    sa.Column("topic", sa.String(200), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("publisher", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("topic_members_user_id", "user_id"),
 )
 
 # Open event streams per session and server process, for GET /user/sessions with a shared store
@@ -2665,31 +2751,52 @@ class Encoded:
     """An event as it goes out, encoded once per process and written as it is to every stream."""
 
     id: int | None  # None: a message of one stream (replay_truncated, session_ended)
-    username: str | None  # whose streams get it; None: everyone's
+    username: str | None  # whose streams get it; None: everyone's (or the topic's)
     sse: bytes  # `id:`, `event:` and `data:` lines and a blank line (the SSE format)
     sse_chunk: bytes  # the same as one HTTP/1.1 chunk, for responses in chunked coding
     websocket: bytes  # one WebSocket text frame holding the event's JSON
+    topic: str | None = None  # a topic event: only for the streams subscribed to it
 
     @classmethod
-    def of(cls, kind: str, text: bytes, event_id: int | None = None, username: str | None = None) -> Encoded:
+    def of(
+        cls,
+        kind: str,
+        text: bytes,
+        event_id: int | None = None,
+        username: str | None = None,
+        topic: str | None = None,
+    ) -> Encoded:
         """`text` is the event's JSON: one line (json.dumps escapes line breaks in strings)."""
         sse = b"%bevent: %b\ndata: %b\n\n" % (
             b"" if event_id is None else b"id: %d\n" % event_id,
             kind.encode(),
             text,
         )
-        return cls(event_id, username, sse, http_chunk(sse), websocket_text_frame(text))
+        return cls(event_id, username, sse, http_chunk(sse), websocket_text_frame(text), topic)
 
     @classmethod
-    def notice(cls, body: dict[str, str]) -> Encoded:
+    def notice(cls, body: dict[str, str], topic: str | None = None) -> Encoded:
         """A message of the stream itself: {"type": ..., ...}, no id."""
-        return cls.of(body["type"], json_text(body).rstrip("\n").encode())
+        return cls.of(body["type"], json_text(body).rstrip("\n").encode(), topic=topic)
 
     @classmethod
-    def row(cls, event_id: int, username: str | None, data: str, created_at: float) -> Encoded:
+    def row(
+        cls,
+        event_id: int,
+        username: str | None,
+        data: str,
+        created_at: float,
+        topic: str | None = None,
+        sender: str | None = None,
+    ) -> Encoded:
         """A row of `events` (data as JSON text) as the contract's event object."""
-        text = f'{{"id":{event_id},"type":"message","data":{data},"created_at":"{iso_utc(created_at)}"}}'
-        return cls.of("message", text.encode(), event_id, username)
+        about = "" if topic is None else f'"topic":{json.dumps(topic)},'
+        signed = "" if sender is None else f',"from":{json.dumps(sender, ensure_ascii=False)}'
+        text = (
+            f'{{"id":{event_id},"type":"message",{about}"data":{data},'
+            f'"created_at":"{iso_utc(created_at)}"{signed}}}'
+        )
+        return cls.of("message", text.encode(), event_id, username, topic)
 
 
 REPLAY_TRUNCATED = Encoded.notice({"type": "replay_truncated"})
@@ -2697,6 +2804,12 @@ SESSION_ENDED = {
     why: Encoded.notice({"type": "session_ended", "reason": why.value}) for why in Ended if why.tells_client
 }
 SSE_HEARTBEAT = b":\n\n"  # a comment line: keeps proxies from closing an idle stream
+
+
+def topic_notice(kind: str, topic: str, reason: str | None = None) -> Encoded:
+    """{"type": kind, "topic": topic[, "reason": reason]}: subscribed, unsubscribed, subscribe_refused."""
+    body = {"type": kind, "topic": topic} | ({} if reason is None else {"reason": reason})
+    return Encoded.notice(body)
 
 
 class Stream:
@@ -2722,6 +2835,7 @@ class Stream:
         "public_id",
         "renewed",
         "session_id",
+        "topics",
         "transport",
         "websocket",
     )  # fmt: skip
@@ -2735,6 +2849,7 @@ class Stream:
         chunked: bool,
         max_buffer: int,
         last_id: int = 0,
+        topics: Sequence[str] = (),
     ) -> None:
         loop = asyncio.get_running_loop()
         self.session_id = session_id  # to renew the session's idle timeout while the stream is open
@@ -2745,6 +2860,7 @@ class Stream:
         self.transport, self.websocket, self.chunked = transport, websocket, chunked
         self.max_buffer = max_buffer
         self.last_id = last_id  # the newest event id written: nothing at or below it goes out again
+        self.topics = {sys.intern(topic) for topic in topics}  # subscribed: see StreamRegistry.subscribe
         # Live events wait here while the stream replays older ones from the table.
         self.backlog: list[Encoded] | None = []
         self.backlog_bytes = 0
@@ -2764,15 +2880,22 @@ class Stream:
             self.end(Ended.SLOW)
         return False
 
+    def pause(self) -> None:
+        """Hold live events back (in the backlog) while older ones are replayed."""
+        if self.backlog is None:
+            self.backlog, self.backlog_bytes = [], 0
+
     def go_live(self) -> int:
         """The replay is done: write what arrived meanwhile, then every event as it comes.
         Returns how many events were written now."""
         backlog, self.backlog = self.backlog or [], None
         return sum(self.write(event) for event in backlog)
 
-    def write(self, event: Encoded) -> bool:
-        """Write an event (or a notice of the stream); whether an event went out."""
-        if event.id is not None:
+    def write(self, event: Encoded, again: bool = False) -> bool:
+        """Write an event (or a notice of the stream) once: none at or below the newest id written
+        goes out, unless `again` (a topic subscribed to later replays that topic's older events;
+        last_id stays). Whether an event went out."""
+        if event.id is not None and not again:
             if event.id <= self.last_id:
                 return False  # replayed already
             self.last_id = event.id
@@ -2806,7 +2929,8 @@ class Stream:
 
 class StreamRegistry:
     """The open streams of this process, found by user name (events for one user), by session
-    (a logout) and by account (passwd, deluser). Changed only by add and discard."""
+    (a logout), by account (passwd, deluser) and by topic (its events, its memberships).
+    Changed only by add, discard, subscribe and unsubscribe."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
@@ -2815,7 +2939,10 @@ class StreamRegistry:
         self._by_username: dict[str, dict[Stream, None]] = {}
         self._by_session: dict[bytes, dict[Stream, None]] = {}
         self._by_user: dict[int, dict[Stream, None]] = {}
+        self._by_topic: dict[str, dict[Stream, None]] = {}
         self.on_change: Callable[[Stream], None] | None = None  # called after each add and discard
+        # Called as a stream joins (+1) or leaves (-1) a topic: presence counts them.
+        self.on_topic: Callable[[Stream, str, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -2828,6 +2955,8 @@ class StreamRegistry:
         self._by_username.setdefault(stream.account.username, {})[stream] = None
         self._by_session.setdefault(stream.digest, {})[stream] = None
         self._by_user.setdefault(stream.account.user_id, {})[stream] = None
+        for topic in stream.topics:
+            self._join(stream, topic)
         if self.metrics is not None:
             self.metrics.streams_opened.labels(stream.transport_name).inc()
             self.metrics.streams_open.labels(stream.transport_name).inc()
@@ -2839,6 +2968,8 @@ class StreamRegistry:
             self._leave(self._by_username, stream.account.username, stream)
             self._leave(self._by_session, stream.digest, stream)
             self._leave(self._by_user, stream.account.user_id, stream)
+            for topic in stream.topics:
+                self._part(stream, topic)
             if self.metrics is not None:
                 self.metrics.streams_open.labels(stream.transport_name).dec()
                 why = stream.ended.result() if stream.ended.done() else Ended.GONE
@@ -2848,6 +2979,32 @@ class StreamRegistry:
             if self.on_change is not None:
                 self.on_change(stream)
 
+    def subscribe(self, stream: Stream, topic: str) -> None:
+        """Add a topic to a registered stream (its events reach the stream from now on)."""
+        if topic not in stream.topics and stream in self._streams:
+            topic = sys.intern(topic)
+            stream.topics.add(topic)
+            self._join(stream, topic)
+
+    def unsubscribe(self, stream: Stream, topic: str) -> bool:
+        """Take a topic off a stream; whether it had it."""
+        if topic not in stream.topics:
+            return False
+        stream.topics.discard(topic)
+        if stream in self._streams:
+            self._part(stream, topic)
+        return True
+
+    def _join(self, stream: Stream, topic: str) -> None:
+        self._by_topic.setdefault(topic, {})[stream] = None
+        if self.on_topic is not None:
+            self.on_topic(stream, topic, 1)
+
+    def _part(self, stream: Stream, topic: str) -> None:
+        self._leave(self._by_topic, topic, stream)
+        if self.on_topic is not None:
+            self.on_topic(stream, topic, -1)
+
     @staticmethod
     def _leave(index: dict[Any, dict[Stream, None]], key: Any, stream: Stream) -> None:
         group = index[key]
@@ -2856,11 +3013,22 @@ class StreamRegistry:
             del index[key]
 
     def fan_out(self, event: Encoded) -> None:
-        """Write one event to every stream it is for: all of them, or one user's."""
-        targets = self._streams if event.username is None else self._by_username.get(event.username, {})
+        """Write one event to every stream it is for: all of them, one user's, or one topic's."""
+        if event.topic is not None:
+            targets = self._by_topic.get(event.topic, {})
+        elif event.username is None:
+            targets = self._streams
+        else:
+            targets = self._by_username.get(event.username, {})
         written = sum(stream.send(event) for stream in targets)
         if written and self.metrics is not None:
             self.metrics.events_delivered.inc(written)
+
+    def end_membership(self, user_id: int, topic: str) -> None:
+        """The account is no longer a member of the topic: its streams here stop getting it."""
+        for stream in list(self._by_user.get(user_id, ())):
+            if self.unsubscribe(stream, topic):
+                stream.send(topic_notice("unsubscribed", topic, "membership_ended"))
 
     def end_session(self, digest: bytes, why: Ended) -> None:
         for stream in list(self._by_session.get(digest, ())):
@@ -2885,6 +3053,13 @@ class StreamRegistry:
 
     def accounts(self) -> set[Account]:
         return {stream.account for stream in self._streams}
+
+    def users(self, topic: str | None = None) -> dict[str, int]:
+        """Open streams by username: all of them, or those subscribed to `topic`."""
+        counts: dict[str, int] = {}
+        for stream in self._streams if topic is None else self._by_topic.get(topic, ()):
+            counts[stream.account.username] = counts.get(stream.account.username, 0) + 1
+        return counts
 
 
 class RecentEvents:
@@ -2936,9 +3111,12 @@ class RecentEvents:
         if self._dropped is done:
             self._dropped = None
 
-    def since(self, after: int, username: str, now: float) -> list[Encoded] | None:
-        """The held events after `after` for `username`'s streams, in id order; None when some
-        of them may not be held here (the caller reads the table)."""
+    def since(
+        self, after: int, username: str, now: float, topics: Collection[str] = (), only_topics: bool = False
+    ) -> list[Encoded] | None:
+        """The held events after `after` for a stream of `username` subscribed to `topics` (with
+        `only_topics`, theirs alone), in id order; None when some of them may not be held here
+        (the caller reads the table)."""
         while self._events and self._events[0][1] < now - self.retention:
             self._drop_oldest()
         if self.floor is None or after < self.floor:
@@ -2948,7 +3126,11 @@ class RecentEvents:
             assert event.id is not None
             if event.id <= after:
                 break
-            if event.username is None or event.username == username:
+            if (
+                event.topic in topics
+                if event.topic is not None or only_topics
+                else event.username is None or event.username == username
+            ):
                 found.append(event)
         found.reverse()
         return found
@@ -2969,13 +3151,12 @@ class RecentEvents:
         return len(event.sse) + len(event.sse_chunk) + len(event.websocket)
 
 
-NEW_EVENTS = (
-    "SELECT id, username, data::text, extract(epoch FROM created_at)::float8 FROM events"
-    " WHERE id > %(after)s ORDER BY id LIMIT %(limit)s"
-)
+EVENT_COLUMNS = "id, username, data::text, extract(epoch FROM created_at)::float8, topic, sender"
+NEW_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s ORDER BY id LIMIT %(limit)s"
 REPLAY_EVENTS = (
-    "SELECT id, username, data::text, extract(epoch FROM created_at)::float8 FROM events"
-    " WHERE id > %(after)s AND id <= %(through)s AND (username IS NULL OR username = %(username)s)"
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s AND id <= %(through)s"
+    " AND (topic = ANY(%(topics)s::text[]) OR topic IS NULL AND NOT %(only_topics)s"
+    " AND (username IS NULL OR username = %(username)s))"
     " ORDER BY id LIMIT %(limit)s"
 )
 DROPPED_THROUGH = CompiledQuery("SELECT through FROM events_dropped")
@@ -2996,8 +3177,8 @@ SWEEP_EVENTS = """
     WHERE EXISTS (SELECT FROM gone)
 """
 PUBLISH_EVENT = """
-    INSERT INTO events (username, data)
-    SELECT %(username)s, %(data)s::jsonb
+    INSERT INTO events (username, topic, sender, data)
+    SELECT %(username)s, %(topic)s, %(sender)s, %(data)s::jsonb
     WHERE %(username)s::text IS NULL OR EXISTS (SELECT FROM users WHERE username = %(username)s)
     RETURNING id
 """
@@ -3021,41 +3202,63 @@ def event_data_text(data: Any) -> str:
     return text
 
 
-async def publish(engine: aiopg.sa.Engine, data: Any, username: str | None = None) -> int:
+async def publish(
+    engine: aiopg.sa.Engine,
+    data: Any,
+    username: str | None = None,
+    *,
+    topic: str | None = None,
+    sender: str | None = None,
+) -> int:
     """Publish a live event: `data` (any JSON value, at most 64 KiB as JSON text) goes to every
-    logged-in user's streams, or only to `username`'s. Returns the event's id.
+    logged-in user's streams, only to `username`'s, or to the streams subscribed to `topic`
+    (`sender`: the user it is `from`, if any). Returns the event's id.
 
     The event is a row of `events`; every server process delivers it once the insert commits
     (here at once: the connection autocommits). From a handler added to this file:
-    `await publish(request.app[db_engine], {"price": 3}, "alice")`. Raises ValueError for data
-    that is not JSON or too large, UserNotFound for an unknown username, DatabaseUnavailable.
+    `await publish(request.app[db_engine], {"price": 3}, "alice")`, or `topic="lobby"`. Raises
+    ValueError for data that is not JSON or too large, or a malformed topic, UserNotFound for an
+    unknown username, DatabaseUnavailable.
     """
     text = event_data_text(data)
+    if topic is not None and (username is not None or not TOPIC_PATTERN.fullmatch(topic)):
+        raise ValueError(
+            f"not a topic name: {topic!r}" if username is None else "a user or a topic, not both"
+        )
     username = None if username is None else nfc(username)  # as stored and as logins compare it
+    params = {"username": username, "topic": topic, "sender": sender, "data": text}
     async with connection(engine) as conn:
-        event_id = await conn.scalar(PUBLISH_EVENT, {"username": username, "data": text})
+        event_id = await conn.scalar(PUBLISH_EVENT, params)
     if event_id is None:
         raise UserNotFound(f"no such user '{username}'")
     return int(event_id)
 
 
 async def replay(
-    engine: aiopg.sa.Engine, stream: Stream, after: int, through: int, recent: RecentEvents
+    engine: aiopg.sa.Engine,
+    stream: Stream,
+    after: int,
+    through: int,
+    recent: RecentEvents,
+    topic: str | None = None,
 ) -> tuple[str, int]:
-    """Write to stream the retained events after `after` up to `through` that are for its user,
-    in id order; first `replay_truncated` if the retention sweep dropped some of them. From
-    memory when `recent` holds them all (then `through` is the newest it holds), else from the table.
-    Returns where they came from ("memory" or "table") and how many were written."""
+    """Write to stream the retained events after `after` up to `through` that are for it (its
+    user's, everyone's, its topics'), in id order; first `replay_truncated` if the retention sweep
+    dropped some of them. With `topic`, only that topic's (one subscribed to on an open stream),
+    written even below the stream's newest id. From memory when `recent` holds them all (then
+    `through` is the newest it holds), else from the table. Returns where they came from
+    ("memory" or "table") and how many were written."""
+    topics, again = (stream.topics, False) if topic is None else ((topic,), True)
     written = 0
     if recent.holds(after):
         dropped = await recent.dropped_through(engine)
-        held = recent.since(max(after, dropped), stream.account.username, time.time())
+        held = recent.since(max(after, dropped), stream.account.username, time.time(), topics, again)
         if held is not None:  # None: they passed the retention meanwhile, the table tells
             if after < dropped:
                 stream.write(REPLAY_TRUNCATED)
             for event in held:
                 await pace(stream)
-                written += stream.write(event)
+                written += stream.write(event, again)
             return "memory", written
     async with connection(engine) as conn:
         if after < (await conn.scalar(DROPPED_THROUGH.sql) or 0):
@@ -3065,12 +3268,14 @@ async def replay(
                 "after": after,
                 "through": through,
                 "username": stream.account.username,
+                "topics": list(topics),
+                "only_topics": again,
                 "limit": EVENT_BATCH,
             }
             rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
             for row in rows:
                 await pace(stream)
-                written += stream.write(Encoded.row(*row.as_tuple()))
+                written += stream.write(Encoded.row(*row.as_tuple()), again)
             if len(rows) < EVENT_BATCH:
                 break
             after = rows[-1][0]
@@ -3159,6 +3364,10 @@ class Bus:
         # The newest revoked epoch of recently revoked accounts (None: deleted), for logins that
         # checked a password before a passwd and would begin a session after its notification.
         self._revoked: OrderedDict[int, int | None] = OrderedDict()
+        # More channels, each with what to do with a notification's payload (topic memberships,
+        # presence), and what to do each time the bus is connected again (what it may have missed).
+        self.channels: dict[str, Callable[[str], None]] = {}
+        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with exponential backoff and jitter."""
@@ -3188,7 +3397,11 @@ class Bus:
 
     async def _listen(self, conn: aiopg.Connection) -> None:
         async with conn.cursor() as cur:
-            await cur.execute(f"LISTEN {EVENTS_CHANNEL}; LISTEN {REVOCATIONS_CHANNEL}")
+            await cur.execute(
+                "; ".join(
+                    f"LISTEN {channel}" for channel in (EVENTS_CHANNEL, REVOCATIONS_CHANNEL, *self.channels)
+                )
+            )
             if self.last_id is None:  # events from now on; replays read older ones from the table
                 await cur.execute(NEWEST_EVENT.sql)
                 newest = int((await cur.fetchone())[0])
@@ -3207,6 +3420,8 @@ class Bus:
             await cur.execute(BUS_BACKEND)
             pid, started = await cur.fetchone()
             self.backend = (int(pid), started)
+            for hook in self.on_connect:
+                await hook(cur)
             self._forget_cached()  # what the bus missed is unknown: the cache starts anew
             self._conn = conn
             self.listening = True
@@ -3222,6 +3437,9 @@ class Bus:
                     self._forget_cached(revocation)
                 for revocation in revocations:
                     await self.apply(revocation)
+                for notice in notices:
+                    if notice.channel in self.channels:
+                        self.channels[notice.channel](notice.payload)
                 if any(notice.channel == EVENTS_CHANNEL for notice in notices):
                     await self._catch_up(cur)
 
@@ -3462,6 +3680,301 @@ class StreamCounts:
             written = backend
 
 
+MEMBERSHIPS = (
+    "SELECT topic, publisher FROM topic_members"
+    " WHERE user_id = %(user_id)s AND topic = ANY(%(topics)s::text[])"
+)
+MEMBERSHIPS_OF = "SELECT user_id, topic FROM topic_members WHERE user_id = ANY(%(ids)s)"
+RECENT_ENDINGS = 1000  # memberships whose end a process remembers, for checks that raced with it
+
+
+class Topics:
+    """Who may use which topic: the first rule of events.topics that matches it, and for
+    members-only topics a row of `topic_members` (by account). Ends a membership's topic on this
+    process's streams when its row goes (the bus brings MEMBERSHIPS_CHANNEL), and limits how
+    often each user publishes over HTTP."""
+
+    def __init__(self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry) -> None:
+        self._config, self._engine, self._registry = config, engine, registry
+        self._endings: deque[tuple[int, int, str]] = deque(maxlen=RECENT_ENDINGS)  # (serial, user, topic)
+        self._serial = 0
+        self._tokens: OrderedDict[int, tuple[float, float]] = OrderedDict()  # user id -> (tokens, at)
+
+    def rule(self, topic: str) -> TopicRule | None:
+        return self._config.rule(topic)
+
+    def members_only(self, topic: str) -> bool:
+        rule = self.rule(topic)
+        return rule is not None and rule.subscribe == "members"
+
+    async def refused(self, account: Account, topics: Collection[str], publish: bool = False) -> list[str]:
+        """The topics this account may not subscribe to (or, with `publish`, publish to)."""
+        needs: dict[str, str] = {}  # topic -> what its rule asks of the account
+        refused = []
+        for topic in topics:
+            rule = self.rule(topic)
+            wants = None if rule is None else rule.publish if publish else rule.subscribe
+            if wants in ("members", "publishers"):
+                needs[topic] = wants
+            elif wants != "anyone":
+                refused.append(topic)
+        if needs:
+            async with connection(self._engine) as conn:
+                params = {"user_id": account.user_id, "topics": list(needs)}
+                rows = await (await conn.execute(MEMBERSHIPS, params)).fetchall()
+            members = {row[0]: row[1] for row in rows}
+            refused += [
+                t
+                for t, wants in needs.items()
+                if t not in members or (wants == "publishers" and not members[t])
+            ]
+        return refused
+
+    def mark(self) -> int:
+        """A point to check later (see recheck) for memberships that ended meanwhile."""
+        return self._serial
+
+    def recheck(self, stream: Stream, mark: int) -> None:
+        """End the stream's topics whose membership ended since `mark` (while it was being checked)."""
+        for serial, user_id, topic in self._endings:
+            if serial > mark and user_id == stream.account.user_id and self.members_only(topic):
+                self._registry.end_membership(user_id, topic)
+
+    def membership_ended(self, payload: str) -> None:
+        """A notification on MEMBERSHIPS_CHANNEL: {"user_id", "topic"}."""
+        try:
+            message = json.loads(payload)
+            user_id, topic = int(message["user_id"]), str(message["topic"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignored a malformed notification on %s: %s", MEMBERSHIPS_CHANNEL, exc)
+            return
+        self._serial += 1
+        self._endings.append((self._serial, user_id, topic))
+        if self.members_only(topic):
+            self._registry.end_membership(user_id, topic)
+
+    async def check_memberships(self, cur: aiopg.Cursor) -> None:
+        """After the bus reconnects: end the members-only topics whose membership ended meanwhile."""
+        held = [(stream, [t for t in stream.topics if self.members_only(t)]) for stream in self._registry]
+        held = [(stream, member_topics) for stream, member_topics in held if member_topics]
+        if not held:
+            return
+        await cur.execute(MEMBERSHIPS_OF, {"ids": sorted({stream.account.user_id for stream, _ in held})})
+        rows = {(row[0], row[1]) for row in await cur.fetchall()}
+        for stream, member_topics in held:
+            for topic in member_topics:
+                if (stream.account.user_id, topic) not in rows:
+                    self._registry.end_membership(stream.account.user_id, topic)
+
+    def publish_wait(self, user_id: int, now: float) -> float:
+        """0 and one publish counted if the user is within events.publish_rate, else the seconds
+        until the next is allowed (a bucket of publish_rate tokens, refilled at that rate)."""
+        rate = self._config.publish_rate
+        tokens, at = self._tokens.pop(user_id, (rate, now))
+        tokens = min(max(rate, 1.0), tokens + (now - at) * rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / rate
+        self._tokens[user_id] = (tokens - 1 if wait == 0 else tokens, now)
+        while len(self._tokens) > MAX_TRACKED_KEYS:
+            self._tokens.popitem(last=False)
+        return wait
+
+
+PRESENCE_BATCH = 0.1  # seconds: changes of this process's presence go out together, at most this often
+PRESENCE_CHECK = 1.0  # seconds between looks at pg_stat_activity for processes that are gone
+MAX_NOTIFY_BYTES = 7000  # a NOTIFY payload must stay under 8000 bytes
+BUS_BACKENDS = """
+    SELECT pid, backend_start FROM pg_stat_activity
+    WHERE application_name = %(name)s AND datname = current_database()
+"""
+
+
+def backend_name(pid: int, started: datetime.datetime) -> str:
+    """A bus connection as presence names it: pid and backend_start, whatever the time zone."""
+    return f"{pid}/{started.timestamp()}"
+
+
+def notify_chunks(head: dict[str, Any], items: Sequence[Any], key: str = "users") -> Iterator[str]:
+    """`head` with `items` under `key`, as JSON payloads each under MAX_NOTIFY_BYTES (at least one)."""
+    chunk: list[Any] = []
+    size = len(json.dumps(head))
+    for item in items:
+        item_size = len(json.dumps(item, ensure_ascii=False).encode()) + 2
+        if chunk and size + item_size > MAX_NOTIFY_BYTES:
+            yield json.dumps({**head, key: chunk}, ensure_ascii=False)
+            chunk, size = [], len(json.dumps(head))
+        chunk.append(item)
+        size += item_size
+    yield json.dumps({**head, key: chunk, "last": True}, ensure_ascii=False)
+
+
+class Presence:
+    """Who has a stream open on each presence topic (a rule with "presence": true), in every
+    process, kept in memory by each: GET /topics/{topic}/presence reads no table.
+
+    Each process counts its own streams per (topic, account) and announces the counts that changed
+    on PRESENCE_CHANNEL, batched every PRESENCE_BATCH: a user's count going from 0 to 1 or back in
+    this process, not each stream, so a reconnect storm costs a few notifications and no writes.
+    Announcements name the sender's bus connection (pid, backend_start); every PRESENCE_CHECK a
+    process drops the counts of processes whose connection is no longer in pg_stat_activity (one
+    killed, or stopped), so their users leave at once. A process whose bus (re)connects asks the
+    others for their counts and announces all of its own. `join` and `leave` go to the topic's
+    subscribers here when a user's total over every process leaves or reaches 0. The `who`
+    command asks every process on the same channel and sums the answers.
+    """
+
+    def __init__(
+        self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus
+    ) -> None:
+        self._config, self._engine, self._registry, self._bus = config, engine, registry, bus
+        self.process = secrets.token_hex(8)
+        self._mine: dict[tuple[str, int], list[Any]] = {}  # (topic, user id) -> [username, streams here]
+        self._theirs: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}  # process -> the same
+        self._backends: dict[str, str] = {}  # process -> its bus connection, as "pid/backend_start"
+        self._totals: dict[str, dict[int, list[Any]]] = {}  # topic -> user id -> [username, streams]
+        self._changed: dict[tuple[str, int], str] = {}  # (topic, user id) -> username: to announce
+        self._outbox: list[tuple[str, str]] = []  # (channel, payload): answers to `who`
+        self._wake = asyncio.Event()
+        registry.on_topic = self._note
+
+    def users(self, topic: str) -> list[dict[str, Any]]:
+        """GET /topics/{topic}/presence's users: every user with a stream on it, in any process."""
+        found = self._totals.get(topic, {}).values()
+        return [{"username": name, "streams": count} for name, count in sorted(found)]
+
+    def _note(self, stream: Stream, topic: str, change: int) -> None:
+        rule = self._config.rule(topic)
+        if rule is None or not rule.presence:
+            return
+        key = (topic, stream.account.user_id)
+        entry = self._mine.setdefault(key, [stream.account.username, 0])
+        entry[1] += change
+        if entry[1] <= 0:
+            del self._mine[key]
+        self._count(topic, stream.account.user_id, stream.account.username, change)
+        self._changed[key] = stream.account.username
+        self._wake.set()
+
+    def _count(self, topic: str, user_id: int, username: str, change: int) -> None:
+        """Add `change` to the user's streams on the topic; tell its subscribers of a join or leave."""
+        if change == 0:
+            return
+        users = self._totals.setdefault(topic, {})
+        entry = users.setdefault(user_id, [username, 0])
+        username, was = entry
+        entry[1] += change
+        if entry[1] <= 0:
+            del users[user_id]
+            if not users:
+                del self._totals[topic]
+        if (was > 0) != (entry[1] > 0):
+            action = "join" if entry[1] > 0 else "leave"
+            body = {"type": "presence", "topic": topic, "action": action, "username": username}
+            self._registry.fan_out(Encoded.notice(body, topic=topic))
+
+    def _set(self, process: str, key: tuple[str, int], username: str, streams: int) -> None:
+        """Process `process` has `streams` streams of the user on the topic (0: none)."""
+        theirs = self._theirs.setdefault(process, {})
+        _, before = theirs.pop(key, ("", 0))
+        if streams > 0:
+            theirs[key] = (username, streams)
+        self._count(key[0], key[1], username, streams - before)
+
+    def _drop(self, process: str) -> None:
+        """A process is gone: its users leave (where it held their last stream)."""
+        for key, (username, streams) in self._theirs.pop(process, {}).items():
+            self._count(key[0], key[1], username, -streams)
+        self._backends.pop(process, None)
+
+    def heard(self, payload: str) -> None:
+        """A notification on PRESENCE_CHANNEL."""
+        try:
+            message = json.loads(payload)
+            process = message.get("process")
+            if process == self.process:
+                return
+            if "who" in message:  # the `who` command asks: answer on its channel
+                self._answer_who(str(message["who"]), message.get("topic"))
+            elif message.get("sync"):  # a process (re)connected: it needs our counts
+                self._changed.update({key: entry[0] for key, entry in self._mine.items()})
+            elif "users" in message:
+                process = str(process)
+                self._backends[process] = str(message["backend"])
+                for topic, user_id, username, streams in message["users"]:
+                    self._set(process, (str(topic), int(user_id)), str(username), int(streams))
+            self._wake.set()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignored a malformed notification on %s: %s", PRESENCE_CHANNEL, exc)
+
+    def _answer_who(self, channel: str, topic: Any) -> None:
+        if not re.fullmatch(r"who_[0-9a-f]{16}", channel):
+            raise ValueError(f"not a reply channel: {channel!r}")
+        counts = self._registry.users(topic if isinstance(topic, str) else None)
+        head = {"process": self.process, "reply": channel}
+        for payload in notify_chunks(head, [[name, count] for name, count in counts.items()]):
+            self._outbox.append((channel, payload))
+
+    async def connected(self, cur: aiopg.Cursor) -> None:
+        """The bus (re)connected: what others announced meanwhile is unknown; ask them again, and
+        announce every count of this process (others may have taken it for gone)."""
+        for process in list(self._theirs):
+            self._drop(process)
+        self._changed.update({key: entry[0] for key, entry in self._mine.items()})
+        request = json.dumps({"process": self.process, "sync": True})
+        await cur.execute("SELECT pg_notify(%s, %s)", (PRESENCE_CHANNEL, request))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Announce this process's changes, answer `who`, and drop the processes that are gone."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        task = asyncio.current_task()
+        while True:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # see StreamCounts.run
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PRESENCE_CHECK):
+                    await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(PRESENCE_BATCH)  # let more changes join this batch
+            try:
+                await self._send()
+                if self._theirs and loop.time() - checked >= PRESENCE_CHECK:
+                    checked = loop.time()
+                    await self._check_processes()
+            except Exception as exc:  # PostgreSQL away, or a bug: tried again at the next wake
+                if isinstance(exc, DatabaseUnavailable):
+                    log.warning("could not share presence with other processes: %s", exc)
+                else:
+                    log.exception("unexpected error sharing presence")
+                await asyncio.sleep(PRESENCE_CHECK)
+
+    async def _send(self) -> None:
+        backend = self._bus.backend
+        if backend is None or not (self._changed or self._outbox):
+            return
+        changed, self._changed = self._changed, {}
+        items = [[t, u, name, self._mine.get((t, u), (name, 0))[1]] for (t, u), name in changed.items()]
+        head = {"process": self.process, "backend": backend_name(*backend)}
+        payloads = [(PRESENCE_CHANNEL, p) for p in notify_chunks(head, items)] if items else []
+        payloads += self._outbox
+        self._outbox = []
+        try:
+            async with connection(self._engine) as conn:
+                for channel, payload in payloads:
+                    await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        except BaseException:
+            self._changed = changed | self._changed
+            raise
+
+    async def _check_processes(self) -> None:
+        async with connection(self._engine) as conn:
+            rows = await (await conn.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})).fetchall()
+        alive = {backend_name(row[0], row[1]) for row in rows}
+        for process, backend in list(self._backends.items()):
+            if backend not in alive:
+                self._drop(process)
+
+
 async def watch_streams(
     registry: StreamRegistry, store: SessionStore, config: Config, clock: Callable[[], float]
 ) -> None:
@@ -3650,27 +4163,22 @@ streams = web.AppKey("streams", StreamRegistry)
 stream_counts = web.AppKey("stream_counts", StreamCounts)
 event_bus = web.AppKey("event_bus", Bus)
 metrics = web.AppKey("metrics", Metrics)
+topic_access = web.AppKey("topic_access", Topics)
+presence = web.AppKey("presence", Presence)
 
 # ---------------------------------------------------------------------------
 # Handlers
 # ---------------------------------------------------------------------------
 
 
-def check_declared_body(request: web.Request) -> None:
+def check_declared_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> None:
     """Refuse, from the headers alone, a body this service will not read: one declared larger
-    than MAX_BODY_BYTES (413), in a content coding aiohttp does not decode (415, RFC 9110
+    than `limit` (413), in a content coding aiohttp does not decode (415, RFC 9110
     section 15.5.16), or in a transfer coding other than chunked, which aiohttp would pass on
     undecoded (501, RFC 9112 section 6.1). Runs before `100 Continue` is sent, so such a body is
     never sent at all."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        code, message = FRAMEWORK_ERRORS[413]
-        body = json_text({"error": code, "message": message})
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=MAX_BODY_BYTES,
-            actual_size=request.content_length,
-            text=body,
-            content_type="application/json",
-        )
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(limit, request.content_length)
     transfer = request.headers.get("Transfer-Encoding")
     if transfer is not None and transfer.strip().lower() != "chunked":
         raise json_error(
@@ -3690,18 +4198,40 @@ async def expect_continue(request: web.Request) -> None:
         raise json_error(
             web.HTTPExpectationFailed, "expectation_failed", "The only expectation met is 100-continue."
         )
-    check_declared_body(request)
+    check_declared_body(request, body_limit(request))
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer proper has not started
 
 
+def body_too_large(limit: int, size: int) -> web.HTTPException:
+    body = json_text(
+        {"error": "body_too_large", "message": f"The request body is larger than {limit} bytes."}
+    )
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=size, text=body, content_type="application/json"
+    )
+
+
+def body_limit(request: web.Request) -> int:
+    """The largest body a route reads: an event's is larger than the others."""
+    return EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
+
+
 async def read_body(request: web.Request) -> bytes:
     """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
-    check_declared_body(request)
+    limit = body_limit(request)
+    check_declared_body(request, limit)
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT):
-            return await request.read()  # aiohttp raises 413 past client_max_size
+            if limit == MAX_BODY_BYTES:
+                return await request.read()  # aiohttp raises 413 past client_max_size
+            body = bytearray()
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise body_too_large(limit, len(body))
+            return bytes(body)
     except TimeoutError:
         raise json_error(
             web.HTTPRequestTimeout, "request_timeout", "The request body did not arrive in time."
@@ -4046,6 +4576,32 @@ def request_scheme(request: web.Request) -> str:
     return request.scheme
 
 
+def requested_topics(request: web.Request, most: int) -> list[str]:
+    """The `?topic=` of GET /events, each once: 400 bad_topic for a malformed one, 400
+    too_many_topics beyond events.max_topics_per_stream."""
+    wanted = list(dict.fromkeys(request.query.getall("topic", []))) if request.query_string else []
+    for topic in wanted:
+        if not TOPIC_PATTERN.fullmatch(topic):
+            raise bad_topic()
+    if len(wanted) > most:
+        raise json_error(
+            web.HTTPBadRequest, "too_many_topics", f"A stream may subscribe to at most {most} topics."
+        )
+    return wanted
+
+
+def bad_topic() -> web.HTTPException:
+    return json_error(
+        web.HTTPBadRequest,
+        "bad_topic",
+        "A topic is 1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit.",
+    )
+
+
+def forbidden_topic() -> web.HTTPException:
+    return json_error(web.HTTPForbidden, "forbidden_topic", "This user may not use that topic.")
+
+
 def too_many_streams() -> web.HTTPException:
     return json_error(
         web.HTTPTooManyRequests, "too_many_streams", "This user has too many open event streams."
@@ -4062,23 +4618,40 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     upgrade = websocket.can_prepare(request).ok
     after = last_event_id(request, upgrade)
+    wanted = requested_topics(request, config.max_topics_per_stream)
     if upgrade:
         check_origin(request, required=False)
+    access = app[topic_access]
+    mark = access.mark()
+    answers: list[Encoded] = []  # a WebSocket's answers to the topics of its first message
     if upgrade and "Authorization" not in request.headers and session_cookie(request) is None:
         await websocket.prepare(request)
         found = await first_message_session(websocket, app[sessions])
         if found is None:
             return websocket
-        session_id, session = found
+        session_id, session, asked = found
         if app[streams].count(session.user_id) >= config.max_streams_per_user:
             await websocket.close(code=WS_TOO_MANY_STREAMS, message=b"too_many_streams")
             return websocket
+        refused = await access.refused(session.account, wanted)
+        answers = [topic_notice("subscribe_refused", topic, "forbidden") for topic in refused]
+        wanted = [topic for topic in wanted if topic not in refused]
+        for topic, reason in await first_message_topics(access, session.account, asked, wanted, config):
+            answers.append(
+                topic_notice("subscribe_refused", topic, reason)
+                if reason
+                else topic_notice("subscribed", topic)
+            )
+            if reason is None:
+                wanted.append(topic)
     else:
         session_id = session_id_from(request)
         touched = await app[sessions].touch(session_id)
         if touched is None:
             raise invalid_session()
         session = touched
+        if await access.refused(session.account, wanted):
+            raise forbidden_topic()
         if app[streams].count(session.user_id) >= config.max_streams_per_user:
             raise too_many_streams()
         if upgrade:
@@ -4096,23 +4669,46 @@ async def events(request: web.Request) -> web.StreamResponse:
         chunked=not upgrade and request.version >= (1, 1),
         max_buffer=config.max_buffer,
         last_id=after or 0,
+        topics=wanted,
     )
-    await serve_stream(request, stream, response, after)
+    await serve_stream(request, stream, response, after, answers, mark)
     return response
+
+
+async def first_message_topics(
+    access: Topics, account: Account, asked: Any, wanted: Sequence[str], config: EventsConfig
+) -> list[tuple[str, str | None]]:
+    """The `topics` of a WebSocket's first message, each with why it is refused (None: it is not)."""
+    if not isinstance(asked, list):
+        return []
+    answers: dict[str, str | None] = {}
+    for topic in asked:
+        if isinstance(topic, str) and topic not in wanted:
+            answers[topic] = None if TOPIC_PATTERN.fullmatch(topic) else "bad_topic"
+    for topic in await access.refused(account, [t for t, reason in answers.items() if reason is None]):
+        answers[topic] = "forbidden"
+    room = config.max_topics_per_stream - len(wanted)
+    for topic, reason in answers.items():
+        if reason is None:
+            answers[topic], room = (None, room - 1) if room > 0 else ("too_many_topics", room)
+    return list(answers.items())
 
 
 async def first_message_session(
     websocket: web.WebSocketResponse, store: SessionStore
-) -> tuple[str, Session] | None:
-    """The session named by the WebSocket's first message, `{"session_id": "..."}`, sent within
-    FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed with 4001 and this returns None."""
+) -> tuple[str, Session, Any] | None:
+    """The session named by the WebSocket's first message, `{"session_id": "...", "topics": [...]}`
+    (and the topics, unchecked), sent within FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed
+    with 4001 and this returns None."""
     session = None
+    asked = None
     with contextlib.suppress(asyncio.TimeoutError):
         message = await websocket.receive(timeout=FIRST_MESSAGE_TIMEOUT)
         if message.type is WSMsgType.TEXT:
             # Not JSON (or nested too deeply to read), or not an object.
             with contextlib.suppress(ValueError, AttributeError, RecursionError):
-                session_id = json.loads(message.data).get("session_id")
+                first = json.loads(message.data)
+                session_id, asked = first.get("session_id"), first.get("topics")
                 if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
                     try:
                         session = await store.touch(session_id)
@@ -4122,17 +4718,26 @@ async def first_message_session(
     if session is None:
         await websocket.close(code=WS_SESSION_ENDED, message=b"invalid_session")
         return None
-    return session_id, session
+    return session_id, session, asked
 
 
 async def serve_stream(
-    request: web.Request, stream: Stream, response: web.StreamResponse, after: int | None
+    request: web.Request,
+    stream: Stream,
+    response: web.StreamResponse,
+    after: int | None,
+    answers: Sequence[Encoded] = (),
+    mark: int = 0,
 ) -> None:
     """Register the stream, replay what it missed, then hold it until it ends; close it as its
-    reason says (session_ended and 4001; 1013 for a slow reader; 1001 at shutdown)."""
+    reason says (session_ended and 4001; 1013 for a slow reader; 1001 at shutdown). `answers`
+    go first; memberships that ended since `mark` (while they were checked) end here."""
     app = request.app
     registry, bus = app[streams], app[event_bus]
     registry.add(stream)
+    for answer in answers:
+        stream.write(answer)
+    app[topic_access].recheck(stream, mark)
     try:
         if after is not None and bus.last_id is None:  # not known yet where live events begin
             stream.end(Ended.UNAVAILABLE)
@@ -4149,24 +4754,27 @@ async def serve_stream(
                 stream.end(Ended.ERROR)
         app[metrics].events_delivered.inc(stream.go_live())
         if isinstance(response, web.WebSocketResponse):
-            await hold_websocket(response, stream)
+            await hold_websocket(response, stream, functools.partial(stream_message, app, stream))
         else:
             await end_sse(response, stream, await stream.ended)
     finally:
         registry.discard(stream)
 
 
-async def hold_websocket(websocket: web.WebSocketResponse, stream: Stream) -> None:
-    """Read (and ignore) what the client sends until the stream ends, then close the WebSocket.
+async def hold_websocket(
+    websocket: web.WebSocketResponse, stream: Stream, answer: Callable[[str | None], Awaitable[None]]
+) -> None:
+    """Answer what the client sends (its text, None for binary) until the stream ends, then close
+    the WebSocket.
 
     The close comes after the read is cancelled: aiohttp's close() beside a pending read drops the
     connection without waiting for the client's Close frame, and the client then sees 1006."""
 
-    async def ignore_messages() -> None:
-        async for _ in websocket:
-            pass  # what a client sends after its first message is ignored
+    async def read_messages() -> None:
+        async for message in websocket:
+            await answer(message.data if message.type is WSMsgType.TEXT else None)
 
-    reading = asyncio.ensure_future(ignore_messages())
+    reading = asyncio.ensure_future(read_messages())
     try:
         await asyncio.wait((reading, stream.ended), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -4174,6 +4782,110 @@ async def hold_websocket(websocket: web.WebSocketResponse, stream: Stream) -> No
         await asyncio.wait((reading,))
     stream.end(Ended.GONE)  # unless it ended before: the client closed or left
     await close_websocket(websocket, stream, stream.ended.result())
+
+
+async def post_event(request: web.Request) -> web.Response:
+    """POST /events: publish {"topic", "data"} to a topic whose rule lets this user publish;
+    `from` is the user. 200 {"id": N}."""
+    app = request.app
+    session = await current_session(request)
+    body = await read_body(request)
+    try:
+        message = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
+    topic = message.get("topic") if isinstance(message, dict) else None
+    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
+        raise bad_topic()
+    if "data" not in message:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", "The body must have 'data'.")
+    try:
+        event_data_text(message["data"])
+    except ValueError as exc:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", f"{str(exc).capitalize()}.") from None
+    access = app[topic_access]
+    if await access.refused(session.account, [topic], publish=True):
+        raise forbidden_topic()
+    wait = access.publish_wait(session.user_id, asyncio.get_running_loop().time())
+    if wait > 0:
+        raise json_error(
+            web.HTTPTooManyRequests,
+            "too_many_publishes",
+            "This user publishes too often; try again later.",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
+    event_id = await publish(app[db_engine], message["data"], topic=topic, sender=session.account.username)
+    return json_response({"id": event_id})
+
+
+async def topic_presence(request: web.Request) -> web.Response:
+    """GET /topics/{topic}/presence: who has a stream open on a presence topic, in every process."""
+    session = await current_session(request)
+    topic = request.match_info["topic"]
+    if not TOPIC_PATTERN.fullmatch(topic):
+        raise bad_topic()
+    rule = request.app[topic_access].rule(topic)
+    if rule is None or not rule.presence or await request.app[topic_access].refused(session.account, [topic]):
+        raise forbidden_topic()
+    return json_response({"topic": topic, "users": request.app[presence].users(topic)})
+
+
+BAD_MESSAGE = Encoded.notice({"type": "error", "error": "bad_message"})
+
+
+async def stream_message(app: web.Application, stream: Stream, text: str | None) -> None:
+    """A client's message on an open WebSocket: subscribe or unsubscribe, answered; anything
+    else is answered with bad_message, and the stream stays open."""
+    try:
+        message = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
+        message = None
+    kind = message.get("type") if isinstance(message, dict) else None
+    topic = message.get("topic") if isinstance(message, dict) else None
+    since = message.get("last_event_id") if isinstance(message, dict) else None
+    valid_since = since is None or (isinstance(since, int) and not isinstance(since, bool) and since >= 0)
+    if kind == "unsubscribe" and isinstance(topic, str):
+        app[streams].unsubscribe(stream, topic)
+        stream.write(topic_notice("unsubscribed", topic, "requested"))
+    elif kind == "subscribe" and isinstance(topic, str) and valid_since:
+        await subscribe(app, stream, topic, since)
+    else:
+        stream.write(BAD_MESSAGE)
+
+
+async def subscribe(app: web.Application, stream: Stream, topic: str, since: int | None) -> None:
+    """Add a topic to an open stream, or answer why not; with `since`, first replay the topic's
+    events after that id (live events wait meanwhile, so they follow in order)."""
+    access, registry, bus = app[topic_access], app[streams], app[event_bus]
+    if not TOPIC_PATTERN.fullmatch(topic):
+        stream.write(topic_notice("subscribe_refused", topic, "bad_topic"))
+        return
+    if topic in stream.topics:
+        stream.write(topic_notice("subscribed", topic))
+        return
+    if len(stream.topics) >= app[config_key].events.max_topics_per_stream:
+        stream.write(topic_notice("subscribe_refused", topic, "too_many_topics"))
+        return
+    mark = access.mark()
+    try:
+        refused = await access.refused(stream.account, [topic])
+    except DatabaseUnavailable:
+        refused = [topic]  # not known to be allowed: the client may ask again
+    if refused or stream.ended.done():
+        stream.write(topic_notice("subscribe_refused", topic, "forbidden"))
+        return
+    if since is not None and bus.last_id is not None and since < bus.last_id:
+        stream.pause()
+    registry.subscribe(stream, topic)
+    stream.write(topic_notice("subscribed", topic))
+    access.recheck(stream, mark)
+    if stream.backlog is not None and bus.last_id is not None and since is not None:
+        try:
+            await replay(app[db_engine], stream, since, bus.last_id, bus.recent, topic)
+        except DatabaseUnavailable as exc:
+            log.warning("could not replay a topic's events: %s", exc)
+            stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
+        stream.go_live()
 
 
 WS_CLOSE_CODES = {
@@ -4418,6 +5130,8 @@ class WebServer:
         app.router.add_get("/user/sessions", list_sessions, expect_handler=expect_continue)
         app.router.add_delete("/user/sessions/{id}", end_session, expect_handler=expect_continue)
         app.router.add_get("/events", events, expect_handler=expect_continue, allow_head=False)
+        app.router.add_post("/events", post_event, expect_handler=expect_continue)
+        app.router.add_get("/topics/{topic}/presence", topic_presence, expect_handler=expect_continue)
         app.router.add_get("/health", health, expect_handler=expect_continue)
         app.router.add_get("/metrics", metrics_page, expect_handler=expect_continue)
         app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
@@ -4459,8 +5173,15 @@ class WebServer:
             store.trusted = bus.hears_everything  # read through to the store while the bus is away
         shared = not isinstance(store, MemorySessionStore)
         counts = app[stream_counts] = StreamCounts(app[db_engine], registry, bus, shared)
+        access = app[topic_access] = Topics(self.config.events, app[db_engine], registry)
+        bus.channels[MEMBERSHIPS_CHANNEL] = access.membership_ended
+        bus.on_connect.append(access.check_memberships)
+        online = app[presence] = Presence(self.config.events, app[db_engine], registry, bus)
+        bus.channels[PRESENCE_CHANNEL] = online.heard
+        bus.on_connect.append(online.connected)
         tasks = [
             asyncio.create_task(bus.run()),
+            asyncio.create_task(online.run()),
             *([asyncio.create_task(counts.run())] if shared else []),
             asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
             asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
@@ -4907,8 +5628,16 @@ def print_entries(entries: list[dict[str, Any]]) -> int:
     return int(entries[-1]["id"])
 
 
-async def publish_command(config: Config, data: str, to: str | None) -> str:
-    """publish DATA [--to NAME]: DATA is JSON text, to every logged-in user or to NAME's streams."""
+async def publish_command(config: Config, data: str, to: str | None, topic: str | None = None) -> str:
+    """publish DATA [--to NAME | --topic TOPIC]: DATA is JSON text (`-`: standard input), to every
+    logged-in user, to NAME's streams, or to TOPIC's subscribers."""
+    if data == "-":
+        try:
+            data = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise CommandError("DATA is not valid UTF-8") from None
+    if topic is not None and not TOPIC_PATTERN.fullmatch(topic):
+        raise CommandError(f"not a topic name: {topic!r} ({TOPIC_RULE_TEXT})")
     try:
         size = len(data.encode())
     except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
@@ -4924,10 +5653,90 @@ async def publish_command(config: Config, data: str, to: str | None) -> str:
     username = None if to is None else check_username(to)
     async with open_database(config.db) as engine:
         try:
-            event_id = await publish(engine, value, username)
+            event_id = await publish(engine, value, username, topic=topic)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     return f"published event {event_id}"
+
+
+TOPIC_RULE_TEXT = "1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit"
+ADD_MEMBER = """
+    INSERT INTO topic_members (topic, user_id, publisher)
+    SELECT %(topic)s, id, %(publisher)s FROM users WHERE username = %(username)s
+    ON CONFLICT (topic, user_id) DO UPDATE SET publisher = excluded.publisher
+    RETURNING user_id
+"""
+REMOVE_MEMBER = """
+    DELETE FROM topic_members m USING users u
+    WHERE m.user_id = u.id AND u.username = %(username)s AND m.topic = %(topic)s
+    RETURNING m.user_id
+"""
+TOPIC_MEMBERS = """
+    SELECT u.username, m.publisher FROM topic_members m JOIN users u ON u.id = m.user_id
+    WHERE m.topic = %(topic)s ORDER BY u.username
+"""
+
+
+def check_topic(topic: str) -> str:
+    if not TOPIC_PATTERN.fullmatch(topic):
+        raise CommandError(f"not a topic name: {topic!r} ({TOPIC_RULE_TEXT})")
+    return topic
+
+
+async def topic_command(config: Config, action: str, topic: str, name: str | None, publisher: bool) -> str:
+    """topic add NAME TOPIC [--publisher] | topic remove NAME TOPIC | topic members TOPIC."""
+    topic = check_topic(topic)
+    username = None if name is None else check_username(name)
+    params = {"topic": topic, "username": username, "publisher": publisher}
+    async with open_database(config.db) as engine, connection(engine) as conn:
+        if action == "members":
+            rows = await (await conn.execute(TOPIC_MEMBERS, params)).fetchall()
+            return "\n".join(f"{escape_controls(row[0])}{' (publisher)' if row[1] else ''}" for row in rows)
+        if await conn.scalar(FIND_ACCOUNT.sql, {"username": username}) is None:
+            raise CommandError(f"no such user '{username}'")
+        if action == "add":
+            await conn.execute(ADD_MEMBER, params)
+            return escape_controls(
+                f"'{username}' is a member of '{topic}'" + (" and may publish" if publisher else "")
+            )
+        if await conn.scalar(REMOVE_MEMBER, params) is None:
+            raise CommandError(f"'{username}' is not a member of '{topic}'")
+        return escape_controls(f"'{username}' is no longer a member of '{topic}'")
+
+
+WHO_WAIT = 3.0  # seconds the who command waits for every server process to answer
+
+
+async def who_command(config: Config, topic: str | None) -> str:
+    """who [TOPIC]: users with an open event stream (on TOPIC) and how many, over every process:
+    it asks them on PRESENCE_CHANNEL (see Presence) and sums their answers."""
+    if topic is not None:
+        check_topic(topic)
+    channel = f"who_{secrets.token_hex(8)}"
+    counts: dict[str, int] = {}
+    async with open_database(config.db) as engine:
+        dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name=f"{DB_APPLICATION_NAME} who")
+        with database_errors():
+            async with aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT) as conn, conn.cursor() as cur:
+                await cur.execute(f"LISTEN {channel}")
+                await cur.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
+                servers = len(await cur.fetchall())
+                request = json.dumps({"who": channel, "topic": topic})
+                await cur.execute("SELECT pg_notify(%s, %s)", (PRESENCE_CHANNEL, request))
+                answered: set[str] = set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WHO_WAIT):
+                        while len(answered) < servers:
+                            answer = json.loads((await conn.notifies.get()).payload)
+                            for name, streams in answer["users"]:
+                                counts[name] = counts.get(name, 0) + int(streams)
+                            if answer.get("last"):
+                                answered.add(answer["process"])
+    if len(answered) < servers:
+        print(f"warning: {servers - len(answered)} server process(es) did not answer", file=sys.stderr)
+    if not counts:
+        return "nobody is online" + ("" if topic is None else f" on '{topic}'")
+    return "\n".join(f"{escape_controls(name)}\t{streams}" for name, streams in sorted(counts.items()))
 
 
 MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
@@ -5108,7 +5917,9 @@ def build_parser() -> ArgumentParser:
         parents=[common, serve_only],
     )
     publisher.add_argument("data", metavar="DATA", help="the event's data: JSON text, at most 64 KiB")
-    publisher.add_argument("--to", metavar="NAME", help="only this user's streams")
+    audience = publisher.add_mutually_exclusive_group()
+    audience.add_argument("--to", metavar="NAME", help="only this user's streams")
+    audience.add_argument("--topic", metavar="TOPIC", help="only the streams subscribed to TOPIC")
     lister = commands.add_parser(
         "sessions",
         help="list a user's live sessions (JSON lines), in every process",
@@ -5129,6 +5940,29 @@ def build_parser() -> ArgumentParser:
     )
     reader.add_argument("--after", metavar="ID", type=int, default=0, help="only entries after this id")
     reader.add_argument("--follow", action="store_true", help="then wait for new entries, printing each")
+    topic = commands.add_parser(
+        "topic", help="manage the members of members-only topics", parents=[common, serve_only]
+    )
+    actions = topic.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="make NAME a member of TOPIC", parents=[common, serve_only])
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("topic", metavar="TOPIC")
+    add.add_argument("--publisher", action="store_true", help="also allowed where the rule says publishers")
+    remove = actions.add_parser(
+        "remove",
+        help="end NAME's membership of TOPIC (and its open streams' subscription)",
+        parents=[common, serve_only],
+    )
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("topic", metavar="TOPIC")
+    members = actions.add_parser("members", help="list TOPIC's members", parents=[common, serve_only])
+    members.add_argument("topic", metavar="TOPIC")
+    who = commands.add_parser(
+        "who",
+        help="who is online: users with open event streams (on TOPIC), over every server process",
+        parents=[common, serve_only],
+    )
+    who.add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
 
 
@@ -5349,7 +6183,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             print(escape_controls(asyncio.run(migrate_command(config))))
         elif args.command == "publish":
-            print(escape_controls(asyncio.run(publish_command(config, args.data, args.to))))
+            print(escape_controls(asyncio.run(publish_command(config, args.data, args.to, args.topic))))
         elif args.command == "sessions":
             listing = asyncio.run(sessions_command(config, args.name))
             if listing:
@@ -5359,6 +6193,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "journal":
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(journal_command(config, args.after, args.follow))
+        elif args.command == "who":
+            print(asyncio.run(who_command(config, args.topic)))
+        elif args.command == "topic":
+            name, publisher = getattr(args, "name", None), getattr(args, "publisher", False)
+            output = asyncio.run(topic_command(config, args.action, args.topic, name, publisher))
+            if output:
+                print(output)
         else:
             _, command = USER_COMMANDS[args.command]
             print(escape_controls(asyncio.run(command(config, args.name))))

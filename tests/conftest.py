@@ -66,7 +66,10 @@ def db(database_url: str) -> Iterator[psycopg2.extensions.connection]:
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE users, sessions, login_failures, events, session_journal RESTART IDENTITY")
+        cur.execute(
+            "TRUNCATE users, sessions, login_failures, events, session_journal, topic_members"
+            " RESTART IDENTITY"
+        )
         cur.execute("UPDATE events_dropped SET through = 0")  # no retention sweep happened yet
     yield conn
     conn.close()

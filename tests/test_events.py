@@ -380,13 +380,17 @@ async def test_a_websocket_that_sends_no_first_message_in_time_is_closed_4001(
     assert 0.4 <= time.monotonic() - began < 2
 
 
-async def test_messages_after_the_first_are_ignored(client: Client) -> None:
+async def test_messages_after_the_first_other_than_topic_ones_get_bad_message_and_change_nothing(
+    client: Client,
+) -> None:
     session_id = await log_in(client, "alice", "wonderland")
     stream = await open_stream(client, "websocket", session_id, auth="message")
     assert stream.websocket is not None
     await stream.websocket.send_str(json.dumps({"session_id": server.new_session_id()}))
     await stream.websocket.send_str("anything at all")
     await stream.websocket.send_bytes(b"\x00\x01")
+    for _ in range(3):
+        assert await stream.next() == {"type": "error", "error": "bad_message"}
     event_id = await publish(client, "still here")
     assert (await stream.next())["id"] == event_id
 
@@ -1207,7 +1211,7 @@ async def test_the_publish_command_exits_1_with_one_line_for_bad_data_or_an_unkn
 
 async def test_other_methods_on_events_are_405(client: Client) -> None:
     session_id = await log_in(client, "alice", "wonderland")
-    for method in ("POST", "PUT", "DELETE", "PATCH"):
+    for method in ("PUT", "DELETE", "PATCH"):  # POST publishes (test_topics)
         response = await client.request(method, "/events", headers=auth_header(session_id))
         assert response.status == 405, method
         assert (await response.json())["error"]

@@ -28,6 +28,7 @@ def test_the_code_defines_the_tables_schema_sql_creates() -> None:
         "session_journal",
         "session_streams",
         "sessions",
+        "topic_members",
         "users",
     ]
 
