@@ -3438,8 +3438,9 @@ class Bus:
                 for revocation in revocations:
                     await self.apply(revocation)
                 for notice in notices:
-                    if notice.channel in self.channels:
-                        self.channels[notice.channel](notice.payload)
+                    heard = self.channels.get(notice.channel)
+                    if heard is not None:
+                        heard(notice.payload)
                 if any(notice.channel == EVENTS_CHANNEL for notice in notices):
                     await self._catch_up(cur)
 

@@ -42,7 +42,49 @@ def test_the_shipped_config_runs_embedded_with_the_contracts_defaults() -> None:
     config = server.load_config(ROOT / "config.json", environ={})
     assert config.db.embedded
     assert config.db.data_dir == ROOT / ".pgdata"
-    assert config == server.Config(db=server.DatabaseConfig(dsn=None, data_dir=ROOT / ".pgdata"))
+    lobby = server.TopicRule("lobby", subscribe="anyone", publish="anyone", presence=True)
+    assert config == server.Config(
+        db=server.DatabaseConfig(dsn=None, data_dir=ROOT / ".pgdata"),
+        events=server.EventsConfig(topics=(lobby,)),  # the demo page's lobby
+    )
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "lobby",
+        [{"subscribe": "anyone"}],
+        [{"pattern": "bad topic"}],
+        [{"pattern": "room*x"}],
+        [{"pattern": "lobby", "subscribe": "everyone"}],
+        [{"pattern": "lobby", "publish": "members only"}],
+        [{"pattern": "lobby", "presence": "yes"}],
+        [{"pattern": "lobby", "colour": "red"}],
+    ],
+    ids=[
+        "not-a-list",
+        "no-pattern",
+        "bad-name",
+        "star-inside",
+        "subscribe",
+        "publish",
+        "presence",
+        "unknown-key",
+    ],
+)
+def test_a_bad_topic_rule_is_one_clear_error(tmp_path: Path, rules: object) -> None:
+    with pytest.raises(server.ConfigError, match=r"'events.topics' must be"):
+        server.load_config(write(tmp_path, {"events": {"topics": rules}}), environ={})
+
+
+def test_topic_rules_match_a_name_exactly_or_a_prefix_ending_in_a_star() -> None:
+    rules = server.topic_rules(
+        [{"pattern": "room:*"}, {"pattern": "lobby"}, {"pattern": "*", "subscribe": "anyone"}]
+    )
+    config = server.EventsConfig(topics=rules)
+    assert config.rule("room:7") is rules[0] and config.rule("room:") is rules[0]
+    assert config.rule("lobby") is rules[1]
+    assert config.rule("lobby2") is rules[2] and config.rule("x") is rules[2]
 
 
 def test_defaults_are_the_contracts() -> None:
