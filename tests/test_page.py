@@ -10,6 +10,7 @@ tests are skipped with the reason; CI sets REQUIRE_BROWSER=1, which turns that s
 
 from __future__ import annotations
 
+import copy
 import datetime
 import http.server
 import json
@@ -70,6 +71,7 @@ class Site:
         database_url: str,
         start: Callable[..., ServerProcess],
         origins: list[str] | None = None,
+        topics: list[dict[str, object]] | None = None,
     ):
         self.browser, self.start_process = browser, start
         self.port = free_port()
@@ -80,6 +82,7 @@ class Site:
             "webserver": {"host": "127.0.0.1", "port": self.port, "origins": origins or []},
             "sessions": {"store": "postgres"},
             "passwords": {"time_cost": 1, "memory_cost": 256, "parallelism": 1},
+            "events": {"topics": topics or []},
         }
         self.config.write_text(json.dumps(config))
         self.server: ServerProcess | None = None
@@ -162,6 +165,28 @@ class Site:
             request.add_header("Authorization", session_id)
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
+
+
+@pytest.fixture
+def browser_factory() -> Iterator[Callable[[], Any]]:
+    """More headless Chromiums, each with cookies of its own (another person at another computer)."""
+    chromium, driver = browser_paths()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    started: list[Any] = []
+
+    def start() -> Any:
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+            options.add_argument(argument)
+        started.append(webdriver.Chrome(service=Service(driver), options=options))
+        return started[-1]
+
+    yield start
+    for chrome in started:
+        chrome.quit()
 
 
 @pytest.fixture
@@ -479,3 +504,70 @@ def test_a_page_of_a_listed_origin_uses_the_cookie_with_credentials_include(
         ["event", 200, '{"for":"the app"}'],
         ["logout", 200, '{"logged_out":1}'],
     ]
+
+
+# ---------------------------------------------------------------------------
+# The lobby: a topic with presence (the shipped config.json's rule)
+# ---------------------------------------------------------------------------
+
+LOBBY_RULE = {"pattern": "lobby", "subscribe": "anyone", "publish": "anyone", "presence": True}
+
+
+def online(page: Site) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [item.text for item in page.browser.find_elements(By.CSS_SELECTOR, "#online li")]
+
+
+def lobby_messages(page: Site) -> list[tuple[str, str]]:
+    from selenium.webdriver.common.by import By
+
+    items = page.browser.find_elements(By.CSS_SELECTOR, "#lobby-messages li")
+    return [
+        (item.find_element(By.CLASS_NAME, "from").text, item.find_element(By.CLASS_NAME, "text").text)
+        for item in items
+    ]
+
+
+def post(page: Site, text: str) -> None:
+    page.browser.find_element("id", "lobby-text").send_keys(text)
+    page.browser.find_element("id", "lobby-post").click()
+
+
+def test_two_people_in_the_lobby_see_each_other_online_and_each_others_messages(
+    browser: Any,
+    browser_factory: Callable[[], Any],
+    tmp_path: Path,
+    database_url: str,
+    db: object,
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    alice = Site(browser, tmp_path, database_url, start_server, topics=[LOBBY_RULE])
+    alice.command("adduser", "alice", stdin=PASSWORD + "\n")
+    alice.command("adduser", "bob", stdin=PASSWORD + "\n")
+    alice.start()
+    bob = copy.copy(alice)
+    bob.browser = browser_factory()
+    alice.log_in_live()
+    alice.wait_for(lambda: online(alice) == ["alice"], "alice to see herself online")
+    bob.log_in("bob")
+    bob.wait_for(lambda: bob.text("status") == "Live.", "bob's stream to be live")
+    bob.wait_for(lambda: online(bob) == ["alice", "bob"], "bob to see both online")
+    alice.wait_for(lambda: online(alice) == ["alice", "bob"], "alice to see bob join")
+    post(bob, "hello from bob")
+    post(alice, "<b>hi</b> bob")  # text, never markup
+    for page in (alice, bob):
+        page.wait_for(
+            lambda page=page: lobby_messages(page) == [("bob", "hello from bob"), ("alice", "<b>hi</b> bob")],
+            "both messages, in order, from whom",
+        )
+    alice.command("publish", json.dumps({"text": "from the server"}), "--topic", "lobby")
+    alice.wait_for(lambda: lobby_messages(alice)[-1] == ("server", "from the server"), "a server message")
+    assert alice.events() == []  # lobby messages are not listed among the user's events
+    bob.browser.find_element("id", "logout-button").click()
+    alice.wait_for(lambda: online(alice) == ["alice"], "alice to see bob leave")
+
+
+def test_without_a_lobby_rule_the_page_shows_no_lobby(site: Site) -> None:
+    site.log_in_live()
+    assert not site.browser.find_element("id", "lobby-section").is_displayed()
