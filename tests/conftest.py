@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -45,6 +46,21 @@ def apply_schema(url: str, fresh: bool = False) -> None:
             cur.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")
         cur.execute(server.SCHEMA_PATH.read_text())
     conn.close()
+
+
+@pytest.fixture(autouse=True)
+def postgres_may_enter_tmp_path(tmp_path: Path) -> None:
+    """Run as root, the embedded PostgreSQL runs as an account of its own, which must be able to
+    enter the directory the test keeps it in; pytest makes its directories 0700. The tests open
+    their own directories to it (search only, o+x); the service itself never widens a directory."""
+    if os.geteuid() != 0:
+        return
+    top = Path(tempfile.gettempdir()).resolve()
+    for directory in [tmp_path, *tmp_path.parents]:
+        if directory.stat().st_uid == 0:
+            directory.chmod(directory.stat().st_mode | 0o001)
+        if directory == top:
+            break
 
 
 @pytest.fixture(scope="session")

