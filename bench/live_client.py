@@ -69,6 +69,8 @@ SAMPLE_EVENT = json.dumps(
     {"id": 1000000, "type": "message", "data": EVENT_DATA, "created_at": "2026-11-29T08:00:00.000000Z"}
 )
 
+TOPIC = "bench"  # with --topics: the topic (the peer's room) events are published to
+
 now = time.monotonic
 
 
@@ -340,17 +342,25 @@ def sse_request(host: str, path: str, headers: dict[str, str]) -> bytes:
 class Target:
     """How to open a stream on one kind of server."""
 
-    def __init__(self, kind: str, transport: str, url: str) -> None:
+    def __init__(self, kind: str, transport: str, url: str, topics: int = 0) -> None:
         self.kind, self.transport = kind, transport
+        # With topics: each stream subscribes to TOPIC and topics - 1 others (a room each, for the
+        # peer), and events go to TOPIC only.
+        self.query = "&".join(f"topic={TOPIC if n == 0 else f'other{n}'}" for n in range(topics))
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.netloc = f"{self.host}:{self.port}"
 
     def stream(self, hub: Hub, session: str | None, last_event_id: int | None = None) -> Stream:
         if self.kind == "peer":
-            path = "/socket.io/?EIO=4&transport=websocket"
+            path = "/socket.io/?EIO=4&transport=websocket" + (f"&{self.query}" if self.query else "")
             return SocketIOStream(hub, websocket_request(self.netloc, path, {}), by_id=False)
-        path = "/events" if last_event_id is None else f"/events?last_event_id={last_event_id}"
+        query = "&".join(
+            part
+            for part in (self.query, "" if last_event_id is None else f"last_event_id={last_event_id}")
+            if part
+        )
+        path = "/events" + (f"?{query}" if query else "")
         headers = {"Authorization": session} if session else {}
         if self.transport == "sse":
             return EventSourceStream(hub, sse_request(self.netloc, path, headers))
@@ -429,8 +439,8 @@ class Publisher:
 class SqlPublisher(Publisher):
     """server.py's real path: INSERT INTO events, one transaction each (autocommit)."""
 
-    def __init__(self, dsn: str, pool: int) -> None:
-        self.dsn, self.size = dsn, pool
+    def __init__(self, dsn: str, pool: int, topic: str | None = None) -> None:
+        self.dsn, self.size, self.topic = dsn, pool, topic
         self.pool: Any = None
         self.data = json.dumps(EVENT_DATA)
 
@@ -446,7 +456,7 @@ class SqlPublisher(Publisher):
     async def publish(self) -> int:
         async with self.pool.acquire() as conn, conn.cursor() as cursor:
             await cursor.execute(
-                "INSERT INTO events (username, data) VALUES (NULL, %s) RETURNING id", (self.data,)
+                "INSERT INTO events (topic, data) VALUES (%s, %s) RETURNING id", (self.topic, self.data)
             )
             return int((await cursor.fetchone())[0])
 
@@ -711,9 +721,12 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, Target, Publisher], Awaitable
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    target = Target(args.target, args.transport, args.url)
+    target = Target(args.target, args.transport, args.url, args.topics)
+    topic = TOPIC if args.topics else None
     publisher: Publisher = (
-        SqlPublisher(args.dsn, args.window) if args.target == "ours" and args.dsn else HttpPublisher(args.url)
+        SqlPublisher(args.dsn, args.window, topic)
+        if args.target == "ours" and args.dsn
+        else HttpPublisher(args.url)
     )
     await publisher.start()
     try:
@@ -738,6 +751,7 @@ def main() -> int:
     parser.add_argument("--latency-events", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--window", type=int, default=8, help="events in flight at most (sustained)")
+    parser.add_argument("--topics", type=int, default=0, help="topics (rooms) per stream; events to one")
     parser.add_argument("--storm-rate", type=float, default=20.0, help="events a second during the storm")
     parser.add_argument("--storm-tail", type=float, default=3.0, help="seconds of events after reconnecting")
     args = parser.parse_args()

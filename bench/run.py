@@ -476,6 +476,7 @@ class LiveSize:
 
 SMOKE_LIVE = LiveSize(streams=300, rounds=1, latency_events=5, seconds=1.0, logouts=10)
 LIVE_TARGETS = ("ours", "ceiling", "peer")
+TOPICS_PER_STREAM = 10  # the topic rounds: each stream subscribes to 10 topics, events go to one
 LIVE_SHOWN = {"open_seconds", "latency_p99_ms", "deliveries_per_s", "logout_p99_ms", "catch_up_seconds"}
 
 
@@ -504,7 +505,11 @@ def live_config(directory: Path, port: int, name: str, **webserver: object) -> P
         "sessions": sessions,
         "passwords": CHEAP,
     }
-    config["events"] = {"max_streams_per_user": 1_000_000}
+    # Any topic, for the topic rounds (bench/live_client.py --topics): anyone may subscribe.
+    config["events"] = {
+        "max_streams_per_user": 1_000_000,
+        "topics": [{"pattern": "*", "subscribe": "anyone", "publish": "anyone"}],
+    }
     path = directory / f"live-{name}.json"
     path.write_text(json.dumps(config))
     return path
@@ -598,6 +603,21 @@ def live_scenarios(directory: Path, admin_url: str, size: LiveSize) -> dict[str,
             best = median_live(target_runs)
             best["bytes_per_stream"] = target_runs[0]["bytes_per_stream"]
             found[f"live_{target}"] = best
+        print(
+            f"bench: live events: one topic of {TOPICS_PER_STREAM} per stream, against python-socketio rooms"
+        )
+        peer_port = free_port()
+        peer_args = [str(BENCH / "socketio_peer.py"), "--port", str(peer_port), *message, "--rooms"]
+        with pinned_server(peer_args, peer_port):
+            topics = ["--topics", str(TOPICS_PER_STREAM)]
+            found["live_topic_ours"] = live_client(
+                ours, "ours", size.streams, *options["ours"], *fanout, *topics,
+                "--server-pid", str(server_pid(ports["ours"])),
+            )  # fmt: skip
+            found["live_topic_peer"] = live_client(
+                f"http://127.0.0.1:{peer_port}", "peer", size.streams, *fanout, *topics,
+                "--server-pid", str(server_pid(peer_port)),
+            )  # fmt: skip
         print("bench: live events: logout under load, one process", flush=True)
         victims = sessions_file(ours, size.logouts, directory / "live-victims.txt")
         found["live_logout_1"] = live_client(
@@ -682,6 +702,13 @@ def live_ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float,
         "live: logout p99, two processes, PostgreSQL store (ms)": (
             r["live_logout_2"]["logout_p99_ms"], 500.0, "<="),
         "live: reconnect storm, all caught up (s)": (storm["catch_up_seconds"], 20.0, "<="),
+        "live: one topic, deliveries/s / ceiling": (
+            r["live_topic_ours"]["deliveries_per_s"] / ceiling["deliveries_per_s"], 0.8, ">="),
+        "live: one topic / broadcast, deliveries/s": (
+            r["live_topic_ours"]["deliveries_per_s"] / ours["deliveries_per_s"], 0.9, ">="),
+        "live: one topic, fan-out latency p99 (ms)": (r["live_topic_ours"]["latency_p99_ms"], 200.0, "<="),
+        "live: one topic / python-socketio rooms, deliveries/s": (
+            r["live_topic_ours"]["deliveries_per_s"] / r["live_topic_peer"]["deliveries_per_s"], 3.0, ">="),
         "live: reconnect storm, streams with every event once / all": (
             storm["complete_streams"] / storm["streams"], 1.0, ">="),
     }  # fmt: skip
@@ -824,6 +851,11 @@ LIVE_ROWS = [
     ("live_ours", "server.py, `GET /events` over WebSocket"),
     ("live_ceiling", "ceiling: aiohttp, one pre-encoded frame to every socket"),
     ("live_peer", "python-socketio `AsyncServer.emit` to everyone"),
+    (
+        "live_topic_ours",
+        "server.py, one topic of the 10 each stream subscribed to (memory: after the broadcast rounds)",
+    ),
+    ("live_topic_peer", "python-socketio `emit(..., room=)`, 10 rooms a client"),
 ]
 
 

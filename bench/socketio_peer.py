@@ -17,11 +17,16 @@ from aiohttp import web
 
 MESSAGE_KEY = web.AppKey("message", dict)
 SERVER_KEY = web.AppKey("sio", socketio.AsyncServer)
+ROOMS_KEY = web.AppKey("rooms", bool)
+
+
+ROOM = "bench"  # bench/live_client.py --topics: its clients name their rooms in the query (topic=)
 
 
 async def publish(request: web.Request) -> web.Response:
     sio = request.app[SERVER_KEY]
-    await sio.emit("message", request.app[MESSAGE_KEY])
+    room = ROOM if request.app[ROOMS_KEY] else None
+    await sio.emit("message", request.app[MESSAGE_KEY], room=room)
     return web.json_response({"sent": True})
 
 
@@ -30,6 +35,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--message", required=True, help="the JSON object every client gets")
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--rooms", action="store_true", help="emit to the room 'bench' (clients join theirs)")
     args = parser.parse_args()
     # Pings every 25 s as by default; no monitor task is needed with the WebSocket transport.
     sio = socketio.AsyncServer(
@@ -39,6 +45,15 @@ def main() -> None:
     sio.attach(app)
     app[SERVER_KEY] = sio
     app[MESSAGE_KEY] = json.loads(args.message)
+    app[ROOMS_KEY] = args.rooms
+
+    @sio.on("connect")  # type: ignore[misc]
+    async def join_rooms(sid: str, environ: dict[str, object], auth: object = None) -> None:
+        query = str(environ.get("QUERY_STRING", ""))
+        for part in query.split("&"):
+            if part.startswith("topic="):
+                await sio.enter_room(sid, part.removeprefix("topic="))
+
     app.router.add_post("/publish", publish)
     loop = uvloop_loop() if args.uvloop else asyncio.new_event_loop()
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, loop=loop, backlog=4096)
