@@ -120,6 +120,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias, TypeVar
 
+import aiopg
 import aiopg.sa
 import argon2
 import psutil
@@ -1492,8 +1493,14 @@ async def open_database(
     durable: bool = True,
     upgrade: Upgrade | None = None,
     pool_size: int = DB_POOL_SIZE,
+    without_database: bool = False,
 ) -> AsyncIterator[aiopg.sa.Engine]:
-    """The engine for the configured database (embedded or not), with its tables; closed after."""
+    """The engine for the configured database (embedded or not), with its tables; closed after.
+
+    without_database (a gunicorn worker): a PostgreSQL that cannot be reached now is no reason
+    not to start; the engine connects when it returns (503s meanwhile), as it does after an
+    outage while serving. The tables were made when the service started.
+    """
     async with contextlib.AsyncExitStack() as stack:
         dsn = config.dsn
         if dsn is None:
@@ -1502,15 +1509,36 @@ async def open_database(
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(report_statement_timeouts)
             stack.callback(loop.set_exception_handler, None)
-        engine = await connect_with_retry(dsn, durable=durable, pool_size=pool_size)
         try:
-            await create_tables(engine, upgrade)
-        except BaseException:
-            await _close_engine(engine, quietly=True)  # a failed start-up says one line: its error
-            raise
-        log.info("using %s", describe_database(dsn))  # only once it is known to work
+            wait = 0.0 if without_database else STARTUP_DB_WAIT
+            engine = await connect_with_retry(dsn, wait=wait, durable=durable, pool_size=pool_size)
+        except DatabaseUnavailable as exc:
+            if not without_database:
+                raise
+            log.warning("%s; serving without it (503s) until it returns", exc)
+            engine = await unconnected_engine(dsn, durable, pool_size)
+        else:
+            try:
+                await create_tables(engine, upgrade)
+            except BaseException:
+                await _close_engine(engine, quietly=True)  # a failed start-up says one line: its error
+                raise
+            log.info("using %s", describe_database(dsn))  # only once it is known to work
         stack.push_async_callback(_close_engine, engine)
         yield engine
+
+
+async def unconnected_engine(dsn: str, durable: bool, pool_size: int) -> aiopg.sa.Engine:
+    """An engine whose pool connects only when a connection is asked for.
+
+    aiopg.sa.create_engine connects once before it returns (to read the DSN back); its Engine,
+    a public class, is made here from a pool that starts empty instead.
+    """
+    full_dsn = engine_dsn(dsn, durable)
+    pool = await aiopg.create_pool(
+        full_dsn, minsize=0, maxsize=pool_size, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False
+    )
+    return aiopg.sa.Engine(aiopg.sa.engine.get_dialect(), pool, full_dsn)
 
 
 async def check_database(config: DatabaseConfig) -> None:
@@ -5395,6 +5423,7 @@ class WebServer:
         self.clock = clock  # what sessions take as "now"; tests pass a clock they can move
         self.host = config.webserver.host
         self.port = config.webserver.port
+        self.worker = False  # a gunicorn worker (see runner)
 
     async def initializer(self) -> web.Application:
         app = web.Application(
@@ -5431,7 +5460,9 @@ class WebServer:
     async def _database(self, app: web.Application) -> AsyncIterator[None]:
         # Users are written by the commands, durably; the server's writes can be asynchronous.
         # One connection of the process's DB_POOL_SIZE is the bus's (see _live).
-        async with open_database(self.config.db, durable=False, pool_size=DB_POOL_SIZE - 1) as engine:
+        async with open_database(
+            self.config.db, durable=False, pool_size=DB_POOL_SIZE - 1, without_database=self.worker
+        ) as engine:
             app[db_engine] = engine
             yield
 
@@ -5536,7 +5567,9 @@ class WebServer:
             await runner.cleanup()
 
     async def runner(self) -> web.AppRunner:
-        """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this)."""
+        """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this).
+        A worker starts even while PostgreSQL is away: one that failed to boot would stop gunicorn."""
+        self.worker = True
         app = await self.initializer()
 
         async def announce(_app: web.Application) -> None:  # after cleanup_ctx: the database is there

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import PYTHON, SERVER, Client, Start, free_port, run_command
+from conftest import PYTHON, SERVER, Client, PrivateCluster, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 
@@ -323,3 +323,62 @@ def test_gunicorn_with_the_memory_store_warns_that_workers_do_not_share_sessions
     finally:
         gunicorn.terminate()
         assert gunicorn.wait(20) == 0
+
+
+def health(port: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_workers_replaced_during_a_long_outage_serve_503s_and_recover_when_postgres_returns(
+    tmp_path: Path, private_cluster: PrivateCluster, start_server: Start
+) -> None:
+    """A SIGHUP while PostgreSQL has been away for longer than start-up waits (30 s): the new
+    workers start anyway, answer 503, gunicorn goes on, and all recover when PostgreSQL is back."""
+    import psutil
+
+    port = free_port()
+    config = tmp_path / "config.json"
+    webserver = {"host": "127.0.0.1", "port": port, "workers": 2}
+    config.write_text(
+        json.dumps({"webserver": webserver, "sessions": {"store": "postgres"}, "passwords": FAST})
+    )
+    env = {"DATABASE_URL": private_cluster.url}
+    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
+    served = start_server(["--config", str(config)], env)
+    served.wait_until_serving(processes=2)
+    assert health(port) == 200
+    old = psutil.Process(served.process.pid).children()
+
+    private_cluster.stop()
+    served.process.send_signal(signal.SIGHUP)
+    served.wait_until_serving(processes=4, timeout=30)  # two new workers, without PostgreSQL
+    _, alive = psutil.wait_procs(old, timeout=20)
+    assert alive == []
+    time.sleep(35)  # longer than start-up's wait: a worker that waited would have failed by now
+    assert served.process.poll() is None, served.log
+    assert health(port) == 503
+    assert len(psutil.Process(served.process.pid).children()) == 2
+
+    private_cluster.start()
+    deadline = time.monotonic() + 20
+    while health(port) != 200:
+        assert time.monotonic() < deadline, served.log
+        time.sleep(0.5)
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/user",
+        data=json.dumps({"username": "alice", "password": "wonderland"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    assert served.stop(timeout=20) == 0
+    assert "Worker failed to boot" not in served.log and "Traceback" not in served.log
