@@ -219,3 +219,12 @@ END $$;
 DROP TRIGGER IF EXISTS topic_members_ended ON topic_members;
 CREATE TRIGGER topic_members_ended AFTER DELETE OR UPDATE ON topic_members
     FOR EACH ROW EXECUTE FUNCTION topic_members_ended();
+
+-- The schema.sql the tables were last brought up to date with (a SHA-256 of this file's text).
+-- The server and its commands run this file only when it differs from today's, so they take no
+-- table lock on a database that is up to date.
+CREATE TABLE IF NOT EXISTS schema_version (
+    only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    digest     text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);

@@ -891,6 +891,15 @@ events_dropped = sa.Table(
     sa.Column("through", sa.BigInteger, nullable=False),  # the newest id the retention sweep deleted
 )
 
+# A SHA-256 of the schema.sql the tables were last brought up to date with (see create_tables).
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("only_row", sa.Boolean, primary_key=True),
+    sa.Column("digest", sa.Text, nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 login_failures = sa.Table(
     "login_failures",
     metadata,
@@ -1470,21 +1479,52 @@ Upgrade: TypeAlias = Callable[[aiopg.sa.SAConnection], Awaitable[None]]
 
 
 async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None) -> None:
-    """Check the tables that exist, then run schema.sql (idempotent), in one transaction under an
-    advisory lock, so concurrent starts don't race. `upgrade` (migrate) runs first."""
+    """Bring the tables up to date with schema.sql, only if they are older than it.
+
+    The database records the digest of the schema.sql it last ran (schema_version). When it is
+    today's, nothing is changed and no table is locked: reading the catalog and that row takes
+    no lock a busy server or an open application transaction holds. Otherwise, in one
+    transaction under an advisory lock (concurrent starts don't race): `upgrade` (migrate), a
+    check of the tables that exist, schema.sql (idempotent), the new digest.
+    """
     schema = SCHEMA_PATH.read_text(encoding="utf-8")
+    digest = hashlib.sha256(schema.encode()).hexdigest()
     with database_errors():
-        async with engine.acquire() as conn, conn.begin():
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
-            if upgrade is not None:
-                await upgrade(conn)
-            await check_tables(conn)
-            try:
-                await conn.execute(schema)
-            except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, say
-                raise StartupError(
-                    f"cannot create or update the tables of schema.sql: {_first_line(exc)}"
-                ) from None
+        async with engine.acquire() as conn:
+            if upgrade is None and await schema_digest(conn) == digest:
+                await check_tables(conn)
+                return
+            async with conn.begin():
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
+                if upgrade is not None:
+                    await upgrade(conn)
+                await check_tables(conn)
+                if upgrade is None and await schema_digest(conn) == digest:
+                    return  # another process brought it up to date meanwhile
+                try:
+                    await conn.execute(schema)
+                except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, say
+                    raise StartupError(
+                        f"cannot create or update the tables of schema.sql: {_first_line(exc)}"
+                    ) from None
+                await conn.execute(
+                    postgresql.insert(schema_version)
+                    .values(only_row=True, digest=digest, applied_at=sa.func.now())
+                    .on_conflict_do_update(
+                        index_elements=[schema_version.c.only_row],
+                        set_={"digest": digest, "applied_at": sa.func.now()},
+                    )
+                )
+            log.info("tables brought up to date with schema.sql")
+
+
+async def schema_digest(conn: aiopg.sa.SAConnection) -> str | None:
+    """The digest of the schema.sql the tables were last brought up to date with, or None."""
+    if not await table_columns(conn, "schema_version"):
+        return None
+    result = await conn.execute(sa.select(schema_version.c.digest))
+    row = await result.first()
+    return None if row is None else str(row[0])
 
 
 @contextlib.asynccontextmanager

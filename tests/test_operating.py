@@ -382,3 +382,55 @@ def test_workers_replaced_during_a_long_outage_serve_503s_and_recover_when_postg
         assert response.status == 200
     assert served.stop(timeout=20) == 0
     assert "Worker failed to boot" not in served.log and "Traceback" not in served.log
+
+
+async def test_commands_and_start_up_take_no_table_lock_when_the_schema_is_up_to_date(
+    tmp_path: Path, database_url: str, db: object, start_server: Start
+) -> None:
+    """An application transaction reading events and users stays open (it holds their ACCESS
+    SHARE locks); schema.sql would need ACCESS EXCLUSIVE ones. publish, adduser, a server's
+    start-up and a login all go on, since the tables are already as schema.sql makes them."""
+    import psycopg2
+
+    env = {"DATABASE_URL": database_url}
+    port = free_port()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": port}, "passwords": FAST}))
+    assert run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env).returncode == 0
+    application = psycopg2.connect(database_url)
+    try:
+        with application.cursor() as cur:
+            cur.execute("SELECT count(*) FROM events")
+            cur.execute("SELECT count(*) FROM users")
+        published = run_command(["publish", '{"price": 3}', "--config", str(config)], env=env)
+        assert published.returncode == 0, published.stderr
+        assert published.stdout.startswith("published event")
+        added = run_command(["adduser", "bob", "--config", str(config)], "wonderland\n", env)
+        assert added.returncode == 0, added.stderr
+        served = start_server(["--config", str(config)], env)
+        served.wait_until_serving()
+        async with aiohttp.ClientSession() as http:
+            body = {"username": "bob", "password": "wonderland"}
+            async with http.post(f"http://127.0.0.1:{port}/user", json=body) as response:
+                assert response.status == 200
+        assert application.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+    finally:
+        application.rollback()
+        application.close()
+
+
+async def test_a_changed_schema_sql_is_applied_once(database_url: str, db: object) -> None:
+    """A database whose recorded schema.sql is not today's gets it run, and records it."""
+    import psycopg2
+
+    import server
+
+    with psycopg2.connect(database_url) as direct, direct.cursor() as cur:
+        cur.execute("UPDATE schema_version SET digest = 'older'")
+    direct.close()
+    async with (
+        server.open_database(server.DatabaseConfig(dsn=database_url)) as engine,
+        server.connection(engine) as conn,
+    ):
+        digest = await server.schema_digest(conn)
+    assert digest == server.hashlib.sha256(server.SCHEMA_PATH.read_bytes()).hexdigest()

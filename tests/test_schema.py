@@ -25,6 +25,7 @@ def test_the_code_defines_the_tables_schema_sql_creates() -> None:
         "events",
         "events_dropped",
         "login_failures",
+        "schema_version",
         "session_journal",
         "session_streams",
         "sessions",
