@@ -49,6 +49,8 @@ Command line (a failure is one line on stderr and exit 1):
     python server.py adduser|passwd|deluser NAME [--config FILE]
     python server.py migrate [--config FILE]    convert the article's users(username, password)
     python server.py publish DATA [--to NAME] [--config FILE]    publish a live event (JSON DATA)
+    python server.py sessions NAME | logout NAME [SESSION_ID]    list / end a user's sessions everywhere
+    python server.py journal [--after ID] [--follow]    the session journal (session_journal) as JSON lines
     gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker    an existing gunicorn
 
 Where the article's pieces live now (sections in this order, each under a banner):
@@ -2084,6 +2086,7 @@ class MemorySessionStore(MemoryFailureLog):
         self._sessions: dict[str, Session] = {}
         # By users.id; a dict used as an ordered set: the first id is the user's oldest session.
         self._by_user: dict[int, dict[str, None]] = {}
+        self.journal: JournalWriter | None = None  # the session journal's writer (the server sets it)
 
     async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
         """A new session of account; beyond max_per_user the user's oldest one ends."""
@@ -2096,9 +2099,10 @@ class MemorySessionStore(MemoryFailureLog):
         if len(user_ids) > self._config.max_per_user:
             # Expired sessions go first; only then does the oldest live one make room.
             for old_id in [sid for sid in user_ids if self._sessions[sid].expires_at <= now]:
-                self._remove(old_id)
+                self._remove(old_id, "expired:")
             while len(user_ids) > self._config.max_per_user:
-                self._remove(next(iter(user_ids)))
+                self._remove(next(iter(user_ids)), "evicted:max_per_user")
+        self._note("login", session)
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
@@ -2111,24 +2115,30 @@ class MemorySessionStore(MemoryFailureLog):
 
     async def revoke(self, session_id: str) -> Session | None:
         """End one session; returns it, or None if it was unknown or already expired."""
+        return await self._end(session_id, "logout:logout")
+
+    async def _end(self, session_id: str, ending: str) -> Session | None:
         session = self._live(session_id)
         if session is not None:
-            self._remove(session_id)
+            self._remove(session_id, ending)
         return session
 
     async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
         """End every live session of the user; returns how many ended."""
-        return await self.revoke_user(user_id, None)
+        return await self._end_user(user_id, None, ending)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
         """End the user's live sessions begun in an epoch below `below` (None: all of them)."""
+        return await self._end_user(user_id, below, "revoked:")
+
+    async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
         now = self._clock()
         ended = 0
         for session_id in list(self._by_user.get(user_id, ())):
             session = self._sessions[session_id]
             if below is None or session.epoch < below:
                 ended += session.expires_at > now
-                self._remove(session_id)
+                self._remove(session_id, ending)
         return ended
 
     async def sessions_of(self, user_id: int) -> list[Session]:
@@ -2148,7 +2158,7 @@ class MemorySessionStore(MemoryFailureLog):
         session, or None if the user has no such session (another user's counts as none)."""
         for session_id in self._by_user.get(user_id, ()):
             if self._sessions[session_id].public_id == public_id:
-                session = await self.revoke(session_id)
+                session = await self._end(session_id, ending)
                 return None if session is None else (token_hash(session_id), session)
         return None
 
@@ -2157,7 +2167,7 @@ class MemorySessionStore(MemoryFailureLog):
         now = self._clock()
         expired = [sid for sid, session in self._sessions.items() if session.expires_at <= now]
         for session_id in expired:
-            self._remove(session_id)
+            self._remove(session_id, "expired:")
         return len(expired)
 
     async def count(self) -> int:
@@ -2172,16 +2182,24 @@ class MemorySessionStore(MemoryFailureLog):
     def _live(self, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
         if session is not None and session.expires_at <= self._clock():
-            self._remove(session_id)
+            self._remove(session_id, "expired:")
             return None
         return session
 
-    def _remove(self, session_id: str) -> None:
+    def _remove(self, session_id: str, ending: str) -> None:
         session = self._sessions.pop(session_id)
+        kind, _, reason = ending.partition(":")
+        if session.expires_at <= self._clock():
+            kind, reason = "expired", ""
+        self._note(kind, session, reason or None)
         user_ids = self._by_user[session.user_id]
         del user_ids[session_id]
         if not user_ids:
             del self._by_user[session.user_id]
+
+    def _note(self, kind: str, session: Session, reason: str | None = None) -> None:
+        if self.journal is not None:
+            self.journal.note(JournalWriter.row(kind, session, reason))
 
 
 @contextlib.contextmanager
@@ -2221,14 +2239,14 @@ def journaled_as(ending: str) -> sa.sql.elements.ColumnElement[bool]:
     Literals, not parameters, so that the compiled queries need no more than their own."""
     assert JOURNAL_ENDING.fullmatch(ending), ending
     local = sa.true()
-    return sa.and_(
-        sa.func.set_config(
-            sa.literal_column("'loginservice.ending'"), sa.literal_column(f"'{ending}'"), local
-        ).isnot(None),
-        sa.func.set_config(
-            sa.literal_column("'loginservice.now'"), sa.cast(_session_param("now"), sa.Text), local
-        ).isnot(None),
+    ending_setting = sa.func.set_config(
+        sa.literal_column("'loginservice.ending'"), sa.literal_column(f"'{ending}'"), local
     )
+    now_setting = sa.func.set_config(
+        sa.literal_column("'loginservice.now'"), sa.cast(_session_param("now"), sa.Text), local
+    )
+    # A scalar subquery (an InitPlan): set once, before any row goes, not once per row met.
+    return sa.select(sa.func.concat(ending_setting, now_setting)).scalar_subquery().isnot(None)
 
 
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
@@ -2424,8 +2442,9 @@ class RedisSessionStore:
     """Sessions in Redis, shared by every process that uses the same Redis.
 
     `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at,
-    public_id, address, user_agent, user_id, epoch) that Redis itself expires at the session's
-    deadline; `{prefix}user:<users.id>` is a sorted set of the user's session hashes in creation order, so
+    public_id, address, user_agent, user_id, epoch) that Redis itself expires REDIS_EXPIRY_GRACE
+    after the session's deadline (the sweep removes and journals it before);
+    `{prefix}user:<users.id>` is a sorted set of the user's session hashes in creation order, so
     the oldest can make room, `all=true` can find them, and the user can list them. The steps
     that read and then change sessions run as Lua scripts: atomic, and one round trip each. (The
     scripts derive keys from the session's username and digests, so this store suits a single
@@ -2433,60 +2452,60 @@ class RedisSessionStore:
     failure times that expires a window after the last one.
     """
 
-    # KEYS: session key, user key. ARGV: now. Returns the session's fields, or nothing if it is
-    # gone or expired (an expired one is removed on the way).
+    _FIELDS = (
+        "'username', 'created_at', 'last_seen', 'expires_at', 'public_id', 'address', 'user_agent',"
+        " 'user_id', 'epoch'"
+    )
+    # KEYS: session key, user key. ARGV: now, idle and absolute timeouts, digest, grace. Returns
+    # the session's fields, or nothing if it is gone or expired (the sweep removes expired ones,
+    # and journals them: Redis itself deletes a session's hash only `grace` seconds later).
     _TOUCH = """
         local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'expires_at',
                              'public_id', 'address', 'user_agent', 'user_id', 'epoch')
         if not f[1] then return false end
         local now = tonumber(ARGV[1])
-        if tonumber(f[3]) <= now or not f[7] then
-            redis.call('DEL', KEYS[1])
-            if f[7] then redis.call('ZREM', KEYS[2] .. f[7], ARGV[4]) end
-            return false
-        end
+        if tonumber(f[3]) <= now or not f[7] then return false end  -- the sweep removes it
         local expires = math.min(now + tonumber(ARGV[2]), tonumber(f[2]) + tonumber(ARGV[3]))
         local shown = string.format('%.17g', expires)
         redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', shown)
-        redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
+        redis.call('PEXPIREAT', KEYS[1], math.ceil((expires + tonumber(ARGV[5])) * 1000))
         return {f[1], f[2], ARGV[1], shown, f[4], f[5], f[6], f[7], f[8]}
     """
     # KEYS: session key, user key, sequence key. ARGV: username, now, expires_at, digest, the user
     # set's lifetime, max_per_user, session key prefix, public id, address, User-Agent, user id,
-    # epoch. Adds the session; beyond max_per_user the user's expired sessions go first, then the
-    # oldest live ones.
-    _CREATE = """
+    # epoch, grace. Adds the session; beyond max_per_user the user's expired sessions go first,
+    # then the oldest live ones. Returns the fields of the sessions it removed (for the journal).
+    _CREATE = f"""
         local order = redis.call('INCR', KEYS[3])
         redis.call('HSET', KEYS[1], 'username', ARGV[1], 'created_at', ARGV[2],
                    'last_seen', ARGV[2], 'expires_at', ARGV[3],
                    'public_id', ARGV[8], 'address', ARGV[9], 'user_agent', ARGV[10],
                    'user_id', ARGV[11], 'epoch', ARGV[12])
-        redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
+        redis.call('PEXPIREAT', KEYS[1], math.ceil((tonumber(ARGV[3]) + tonumber(ARGV[13])) * 1000))
         redis.call('ZADD', KEYS[2], order, ARGV[4])
         redis.call('EXPIRE', KEYS[2], ARGV[5])
         local members = redis.call('ZRANGE', KEYS[2], 0, -1)
         local most = tonumber(ARGV[6])
-        if #members <= most then return order end
-        local now, live = tonumber(ARGV[2]), {}
+        local removed = {{}}
+        if #members <= most then return removed end
+        local now, live = tonumber(ARGV[2]), {{}}
         for _, digest in ipairs(members) do
-            local expires = redis.call('HGET', ARGV[7] .. digest, 'expires_at')
-            if (not expires) or tonumber(expires) <= now then
+            local f = redis.call('HMGET', ARGV[7] .. digest, {_FIELDS})
+            if (not f[4]) or tonumber(f[4]) <= now then
                 redis.call('ZREM', KEYS[2], digest)
                 redis.call('DEL', ARGV[7] .. digest)
+                if f[1] then table.insert(removed, f) end
             else
                 table.insert(live, digest)
             end
         end
         for i = 1, #live - most do
+            table.insert(removed, redis.call('HMGET', ARGV[7] .. live[i], {_FIELDS}))
             redis.call('ZREM', KEYS[2], live[i])
             redis.call('DEL', ARGV[7] .. live[i])
         end
-        return order
+        return removed
     """
-    _FIELDS = (
-        "'username', 'created_at', 'last_seen', 'expires_at', 'public_id', 'address', 'user_agent',"
-        " 'user_id', 'epoch'"
-    )
     _REVOKE = f"""
         local f = redis.call('HMGET', KEYS[1], {_FIELDS})
         if not f[1] then return false end
@@ -2494,19 +2513,33 @@ class RedisSessionStore:
         if f[8] then redis.call('ZREM', KEYS[2] .. f[8], ARGV[1]) end
         return f
     """
-    # KEYS: user key. ARGV: session key prefix, epoch ('' for every epoch), now. Ends the user's
-    # sessions begun below the epoch; returns how many of them were live.
-    _REVOKE_USER = """
-        local ended = 0
+    # KEYS: user key. ARGV: session key prefix, epoch ('' for every epoch). Ends the user's
+    # sessions begun below the epoch; returns their fields.
+    _REVOKE_USER = f"""
+        local ended = {{}}
         for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-            local f = redis.call('HMGET', ARGV[1] .. digest, 'epoch', 'expires_at')
-            if ARGV[2] == '' or not f[1] or tonumber(f[1]) < tonumber(ARGV[2]) then
-                if f[2] and tonumber(f[2]) > tonumber(ARGV[3]) then ended = ended + 1 end
+            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
+            if ARGV[2] == '' or not f[9] or tonumber(f[9]) < tonumber(ARGV[2]) then
+                if f[1] then table.insert(ended, f) end
                 redis.call('DEL', ARGV[1] .. digest)
                 redis.call('ZREM', KEYS[1], digest)
             end
         end
         return ended
+    """
+    # KEYS: user key. ARGV: session key prefix, now. Removes the user's expired sessions (and
+    # the set's names of sessions Redis deleted); returns the removed ones' fields.
+    _EXPIRE = f"""
+        local expired = {{}}
+        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
+            if not f[4] or tonumber(f[4]) <= tonumber(ARGV[2]) then
+                redis.call('DEL', ARGV[1] .. digest)
+                redis.call('ZREM', KEYS[1], digest)
+                if f[1] then table.insert(expired, f) end
+            end
+        end
+        return expired
     """
     # KEYS: user key. ARGV: session key prefix, now. The user's live sessions, oldest first
     # (sessions stored before public ids existed are left out; they expire as before).
@@ -2547,6 +2580,8 @@ class RedisSessionStore:
         self._list = client.register_script(self._LIST)
         self._revoke_public = client.register_script(self._REVOKE_PUBLIC)
         self._revoke_user = client.register_script(self._REVOKE_USER)
+        self._expire = client.register_script(self._EXPIRE)
+        self.journal: JournalWriter | None = None  # the session journal's writer (the server sets it)
 
     def _session_key(self, digest: str) -> str:
         return f"{self._prefix}session:{digest}"
@@ -2573,9 +2608,13 @@ class RedisSessionStore:
             session.user_agent,
             account.user_id,
             account.epoch,
+            REDIS_EXPIRY_GRACE,
         ]
         with store_errors(*self._errors):
-            await self._create(keys=keys, args=args)
+            removed = await self._create(keys=keys, args=args)
+        self._note(removed, "evicted:max_per_user", now)
+        if self.journal is not None:
+            self.journal.note(JournalWriter.row("login", session))
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
@@ -2586,6 +2625,7 @@ class RedisSessionStore:
             repr(self._config.idle_timeout),
             repr(self._config.absolute_timeout),
             digest,
+            REDIS_EXPIRY_GRACE,
         ]
         with store_errors(*self._errors):
             fields = await self._touch(keys=keys, args=args)
@@ -2597,18 +2637,27 @@ class RedisSessionStore:
             fields = await self._revoke(
                 keys=[self._session_key(digest), f"{self._prefix}user:"], args=[digest]
             )
+        now = self._clock()
+        self._note([fields] if fields else [], "logout:logout", now)
         session = self._session(fields)
-        if session is None or session.expires_at <= self._clock():
+        if session is None or session.expires_at <= now:
             return None
         return session
 
     async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
-        return await self.revoke_user(user_id, None)
+        return await self._end_user(user_id, None, ending)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
-        args = [f"{self._prefix}session:", "" if below is None else below, repr(self._clock())]
+        return await self._end_user(user_id, below, "revoked:")
+
+    async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
+        args = [f"{self._prefix}session:", "" if below is None else below]
         with store_errors(*self._errors):
-            return int(await self._revoke_user(keys=[self._user_key(user_id)], args=args))
+            ended = await self._revoke_user(keys=[self._user_key(user_id)], args=args)
+        now = self._clock()
+        self._note(ended, ending, now)
+        found = (self._session(fields) for fields in ended)
+        return sum(1 for session in found if session is not None and session.expires_at > now)
 
     async def sessions_of(self, user_id: int) -> list[Session]:
         with store_errors(*self._errors):
@@ -2627,29 +2676,33 @@ class RedisSessionStore:
         if not found:
             return None
         digest, *fields = found
+        now = self._clock()
+        self._note([fields], ending, now)
         session = self._session(fields)
-        if session is None or session.expires_at <= self._clock():
+        if session is None or session.expires_at <= now:
             return None
         return bytes.fromhex(digest.decode()), session
 
     async def sweep(self) -> int:
-        """Redis expires the sessions itself; this removes what their users' sets still name."""
+        """Remove the expired sessions (journaled as such) and what the users' sets still name of
+        sessions Redis deleted itself (REDIS_EXPIRY_GRACE after their deadline)."""
         now, removed = self._clock(), 0
         with store_errors(*self._errors):
             async for user_key in self._redis.scan_iter(match=f"{self._prefix}user:*", count=500):
-                digests = [d.decode() for d in await self._redis.zrange(user_key, 0, -1)]
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for digest in digests:
-                        pipe.hget(self._session_key(digest), "expires_at")
-                    deadlines = await pipe.execute()
-                dead = [d for d, e in zip(digests, deadlines, strict=True) if e is None or float(e) <= now]
-                if dead:
-                    async with self._redis.pipeline(transaction=True) as pipe:
-                        pipe.zrem(user_key, *dead)
-                        pipe.delete(*[self._session_key(d) for d in dead])
-                        await pipe.execute()
-                    removed += len(dead)
+                expired = await self._expire(keys=[user_key], args=[f"{self._prefix}session:", repr(now)])
+                self._note(expired, "expired:", now)
+                removed += len(expired)
         return removed
+
+    def _note(self, removed: list[list[bytes | None]], ending: str, now: float) -> None:
+        """Journal the sessions a script removed, with `ending` ('kind:reason') unless expired."""
+        if self.journal is None:
+            return
+        kind, _, reason = ending.partition(":")
+        for session in map(self._session, removed):
+            if session is not None:
+                gone = ("expired", None) if session.expires_at <= now else (kind, reason or None)
+                self.journal.note(JournalWriter.row(gone[0], session, gone[1]))
 
     async def count(self) -> int:
         """Redis expires sessions itself, so every session key is a live one (one SCAN)."""
@@ -2873,10 +2926,14 @@ class CachedSessionStore:
 
 
 def open_session_store(
-    config: SessionConfig, engine: aiopg.sa.Engine, clock: Callable[[], float]
+    config: SessionConfig,
+    engine: aiopg.sa.Engine,
+    clock: Callable[[], float],
+    journal: JournalWriter | None = None,
 ) -> SessionStore:
     """The configured session store, which keeps the login failures too; a shared one behind a
-    near cache (CachedSessionStore) unless `cache_size` is 0."""
+    near cache (CachedSessionStore) unless `cache_size` is 0. The memory and Redis stores write
+    the session journal through `journal` (the PostgreSQL store's triggers write its own)."""
     if config.store == "postgres":
         store: SessionStore = PostgresSessionStore(engine, config, clock)
     elif config.store == "redis":
@@ -2885,10 +2942,27 @@ def open_session_store(
         client = redis.asyncio.Redis.from_url(
             config.redis_url, socket_timeout=DB_OPERATION_TIMEOUT, socket_connect_timeout=DB_CONNECT_TIMEOUT
         )
-        store = RedisSessionStore(client, config, clock)
+        store = redis_store = RedisSessionStore(client, config, clock)
+        redis_store.journal = journal
     else:
-        return MemorySessionStore(config, clock)
+        memory_store = MemorySessionStore(config, clock)
+        memory_store.journal = journal
+        return memory_store
     return CachedSessionStore(store, config, clock, config.cache_size) if config.cache_size else store
+
+
+@contextlib.asynccontextmanager
+async def command_store(config: Config, engine: aiopg.sa.Engine) -> AsyncIterator[SessionStore]:
+    """The configured store for a command, journaling what it ends; closed (journal written) after."""
+    writer = JournalWriter(engine)
+    writing = asyncio.create_task(writer.run())
+    store = open_session_store(config.sessions, engine, time.time, writer)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await writer.close()
+        await stop_tasks([writing])
 
 
 # ---------------------------------------------------------------------------
@@ -3055,6 +3129,82 @@ async def read_journal(
     return [journal_entry(row) for row in rows]
 
 
+JOURNAL_INSERT = """
+    INSERT INTO session_journal (kind, username, user_id, session, address, user_agent, reason)
+    SELECT * FROM unnest(%(kinds)s::text[], %(usernames)s::text[], %(user_ids)s::bigint[],
+        %(sessions)s::text[], %(addresses)s::text[], %(user_agents)s::text[], %(reasons)s::text[])
+"""
+JournalRow: TypeAlias = tuple[str, str, int, str, str, str, str | None]
+
+
+class JournalWriter:
+    """Writes the journal entries that no trigger writes (the memory store's sessions, and streams
+    with journal.streams) in the background, in batches: what is noted within JOURNAL_GATHER
+    seconds goes in one INSERT, so a storm of logins or streams costs a few statements, not one
+    each, and no request waits for it. An entry that cannot be written (PostgreSQL unreachable)
+    is logged and dropped."""
+
+    def __init__(self, engine: aiopg.sa.Engine) -> None:
+        self._engine = engine
+        self._pending: list[JournalRow] = []
+        self._wake = asyncio.Event()
+        self._writing = False
+
+    @staticmethod
+    def row(kind: str, session: Session | Stream, reason: str | None = None) -> JournalRow:
+        account = session.account
+        return (
+            kind,
+            account.username,
+            account.user_id,
+            session.public_id,
+            session.address,
+            session.user_agent,
+            reason,
+        )
+
+    def note(self, row: JournalRow) -> None:
+        """Write the entry soon, in order with the others noted here."""
+        self._pending.append(row)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write what is pending, batch after batch, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                continue
+            self._writing = True
+            await asyncio.sleep(JOURNAL_GATHER)
+            rows, self._pending = self._pending, []
+            params = {
+                name: list(column)
+                for name, column in zip(JOURNAL_COLUMNS, zip(*rows, strict=True), strict=True)
+            }
+            try:
+                async with connection(self._engine) as conn:
+                    await conn.execute(JOURNAL_INSERT, params)
+            except Exception as exc:  # PostgreSQL away, or a bug: this process goes on serving
+                log.warning("could not write %d session journal entries: %s", len(rows), _first_line(exc))
+            self._writing = False
+
+    async def close(self) -> None:
+        """At shutdown: give what is pending a moment to be written."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + SHUTDOWN_TIMEOUT / 2
+        while (self._pending or self._writing) and loop.time() < give_up:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+
+
+JOURNAL_GATHER = 0.01  # seconds the journal writer gathers entries before it writes them
+# Redis deletes a session's hash this long after its deadline, so that the sweep (every minute)
+# finds it first and journals its expiry.
+REDIS_EXPIRY_GRACE = int(3 * SWEEP_INTERVAL)
+JOURNAL_COLUMNS = ("kinds", "usernames", "user_ids", "sessions", "addresses", "user_agents", "reasons")
+
+
 async def sweep_journal_forever(engine: aiopg.sa.Engine, retention: float) -> None:
     """Delete journal entries older than journal.retention, once a minute."""
     while True:
@@ -3180,6 +3330,7 @@ class Stream:
 
     __slots__ = (
         "account",
+        "address",
         "backlog",
         "backlog_bytes",
         "chunked",
@@ -3194,6 +3345,7 @@ class Stream:
         "session_id",
         "topics",
         "transport",
+        "user_agent",
         "websocket",
     )  # fmt: skip
 
@@ -3213,6 +3365,7 @@ class Stream:
         self.digest = token_hash(session_id)
         self.account = session.account
         self.public_id = session.public_id
+        self.address, self.user_agent = session.address, session.user_agent  # the login's, for the journal
         self.expires_at = session.expires_at
         self.transport, self.websocket, self.chunked = transport, websocket, chunked
         self.max_buffer = max_buffer
@@ -4523,6 +4676,7 @@ event_bus = web.AppKey("event_bus", Bus)
 metrics = web.AppKey("metrics", Metrics)
 topic_access = web.AppKey("topic_access", Topics)
 presence = web.AppKey("presence", Presence)
+journal_writer = web.AppKey("journal_writer", JournalWriter)
 
 # ---------------------------------------------------------------------------
 # Handlers
@@ -5093,6 +5247,9 @@ async def serve_stream(
     app = request.app
     registry, bus = app[streams], app[event_bus]
     registry.add(stream)
+    journaled = app[config_key].journal.streams
+    if journaled:
+        app[journal_writer].note(JournalWriter.row("stream_opened", stream, stream.transport_name))
     for answer in answers:
         stream.write(answer)
     app[topic_access].recheck(stream, mark)
@@ -5117,6 +5274,9 @@ async def serve_stream(
             await end_sse(response, stream, await stream.ended)
     finally:
         registry.discard(stream)
+        if journaled:
+            why = stream.ended.result() if stream.ended.done() else Ended.GONE
+            app[journal_writer].note(JournalWriter.row("stream_closed", stream, why.value))
 
 
 async def hold_websocket(
@@ -5515,7 +5675,9 @@ class WebServer:
         app[passwords].close()
 
     async def _sessions(self, app: web.Application) -> AsyncIterator[None]:
-        store = open_session_store(self.config.sessions, app[db_engine], self.clock)
+        writer = app[journal_writer] = JournalWriter(app[db_engine])
+        writing = asyncio.create_task(writer.run())
+        store = open_session_store(self.config.sessions, app[db_engine], self.clock, writer)
         app[sessions] = store
         app[login_throttle] = LoginThrottle(self.config.login, self.clock, store)
         interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
@@ -5523,6 +5685,8 @@ class WebServer:
         yield
         await stop_tasks([sweeper])
         await store.close()
+        await writer.close()
+        await stop_tasks([writing])
 
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
         registry = app[streams] = StreamRegistry(app[metrics])
@@ -5863,13 +6027,11 @@ async def end_shared_sessions(
     sessions in memory and open streams). Returns how many live sessions ended here."""
     if config.sessions.store == "memory" or account is None:
         return 0
-    store = open_session_store(config.sessions, engine, time.time)
     try:
-        return await store.revoke_all(account.user_id, f"revoked:{why}")
+        async with command_store(config, engine) as store:
+            return await store.revoke_all(account.user_id, f"revoked:{why}")
     except SessionStoreUnavailable as exc:
         raise CommandError(f"could not end the user's sessions, nothing was changed: {exc}") from None
-    finally:
-        await store.close()
 
 
 async def user_account(engine: aiopg.sa.Engine, name: str) -> Account:
@@ -5938,15 +6100,13 @@ async def logout_command(config: Config, name: str, public_id: str | None) -> st
             counted = f" ({ended} live)" if config.sessions.store != "memory" else ""
             return f"ended every session of '{account.username}'{counted}"
         shared_store_needed(config, "logout NAME SESSION_ID")
-        store = open_session_store(config.sessions, engine, time.time)
         try:
-            found = None
-            if PUBLIC_ID_PATTERN.fullmatch(public_id):
-                found = await store.revoke_public(account.user_id, public_id, "revoked:operator")
+            async with command_store(config, engine) as store:
+                found = None
+                if PUBLIC_ID_PATTERN.fullmatch(public_id):
+                    found = await store.revoke_public(account.user_id, public_id, "revoked:operator")
         except SessionStoreUnavailable as exc:
             raise CommandError(f"could not end the session: {exc}") from None
-        finally:
-            await store.close()
         if found is None:
             raise CommandError(f"'{account.username}' has no live session '{printable(public_id, 64)}'")
         revocation = Revocation(Ended.REVOKED, session=found[0])
@@ -5973,15 +6133,20 @@ async def journal_command(config: Config, after: int, follow: bool) -> None:
                 after = print_entries(entries)
             return
         dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name="server.py journal")
-        async with aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT) as listener:
-            async with listener.cursor() as cur:
-                await cur.execute(f"LISTEN {JOURNAL_CHANNEL}")
-            while True:
-                while entries := await read_journal(engine, after):
-                    after = print_entries(entries)
-                await listener.notifies.get()
-                while not listener.notifies.empty():
-                    listener.notifies.get_nowait()
+        try:
+            async with aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT) as listener:
+                async with listener.cursor() as cur:
+                    await cur.execute(f"LISTEN {JOURNAL_CHANNEL}")
+                while True:
+                    while entries := await read_journal(engine, after):
+                        after = print_entries(entries)
+                    await listener.notifies.get()
+                    while not listener.notifies.empty():
+                        listener.notifies.get_nowait()
+        except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
+            raise CommandError(
+                f"lost the database ({_first_line(exc)}); go on with --after {after}"
+            ) from None
 
 
 def print_entries(entries: list[dict[str, Any]]) -> int:

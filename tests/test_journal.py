@@ -4,6 +4,7 @@ lost to a server killed with SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import select
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from conftest import (
     Clock,
     Start,
     add_user,
+    clear_redis,
     free_port,
     log_in,
+    redis_or_skip,
     run_command,
     server_config,
 )
@@ -274,3 +277,67 @@ def test_entries_survive_a_server_killed_with_sigkill(
     process.process.wait(5)
     # Every change the server answered for is in the journal: it was written in the same transaction.
     assert kinds(entries(db)) == [("login", None)] * 5 + [("logout", "logout")]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def memory_client(
+    aiohttp_client: ClientFactory, database_url: str, db: object, clock: Clock, request: pytest.FixtureRequest
+) -> AsyncIterator[Client]:
+    """A server whose store is not in PostgreSQL (memory, Redis): it journals by itself."""
+    kind = str(request.param)
+    if kind == "redis":
+        redis_or_skip()
+        clear_redis()
+    config = server_config(database_url, kind)
+    journal = server.JournalConfig(streams=True)
+    sessions = server.dataclasses.replace(config.sessions, max_per_user=2)
+    config = server.dataclasses.replace(config, sessions=sessions, journal=journal)
+    client = await aiohttp_client(await server.WebServer(config, clock=clock).initializer())
+    assert client.app is not None
+    await add_user(client.app, "alice", "wonderland")
+    yield client
+    if kind == "redis":
+        clear_redis()
+
+
+async def soon_entries(db: psycopg2.extensions.connection, count: int) -> list[dict[str, Any]]:
+    """The entries, once there are `count` (or 5 s have passed)."""
+    deadline = time.monotonic() + 5
+    found = entries(db)
+    while len(found) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        found = entries(db)
+    return found
+
+
+async def test_a_store_outside_postgres_journals_each_change_and_streams_when_asked(
+    memory_client: Client, db: psycopg2.extensions.connection, clock: Clock
+) -> None:
+    client = memory_client
+    first = await log_in(client, "alice", "wonderland")
+    assert kinds(await soon_entries(db, 1)) == [("login", None)]  # written within moments
+    stream = await client.get("/events", headers={"Authorization": first})
+    assert stream.status == 200
+    assert (await client.delete("/user", headers={"Authorization": first})).status == 200
+    assert b'"reason": "logout"' in await stream.read()
+    assert len(await soon_entries(db, 4)) == 4
+    for _ in range(3):  # max_per_user 2: the third pushes the first of them out
+        await log_in(client, "alice", "wonderland")
+    clock.advance(server.SessionConfig().idle_timeout + 1)
+    assert client.app is not None
+    assert await client.app[server.sessions].sweep() == 2
+    found = await soon_entries(db, 10)
+    assert kinds(found) == [
+        ("login", None),
+        ("stream_opened", "sse"),
+        ("logout", "logout"),
+        ("stream_closed", "logout"),
+        ("login", None),
+        ("login", None),
+        ("evicted", "max_per_user"),
+        ("login", None),
+        ("expired", None),
+        ("expired", None),
+    ]
+    assert found[0]["session"] == found[1]["session"] == found[3]["session"]
+    assert found[4]["session"] == found[6]["session"]

@@ -4,9 +4,12 @@ in metrics.allow (a 404 like any other for everyone else), request durations by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +79,27 @@ def two_workers(tmp_path: Path, database_url: str, start_server: Start) -> tuple
     return process, f"http://127.0.0.1:{port}", path
 
 
-def stream_holders(process: ServerProcess, port: int) -> dict[int, int]:
+def workers_of(process: ServerProcess) -> list[int]:
+    workers = [worker.pid for worker in psutil.Process(process.process.pid).children()]
+    assert len(workers) == 2
+    return workers
+
+
+@contextlib.contextmanager
+def only(process: ServerProcess, worker: int) -> Iterator[None]:
+    """Every other worker paused (SIGSTOP): connections made meanwhile reach `worker` alone (how
+    the kernel spreads them is chance, and may give one worker all of them)."""
+    others = [other for other in workers_of(process) if other != worker]
+    for other in others:
+        os.kill(other, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+
+
+def holding(process: ServerProcess, port: int) -> dict[int, int]:
     """Established connections to the port, by worker pid."""
     held = {}
     for worker in psutil.Process(process.process.pid).children():
@@ -90,33 +113,34 @@ async def test_metrics_move_by_exactly_what_was_done_summed_over_two_workers(
 ) -> None:
     process, base, config = two_workers(tmp_path, database_url, start_server)
     port = int(base.rsplit(":", 1)[1])
+    first, second = workers_of(process)
     before = await scrape(http, base)
     alice = {"username": "alice", "password": "wonderland"}
     sessions = []
-    for _ in range(6):
-        async with http.post(f"{base}/user", json=alice) as response:
-            assert response.status == 200
-            sessions.append((await response.json())["session_id"])
-    for _ in range(3):
-        async with http.post(f"{base}/user", json={"username": "alice", "password": "guess"}) as response:
-            assert response.status == 401
-    # Streams until both workers hold some: the sums below are over both, for real.
     streams: list[aiohttp.ClientResponse] = []
     sockets: list[aiohttp.ClientWebSocketResponse] = []
-    while len(streams) + len(sockets) < 40:
-        session_id = sessions[len(streams) % len(sessions)]
-        if len(streams) <= len(sockets):
-            response = await http.get(f"{base}/events", headers={"Authorization": session_id})
-            assert response.status == 200
-            streams.append(response)
-        else:
-            sockets.append(await http.ws_connect(f"{base}/events", headers={"Authorization": session_id}))
-        held = stream_holders(process, port)
-        if len(streams) + len(sockets) >= 8 and len(held) == 2 and all(held.values()):
-            break
-    held = stream_holders(process, port)
-    assert len(held) == 2 and all(held.values()), f"one worker holds every stream: {held}"
-    opened = {"sse": len(streams), "websocket": len(sockets)}
+    # Each worker: 3 logins, 1 or 2 wrong passwords, 2 SSE streams and 1 or 2 WebSockets.
+    for worker, failures, websockets in ((first, 1, 1), (second, 2, 2)):
+        with only(process, worker):
+            for _ in range(3):
+                async with http.post(f"{base}/user", json=alice) as response:
+                    assert response.status == 200
+                    sessions.append((await response.json())["session_id"])
+            for _ in range(failures):
+                async with http.post(
+                    f"{base}/user", json={"username": "alice", "password": "guess"}
+                ) as response:
+                    assert response.status == 401
+            for _ in range(2):
+                response = await http.get(f"{base}/events", headers={"Authorization": sessions[-1]})
+                assert response.status == 200
+                streams.append(response)
+            for _ in range(websockets):
+                sockets.append(
+                    await http.ws_connect(f"{base}/events", headers={"Authorization": sessions[-1]})
+                )
+        assert holding(process, port)[worker] == 2 + websockets
+    opened = {"sse": 4, "websocket": 3}
 
     await asyncio.sleep(0.5)  # the bus of each worker is listening for these streams
     for number in range(3):
@@ -136,43 +160,46 @@ async def test_metrics_move_by_exactly_what_was_done_summed_over_two_workers(
         stream.close()
     await sockets[0].close()
 
-    expected_logins = {"success": 6.0, "failure": 3.0, "throttled": 0.0}
-    deadline = time.monotonic() + 5
-    while True:
-        # Each scrape may be answered by either worker: every one must give the sums.
-        after = await scrape(http, base)
-        moved = {
-            "logins": {
-                outcome: value(after, "loginservice_logins_total", outcome=outcome)
-                - value(before, "loginservice_logins_total", outcome=outcome)
-                for outcome in expected_logins
-            },
-            "opened": {
-                transport: value(after, "loginservice_streams_opened_total", transport=transport)
-                - value(before, "loginservice_streams_opened_total", transport=transport)
-                for transport in opened
-            },
-            "open": {
-                transport: value(after, "loginservice_streams_open", transport=transport)
-                for transport in opened
-            },
-            "delivered": value(after, "loginservice_events_delivered_total")
-            - value(before, "loginservice_events_delivered_total"),
-            "published": value(after, "loginservice_events_published_total")
-            - value(before, "loginservice_events_published_total"),
-        }
-        expected = {
-            "logins": expected_logins,
-            "opened": opened,
-            "open": {transport: float(opened[transport] - closed[transport]) for transport in opened},
-            "delivered": 3.0 * (len(streams) + len(sockets)),
-            "published": 3.0,
-        }
-        if moved == expected:
-            break
-        assert time.monotonic() < deadline, f"{moved} != {expected}"
-        await asyncio.sleep(0.2)
-    assert value(after, "loginservice_sessions_live") == 6.0
+    logins = {"success": 6.0, "failure": 3.0, "throttled": 0.0}
+    expected = {
+        "logins": logins,
+        "opened": {"sse": 4.0, "websocket": 3.0},
+        "open": {transport: float(opened[transport] - closed[transport]) for transport in opened},
+        "delivered": 3.0 * (len(streams) + len(sockets)),
+        "published": 3.0,
+        "live": 6.0,
+    }
+    # Each worker answers a scrape of its own, and each must give the sums of both.
+    for worker in (first, second):
+        deadline = time.monotonic() + 5
+        while True:
+            with only(process, worker):
+                after = await scrape(http, base)
+            moved = {
+                "logins": {
+                    outcome: value(after, "loginservice_logins_total", outcome=outcome)
+                    - value(before, "loginservice_logins_total", outcome=outcome)
+                    for outcome in logins
+                },
+                "opened": {
+                    transport: value(after, "loginservice_streams_opened_total", transport=transport)
+                    - value(before, "loginservice_streams_opened_total", transport=transport)
+                    for transport in opened
+                },
+                "open": {
+                    transport: value(after, "loginservice_streams_open", transport=transport)
+                    for transport in opened
+                },
+                "delivered": value(after, "loginservice_events_delivered_total")
+                - value(before, "loginservice_events_delivered_total"),
+                "published": value(after, "loginservice_events_published_total")
+                - value(before, "loginservice_events_published_total"),
+                "live": value(after, "loginservice_sessions_live"),
+            }
+            if moved == expected:
+                break
+            assert time.monotonic() < deadline, f"worker {worker}: {moved} != {expected}"
+            await asyncio.sleep(0.2)
     for stream in streams[2:]:
         stream.close()
     for socket in sockets[1:]:
@@ -187,26 +214,22 @@ async def test_a_dead_workers_open_streams_leave_the_sum(
     tmp_path: Path, database_url: str, db: object, start_server: Start, http: aiohttp.ClientSession
 ) -> None:
     process, base, _ = two_workers(tmp_path, database_url, start_server)
-    port = int(base.rsplit(":", 1)[1])
+    first, second = workers_of(process)
     async with http.post(f"{base}/user", json={"username": "alice", "password": "wonderland"}) as response:
         session_id = (await response.json())["session_id"]
     streams = []
-    while True:
-        response = await http.get(f"{base}/events", headers={"Authorization": session_id})
-        streams.append(response)
-        held = stream_holders(process, port)
-        if all(held.values()) or len(streams) >= 15:
-            break
-    held = stream_holders(process, port)
-    assert all(held.values()), held
-    victim = min(held)
-    psutil.Process(victim).kill()
+    for worker, count in ((first, 2), (second, 3)):
+        with only(process, worker):
+            for _ in range(count):
+                streams.append(await http.get(f"{base}/events", headers={"Authorization": session_id}))
+    assert value(await scrape(http, base), "loginservice_streams_open", transport="sse") == 5
+    psutil.Process(first).kill()
     deadline = time.monotonic() + 10
     while True:
-        with_streams = stream_holders(process, port)
-        if victim not in with_streams and len(with_streams) == 2:
+        workers = [worker.pid for worker in psutil.Process(process.process.pid).children()]
+        if first not in workers and len(workers) == 2:
             found = await scrape(http, base)
-            if value(found, "loginservice_streams_open", transport="sse") == len(streams) - held[victim]:
+            if value(found, "loginservice_streams_open", transport="sse") == 3:
                 break
         assert time.monotonic() < deadline, f"the killed worker's streams still count:\n{process.log}"
         await asyncio.sleep(0.2)
