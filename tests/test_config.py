@@ -125,6 +125,15 @@ def test_optional_sections_are_read(tmp_path: Path) -> None:
     assert config.passwords.below_owasp_minimum
 
 
+def test_the_metrics_and_journal_sections_are_read_and_default_as_documented(tmp_path: Path) -> None:
+    assert [str(net) for net in server.Config().metrics.allow] == ["127.0.0.0/8", "::1/128"]
+    assert server.Config().journal == server.JournalConfig(retention=2592000, streams=False)
+    raw = {"metrics": {"allow": ["10.1.2.0/24"]}, "journal": {"retention": 60, "streams": True}}
+    config = server.load_config(write(tmp_path, raw), environ={})
+    assert [str(net) for net in config.metrics.allow] == ["10.1.2.0/24"]
+    assert config.journal == server.JournalConfig(retention=60, streams=True)
+
+
 def test_webserver_options_are_read(tmp_path: Path) -> None:
     raw = {"webserver": {"trusted_proxies": ["10.0.0.0/8", "::1"], "uvloop": True, "access_log": True}}
     webserver = server.load_config(write(tmp_path, raw), environ={}).webserver
@@ -178,6 +187,14 @@ BAD_CONFIGS = [
         {"sessions": {"redis_url": "redis://localhost:99999/0"}},
         "'sessions.redis_url' must be a Redis URL",
         id="redis-url-port",
+    ),
+    pytest.param(
+        {"metrics": {"allow": "127.0.0.1"}}, "'metrics.allow' must be a list", id="metrics-allow-not-a-list"
+    ),
+    pytest.param({"metrics": {"deny": []}}, "unknown key 'metrics.deny'", id="metrics-unknown-key"),
+    pytest.param({"journal": {"retention": 0}}, "'journal.retention' must be a positive", id="journal-zero"),
+    pytest.param(
+        {"journal": {"streams": "yes"}}, "'journal.streams' must be true or false", id="journal-streams"
     ),
 ]
 
