@@ -1096,10 +1096,9 @@ class EmbeddedPostgres:
     data world-readable. Here: the data directory and the socket's directory are 0700, the roles
     have passwords, the service's role is no superuser, and no directory is changed but the ones
     made here. The processes holding the cluster are listed in `.handle_pids.json` (pgserver's
-    name); the last one to let go stops it. One process at a time changes it (a lock on the
-    directory). A postmaster that dies is started anew by the next start, and while serving by
-    the holder's watcher.
-    """
+    name); the last one to let go stops it. One process at a time changes it (a POSIX lock on
+    `.pgdata.lock` beside it). A postmaster that dies is started anew by the next start, and
+    while serving by the holder's watcher (README, "Deployment")."""
 
     ORPHAN_WAIT = 5.0  # seconds: old backends notice their postmaster's death and exit
 
@@ -1799,8 +1798,8 @@ def check_credential(value: Any, name: str) -> str:
 
 
 # Unicode categories no username may contain: controls (newline, ESC), format characters
-# (zero-width and direction marks), line and paragraph separators, and private-use characters.
-FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Zl", "Zp"})
+# (zero-width, direction and tag characters), line and paragraph separators.
+FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def parse_username(value: Any) -> str:
