@@ -36,8 +36,13 @@ and every error body is {"error", "message"}):
     GET    /events  the session's live stream: Server-Sent Events, or a WebSocket for an upgrade
                     request (authenticated by Authorization or by its first message); replays
                     from ?last_event_id= / Last-Event-ID; events {"id", "type", "data",
-                    "created_at"}, then {"type": "session_ended", "reason"} when the session ends
-                    400 bad_request, 401 invalid_session, 403 forbidden_origin, 429 too_many_streams
+                    "created_at"}, then {"type": "session_ended", "reason"} when the session ends;
+                    ?topic=T (repeated) subscribes to topics, as do a WebSocket's messages
+                    400 bad_request | bad_topic | too_many_topics, 401 invalid_session,
+                    403 forbidden_origin | forbidden_topic, 429 too_many_streams
+    POST   /events  publish {"topic", "data"} as the topic's rule allows -> 200 {"id"}; 400 bad_json
+                    | bad_topic, 403 forbidden_topic, 422 invalid_event, 429 too_many_publishes
+    GET    /topics/{topic}/presence   who is online on a presence topic -> 200 {"topic", "users"}
     GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
     GET    /metrics Prometheus' text format, every worker's values (loginservice_*); 404 outside
                     metrics.allow
@@ -48,7 +53,9 @@ Command line (a failure is one line on stderr and exit 1):
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
     python server.py adduser|passwd|deluser NAME [--config FILE]
     python server.py migrate [--config FILE]    convert the article's users(username, password)
-    python server.py publish DATA [--to NAME] [--config FILE]    publish a live event (JSON DATA)
+    python server.py publish DATA [--to NAME | --topic TOPIC] [--config FILE]    publish a live event
+    python server.py topic add NAME TOPIC [--publisher] | topic remove NAME TOPIC | topic members TOPIC
+    python server.py who [TOPIC]    who has an open event stream (on TOPIC), over every process
     python server.py sessions NAME | logout NAME [SESSION_ID]    list / end a user's sessions everywhere
     python server.py journal [--after ID] [--follow]    the session journal (session_journal) as JSON lines
     gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker    an existing gunicorn
@@ -4322,8 +4329,9 @@ class Presence:
     process, kept in memory by each: GET /topics/{topic}/presence reads no table.
 
     Each process counts its own streams per (topic, account) and announces the counts that changed
-    on PRESENCE_CHANNEL, batched every PRESENCE_BATCH: a user's count going from 0 to 1 or back in
-    this process, not each stream, so a reconnect storm costs a few notifications and no writes.
+    on PRESENCE_CHANNEL, batched every PRESENCE_BATCH, so a reconnect storm costs a few
+    notifications and no writes; a user whose last stream here closes leaves at the end of the
+    batch, so one who reconnects within it neither leaves nor joins.
     Announcements name the sender's bus connection (pid, backend_start); every PRESENCE_CHECK a
     process drops the counts of processes whose connection is no longer in pg_stat_activity (one
     killed, or stopped), so their users leave at once. A process whose bus (re)connects asks the
@@ -4342,6 +4350,7 @@ class Presence:
         self._backends: dict[str, str] = {}  # process -> its bus connection, as "pid/backend_start"
         self._totals: dict[str, dict[int, list[Any]]] = {}  # topic -> user id -> [username, streams]
         self._changed: dict[tuple[str, int], str] = {}  # (topic, user id) -> username: to announce
+        self._leaving: dict[tuple[str, int], str] = {}  # whose last stream here closed in this batch
         self._outbox: list[tuple[str, str]] = []  # (channel, payload): answers to `who`
         self._wake = asyncio.Event()
         registry.on_topic = self._note
@@ -4358,9 +4367,13 @@ class Presence:
         key = (topic, stream.account.user_id)
         entry = self._mine.setdefault(key, [stream.account.username, 0])
         entry[1] += change
-        if entry[1] <= 0:
+        if entry[1] <= 0:  # the user's last stream here: they leave at the next batch, unless back by then
             del self._mine[key]
-        self._count(topic, stream.account.user_id, stream.account.username, change)
+            self._leaving[key] = stream.account.username
+        elif change > 0 and entry[1] == 1 and self._leaving.pop(key, None) is not None:
+            pass  # back before leaving (a reconnect): still counted, so no leave and no join
+        else:
+            self._count(topic, stream.account.user_id, stream.account.username, change)
         self._changed[key] = stream.account.username
         self._wake.set()
 
@@ -4446,6 +4459,9 @@ class Presence:
                     await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(PRESENCE_BATCH)  # let more changes join this batch
+            leaving, self._leaving = self._leaving, {}
+            for (topic, user_id), username in leaving.items():
+                self._count(topic, user_id, username, -1)
             try:
                 await self._send()
                 if self._theirs and loop.time() - checked >= PRESENCE_CHECK:

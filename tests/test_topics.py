@@ -754,3 +754,30 @@ async def test_who_lists_every_processs_users_with_streams(site: Site) -> None:
         await http.sse(servers[1], await http.log_in(servers[1], "bob", "wonderland"))
         assert (await site.run("who")).splitlines() == ["alice\t2", "bob\t1"]
         assert (await site.run("who", "lobby")).strip() == "nobody is online on 'lobby'"
+
+
+async def test_a_user_who_reconnects_at_once_neither_leaves_nor_joins_and_one_who_goes_leaves_within_a_second(
+    start: Start,
+) -> None:
+    client = await start(topics=server.topic_rules(RULES))  # the lobby with presence
+    alice = await log_in(client, "alice", "wonderland")
+    bob = await log_in(client, "bob", "builder123")
+    watcher = await subscribed(client, "sse", alice, "lobby")
+    assert (await watcher.next())["username"] == "alice"
+    first = await subscribed(client, "websocket", bob, "lobby")
+    assert await watcher.next() == {"type": "presence", "topic": "lobby", "action": "join", "username": "bob"}
+    await first.close()
+    second = await subscribed(client, "websocket", bob, "lobby")  # a reconnect
+    await watcher.nothing_within(0.5)
+    response = await client.get("/topics/lobby/presence", headers={"Authorization": alice})
+    assert (await response.json())["users"] == [
+        {"username": "alice", "streams": 1},
+        {"username": "bob", "streams": 1},
+    ]
+    await second.close()
+    assert await watcher.next(within=1.0) == {
+        "type": "presence",
+        "topic": "lobby",
+        "action": "leave",
+        "username": "bob",
+    }
