@@ -648,3 +648,40 @@ async def test_the_pages_csp_allows_exactly_its_own_script_by_hash(client: Clien
 def test_config_dataclasses_have_the_new_defaults() -> None:
     assert dataclasses.asdict(server.Config().sessions.cookie) == {"name": "session", "secure": "auto"}
     assert server.Config().webserver.origins == ()
+
+
+# ---------------------------------------------------------------------------
+# Publishing to a topic (POST /events) with the cookie
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def lobby(start: Start) -> Client:
+    rules = server.topic_rules([{"pattern": "lobby", "subscribe": "anyone", "publish": "anyone"}])
+    return await start(events=server.EventsConfig(topics=rules))
+
+
+async def test_a_cookie_post_to_a_topic_from_another_origin_is_refused(lobby: Client) -> None:
+    cookie, _ = await cookie_login(lobby)
+    body = json.dumps({"topic": "lobby", "data": {"text": "forged"}})
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{lobby.port + 1}"):
+        headers = {**with_cookie(cookie.value, origin), "Content-Type": "text/plain"}
+        response = await lobby.post("/events", data=body, headers=headers)
+        assert (response.status, (await response.json())["error"]) == (403, "forbidden_origin"), origin
+    response = await lobby.post("/events", data=body, headers=with_cookie(cookie.value))  # no Origin
+    assert response.status == 403
+    engine = lobby.app[server.db_engine]
+    async with server.connection(engine) as conn:
+        assert await conn.scalar("SELECT count(*) FROM events") == 0
+
+
+async def test_a_cookie_post_to_a_topic_from_the_own_origin_publishes(lobby: Client) -> None:
+    cookie, _ = await cookie_login(lobby)
+    body = {"topic": "lobby", "data": {"text": "hello"}}
+    response = await lobby.post("/events", json=body, headers=with_cookie(cookie.value, own_origin(lobby)))
+    assert response.status == 200, await response.text()
+    assert isinstance((await response.json())["id"], int)
+    # The header is never refused for its origin.
+    session_id = await header_login(lobby)
+    headers = {"Authorization": session_id, "Origin": "http://evil.example"}
+    assert (await lobby.post("/events", json=body, headers=headers)).status == 200
