@@ -49,6 +49,45 @@ CREATE TABLE IF NOT EXISTS login_failures (
 );
 CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures (key, failed_at);
 CREATE INDEX IF NOT EXISTS login_failures_failed_at ON login_failures (failed_at);
+-- An attempt in flight, reserved before its password is checked: counted like a failure until the
+-- server settles it (NULL: a failure; a right password deletes it).
+ALTER TABLE login_failures ADD COLUMN IF NOT EXISTS token text;
+
+-- Reserve a login attempt under each key (the username's, the address's) before its password is
+-- checked, in one statement: the keys' advisory locks are taken in a fixed order, then every
+-- process's committed rows are counted. Returns the seconds to wait when failures fill a key's
+-- limit, -1 when attempts in flight fill it (ask again soon: they may succeed), else 0 (reserved).
+-- An attempt in flight for longer than `stale` seconds died with its process: it counts as failed.
+CREATE OR REPLACE FUNCTION login_attempt(keys text[], limits integer[], attempted_at double precision,
+        window_seconds double precision, token text, stale double precision)
+    RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE
+    wait double precision := 0;
+    busy boolean := false;
+    failed double precision[];
+    pending integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(h) FROM (
+        SELECT DISTINCT hashtextextended(k, 1819240293) AS h FROM unnest(keys) k ORDER BY 1) locks;
+    FOR i IN 1 .. cardinality(keys) LOOP
+        failed := ARRAY(SELECT f.failed_at FROM login_failures f WHERE f.key = keys[i]
+            AND f.failed_at > attempted_at - window_seconds AND (f.token IS NULL OR f.failed_at <= attempted_at - stale)
+            ORDER BY f.failed_at DESC LIMIT limits[i]);
+        IF cardinality(failed) >= limits[i] THEN
+            wait := greatest(wait, failed[limits[i]] + window_seconds - attempted_at);
+        END IF;
+        SELECT count(*) INTO pending FROM login_failures f
+            WHERE f.key = keys[i] AND f.token IS NOT NULL AND f.failed_at > attempted_at - stale;
+        busy := busy OR cardinality(failed) + pending >= limits[i];
+    END LOOP;
+    IF wait > 0 THEN
+        RETURN wait;
+    ELSIF busy THEN
+        RETURN -1;
+    END IF;
+    INSERT INTO login_failures (key, failed_at, token) SELECT k, attempted_at, token FROM unnest(keys) k;
+    RETURN 0;
+END $$;
 
 -- Sessions follow the account. Deleting a user, or raising its session_epoch (passwd does), ends
 -- its sessions: rows of the "postgres" store here, in the same transaction, and those every
@@ -66,12 +105,11 @@ BEGIN
         nullif(current_setting('loginservice.revoke', true), ''),
         CASE WHEN TG_OP = 'DELETE' THEN 'deluser' ELSE 'passwd' END), true);
     DELETE FROM sessions WHERE user_id = OLD.id AND (below IS NULL OR epoch < below);
-    IF TG_OP = 'DELETE' THEN  -- a new user who takes the name must not replay the old one's events
-        DELETE FROM events WHERE username = OLD.username;
+    IF TG_OP = 'DELETE' THEN  -- the account's events go with it
+        DELETE FROM events WHERE user_id = OLD.id;
     END IF;
     PERFORM pg_notify('session_revocations',
-        json_build_object('user_id', OLD.id, 'epoch', below, 'reason', 'revoked',
-            'deleted', CASE WHEN TG_OP = 'DELETE' THEN OLD.username END)::text);
+        json_build_object('user_id', OLD.id, 'epoch', below, 'reason', 'revoked')::text);
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS users_end_sessions ON users;
@@ -82,7 +120,7 @@ CREATE TRIGGER users_end_sessions AFTER DELETE OR UPDATE OF session_epoch ON use
 CREATE SEQUENCE IF NOT EXISTS events_id_seq;
 CREATE TABLE IF NOT EXISTS events (
     id         bigint PRIMARY KEY,              -- drawn by the trigger below, in commit order
-    username   varchar(1024),
+    username   varchar(1024),                   -- as the publisher named the user
     data       jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
@@ -96,6 +134,18 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS sender varchar(1024);
 DO $$ BEGIN
     ALTER TABLE events ADD CONSTRAINT events_one_audience CHECK (username IS NULL OR topic IS NULL);
 EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+-- user_id: the account that had the name when the event was inserted (the trigger below binds it).
+-- Events addressed by name before they followed the account: bound, once, when the column is
+-- added, to the account that has that name then; those of no account reach nobody, ever.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'events'::regclass
+                   AND attname = 'user_id' AND NOT attisdropped) THEN
+        ALTER TABLE events ADD COLUMN user_id bigint;
+        UPDATE events e SET user_id = u.id FROM users u
+            WHERE e.username IS NOT NULL AND u.username = e.username;
+    END IF;
 END $$;
 
 -- The newest id the retention sweep has deleted: a replay from before it is "replay_truncated".
@@ -114,6 +164,10 @@ BEGIN
     -- An event is at most 64 KiB of JSON, from SQL too: every process reads it within its timeouts.
     IF octet_length(NEW.data::text) > 65536 THEN
         RAISE EXCEPTION 'event data over 64 KiB' USING ERRCODE = 'check_violation';
+    END IF;
+    -- An event for a user follows the account that has the name now, not a later one of that name.
+    IF NEW.username IS NOT NULL THEN
+        NEW.user_id := (SELECT id FROM users WHERE username = NEW.username);
     END IF;
     PERFORM pg_advisory_xact_lock(1702258515);  -- 0x6576_7453: 'evtS'
     NEW.id := nextval('events_id_seq');

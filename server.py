@@ -65,7 +65,9 @@ Where the article's pieces live now (sections in this order, each under a banner
                                  routes and, in cleanup_ctx, the engine, hashing pool and store
     loginHandler, logoutHandler  Handlers: login() for POST /user, logout() for DELETE /user
                                  (and whoami() for GET /user, list_sessions() and end_session())
-    sessionToUser, userToSession Sessions: MemorySessionStore._sessions and ._by_user, changed only
+    sessionToUser, userToSession Sessions: the one owner of a session's life (login, touch, end,
+                                 eviction, revocations), which handlers call; its store keeps
+                                 them: MemorySessionStore._sessions and ._by_user, changed only
                                  by its methods; PostgresSessionStore and RedisSessionStore share
                                  sessions between processes, each behind a CachedSessionStore (the
                                  dictionary again, as a near cache the bus keeps honest)
@@ -214,6 +216,8 @@ GC_THRESHOLDS = (50_000, 20, 10)
 
 # Failed logins allowed per client address: several users may share one address (an office NAT).
 ADDRESS_FAILURE_FACTOR = 10
+ATTEMPT_RETRY = 0.02  # seconds between looks while attempts in flight fill a limit
+PENDING_LIFETIME = 60.0  # an attempt in flight longer than this died with its process: a failure
 MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
 
 # OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
@@ -869,6 +873,8 @@ events_table = sa.Table(
     ),
     sa.Column("topic", sa.String(200), info=ADDED_BY_SCHEMA_SQL),  # a topic's subscribers only
     sa.Column("sender", sa.String(MAX_FIELD_CHARS), info=ADDED_BY_SCHEMA_SQL),  # "from": an HTTP publisher
+    # The account the name belonged to at insert time (schema.sql's trigger): events follow it.
+    sa.Column("user_id", sa.BigInteger, info=ADDED_BY_SCHEMA_SQL),
 )
 
 # Members of members-only topics, by account (see Topics); deleting a row ends the membership.
@@ -914,6 +920,8 @@ login_failures = sa.Table(
     metadata,
     sa.Column("key", sa.String(MAX_FIELD_CHARS + 76), nullable=False),
     sa.Column("failed_at", DOUBLE_PRECISION, nullable=False, index=True),
+    # An attempt in flight (its password not yet checked); NULL once it is a failure.
+    sa.Column("token", sa.Text, info=ADDED_BY_SCHEMA_SQL),
     sa.Index("login_failures_key", "key", "failed_at"),
 )
 
@@ -1736,27 +1744,46 @@ async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str
         raise UserExists(f"user '{username}' already exists")
 
 
-async def update_password_hash(
-    engine: aiopg.sa.Engine, username: str, password_hash: str, end_sessions: bool = False
-) -> int:
-    """Replace a user's hash; returns the user's id; raises UserNotFound if there is no such user.
-
-    end_sessions (passwd) also raises the user's session_epoch, in a statement of its own, which
-    ends every session begun before (schema.sql's trigger; a re-hash at login ends none).
-    """
+async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> Account:
+    """passwd: replace a user's hash and raise its session_epoch, which ends every session begun
+    before (schema.sql's trigger); returns the account after; raises UserNotFound."""
     async with connection(engine) as conn, conn.begin():
         await conn.execute(LOCK_USERS)
-        # The row lock too, so the UPDATE below cannot wait for one (a statement without the hash).
-        user_id = await conn.scalar(
-            sa.select(users.c.id).where(users.c.username == username).with_for_update()
-        )
-        if user_id is None:
+        # The epoch first, in a statement of its own: it takes the row lock, so the UPDATE with the
+        # hash below cannot wait for one (and fail, logged with the hash).
+        row = await (
+            await conn.execute(
+                users.update()
+                .where(users.c.username == username)
+                .values(session_epoch=users.c.session_epoch + 1)
+                .returning(users.c.id, users.c.session_epoch)
+            )
+        ).first()
+        if row is None:
             raise UserNotFound(f"no such user '{username}'")
-        if end_sessions:
-            epoch = users.c.session_epoch + 1
-            await conn.execute(users.update().where(users.c.id == user_id).values(session_epoch=epoch))
-        await conn.execute(users.update().where(users.c.id == user_id).values(password_hash=password_hash))
-    return int(user_id)
+        await conn.execute(users.update().where(users.c.id == row.id).values(password_hash=password_hash))
+    return Account(int(row.id), username, int(row.session_epoch))
+
+
+async def replace_hash(engine: aiopg.sa.Engine, account: Account, verified: str, password_hash: str) -> bool:
+    """The login's re-hash: a compare-and-swap that writes only if the account still has the
+    epoch and the hash that were verified (a passwd, deluser or adduser meanwhile wins)."""
+    async with connection(engine) as conn, conn.begin():
+        await conn.execute(LOCK_USERS)
+        locked = await conn.scalar(  # the row lock first, by a statement without a hash
+            sa.select(users.c.id)
+            .where(users.c.id == account.user_id, users.c.session_epoch == account.epoch)
+            .with_for_update()
+        )
+        if locked is None:
+            return False
+        changed = await conn.scalar(
+            users.update()
+            .where(users.c.id == account.user_id, users.c.password_hash == verified)
+            .values(password_hash=password_hash)
+            .returning(users.c.id)
+        )
+    return changed is not None
 
 
 async def delete_user(engine: aiopg.sa.Engine, username: str) -> int:
@@ -1856,12 +1883,20 @@ class Verdict(enum.Enum):
         return self is not Verdict.WRONG
 
 
+NFC_SALT_BYTES = 24  # the salt length that marks a hash made of a password's NFC form (argon2's default: 16)
+
+
 class Passwords:
     """argon2id hashing on a thread pool of its own, so the event loop never waits on it.
 
-    Passwords are hashed in NFC. A failed verify costs what a wrong password against a hash with
-    today's parameters costs, whatever is stored: no user, a hash with other (cheaper)
-    parameters, or a value that is no hash at all (OWASP Authentication Cheat Sheet).
+    Passwords are hashed in NFC, with salts of NFC_SALT_BYTES that mark such hashes. A login costs
+    one verification at today's parameters whatever is stored (OWASP Authentication Cheat Sheet):
+    no user, or a value that is no hash, verifies against a dummy; a hash with cheaper parameters
+    is verified, then padded with a dummy of the passes it lacks; a stronger one costs what it
+    costs. Older hashes keep verifying: a password typed in another form than NFC, against a hash
+    made before the mark (perhaps of the form as typed), is tried as typed too, within the same
+    padded budget when the hash is cheap enough (at most half of today's cost); a hash of today's
+    parameters without the mark then costs two, until that user's next login re-hashes it.
     """
 
     def __init__(self, config: PasswordConfig) -> None:
@@ -1870,7 +1905,10 @@ class Passwords:
             memory_cost=config.memory_cost,
             parallelism=config.parallelism,
             type=argon2.Type.ID,
+            salt_len=NFC_SALT_BYTES,
         )
+        self._config = config
+        self._pads: dict[int, str] = {}  # dummy hashes at today's memory, by their passes (time_cost)
         self._executor = ThreadPoolExecutor(
             max_workers=config.threads or usable_cpus(),
             thread_name_prefix="argon2",
@@ -1889,19 +1927,47 @@ class Passwords:
         return await loop.run_in_executor(self._executor, self._verify, stored_hash, password)
 
     def _verify(self, stored_hash: str | None, password: str) -> Verdict:
-        # The NFC form, and for a hash made before passwords were normalized, the form as typed.
-        # How many forms are tried depends on the password only, never on what is stored.
-        forms = list(dict.fromkeys([nfc(password), password]))
-        current = stored_hash is not None and self._is_current(stored_hash)
-        if not current:
-            for form in forms:  # spend what a verify at today's parameters costs
-                self._matches(self._dummy_hash, form)
-        if stored_hash is None:
+        normal = nfc(password)
+        stored = self._parameters(stored_hash)
+        if stored_hash is None or stored is None:  # no user, or no hash: what a wrong password costs
+            self._matches(self._dummy_hash, normal)
             return Verdict.WRONG
+        forms = [normal]
+        if password != normal and stored.salt_len != NFC_SALT_BYTES:
+            forms.append(password)  # a hash made before the mark may be of the form as typed
+        self._pad(stored, len(forms), normal)
+        current = self._is_current(stored_hash)
         for form in forms:
             if self._matches(stored_hash, form):
-                return Verdict.RIGHT if current and form == forms[0] else Verdict.RIGHT_OUTDATED
+                return Verdict.RIGHT if current and form is normal else Verdict.RIGHT_OUTDATED
         return Verdict.WRONG
+
+    @staticmethod
+    def _parameters(stored_hash: str | None) -> argon2.Parameters | None:
+        if stored_hash is None:
+            return None
+        try:
+            return argon2.extract_parameters(stored_hash)
+        except (argon2.exceptions.InvalidHashError, ValueError):  # not even ASCII
+            log.warning("a stored password hash could not be read; treating it as a mismatch")
+            return None
+
+    def _pad(self, stored: argon2.Parameters, verifications: int, password: str) -> None:
+        """Spend the passes over today's memory that `verifications` of a cheaper hash fall short of."""
+        today = self._config.time_cost * self._config.memory_cost
+        spent = verifications * stored.time_cost * stored.memory_cost
+        passes = round((today - spent) / self._config.memory_cost)
+        if passes >= 1:
+            pad = self._pads.get(passes)
+            if pad is None:
+                hasher = argon2.PasswordHasher(
+                    time_cost=passes,
+                    memory_cost=self._config.memory_cost,
+                    parallelism=self._config.parallelism,
+                    type=argon2.Type.ID,
+                )
+                pad = self._pads[passes] = hasher.hash(secrets.token_urlsafe(16))
+            self._matches(pad, password)
 
     def _matches(self, stored_hash: str, password: str) -> bool:
         try:
@@ -2010,25 +2076,56 @@ def deadline(config: SessionConfig, created_at: float, last_seen: float) -> floa
     return min(last_seen + config.idle_timeout, created_at + config.absolute_timeout)
 
 
-class FailureLog(Protocol):
-    """Failed-login times per key (`user:<name>`, `address:<ip>`), kept for LoginThrottle."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """A login attempt, reserved under its keys (`user:<name>`, `address:<ip or IPv6 /64>`) before
+    its password is checked; `limits` are the keys' limits, `at` the time it counts from."""
 
-    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]: ...
-    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None: ...
-    async def clear_failures(self, key: str) -> None: ...
+    keys: tuple[str, ...]
+    limits: tuple[int, ...]
+    token: str
+    at: float
+
+
+BUSY = -1.0  # what FailureLog.reserve answers while attempts in flight fill a limit
+
+
+class FailureLog(Protocol):
+    """Login failures per key, and the attempts in flight, which count like failures until they
+    are settled: so N concurrent guesses can never get more verdicts than the limit allows.
+
+    `reserve` is atomic: the seconds to wait if failures fill a key's limit; BUSY if attempts in
+    flight fill it (they may yet succeed: ask again in a moment); else 0.0, the attempt reserved.
+    `settle`: a failure stays counted; otherwise the attempt goes, and with `clear` (a right
+    password) every failure of its first key (the username) too.
+    """
+
+    async def reserve(self, attempt: Attempt, window: float) -> float: ...
+    async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None: ...
     async def sweep_failures(self, before: float) -> int: ...
 
 
-class SessionStore(FailureLog, Protocol):
-    """What the handlers need of a session store; memory, PostgreSQL and Redis provide it.
+# A new session: its id, the session, and the token hashes of the live sessions it pushed out.
+NewSession: TypeAlias = tuple[str, Session, list[bytes]]
+DELETED = 1 << 62  # the epoch floor of a deleted account: no session of it is valid
 
-    Sessions belong to an Account (user id and epoch). `revoke_user` ends an account's sessions
-    begun before an epoch (all of them for `below=None`: the user is gone); each process calls it
-    when the bus brings a revocation, so memory sessions follow the account too. Each store keeps
-    the login failures as well, so that a shared store also shares the counts of password guesses.
+
+class SessionStore(FailureLog, Protocol):
+    """What Sessions needs of a session store; memory, PostgreSQL and Redis provide it.
+
+    Sessions belong to an Account (user id and epoch). `create` refuses (None) an account whose
+    epoch was revoked, atomically with adding the session, and ends the user's oldest sessions
+    beyond max_per_user; it settles the login's `attempt` as a success in the same step (the
+    attempt's reservation goes, and the username's failures). `revoke_user` ends an account's
+    sessions begun below an epoch (all of them for `below=None`: the user is gone) and refuses
+    such sessions from then on; each process calls it when the bus brings a revocation.
+    `revoke_all` ends every session (a logout) and refuses nothing. Each store keeps the login
+    failures as well, so that a shared store also shares the counts of password guesses.
     """
 
-    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]: ...
+    async def create(
+        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
+    ) -> NewSession | None: ...
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
     async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int: ...
@@ -2049,14 +2146,40 @@ class MemoryFailureLog:
     def __init__(self, max_keys: int = MAX_TRACKED_KEYS) -> None:
         self._max_keys = max_keys
         self._times: OrderedDict[str, deque[float]] = OrderedDict()
+        self._pending: dict[str, dict[str, float]] = {}  # key -> attempts in flight (token -> at)
 
     def __len__(self) -> int:
         return len(self._times)
 
-    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
-        return [when for when in self._times.get(key, ()) if when > since][-limit:]
+    async def reserve(self, attempt: Attempt, window: float) -> float:
+        """No await inside: the check and the reservation are one step of the event loop."""
+        since, wait, busy = attempt.at - window, 0.0, False
+        for key, limit in zip(attempt.keys, attempt.limits, strict=True):
+            failed = [when for when in self._times.get(key, ()) if when > since]
+            if len(failed) >= limit:
+                wait = max(wait, failed[-limit] + window - attempt.at)
+            busy = busy or len(failed) + len(self._pending.get(key, ())) >= limit
+        if wait > 0 or busy:
+            return wait if wait > 0 else BUSY
+        for key in attempt.keys:
+            self._pending.setdefault(key, {})[attempt.token] = attempt.at
+        return 0.0
 
-    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
+    async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
+        self.settle_now(attempt, failed, clear)
+
+    def settle_now(self, attempt: Attempt, failed: bool, clear: bool) -> None:
+        for key, limit in zip(attempt.keys, attempt.limits, strict=True):
+            pending = self._pending.get(key, {})
+            pending.pop(attempt.token, None)
+            if not pending:
+                self._pending.pop(key, None)
+            if failed:
+                self._add(key, attempt.at, limit)
+        if clear:
+            self._times.pop(attempt.keys[0], None)
+
+    def _add(self, key: str, when: float, limit: int) -> None:
         times = self._times.get(key)
         if times is None:
             if len(self._times) >= self._max_keys:
@@ -2066,14 +2189,30 @@ class MemoryFailureLog:
             self._times.move_to_end(key)
         times.append(when)
 
-    async def clear_failures(self, key: str) -> None:
-        self._times.pop(key, None)
-
     async def sweep_failures(self, before: float) -> int:
         stale = [key for key, times in self._times.items() if times[-1] <= before]
         for key in stale:
             del self._times[key]
         return len(stale)
+
+
+class EpochFloors:
+    """The lowest session epoch still valid of recently revoked accounts (DELETED: none is), as
+    this process learned them; the most recent RECENT_REVOCATIONS accounts are kept."""
+
+    def __init__(self, most: int = RECENT_REVOCATIONS) -> None:
+        self._floors: OrderedDict[int, int] = OrderedDict()
+        self._most = most
+
+    def raise_to(self, user_id: int, below: int | None) -> None:
+        floor = DELETED if below is None else below
+        self._floors[user_id] = max(floor, self._floors.get(user_id, 0))
+        self._floors.move_to_end(user_id)
+        while len(self._floors) > self._most:
+            self._floors.popitem(last=False)
+
+    def allows(self, user_id: int, epoch: int) -> bool:
+        return epoch >= self._floors.get(user_id, 0)
 
 
 class MemorySessionStore(MemoryFailureLog):
@@ -2093,23 +2232,34 @@ class MemorySessionStore(MemoryFailureLog):
         # By users.id; a dict used as an ordered set: the first id is the user's oldest session.
         self._by_user: dict[int, dict[str, None]] = {}
         self.journal: JournalWriter | None = None  # the session journal's writer (the server sets it)
+        self._floors = EpochFloors()
 
-    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
-        """A new session of account; beyond max_per_user the user's oldest one ends."""
+    async def create(
+        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
+    ) -> NewSession | None:
+        """A new session of account, unless its epoch was revoked; beyond max_per_user the
+        user's oldest one ends. No await: the check and the insert are one step of the loop."""
+        if not self._floors.allows(account.user_id, account.epoch):
+            return None
+        if attempt is not None:
+            self.settle_now(attempt, False, True)
         now = self._clock()
         session_id = new_session_id()
         session = device.begin(account, now, deadline(self._config, now, now))
         self._sessions[session_id] = session
         user_ids = self._by_user.setdefault(account.user_id, {})
         user_ids[session_id] = None
+        evicted = []
         if len(user_ids) > self._config.max_per_user:
             # Expired sessions go first; only then does the oldest live one make room.
             for old_id in [sid for sid in user_ids if self._sessions[sid].expires_at <= now]:
                 self._remove(old_id, "expired:")
             while len(user_ids) > self._config.max_per_user:
-                self._remove(next(iter(user_ids)), "evicted:max_per_user")
+                oldest = next(iter(user_ids))
+                self._remove(oldest, "evicted:max_per_user")
+                evicted.append(token_hash(oldest))
         self._note("login", session)
-        return session_id, session
+        return session_id, session, evicted
 
     async def touch(self, session_id: str) -> Session | None:
         """The live session for this id, its idle deadline renewed; None if unknown or expired."""
@@ -2134,7 +2284,9 @@ class MemorySessionStore(MemoryFailureLog):
         return await self._end_user(user_id, None, ending)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
-        """End the user's live sessions begun in an epoch below `below` (None: all of them)."""
+        """End the user's live sessions begun in an epoch below `below` (None: all of them, the
+        account is gone), and refuse new ones of those epochs."""
+        self._floors.raise_to(user_id, below)
         return await self._end_user(user_id, below, "revoked:")
 
     async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
@@ -2271,50 +2423,49 @@ TOUCH_SESSION = CompiledQuery.of(
     )
     .returning(*_SESSION_FIELDS)
 )
-# One statement for a login: insert the session, then (in the same snapshot, which does not see the
-# new row) delete the user's expired sessions and the live ones beyond the newest `keep`.
-_new_session = (
-    sessions_table.insert()
-    .values(
-        token_hash=sa.bindparam("digest"),
-        username=sa.bindparam("username"),
-        user_id=sa.bindparam("user_id"),
-        epoch=sa.bindparam("epoch"),
-        created_at=_session_param("now"),
-        last_seen=_session_param("now"),
-        expires_at=_session_param("expires"),
-        public_id=sa.bindparam("public_id"),
-        address=sa.bindparam("address"),
-        user_agent=sa.bindparam("user_agent"),
+# One statement for a login. The session is inserted only if the account still has the epoch the
+# password was checked against, and the account's row stays locked (FOR SHARE) until the insert
+# commits: a passwd or deluser waits for it and its trigger then ends the new session, or commits
+# first and the insert finds no row. In the same snapshot (which does not see the new row) the
+# user's expired sessions go, and the live ones beyond the newest `keep`, which are returned; they
+# go first, so the journal records the eviction before the login that made it; and the login's
+# attempt is settled as a success (FailureLog).
+CREATE_SESSION = CompiledQuery("""
+    WITH account AS (
+        SELECT id FROM users WHERE id = %(user_id)s AND session_epoch = %(epoch)s FOR SHARE
+    ), new_session AS (
+        INSERT INTO sessions (token_hash, username, user_id, epoch, created_at, last_seen, expires_at,
+                              public_id, address, user_agent)
+        SELECT %(digest)s, %(username)s, id, %(epoch)s, %(now)s, %(now)s, %(expires)s,
+               %(public_id)s, %(address)s, %(user_agent)s FROM account
+        RETURNING token_hash
+    ), gone AS (
+        DELETE FROM sessions WHERE user_id = %(user_id)s AND EXISTS (SELECT FROM account) AND (
+            expires_at <= %(now)s OR token_hash IN (
+                SELECT token_hash FROM sessions WHERE user_id = %(user_id)s AND expires_at > %(now)s
+                ORDER BY seq DESC OFFSET %(keep)s))
+            AND set_config('loginservice.ending', 'evicted:max_per_user', true) IS NOT NULL
+            AND set_config('loginservice.now', CAST(%(now)s AS TEXT), true) IS NOT NULL
+        RETURNING token_hash, expires_at > %(now)s AS live
+    ), settled AS (
+        DELETE FROM login_failures WHERE key = ANY(%(keys)s::text[]) AND EXISTS (SELECT FROM account)
+            AND (token = %(token)s OR key = %(clear)s)
     )
-    .returning(sessions_table.c.token_hash)
-    .cte("new_session")
-)
-_older_live = (
-    sa.select(sessions_table.c.token_hash)
-    .where(
-        sessions_table.c.user_id == sa.bindparam("user_id"),
-        sessions_table.c.expires_at > _session_param("now"),
-    )
-    .order_by(sessions_table.c.seq.desc())
-    .offset(sa.bindparam("keep", type_=sa.Integer))
-)
-CREATE_SESSION = CompiledQuery.of(
-    sessions_table.delete()
-    .where(
-        sessions_table.c.user_id == sa.bindparam("user_id"),
-        sa.or_(
-            sessions_table.c.expires_at <= _session_param("now"),
-            sessions_table.c.token_hash.in_(_older_live.scalar_subquery()),
-        ),
-        journaled_as("evicted:max_per_user"),
-    )
-    .add_cte(_new_session)
-)
+    SELECT token_hash FROM gone WHERE live UNION ALL SELECT NULL::bytea FROM new_session
+""")
 REVOKE_SESSION = CompiledQuery.of(
     sessions_table.delete()
     .where(sessions_table.c.token_hash == sa.bindparam("digest"), journaled_as("logout:logout"))
     .returning(*_SESSION_FIELDS)
+)
+
+
+RESERVE_ATTEMPT = (
+    "SELECT login_attempt(%(keys)s::text[], %(limits)s::integer[], %(at)s, %(window)s, %(token)s, %(stale)s)"
+)
+FAILED_ATTEMPT = "UPDATE login_failures SET token = NULL WHERE key = ANY(%(keys)s) AND token = %(token)s"
+SETTLED_ATTEMPT = (
+    "DELETE FROM login_failures WHERE key = ANY(%(keys)s) AND (token = %(token)s OR key = %(clear)s)"
 )
 
 
@@ -2336,12 +2487,14 @@ class PostgresSessionStore:
                 result = await (conn.execute(query) if params is None else conn.execute(query, params))
                 return list(await result.fetchall()) if result.returns_rows else []
 
-    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
+    async def create(
+        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
+    ) -> NewSession | None:
         now = self._clock()
         session_id = new_session_id()
         session = device.begin(account, now, deadline(self._config, now, now))
         params = {
-            "digest": token_hash(session_id),
+            "digest": psycopg2.Binary(token_hash(session_id)),
             "username": account.username,
             "user_id": account.user_id,
             "epoch": account.epoch,
@@ -2351,9 +2504,14 @@ class PostgresSessionStore:
             "address": session.address,
             "user_agent": session.user_agent,
             "keep": self._config.max_per_user - 1,  # and the new one makes max_per_user
+            "keys": [] if attempt is None else list(attempt.keys),
+            "token": None if attempt is None else attempt.token,
+            "clear": None if attempt is None else attempt.keys[0],
         }
-        await self._rows(CREATE_SESSION.sql, params)
-        return session_id, session
+        rows = await self._rows(CREATE_SESSION.sql, params)
+        if not rows:
+            return None  # the account is gone, or its epoch was raised: no session
+        return session_id, session, [bytes(row[0]) for row in rows if row[0] is not None]
 
     async def touch(self, session_id: str) -> Session | None:
         params = {
@@ -2420,21 +2578,26 @@ class PostgresSessionStore:
         query = sa.select(sa.func.count()).where(table.c.expires_at > self._clock())
         return int((await self._rows(query))[0][0])
 
-    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
-        table = login_failures
-        query = (
-            sa.select(table.c.failed_at)
-            .where(table.c.key == key, table.c.failed_at > since)
-            .order_by(table.c.failed_at.desc())
-            .limit(limit)
-        )
-        return sorted(row.failed_at for row in await self._rows(query))
+    async def reserve(self, attempt: Attempt, window: float) -> float:
+        """One statement: schema.sql's login_attempt, which takes the keys' locks in turn."""
+        params = {
+            "keys": list(attempt.keys),
+            "limits": list(attempt.limits),
+            "at": attempt.at,
+            "window": window,
+            "token": attempt.token,
+            "stale": PENDING_LIFETIME,
+        }
+        rows = await self._rows(RESERVE_ATTEMPT, params)
+        return float(rows[0][0])
 
-    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
-        await self._rows(login_failures.insert().values(key=key, failed_at=when))
-
-    async def clear_failures(self, key: str) -> None:
-        await self._rows(login_failures.delete().where(login_failures.c.key == key))
+    async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
+        params = {
+            "keys": list(attempt.keys),
+            "token": attempt.token,
+            "clear": attempt.keys[0] if clear else "",
+        }
+        await self._rows(FAILED_ATTEMPT if failed else SETTLED_ATTEMPT, params)
 
     async def sweep_failures(self, before: float) -> int:
         table = login_failures
@@ -2477,11 +2640,17 @@ class RedisSessionStore:
         redis.call('PEXPIREAT', KEYS[1], math.ceil((expires + tonumber(ARGV[5])) * 1000))
         return {f[1], f[2], ARGV[1], shown, f[4], f[5], f[6], f[7], f[8]}
     """
-    # KEYS: session key, user key, sequence key. ARGV: username, now, expires_at, digest, the user
-    # set's lifetime, max_per_user, session key prefix, public id, address, User-Agent, user id,
-    # epoch, grace. Adds the session; beyond max_per_user the user's expired sessions go first,
-    # then the oldest live ones. Returns the fields of the sessions it removed (for the journal).
+    # KEYS: session key, user key, sequence key, the account's epoch floor. ARGV: username, now,
+    # expires_at, digest, the user set's lifetime, max_per_user, session key prefix, public id,
+    # address, User-Agent, user id, epoch, grace. Adds the session unless the epoch is below the
+    # floor (false); beyond max_per_user the user's expired sessions go first, then the oldest live
+    # ones. Returns the fields of the sessions it removed (for the journal) and the digests of the
+    # live ones. KEYS from the 5th and ARGV[14]: the login's attempt (its sets of failures and its
+    # token), settled as a success.
     _CREATE = f"""
+        if tonumber(ARGV[12]) < tonumber(redis.call('GET', KEYS[4]) or '0') then return false end
+        for i = 5, #KEYS do redis.call('ZREM', KEYS[i], 'p:' .. ARGV[14]) end
+        if KEYS[5] then redis.call('DEL', KEYS[5]) end
         local order = redis.call('INCR', KEYS[3])
         redis.call('HSET', KEYS[1], 'username', ARGV[1], 'created_at', ARGV[2],
                    'last_seen', ARGV[2], 'expires_at', ARGV[3],
@@ -2492,8 +2661,8 @@ class RedisSessionStore:
         redis.call('EXPIRE', KEYS[2], ARGV[5])
         local members = redis.call('ZRANGE', KEYS[2], 0, -1)
         local most = tonumber(ARGV[6])
-        local removed = {{}}
-        if #members <= most then return removed end
+        local removed, evicted = {{}}, {{}}
+        if #members <= most then return {{removed, evicted}} end
         local now, live = tonumber(ARGV[2]), {{}}
         for _, digest in ipairs(members) do
             local f = redis.call('HMGET', ARGV[7] .. digest, {_FIELDS})
@@ -2507,10 +2676,12 @@ class RedisSessionStore:
         end
         for i = 1, #live - most do
             table.insert(removed, redis.call('HMGET', ARGV[7] .. live[i], {_FIELDS}))
+            table.insert(evicted, live[i])
             redis.call('ZREM', KEYS[2], live[i])
             redis.call('DEL', ARGV[7] .. live[i])
+            table.insert(evicted, live[i])
         end
-        return removed
+        return {{removed, evicted}}
     """
     _REVOKE = f"""
         local f = redis.call('HMGET', KEYS[1], {_FIELDS})
@@ -2519,9 +2690,13 @@ class RedisSessionStore:
         if f[8] then redis.call('ZREM', KEYS[2] .. f[8], ARGV[1]) end
         return f
     """
-    # KEYS: user key. ARGV: session key prefix, epoch ('' for every epoch). Ends the user's
+    # KEYS: user key, the account's epoch floor. ARGV: session key prefix, epoch ('' for every
+    # epoch), the floor to raise to ('' for none: a logout), the floor's lifetime. Ends the user's
     # sessions begun below the epoch; returns their fields.
     _REVOKE_USER = f"""
+        if ARGV[3] ~= '' and tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
+            redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+        end
         local ended = {{}}
         for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
             local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
@@ -2572,6 +2747,47 @@ class RedisSessionStore:
         return false
     """
 
+    # KEYS: the attempt's sets of failures. ARGV: at, window, token, how long an attempt may be in
+    # flight, the sets' lifetime, then each key's limit. See FailureLog.reserve; members 'p:<token>'
+    # are attempts in flight, 'f:<token>' failures, each scored by its time.
+    _RESERVE = """
+        local at, window, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+        local wait, busy = 0, false
+        for i, key in ipairs(KEYS) do
+            local limit = tonumber(ARGV[5 + i])
+            redis.call('ZREMRANGEBYSCORE', key, '-inf', at - window)
+            local failed, pending = {}, 0
+            local entries = redis.call('ZREVRANGE', key, 0, -1, 'WITHSCORES')
+            for j = 1, #entries, 2 do
+                local score = tonumber(entries[j + 1])
+                if string.sub(entries[j], 1, 2) == 'p:' and score > at - stale then
+                    pending = pending + 1
+                else
+                    table.insert(failed, score)
+                end
+            end
+            if #failed >= limit then wait = math.max(wait, failed[limit] + window - at) end
+            if #failed + pending >= limit then busy = true end
+        end
+        if wait > 0 then return string.format('%.17g', wait) end
+        if busy then return '-1' end
+        for _, key in ipairs(KEYS) do
+            redis.call('ZADD', key, at, 'p:' .. ARGV[3])
+            redis.call('EXPIRE', key, ARGV[5])
+        end
+        return '0'
+    """
+    # KEYS: the attempt's sets. ARGV: token, failed (1/0), clear (1/0). See FailureLog.settle.
+    _SETTLE = """
+        for _, key in ipairs(KEYS) do
+            local at = redis.call('ZSCORE', key, 'p:' .. ARGV[1])
+            redis.call('ZREM', key, 'p:' .. ARGV[1])
+            if ARGV[2] == '1' and at then redis.call('ZADD', key, at, 'f:' .. ARGV[1]) end
+        end
+        if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) end
+        return 0
+    """
+
     def __init__(
         self, client: Any, config: SessionConfig, clock: Callable[[], float], prefix: str | None = None
     ) -> None:
@@ -2588,6 +2804,8 @@ class RedisSessionStore:
         self._revoke_user = client.register_script(self._REVOKE_USER)
         self._expire = client.register_script(self._EXPIRE)
         self.journal: JournalWriter | None = None  # the session journal's writer (the server sets it)
+        self._reserve = client.register_script(self._RESERVE)
+        self._settle = client.register_script(self._SETTLE)
 
     def _session_key(self, digest: str) -> str:
         return f"{self._prefix}session:{digest}"
@@ -2595,12 +2813,23 @@ class RedisSessionStore:
     def _user_key(self, user_id: int) -> str:
         return f"{self._prefix}user:{user_id}"
 
-    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
+    def _floor_key(self, user_id: int) -> str:
+        return f"{self._prefix}epoch:{user_id}"
+
+    async def create(
+        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
+    ) -> NewSession | None:
         now = self._clock()
         session_id = new_session_id()
         digest = token_hash(session_id).hex()
         session = device.begin(account, now, deadline(self._config, now, now))
-        keys = [self._session_key(digest), self._user_key(account.user_id), f"{self._prefix}sequence"]
+        keys = [
+            self._session_key(digest),
+            self._user_key(account.user_id),
+            f"{self._prefix}sequence",
+            self._floor_key(account.user_id),
+            *([] if attempt is None else [f"{self._prefix}failures:{key}" for key in attempt.keys]),
+        ]
         args = [
             account.username,
             repr(now),
@@ -2615,13 +2844,17 @@ class RedisSessionStore:
             account.user_id,
             account.epoch,
             REDIS_EXPIRY_GRACE,
+            "" if attempt is None else attempt.token,
         ]
         with store_errors(*self._errors):
-            removed = await self._create(keys=keys, args=args)
+            created = await self._create(keys=keys, args=args)
+        if not created:
+            return None  # the account's epoch was revoked meanwhile
+        removed, evicted = created
         self._note(removed, "evicted:max_per_user", now)
         if self.journal is not None:
             self.journal.note(JournalWriter.row("login", session))
-        return session_id, session
+        return session_id, session, [bytes.fromhex(digest.decode()) for digest in evicted]
 
     async def touch(self, session_id: str) -> Session | None:
         digest = token_hash(session_id).hex()
@@ -2651,15 +2884,23 @@ class RedisSessionStore:
         return session
 
     async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
-        return await self._end_user(user_id, None, ending)
+        return await self._end_user(user_id, None, ending, None)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
-        return await self._end_user(user_id, below, "revoked:")
+        return await self._end_user(user_id, below, "revoked:", DELETED if below is None else below)
 
-    async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
-        args = [f"{self._prefix}session:", "" if below is None else below]
+    async def _end_user(self, user_id: int, below: int | None, ending: str, floor: int | None) -> int:
+        # The floor outlives every login that could still be in flight with the old epoch.
+        lifetime = max(3600, math.ceil(self._config.absolute_timeout))
+        args = [
+            f"{self._prefix}session:",
+            "" if below is None else below,
+            "" if floor is None else floor,
+            lifetime,
+        ]
+        keys = [self._user_key(user_id), self._floor_key(user_id)]
         with store_errors(*self._errors):
-            ended = await self._revoke_user(keys=[self._user_key(user_id)], args=args)
+            ended = await self._revoke_user(keys=keys, args=args)
         now = self._clock()
         self._note(ended, ending, now)
         found = (self._session(fields) for fields in ended)
@@ -2718,25 +2959,16 @@ class RedisSessionStore:
                 found += 1
         return found
 
-    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
+    async def reserve(self, attempt: Attempt, window: float) -> float:
+        keys = [f"{self._prefix}failures:{key}" for key in attempt.keys]
+        args = [repr(attempt.at), repr(window), attempt.token, repr(PENDING_LIFETIME), math.ceil(window)]
         with store_errors(*self._errors):
-            found = await self._redis.zrangebyscore(
-                f"{self._prefix}failures:{key}", f"({since!r}", "+inf", withscores=True
-            )
-        return [score for _, score in found][-limit:]
+            return float(await self._reserve(keys=keys, args=[*args, *attempt.limits]))
 
-    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
-        name = f"{self._prefix}failures:{key}"
+    async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
+        keys = [f"{self._prefix}failures:{key}" for key in attempt.keys]
         with store_errors(*self._errors):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(name, {f"{when!r}:{secrets.token_hex(4)}": when})
-                pipe.zremrangebyrank(name, 0, -(limit + 1))
-                pipe.expire(name, math.ceil(window))
-                await pipe.execute()
-
-    async def clear_failures(self, key: str) -> None:
-        with store_errors(*self._errors):
-            await self._redis.delete(f"{self._prefix}failures:{key}")
+            await self._settle(keys=keys, args=[attempt.token, int(failed), int(clear)])
 
     async def sweep_failures(self, before: float) -> int:
         return 0  # Redis expires each set a window after its last failure
@@ -2805,21 +3037,28 @@ class CachedSessionStore:
         self._near: OrderedDict[bytes, _Near] = OrderedDict()
         self._by_user: dict[int, set[bytes]] = {}
         self._generation = 0  # raised by every forgetting
+        self._floors = EpochFloors()  # revoked epochs: never answered from the cache
 
     def __len__(self) -> int:
         return len(self._near)
 
-    async def create(self, account: Account, device: Device = UNKNOWN_DEVICE) -> tuple[str, Session]:
-        session_id, session = await self.store.create(account, device)
+    async def create(
+        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
+    ) -> NewSession | None:
+        created = await self.store.create(account, device, attempt)
         # The store may have ended the user's oldest sessions to make room: read them again. (The
         # new session is cached at its first use, so a login costs no memory until then.)
-        self._drop_user(account.user_id, None)
-        return session_id, session
+        self.forget_user(account.user_id, None)
+        return created
 
     async def touch(self, session_id: str) -> Session | None:
         digest = token_hash(session_id)
         near = self._near.get(digest)
-        if near is not None and self.trusted():
+        if (
+            near is not None
+            and self.trusted()
+            and self._floors.allows(near.session.user_id, near.session.epoch)
+        ):
             now = self._clock()
             session = near.session
             if session.expires_at > now and now - near.written < self.slack:
@@ -2844,7 +3083,7 @@ class CachedSessionStore:
         return await self.store.revoke_all(user_id, ending)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
-        self.forget_user(user_id, below)
+        self.refuse(user_id, below)
         return await self.store.revoke_user(user_id, below)
 
     async def sessions_of(self, user_id: int) -> list[Session]:
@@ -2879,14 +3118,11 @@ class CachedSessionStore:
         self.clear()
         await self.store.close()
 
-    async def recent_failures(self, key: str, limit: int, since: float) -> list[float]:
-        return await self.store.recent_failures(key, limit, since)
+    async def reserve(self, attempt: Attempt, window: float) -> float:
+        return await self.store.reserve(attempt, window)
 
-    async def add_failure(self, key: str, when: float, limit: int, window: float) -> None:
-        await self.store.add_failure(key, when, limit, window)
-
-    async def clear_failures(self, key: str) -> None:
-        await self.store.clear_failures(key)
+    async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
+        await self.store.settle(attempt, failed, clear)
 
     async def sweep_failures(self, before: float) -> int:
         return await self.store.sweep_failures(before)
@@ -2901,6 +3137,11 @@ class CachedSessionStore:
         self._generation += 1
         self._drop_user(user_id, below)
 
+    def refuse(self, user_id: int, below: int | None) -> None:
+        """Never again answer for the account's sessions below the epoch (None: any of them)."""
+        self._floors.raise_to(user_id, below)
+        self.forget_user(user_id, below)
+
     def clear(self) -> None:
         """Drop everything (the bus was away: what it missed is unknown)."""
         self._generation += 1
@@ -2910,6 +3151,8 @@ class CachedSessionStore:
     def _fill(self, digest: bytes, session: Session, generation: int) -> None:
         """Cache what the store just answered, unless something was forgotten meanwhile."""
         if generation != self._generation or not self.trusted():
+            return
+        if not self._floors.allows(session.user_id, session.epoch):
             return
         self._near[digest] = _Near(session, session.last_seen)
         self._near.move_to_end(digest)
@@ -2971,6 +3214,143 @@ async def command_store(config: Config, engine: aiopg.sa.Engine) -> AsyncIterato
         await stop_tasks([writing])
 
 
+class Sessions:
+    """The one owner of a session's life: login, touch, end (one, all, by public id), eviction,
+    and revocations, announced to every process and applied in this one (the store, its near
+    cache and the open streams). Handlers, the bus and the stream watcher call these verbs only.
+
+    `notify` sends a revocation to the other processes (the bus's PostgreSQL channel); until the
+    bus is wired in, revocations stay in this process.
+    """
+
+    def __init__(self, store: SessionStore, registry: StreamRegistry, shared: bool) -> None:
+        self.store, self._registry, self.shared = store, registry, shared
+        self.notify: Callable[[Revocation], Awaitable[None]] | None = None
+
+    def trust_cache_while(self, trusted: Callable[[], bool]) -> None:
+        """The near cache may answer only while `trusted()` (every revocation has been heard)."""
+        if isinstance(self.store, CachedSessionStore):
+            self.store.trusted = trusted
+
+    async def login(
+        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
+    ) -> tuple[str, Session] | None:
+        """A new session of the account as it was read (its epoch); None if a passwd, deluser
+        or logout NAME ended that epoch meanwhile. Sessions pushed out end as `evicted`. The
+        login's throttle `attempt` is settled as a success in the same step."""
+        created = await self.store.create(account, device, attempt)
+        if created is None:
+            return None
+        session_id, session, evicted = created
+        for digest in evicted:
+            await self._announce(Revocation(Ended.EVICTED, session=digest))
+        return session_id, session
+
+    async def touch(self, session_id: str) -> Session | None:
+        """The live session of this id, its idle deadline renewed; None if unknown or ended."""
+        return await self.store.touch(session_id)
+
+    async def end(self, session_id: str) -> Session | None:
+        """Log this session out, everywhere; the session, or None if it was not live."""
+        session = await self.store.revoke(session_id)
+        if session is not None:
+            await self._announce(Revocation(Ended.LOGOUT, session=token_hash(session_id)))
+        return session
+
+    async def end_all(self, user_id: int) -> int:
+        """Log every session of the account out, everywhere; how many were live."""
+        ended = await self.store.revoke_all(user_id)
+        await self._announce(Revocation(Ended.LOGOUT, user_id=user_id))
+        return ended
+
+    async def end_public(self, user_id: int, public_id: str) -> bool:
+        """Log out the account's session with this public id; False if it has none."""
+        ended = await self.store.revoke_public(user_id, public_id)
+        if ended is not None:
+            await self._announce(Revocation(Ended.LOGOUT, session=ended[0]))
+        return ended is not None
+
+    async def sessions_of(self, user_id: int) -> list[Session]:
+        return await self.store.sessions_of(user_id)
+
+    async def count(self) -> int:
+        """Live sessions in the store (this process's, with the memory store)."""
+        return await self.store.count()
+
+    def forget(self, revocation: Revocation | None) -> None:
+        """Drop from the near cache what a revocation names (None: everything), before anything
+        else can run: the bus calls this for every revocation it receives, then `apply`."""
+        cache = self.store
+        if not isinstance(cache, CachedSessionStore):
+            return
+        if revocation is None:
+            cache.clear()
+        elif revocation.session is not None:
+            cache.forget(revocation.session)
+        elif revocation.reason is Ended.REVOKED:
+            cache.refuse(revocation.user_id or 0, revocation.epoch)
+        else:
+            cache.forget_user(revocation.user_id or 0, None)
+
+    async def apply(self, revocation: Revocation) -> None:
+        """End what another process's revocation names in this one: streams, and stored or cached
+        sessions (in a shared store that process ended them already; this repeats it harmlessly)."""
+        self._end_here(revocation)
+        if revocation.session is not None:
+            return
+        user_id = revocation.user_id or 0
+        try:
+            if revocation.reason is Ended.REVOKED:
+                await self.store.revoke_user(user_id, revocation.epoch)
+            else:
+                await self.store.revoke_all(user_id)
+        except SessionStoreUnavailable as exc:
+            log.warning("could not end revoked sessions in the session store: %s", exc)
+
+    def accounts(self) -> set[Account]:
+        """The accounts this process holds sessions or streams of."""
+        held = self._registry.accounts()
+        if isinstance(self.store, MemorySessionStore):
+            held |= self.store.accounts()
+        return held
+
+    async def reconcile(self, epochs: Mapping[int, int]) -> None:
+        """After the bus was away: end what a missed passwd or deluser would have ended (`epochs`:
+        the accounts' session_epoch now; an account missing from it is gone), and the streams
+        whose session a shared store no longer has."""
+        for account in self.accounts():
+            if account.user_id not in epochs:
+                await self.apply(Revocation(Ended.REVOKED, user_id=account.user_id))
+            elif account.epoch < epochs[account.user_id]:
+                await self.apply(
+                    Revocation(Ended.REVOKED, user_id=account.user_id, epoch=epochs[account.user_id])
+                )
+        if self.shared:
+            for stream in self._registry:
+                with contextlib.suppress(SessionStoreUnavailable):
+                    if await self.store.touch(stream.session_id) is None:
+                        stream.end(Ended.LOGOUT)
+
+    async def sweep(self) -> int:
+        return await self.store.sweep()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def _end_here(self, revocation: Revocation) -> None:
+        self.forget(revocation)
+        if revocation.session is not None:
+            self._registry.end_session(revocation.session, revocation.reason)
+        else:
+            self._registry.end_user(revocation.user_id or 0, revocation.epoch, revocation.reason)
+
+    async def _announce(self, revocation: Revocation) -> None:
+        """A revocation this process made in its store: end it here, then tell the others."""
+        self._end_here(revocation)
+        if self.notify is not None:
+            await self.notify(revocation)
+
+
 # ---------------------------------------------------------------------------
 # Login throttling
 # ---------------------------------------------------------------------------
@@ -2987,12 +3367,24 @@ class _Turns:
     failed_at: float = 0.0
 
 
-class LoginThrottle:
-    """Failed logins per username and per client address, in a sliding window.
+class TooManyAttempts(Exception):
+    """A login refused by the throttle: `wait` seconds until it may be tried again."""
 
-    A wrong password charges both the username and the address; a right one clears the username.
-    Attempts on one username are checked one at a time in this process (`one_at_a_time`), so a
-    burst of concurrent guesses cannot all pass the check before the first verdict.
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"try again in {wait:.0f} s")
+        self.wait = wait
+
+
+class LoginThrottle:
+    """Failed logins per username and per client address (an IPv6 client: its /64), in a
+    sliding window, in the failure log (the session store's: shared when the store is).
+
+    Each attempt is reserved before its password is checked (`attempt`) and counts like a failure
+    until it is settled (`settle`): a wrong password stays counted for the username and the
+    address, a right one clears the username, and one that could not be decided (a database
+    outage, a login that lost a race with a revocation) counts for nothing. So N concurrent
+    guesses, in any number of processes, get at most the limit's verdicts. Attempts on one
+    username also take turns in this process (`one_at_a_time`).
     """
 
     def __init__(
@@ -3033,32 +3425,48 @@ class LoginThrottle:
             if not turns.holders:
                 del self._turns[username]
 
-    async def check(self, username: str, address: str) -> float | None:
-        """Seconds to wait if the username or the address is over its limit, else None."""
-        now = self._clock()
-        waits = [await self._wait("user", username, now), await self._wait("address", address, now)]
-        return max(waits) if max(waits) > 0 else None
+    async def attempt(self, username: str, address: str) -> Attempt:
+        """Reserve an attempt for the username and the address, or raise TooManyAttempts. While
+        attempts in flight fill a limit (they may succeed), wait for them, for a request's budget."""
+        attempt = Attempt(
+            (f"user:{username}", f"address:{address_key(address)}"),
+            (self._limits["user"], self._limits["address"]),
+            secrets.token_hex(8),
+            self._clock(),
+        )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + DB_REQUEST_BUDGET
+        while (wait := await self.failures.reserve(attempt, self._window)) == BUSY:
+            if loop.time() > give_up:
+                raise TooManyAttempts(1.0)
+            await asyncio.sleep(ATTEMPT_RETRY)
+            attempt = dataclasses.replace(attempt, at=self._clock())
+        if wait > 0:
+            raise TooManyAttempts(wait)
+        return attempt
 
-    async def failed(self, username: str, address: str) -> None:
-        """A wrong password: count it for the username and for the address."""
-        now = self._clock()
-        for kind, value in (("user", username), ("address", address)):
-            await self.failures.add_failure(f"{kind}:{value}", now, self._limits[kind], self._window)
-
-    async def succeeded(self, username: str) -> None:
-        """A good password clears the username's count."""
-        await self.failures.clear_failures(f"user:{username}")
+    async def settle(self, attempt: Attempt, failed: bool = False, succeeded: bool = False) -> None:
+        """The attempt's outcome: a failure stays counted, a success clears the username's
+        failures, anything else counts for nothing. (A store that cannot be reached keeps the
+        attempt in flight, a failure once PENDING_LIFETIME has passed.)"""
+        try:
+            await self.failures.settle(attempt, failed, succeeded)
+        except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
+            log.warning("could not record a login attempt's outcome: %s", exc)
 
     async def sweep(self) -> int:
         """Forget failures older than the window; returns how many keys (or rows) went."""
         return await self.failures.sweep_failures(self._clock() - self._window)
 
-    async def _wait(self, kind: str, value: str, now: float) -> float:
-        limit = self._limits[kind]
-        times = await self.failures.recent_failures(f"{kind}:{value}", limit, now - self._window)
-        if len(times) < limit:
-            return 0.0
-        return max(0.0, times[0] + self._window - now)
+
+def address_key(address: str) -> str:
+    """The address the throttle counts: an IPv6 client by its /64, which one host may hold whole."""
+    ip = _ip_address(address)
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def client_address(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
@@ -3231,6 +3639,7 @@ class Ended(enum.Enum):
     """Why a stream ends: a `session_ended` reason the client is told, or one of the server's."""
 
     LOGOUT = "logout"
+    EVICTED = "evicted"  # pushed out by a newer login beyond sessions.max_per_user
     REVOKED = "revoked"  # passwd or deluser of the user
     EXPIRED = "expired"  # the idle or the absolute timeout
     SLOW = "slow"  # its unsent events passed events.max_buffer: WebSocket close 1013
@@ -3241,7 +3650,7 @@ class Ended(enum.Enum):
 
     @property
     def tells_client(self) -> bool:
-        return self in (Ended.LOGOUT, Ended.REVOKED, Ended.EXPIRED)
+        return self in (Ended.LOGOUT, Ended.EVICTED, Ended.REVOKED, Ended.EXPIRED)
 
 
 def http_chunk(data: bytes) -> bytes:
@@ -3264,7 +3673,7 @@ class Encoded:
     """An event as it goes out, encoded once per process and written as it is to every stream."""
 
     id: int | None  # None: a message of one stream (replay_truncated, session_ended)
-    username: str | None  # whose streams get it; None: everyone's (or the topic's)
+    user_id: int | None  # the account whose streams get it; None: everyone's (or the topic's)
     sse: bytes  # `id:`, `event:` and `data:` lines and a blank line (the SSE format)
     sse_chunk: bytes  # the same as one HTTP/1.1 chunk, for responses in chunked coding
     websocket: bytes  # one WebSocket text frame holding the event's JSON
@@ -3276,7 +3685,7 @@ class Encoded:
         kind: str,
         text: bytes,
         event_id: int | None = None,
-        username: str | None = None,
+        user_id: int | None = None,
         topic: str | None = None,
     ) -> Encoded:
         """`text` is the event's JSON: one line (json.dumps escapes line breaks in strings)."""
@@ -3285,7 +3694,7 @@ class Encoded:
             kind.encode(),
             text,
         )
-        return cls(event_id, username, sse, http_chunk(sse), websocket_text_frame(text), topic)
+        return cls(event_id, user_id, sse, http_chunk(sse), websocket_text_frame(text), topic)
 
     @classmethod
     def notice(cls, body: dict[str, str], topic: str | None = None) -> Encoded:
@@ -3296,7 +3705,7 @@ class Encoded:
     def row(
         cls,
         event_id: int,
-        username: str | None,
+        user_id: int | None,
         data: str,
         created_at: float,
         topic: str | None = None,
@@ -3309,7 +3718,7 @@ class Encoded:
             f'{{"id":{event_id},"type":"message",{about}"data":{data},'
             f'"created_at":"{iso_utc(created_at)}"{signed}}}'
         )
-        return cls.of("message", text.encode(), event_id, username, topic)
+        return cls.of("message", text.encode(), event_id, user_id, topic)
 
 
 REPLAY_TRUNCATED = Encoded.notice({"type": "replay_truncated"})
@@ -3444,15 +3853,14 @@ class Stream:
 
 
 class StreamRegistry:
-    """The open streams of this process, found by user name (events for one user), by session
-    (a logout), by account (passwd, deluser) and by topic (its events, its memberships).
-    Changed only by add, discard, subscribe and unsubscribe."""
+    """The open streams of this process, found by account (events for one user, passwd, deluser),
+    by session (a logout) and by topic (its events, its memberships). Changed only by add,
+    discard, subscribe and unsubscribe."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
         # Dicts used as ordered sets: a broadcast reaches streams in the order they opened.
         self._streams: dict[Stream, None] = {}
-        self._by_username: dict[str, dict[Stream, None]] = {}
         self._by_session: dict[bytes, dict[Stream, None]] = {}
         self._by_user: dict[int, dict[Stream, None]] = {}
         self._by_topic: dict[str, dict[Stream, None]] = {}
@@ -3468,7 +3876,6 @@ class StreamRegistry:
 
     def add(self, stream: Stream) -> None:
         self._streams[stream] = None
-        self._by_username.setdefault(stream.account.username, {})[stream] = None
         self._by_session.setdefault(stream.digest, {})[stream] = None
         self._by_user.setdefault(stream.account.user_id, {})[stream] = None
         for topic in stream.topics:
@@ -3481,7 +3888,6 @@ class StreamRegistry:
 
     def discard(self, stream: Stream) -> None:
         if self._streams.pop(stream, False) is None:
-            self._leave(self._by_username, stream.account.username, stream)
             self._leave(self._by_session, stream.digest, stream)
             self._leave(self._by_user, stream.account.user_id, stream)
             for topic in stream.topics:
@@ -3532,10 +3938,10 @@ class StreamRegistry:
         """Write one event to every stream it is for: all of them, one user's, or one topic's."""
         if event.topic is not None:
             targets = self._by_topic.get(event.topic, {})
-        elif event.username is None:
+        elif event.user_id is None:
             targets = self._streams
         else:
-            targets = self._by_username.get(event.username, {})
+            targets = self._by_user.get(event.user_id, {})
         written = sum(stream.send(event) for stream in targets)
         if written and self.metrics is not None:
             self.metrics.events_delivered.inc(written)
@@ -3628,9 +4034,9 @@ class RecentEvents:
             self._dropped = None
 
     def since(
-        self, after: int, username: str, now: float, topics: Collection[str] = (), only_topics: bool = False
+        self, after: int, user_id: int, now: float, topics: Collection[str] = (), only_topics: bool = False
     ) -> list[Encoded] | None:
-        """The held events after `after` for a stream of `username` subscribed to `topics` (with
+        """The held events after `after` for a stream of the account `user_id` subscribed to `topics` (with
         `only_topics`, theirs alone), in id order; None when some of them may not be held here
         (the caller reads the table)."""
         while self._events and self._events[0][1] < now - self.retention:
@@ -3645,16 +4051,16 @@ class RecentEvents:
             if (
                 event.topic in topics
                 if event.topic is not None or only_topics
-                else event.username is None or event.username == username
+                else event.user_id is None or event.user_id == user_id
             ):
                 found.append(event)
         found.reverse()
         return found
 
-    def forget(self, username: str) -> None:
-        """Drop the events for one user (deleted: schema.sql deletes its rows as well)."""
-        kept = deque(item for item in self._events if item[0].username != username)
-        self._bytes -= sum(self._size(event) for event, _ in self._events if event.username == username)
+    def forget(self, user_id: int) -> None:
+        """Drop the events for one account (deleted: schema.sql deletes its rows as well)."""
+        kept = deque(item for item in self._events if item[0].user_id != user_id)
+        self._bytes -= sum(self._size(event) for event, _ in self._events if event.user_id == user_id)
         self._events = kept
 
     def _drop_oldest(self) -> None:
@@ -3667,15 +4073,20 @@ class RecentEvents:
         return len(event.sse) + len(event.sse_chunk) + len(event.websocket)
 
 
-EVENT_COLUMNS = "id, username, data::text, extract(epoch FROM created_at)::float8, topic, sender"
+# An event for a name that had no account when it was inserted (user_id NULL) is for account 0: nobody.
+EVENT_COLUMNS = (
+    "id, CASE WHEN username IS NOT NULL THEN coalesce(user_id, 0) END, data::text,"
+    " extract(epoch FROM created_at)::float8, topic, sender"
+)
 NEW_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s ORDER BY id LIMIT %(limit)s"
 REPLAY_EVENTS = (
     f"SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s AND id <= %(through)s"
     " AND (topic = ANY(%(topics)s::text[]) OR topic IS NULL AND NOT %(only_topics)s"
-    " AND (username IS NULL OR username = %(username)s))"
+    " AND (username IS NULL OR user_id = %(user_id)s))"
     " ORDER BY id LIMIT %(limit)s"
 )
 DROPPED_THROUGH = CompiledQuery("SELECT through FROM events_dropped")
+EVENT_ID_DRAWN = CompiledQuery("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_id_seq")
 NEWEST_EVENT = CompiledQuery("SELECT coalesce(max(id), 0) FROM events")
 ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 # The bus connection's backend, which StreamCounts' rows name. PostgreSQL ends the backend as soon
@@ -3768,7 +4179,7 @@ async def replay(
     written = 0
     if recent.holds(after):
         dropped = await recent.dropped_through(engine)
-        held = recent.since(max(after, dropped), stream.account.username, time.time(), topics, again)
+        held = recent.since(max(after, dropped), stream.account.user_id, time.time(), topics, again)
         if held is not None:  # None: they passed the retention meanwhile, the table tells
             if after < dropped:
                 stream.write(REPLAY_TRUNCATED)
@@ -3776,39 +4187,54 @@ async def replay(
                 await pace(stream)
                 written += stream.write(event, again)
             return "memory", written
-    async with connection(engine) as conn:
-        if after < (await conn.scalar(DROPPED_THROUGH.sql) or 0):
-            stream.write(REPLAY_TRUNCATED)
-        while after < through and not stream.ended.done():
-            params = {
-                "after": after,
-                "through": through,
-                "username": stream.account.username,
-                "topics": list(topics),
-                "only_topics": again,
-                "limit": EVENT_BATCH,
-            }
+    if after < int(await read_scalar(engine, DROPPED_THROUGH) or 0):
+        stream.write(REPLAY_TRUNCATED)
+    while after < through and not stream.ended.done():
+        params = {
+            "after": after,
+            "through": through,
+            "user_id": stream.account.user_id,
+            "topics": list(topics),
+            "only_topics": again,
+            "limit": EVENT_BATCH,
+        }
+        # A connection for each batch, given back before the client is waited for.
+        async with connection(engine) as conn:
             rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
-            for row in rows:
-                await pace(stream)
-                written += stream.write(Encoded.row(*row.as_tuple()), again)
-            if len(rows) < EVENT_BATCH:
-                break
-            after = rows[-1][0]
+        for row in rows:
+            await pace(stream)
+            written += stream.write(Encoded.row(*row.as_tuple()), again)
+        if len(rows) < EVENT_BATCH:
+            break
+        after = rows[-1][0]
     return "table", written
+
+
+async def resume_beyond(engine: aiopg.sa.Engine, stream: Stream, after: int, newest: int) -> None:
+    """A resume from an id this process has not delivered: if no event ever had it (the database
+    was restored or made anew), say replay_truncated and go on from the newest id; else the bus
+    is a moment behind, and the live events bring the rest."""
+    if after > int(await read_scalar(engine, EVENT_ID_DRAWN) or 0):
+        stream.write(REPLAY_TRUNCATED)
+        stream.last_id = newest
 
 
 async def pace(stream: Stream) -> None:
     """Before the next replayed event: wait while the stream has over half its max_buffer unsent,
     so that a replay goes at the client's pace instead of cutting off a client that reads as fast
-    as it can. One that reads nothing for REPLAY_STALL seconds has ended as too slow."""
+    as it can. One that reads nothing for REPLAY_STALL seconds has ended as too slow; one that
+    keeps reading is never cut, however long the replay."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + REPLAY_STALL
-    while stream.transport.get_write_buffer_size() > stream.max_buffer // 2 and not stream.ended.done():
+    unsent = stream.transport.get_write_buffer_size()
+    while unsent > stream.max_buffer // 2 and not stream.ended.done():
         if stream.transport.is_closing() or loop.time() > give_up:
             stream.end(Ended.SLOW)
             return
         await asyncio.sleep(0.01)
+        before, unsent = unsent, stream.transport.get_write_buffer_size()
+        if unsent < before:  # the client reads: however slowly, it is not cut
+            give_up = loop.time() + REPLAY_STALL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3821,7 +4247,6 @@ class Revocation:
     session: bytes | None = None
     user_id: int | None = None
     epoch: int | None = None
-    deleted: str | None = None  # the name of a deleted user: its events go from memory too
 
     def payload(self) -> str:
         if self.session is not None:
@@ -3836,13 +4261,8 @@ class Revocation:
             reason = Ended(message["reason"])
             if "session" in message:
                 return cls(reason, session=bytes.fromhex(message["session"]))
-            epoch, deleted = message.get("epoch"), message.get("deleted")
-            return cls(
-                reason,
-                user_id=int(message["user_id"]),
-                epoch=None if epoch is None else int(epoch),
-                deleted=deleted if isinstance(deleted, str) else None,
-            )
+            epoch = message.get("epoch")
+            return cls(reason, user_id=int(message["user_id"]), epoch=None if epoch is None else int(epoch))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a malformed notification on %s: %s", REVOCATIONS_CHANNEL, exc)
             return None
@@ -3854,7 +4274,8 @@ class Bus:
     - `events`: a notification carries a new row's id; the bus reads every row after the last
       one it delivered, in id order (schema.sql makes ids visible in that order), encodes each
       once and fans it out to the matching streams of this process.
-    - `session_revocations`: ends sessions of this process's store and closes their streams.
+    - `session_revocations`: hands each revocation to `sessions`, their owner (the bus only
+      carries them).
     If the connection drops, the bus reconnects with backoff, LISTENs again, reads every event
     after the last one delivered, and checks the accounts of the sessions and streams it holds
     against `users`, since a revocation may have passed while it was away. `listening` says
@@ -3865,11 +4286,11 @@ class Bus:
         self,
         engine: aiopg.sa.Engine,
         registry: StreamRegistry,
-        store: SessionStore,
+        owner: Sessions,
         retention: float = EventsConfig.retention,
         metrics: Metrics | None = None,
     ) -> None:
-        self._engine, self._registry, self._store = engine, registry, store
+        self._engine, self._registry, self._sessions = engine, registry, owner
         self._metrics = metrics
         self.last_id: int | None = None  # the newest event delivered; None until first connected
         self.recent = RecentEvents(retention)
@@ -3877,9 +4298,6 @@ class Bus:
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
         self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
         self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while listening
-        # The newest revoked epoch of recently revoked accounts (None: deleted), for logins that
-        # checked a password before a passwd and would begin a session after its notification.
-        self._revoked: OrderedDict[int, int | None] = OrderedDict()
         # More channels, each with what to do with a notification's payload (topic memberships,
         # presence), and what to do each time the bus is connected again (what it may have missed).
         self.channels: dict[str, Callable[[str], None]] = {}
@@ -3907,7 +4325,7 @@ class Bus:
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening, self.backend = False, None
             self._conn = None
-            self._forget_cached()
+            self._sessions.forget(None)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BUS_RETRY[1])
 
@@ -3938,7 +4356,7 @@ class Bus:
             self.backend = (int(pid), started)
             for hook in self.on_connect:
                 await hook(cur)
-            self._forget_cached()  # what the bus missed is unknown: the cache starts anew
+            self._sessions.forget(None)  # what the bus missed is unknown: the cache starts anew
             self._conn = conn
             self.listening = True
             self.connected.set()
@@ -3950,9 +4368,11 @@ class Bus:
                 revocations = [revocation for revocation in parsed if revocation is not None]
                 # The near cache forgets them all before the first await lets a request in.
                 for revocation in revocations:
-                    self._forget_cached(revocation)
+                    self._sessions.forget(revocation)
                 for revocation in revocations:
-                    await self.apply(revocation)
+                    if revocation.reason is Ended.REVOKED and revocation.epoch is None:
+                        self.recent.forget(revocation.user_id or 0)  # deleted: its rows went too
+                    await self._sessions.apply(revocation)
                 for notice in notices:
                     heard = self.channels.get(notice.channel)
                     if heard is not None:
@@ -3994,51 +4414,17 @@ class Bus:
             await asyncio.sleep(0)  # let the streams' sockets send before the next batch
 
     async def _check_accounts(self, cur: aiopg.Cursor) -> None:
-        """After an outage: end what a missed passwd or deluser would have ended."""
-        held = self._registry.accounts()
-        if isinstance(self._store, MemorySessionStore):
-            held |= self._store.accounts()
-        if not held:
-            return
-        await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
-        epochs = dict(await cur.fetchall())
-        for account in held:
-            if account.user_id not in epochs:
-                await self.apply(Revocation(Ended.REVOKED, user_id=account.user_id))
-            elif account.epoch < epochs[account.user_id]:
-                await self.apply(
-                    Revocation(Ended.REVOKED, user_id=account.user_id, epoch=epochs[account.user_id])
-                )
-        # A shared store's record is the truth: a stream whose session is gone ends now.
-        if not isinstance(self._store, MemorySessionStore):
-            for stream in self._registry:
-                with contextlib.suppress(SessionStoreUnavailable):
-                    if await self._store.touch(stream.session_id) is None:
-                        stream.end(Ended.LOGOUT)
+        """After an outage: tell the sessions' owner the held accounts' epochs now."""
+        held = self._sessions.accounts()
+        if held:
+            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
+            await self._sessions.reconcile(dict(await cur.fetchall()))
 
-    async def apply(self, revocation: Revocation) -> None:
-        """End what the revocation names in this process: streams, and memory or cached sessions."""
-        self._forget_cached(revocation)
-        if revocation.session is not None:
-            self._registry.end_session(revocation.session, revocation.reason)
-            return
-        assert revocation.user_id is not None
-        self._registry.end_user(revocation.user_id, revocation.epoch, revocation.reason)
-        if revocation.deleted is not None:  # a new user of that name must not replay them
-            self.recent.forget(revocation.deleted)
-        if revocation.reason is Ended.REVOKED:
-            self._remember(revocation.user_id, revocation.epoch)
-        try:
-            await self._store.revoke_user(revocation.user_id, revocation.epoch)
-        except SessionStoreUnavailable as exc:
-            log.warning("could not end revoked sessions in the session store: %s", exc)
-
-    async def announce(self, revocation: Revocation) -> None:
-        """Apply a revocation here at once, and tell every other process through PostgreSQL.
+    async def notify(self, revocation: Revocation) -> None:
+        """Tell every other process of a revocation made here, through PostgreSQL.
 
         If PostgreSQL is unreachable, the others learn it when their streams next renew their
         session (a shared store no longer has it) or when their bus reconnects."""
-        await self.apply(revocation)
         try:
             async with connection(self._engine) as conn:
                 await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
@@ -4053,31 +4439,6 @@ class Bus:
             return False
         readable, _, _ = select.select([conn.raw.fileno()], [], [], 0)
         return not readable
-
-    def _forget_cached(self, revocation: Revocation | None = None) -> None:
-        """Drop from the near cache what the revocation names (None: everything)."""
-        cache = self._store
-        if not isinstance(cache, CachedSessionStore):
-            return
-        if revocation is None:
-            cache.clear()
-        elif revocation.session is not None:
-            cache.forget(revocation.session)
-        elif revocation.user_id is not None:
-            cache.forget_user(revocation.user_id, revocation.epoch)
-
-    def revoked(self, account: Account) -> bool:
-        """Whether a revocation this bus brought ends sessions of this account (as it was read)."""
-        if account.user_id not in self._revoked:
-            return False
-        epoch = self._revoked[account.user_id]
-        return epoch is None or account.epoch < epoch
-
-    def _remember(self, user_id: int, epoch: int | None) -> None:
-        self._revoked[user_id] = epoch
-        self._revoked.move_to_end(user_id)
-        while len(self._revoked) > RECENT_REVOCATIONS:
-            self._revoked.popitem(last=False)
 
 
 SESSION_STREAMS_WRITE = """
@@ -4502,7 +4863,7 @@ class Presence:
 
 
 async def watch_streams(
-    registry: StreamRegistry, store: SessionStore, config: Config, clock: Callable[[], float]
+    registry: StreamRegistry, store: Sessions, config: Config, clock: Callable[[], float]
 ) -> None:
     """Every STREAM_TICK: end the streams whose client left; send SSE heartbeats; renew each
     stream's session (an open stream is use of it) every third of the idle timeout, and end the
@@ -4524,7 +4885,7 @@ async def watch_streams(
                 stream.write_bytes(http_chunk(SSE_HEARTBEAT) if stream.chunked else SSE_HEARTBEAT)
 
 
-async def renew(stream: Stream, store: SessionStore, clock: Callable[[], float]) -> None:
+async def renew(stream: Stream, store: Sessions, clock: Callable[[], float]) -> None:
     """Renew the stream's session; end the stream if the session is gone."""
     try:
         session = await store.touch(stream.session_id)
@@ -4624,7 +4985,7 @@ class Metrics:
             registry=registry,
             buckets=REQUEST_BUCKETS,
         )
-        for outcome in ("success", "failure", "throttled"):
+        for outcome in ("success", "failure", "throttled", "lost_race"):
             self.logins.labels(outcome)
         for transport in ("sse", "websocket"):
             self.streams_open.labels(transport)
@@ -4683,7 +5044,7 @@ class ReadNow:
 config_key = web.AppKey("config", Config)
 db_engine = web.AppKey("db_engine", aiopg.sa.Engine)
 passwords = web.AppKey("passwords", Passwords)
-sessions = web.AppKey("sessions", SessionStore)
+sessions = web.AppKey("sessions", Sessions)
 login_throttle = web.AppKey("login_throttle", LoginThrottle)
 streams = web.AppKey("streams", StreamRegistry)
 stream_counts = web.AppKey("stream_counts", StreamCounts)
@@ -4842,36 +5203,46 @@ async def login(request: web.Request) -> web.Response:
     app = request.app
     throttle = app[login_throttle]
     address = client_address(request, app[config_key].webserver.trusted_proxies)
+    device = Device(
+        printable(address, MAX_ADDRESS_CHARS),
+        printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
+    )
     async with throttle.one_at_a_time(username):
-        wait = await throttle.check(username, address)
-        if wait is not None:
+        try:
+            attempt = await throttle.attempt(username, address)  # before the password is checked
+        except TooManyAttempts as refused:
             app[metrics].logins.labels("throttled").inc()
             raise json_error(
                 web.HTTPTooManyRequests,
                 "too_many_attempts",
                 "Too many failed logins; try again later.",
-                {"Retry-After": str(math.ceil(wait))},
-            )
-        stored_hash, account = await find_account(app[db_engine], username)
-        verdict = await app[passwords].verify(stored_hash, password)
-        # A passwd or deluser may have committed while the password was checked.
-        if account is None or app[event_bus].revoked(account):
-            verdict = Verdict.WRONG
-        if verdict is Verdict.WRONG:
-            await throttle.failed(username, address)
-            app[metrics].logins.labels("failure").inc()
-            log.info("failed login from %s", address)
-            raise json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
-        assert account is not None  # a right password has an account
-        await throttle.succeeded(username)
-    if verdict is Verdict.RIGHT_OUTDATED:
-        await upgrade_hash(app[db_engine], app[passwords], username, password)
-    device = Device(
-        printable(address, MAX_ADDRESS_CHARS),
-        printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
-    )
-    session_id, session = await app[sessions].create(account, device)
+                {"Retry-After": str(math.ceil(refused.wait))},
+            ) from None
+        wrong = False
+        begun = None
+        try:
+            stored_hash, account = await find_account(app[db_engine], username)
+            verdict = await app[passwords].verify(stored_hash, password)
+            wrong = verdict is Verdict.WRONG or account is None or stored_hash is None
+            if not wrong:
+                assert account is not None and stored_hash is not None
+                begun = await app[sessions].login(account, device, attempt)  # settles it too
+        finally:
+            if begun is None:  # wrong, or not decided (an outage, a lost race: counts for nothing)
+                await throttle.settle(attempt, failed=wrong)
+    if wrong:
+        app[metrics].logins.labels("failure").inc()
+        log.info("failed login from %s", address)
+        raise invalid_credentials()
+    assert account is not None and stored_hash is not None
+    if begun is None:  # a passwd, deluser or logout NAME committed meanwhile: no failure either
+        app[metrics].logins.labels("lost_race").inc()
+        log.info("a login from %s lost a race with a revocation", address)
+        raise invalid_credentials()
+    session_id, session = begun
     app[metrics].logins.labels("success").inc()
+    if verdict is Verdict.RIGHT_OUTDATED:
+        await upgrade_hash(app[db_engine], app[passwords], account, stored_hash, password)
     if not in_cookie:
         return json_response({"session_id": session_id}, headers=NO_STORE)
     response = json_response(
@@ -4917,12 +5288,19 @@ def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> 
         response.del_cookie(name, path="/", httponly=True, samesite="Strict")
 
 
-async def upgrade_hash(engine: aiopg.sa.Engine, hasher: Passwords, username: str, password: str) -> None:
-    """Re-hash with today's parameters; a failure here must not fail the login."""
+def invalid_credentials() -> web.HTTPException:
+    return json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
+
+
+async def upgrade_hash(
+    engine: aiopg.sa.Engine, hasher: Passwords, account: Account, verified: str, password: str
+) -> None:
+    """Re-hash with today's parameters, only over the hash just verified (a passwd meanwhile
+    wins); after the session began, and a failure here does not fail the login."""
     try:
-        await update_password_hash(engine, username, await hasher.hash(password))
-        log.info("upgraded the password hash of a user to the current parameters")
-    except (DatabaseUnavailable, UserNotFound) as exc:
+        if await replace_hash(engine, account, verified, await hasher.hash(password)):
+            log.info("upgraded the password hash of a user to the current parameters")
+    except DatabaseUnavailable as exc:
         log.warning("could not upgrade a password hash: %s", type(exc).__name__)
 
 
@@ -4943,20 +5321,17 @@ async def whoami(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     everywhere = flag(request, "all")
-    store, bus = request.app[sessions], request.app[event_bus]
+    owner = request.app[sessions]
     try:
-        session_id = session_id_from(request)
-        session = await store.revoke(session_id)
+        session = await owner.end(session_id_from(request))
         if session is None:
             raise invalid_session()
     except web.HTTPUnauthorized as refused:
         clear_session_cookie(request, refused)  # a cookie naming no session is forgotten too
         raise
     ended = 1
-    await bus.announce(Revocation(Ended.LOGOUT, session=token_hash(session_id)))
     if everywhere:
-        ended += await store.revoke_all(session.user_id)
-        await bus.announce(Revocation(Ended.LOGOUT, user_id=session.user_id))
+        ended += await owner.end_all(session.user_id)
     response = json_response({"logged_out": ended})
     clear_session_cookie(request, response)
     return response
@@ -5014,12 +5389,10 @@ async def end_session(request: web.Request) -> web.Response:
     """
     current = await current_session(request)
     public_id = request.match_info["id"]
-    ended = None
-    if PUBLIC_ID_PATTERN.fullmatch(public_id):
-        ended = await request.app[sessions].revoke_public(current.user_id, public_id)
-    if ended is None:
+    if not PUBLIC_ID_PATTERN.fullmatch(public_id) or not await request.app[sessions].end_public(
+        current.user_id, public_id
+    ):
         raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
-    await request.app[event_bus].announce(Revocation(Ended.LOGOUT, session=ended[0]))
     response = json_response({"logged_out": 1})
     if public_id == current.public_id:
         clear_session_cookie(request, response)
@@ -5222,7 +5595,7 @@ async def first_message_topics(
 
 
 async def first_message_session(
-    websocket: web.WebSocketResponse, store: SessionStore
+    websocket: web.WebSocketResponse, store: Sessions
 ) -> tuple[str, Session, Any] | None:
     """The session named by the WebSocket's first message, `{"session_id": "...", "topics": [...]}`
     (and the topics, unchecked), sent within FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed
@@ -5230,7 +5603,9 @@ async def first_message_session(
     session = None
     asked = None
     with contextlib.suppress(asyncio.TimeoutError):
-        message = await websocket.receive(timeout=FIRST_MESSAGE_TIMEOUT)
+        # One deadline for the whole wait: receive(timeout=) would start again at every pong.
+        async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
+            message = await websocket.receive()
         if message.type is WSMsgType.TEXT:
             # Not JSON (or nested too deeply to read), or not an object.
             with contextlib.suppress(ValueError, AttributeError, RecursionError):
@@ -5273,9 +5648,12 @@ async def serve_stream(
             stream.end(Ended.UNAVAILABLE)
         elif after is not None and bus.last_id is not None:
             try:
-                source, written = await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
-                app[metrics].replays.labels(source).inc()
-                app[metrics].events_delivered.inc(written)
+                if after > bus.last_id:
+                    await resume_beyond(app[db_engine], stream, after, bus.last_id)
+                else:
+                    source, written = await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
+                    app[metrics].replays.labels(source).inc()
+                    app[metrics].events_delivered.inc(written)
             except DatabaseUnavailable as exc:
                 log.warning("could not replay events: %s", exc)
                 stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
@@ -5693,25 +6071,25 @@ class WebServer:
         writer = app[journal_writer] = JournalWriter(app[db_engine])
         writing = asyncio.create_task(writer.run())
         store = open_session_store(self.config.sessions, app[db_engine], self.clock, writer)
-        app[sessions] = store
+        registry = app[streams] = StreamRegistry(app[metrics])
+        owner = app[sessions] = Sessions(store, registry, shared=self.config.sessions.store != "memory")
         app[login_throttle] = LoginThrottle(self.config.login, self.clock, store)
         interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
-        sweeper = asyncio.create_task(sweep_forever(store, app[login_throttle], interval))
+        sweeper = asyncio.create_task(sweep_forever(owner, app[login_throttle], interval))
         yield
         await stop_tasks([sweeper])
-        await store.close()
+        await owner.close()
         await writer.close()
         await stop_tasks([writing])
 
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
-        registry = app[streams] = StreamRegistry(app[metrics])
+        registry, owner = app[streams], app[sessions]
         bus = app[event_bus] = Bus(
-            app[db_engine], registry, app[sessions], self.config.events.retention, app[metrics]
+            app[db_engine], registry, owner, self.config.events.retention, app[metrics]
         )
-        store = app[sessions]
-        if isinstance(store, CachedSessionStore):
-            store.trusted = bus.hears_everything  # read through to the store while the bus is away
-        shared = not isinstance(store, MemorySessionStore)
+        owner.notify = bus.notify
+        owner.trust_cache_while(bus.hears_everything)  # read through to the store while the bus is away
+        shared = owner.shared
         counts = app[stream_counts] = StreamCounts(app[db_engine], registry, bus, shared)
         access = app[topic_access] = Topics(self.config.events, app[db_engine], registry)
         bus.channels[MEMBERSHIPS_CHANNEL] = access.membership_ended
@@ -5941,7 +6319,7 @@ async def close_streams(app: web.Application) -> None:
     app[streams].end_all(Ended.SHUTDOWN)
 
 
-async def sweep_forever(store: SessionStore, throttle: LoginThrottle, interval: float) -> None:
+async def sweep_forever(store: Sessions, throttle: LoginThrottle, interval: float) -> None:
     """Drop expired sessions and login counters now and then, so storage holds only live ones."""
     while True:
         await asyncio.sleep(interval)
@@ -6020,7 +6398,8 @@ async def set_password_command(config: Config, name: str, new_user: bool) -> str
             await insert_user(engine, username, password_hash)
             return f"created user '{username}'"
         ended = await end_shared_sessions(config, engine, account, "passwd")
-        await update_password_hash(engine, username, password_hash, end_sessions=True)
+        changed = await update_password_hash(engine, username, password_hash)
+        await refuse_in_shared_store(config, engine, changed.user_id, changed.epoch)
     return f"changed the password of '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
@@ -6029,7 +6408,8 @@ async def del_user_command(config: Config, name: str) -> str:
     async with open_database(config.db) as engine:
         _, account = await find_account(engine, username)
         ended = await end_shared_sessions(config, engine, account, "deluser")
-        await delete_user(engine, username)
+        user_id = await delete_user(engine, username)
+        await refuse_in_shared_store(config, engine, user_id, None)
     return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
 
 
@@ -6111,7 +6491,8 @@ async def logout_command(config: Config, name: str, public_id: str | None) -> st
         account = await user_account(engine, name)
         if public_id is None:
             ended = await end_shared_sessions(config, engine, account, "operator")
-            await raise_session_epoch(engine, account.user_id, "operator")
+            epoch = await raise_session_epoch(engine, account.user_id, "operator")
+            await refuse_in_shared_store(config, engine, account.user_id, epoch)
             counted = f" ({ended} live)" if config.sessions.store != "memory" else ""
             return f"ended every session of '{account.username}'{counted}"
         shared_store_needed(config, "logout NAME SESSION_ID")
@@ -6130,13 +6511,19 @@ async def logout_command(config: Config, name: str, public_id: str | None) -> st
     return f"ended session '{public_id}' of '{account.username}'"
 
 
-async def raise_session_epoch(engine: aiopg.sa.Engine, user_id: int, why: str) -> None:
+async def raise_session_epoch(engine: aiopg.sa.Engine, user_id: int, why: str) -> int | None:
     """End every session of the account wherever it is (schema.sql's trigger and its notification),
-    the password unchanged; the journal records them as revoked for `why`."""
+    the password unchanged; the journal records them as revoked for `why`. The new epoch (None:
+    the account went meanwhile)."""
     async with connection(engine) as conn, conn.begin():
         await conn.execute(sa.select(sa.func.set_config("loginservice.revoke", why, True)))
         epoch = users.c.session_epoch + 1
-        await conn.execute(users.update().where(users.c.id == user_id).values(session_epoch=epoch))
+        return await conn.scalar(  # type: ignore[no-any-return]
+            users.update()
+            .where(users.c.id == user_id)
+            .values(session_epoch=epoch)
+            .returning(users.c.session_epoch)
+        )
 
 
 async def journal_command(config: Config, after: int, follow: bool) -> None:
@@ -6169,6 +6556,21 @@ def print_entries(entries: list[dict[str, Any]]) -> int:
     for entry in entries:
         print(json.dumps(entry, ensure_ascii=False), flush=True)
     return int(entries[-1]["id"])
+
+
+async def refuse_in_shared_store(
+    config: Config, engine: aiopg.sa.Engine, user_id: int, below: int | None
+) -> None:
+    """After passwd or deluser committed: a Redis store ends the account's sessions below the new
+    epoch (None: all) and refuses them from now on, even with no server running. (PostgreSQL's
+    store did so in the same transaction; running servers do it too, when the bus tells them.)"""
+    if config.sessions.store != "redis":
+        return
+    try:
+        async with command_store(config, engine) as store:
+            await store.revoke_user(user_id, below)
+    except SessionStoreUnavailable as exc:
+        raise CommandError(f"done, but could not end the user's sessions in Redis: {exc}") from None
 
 
 async def publish_command(config: Config, data: str, to: str | None, topic: str | None = None) -> str:

@@ -132,9 +132,22 @@ async def client(
     return await aiohttp_client(app)
 
 
+ACCOUNTS_DATABASE: list[str] = []  # set while a PostgreSQL store is open: accounts get a row
+
+
 def account(username: str) -> server.Account:
-    """An account for store tests, which need no row in `users`: a stable id per name."""
-    return server.Account(zlib.crc32(username.encode()), username)
+    """An account for store tests: a stable id per name. A session of the PostgreSQL store can
+    begin only for a row of `users` with that epoch, so while one is open the row is made too."""
+    found = server.Account(zlib.crc32(username.encode()), username)
+    for url in ACCOUNTS_DATABASE:
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO users (id, username, password_hash) OVERRIDING SYSTEM VALUE"
+                " VALUES (%s, %s, 'x') ON CONFLICT DO NOTHING",
+                (found.user_id, username),
+            )
+        conn.close()
+    return found
 
 
 async def add_user(app: web.Application, username: str, password: str) -> None:
@@ -325,7 +338,11 @@ async def open_store(
         async with server.open_database(server.DatabaseConfig(dsn=database_url)) as engine:
             async with server.connection(engine) as conn:
                 await conn.execute("TRUNCATE sessions, login_failures")
-            yield server.PostgresSessionStore(engine, config, clock)
+            ACCOUNTS_DATABASE.append(database_url)
+            try:
+                yield server.PostgresSessionStore(engine, config, clock)
+            finally:
+                ACCOUNTS_DATABASE.remove(database_url)
     else:
         import redis.asyncio
 
@@ -343,8 +360,10 @@ async def open_store(
 # What a store holds, seen from outside its interface: these look inside each kind of store.
 
 
-async def count_sessions(store: server.SessionStore) -> int:
+async def count_sessions(store: server.SessionStore | server.Sessions) -> int:
     """Sessions the store holds, live or not yet swept."""
+    if isinstance(store, server.Sessions):
+        return await count_sessions(store.store)
     if isinstance(store, server.CachedSessionStore):
         return await count_sessions(store.store)
     if isinstance(store, server.MemorySessionStore):
@@ -356,9 +375,11 @@ async def count_sessions(store: server.SessionStore) -> int:
     return len([key async for key in store._redis.scan_iter(match=f"{store._prefix}session:*", count=1000)])
 
 
-async def check_consistency(store: server.SessionStore) -> None:
+async def check_consistency(store: server.SessionStore | server.Sessions) -> None:
     """Raise AssertionError unless the store's indexes describe the same sessions."""
-    if isinstance(store, server.CachedSessionStore):
+    if isinstance(store, server.Sessions):
+        await check_consistency(store.store)
+    elif isinstance(store, server.CachedSessionStore):
         check_near_cache(store)
         await check_consistency(store.store)
     elif isinstance(store, server.MemorySessionStore):

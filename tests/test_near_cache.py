@@ -110,7 +110,7 @@ async def test_the_cache_holds_at_most_its_size_and_a_session_it_dropped_still_w
 async def test_a_hit_renews_in_memory_and_writes_the_store_once_per_slack(
     cached: server.CachedSessionStore, clock: Clock
 ) -> None:
-    session_id, _ = await cached.create(account("alice"))
+    session_id, _, _ = await cached.create(account("alice"))
     assert cached.slack == 10.0
     assert await cached.touch(session_id) is not None  # read from the store, and cached
     clock.advance(9)
@@ -128,7 +128,7 @@ async def test_a_session_revoked_in_the_store_behind_the_caches_back_ends_within
     cached: server.CachedSessionStore, clock: Clock
 ) -> None:
     """What the bus does not say (a row deleted by hand) the cache learns at the next write."""
-    session_id, _ = await cached.create(account("alice"))
+    session_id, _, _ = await cached.create(account("alice"))
     other = server.CachedSessionStore(cached.store, LIMITS, clock, size=10)
     assert await other.touch(session_id) is not None
     assert await cached.revoke(session_id) is not None
@@ -139,7 +139,7 @@ async def test_a_session_revoked_in_the_store_behind_the_caches_back_ends_within
 
 
 async def test_a_revocation_during_a_miss_leaves_nothing_cached(cached: server.CachedSessionStore) -> None:
-    session_id, _ = await cached.create(account("alice"))
+    session_id, _, _ = await cached.create(account("alice"))
     cached.clear()
     reading = asyncio.ensure_future(cached.touch(session_id))
     await asyncio.sleep(0)  # the read is on its way to the store
@@ -179,7 +179,7 @@ async def test_a_process_whose_bus_is_down_reads_the_store_instead_of_its_cache(
     assert (await client.get("/user", headers={"Authorization": session_id})).status == 200
     # Gone from the record without a word on the bus: the cache still answers, as it may
     # (within the slack) while the bus is listening...
-    assert await app[server.sessions].store.revoke(session_id) is not None  # type: ignore[attr-defined]
+    assert await app[server.sessions].store.store.revoke(session_id) is not None  # type: ignore[attr-defined]
     assert (await client.get("/user", headers={"Authorization": session_id})).status == 200
     # ...and stops the moment the bus is down: the store answers.
     assert kill_buses(db) >= 1

@@ -4,6 +4,7 @@ keep their promises (Hypothesis state machines, with a clock the machine moves),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -70,7 +71,7 @@ class SessionStoreMachine(StoreMachine):
 
     @rule(target=session_ids, username=USERS)
     def create(self, username: str) -> str:
-        session_id, session = self.run(self.store.create(account(username)))
+        session_id, session, _ = self.run(self.store.create(account(username)))
         assert session.username == username
         self.forget_expired()
         self.model[session_id] = (username, self.clock.now, self.clock.now)
@@ -139,25 +140,28 @@ class LoginThrottleMachine(StoreMachine):
 
     @rule(
         username=st.sampled_from(["alice", "bob", "carol"]),
-        address=st.sampled_from(["192.0.2.1", "2001:db8::1"]),
+        address=st.sampled_from(["192.0.2.1", "2001:db8::1", "2001:db8::2"]),
         outcome=st.sampled_from(["wrong", "right", "database down"]),
     )
     def attempt(self, username: str, address: str, outcome: str) -> None:
-        user, addr = ("user", username), ("address", address)
+        user, addr = ("user", username), ("address", server.address_key(address))  # IPv6: the /64
         expect_blocked = self.blocked(user) or self.blocked(addr)
-        wait = self.run(self.throttle.check(username, address))
-        assert (wait is not None) == expect_blocked
-        if wait is not None:
-            assert 0 < wait <= self.config.failure_window
+        try:
+            attempt = self.run(self.throttle.attempt(username, address))
+        except server.TooManyAttempts as refused:
+            assert expect_blocked
+            assert 0 < refused.wait <= self.config.failure_window
             return
+        assert not expect_blocked
         if outcome == "wrong":
-            self.run(self.throttle.failed(username, address))
+            self.run(self.throttle.settle(attempt, failed=True))
             self.failures.setdefault(user, []).append(self.clock.now)
             self.failures.setdefault(addr, []).append(self.clock.now)
         elif outcome == "right":
-            self.run(self.throttle.succeeded(username))
+            self.run(self.throttle.settle(attempt, succeeded=True))
             self.failures.pop(user, None)
-        # "database down": no verdict, nothing is recorded
+        else:  # "database down", or a right password that lost a race: nothing is recorded
+            self.run(self.throttle.settle(attempt))
 
     @rule(seconds=st.floats(min_value=0, max_value=90))
     def advance_clock(self, seconds: float) -> None:
@@ -186,11 +190,11 @@ async def test_a_flood_of_random_usernames_keeps_the_memory_throttle_bounded() -
     throttle = server.LoginThrottle(server.LoginConfig(), clock, failures)
     for number in range(20_000):
         address = f"10.0.{number // 250 % 256}.{number % 250}"
-        if await throttle.check(f"user-{number}", address) is None:
-            await throttle.failed(f"user-{number}", address)
+        with contextlib.suppress(server.TooManyAttempts):
+            await throttle.settle(await throttle.attempt(f"user-{number}", address), failed=True)
         assert len(failures) <= 1000
     # The table is full of recent entries; a real user's failures are still counted.
     for _ in range(server.LoginConfig().max_failures):
-        assert await throttle.check("alice", "192.0.2.1") is None
-        await throttle.failed("alice", "192.0.2.1")
-    assert await throttle.check("alice", "192.0.2.1") is not None
+        await throttle.settle(await throttle.attempt("alice", "192.0.2.1"), failed=True)
+    with pytest.raises(server.TooManyAttempts):
+        await throttle.attempt("alice", "192.0.2.1")

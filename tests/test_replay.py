@@ -25,12 +25,16 @@ PASSWORD = "wonderland"
 WAIT = 5.0
 
 
+USER_IDS = {"alice": 1, "bob": 2}
+
+
 def encoded(event_id: int, username: str | None = None) -> server.Encoded:
-    return server.Encoded.row(event_id, username, json.dumps({"n": event_id}), time.time())
+    to = None if username is None else USER_IDS[username]
+    return server.Encoded.row(event_id, to, json.dumps({"n": event_id}), time.time())
 
 
 def held_ids(recent: server.RecentEvents, after: int, username: str = "alice") -> list[int] | None:
-    found = recent.since(after, username, time.time())
+    found = recent.since(after, USER_IDS[username], time.time())
     return None if found is None else [event.id for event in found if event.id is not None]
 
 

@@ -27,15 +27,15 @@ async def sessions(
 
 
 async def test_a_user_can_hold_several_sessions(sessions: server.SessionStore) -> None:
-    first, _ = await sessions.create(account("alice"))
-    second, _ = await sessions.create(account("alice"))
+    first, _, _ = await sessions.create(account("alice"))
+    second, _, _ = await sessions.create(account("alice"))
     assert first != second
     assert (await sessions.touch(first)) is not None
     assert (await sessions.touch(second)) is not None
 
 
 async def test_touch_returns_the_session(sessions: server.SessionStore, clock: Clock) -> None:
-    session_id, created = await sessions.create(account("alice"))
+    session_id, created, _ = await sessions.create(account("alice"))
     clock.advance(10)
     touched = await sessions.touch(session_id)
     assert touched is not None
@@ -46,8 +46,8 @@ async def test_touch_returns_the_session(sessions: server.SessionStore, clock: C
 
 
 async def test_revoking_one_session_leaves_the_others(sessions: server.SessionStore) -> None:
-    first, _ = await sessions.create(account("alice"))
-    second, _ = await sessions.create(account("alice"))
+    first, _, _ = await sessions.create(account("alice"))
+    second, _, _ = await sessions.create(account("alice"))
     revoked = await sessions.revoke(first)
     assert revoked is not None and revoked.username == "alice"
     assert (await sessions.touch(first)) is None
@@ -64,7 +64,7 @@ async def test_revoke_all_counts_only_live_sessions(sessions: server.SessionStor
     await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout)
     await sessions.create(account("alice"))
-    bob, _ = await sessions.create(account("bob"))
+    bob, _, _ = await sessions.create(account("bob"))
     assert await sessions.revoke_all(account("alice").user_id) == 1
     assert await sessions.revoke_all(account("nobody").user_id) == 0
     assert (await sessions.touch(bob)) is not None
@@ -92,7 +92,7 @@ async def test_making_room_drops_expired_sessions_before_a_live_one(
 async def test_a_session_expires_exactly_at_its_idle_deadline(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    session_id, session = await sessions.create(account("alice"))
+    session_id, session, _ = await sessions.create(account("alice"))
     assert session.expires_at == clock.now + LIMITS.idle_timeout
     clock.advance(LIMITS.idle_timeout - 0.001)
     assert (await sessions.touch(session_id)) is not None
@@ -103,7 +103,7 @@ async def test_a_session_expires_exactly_at_its_idle_deadline(
 async def test_touch_never_extends_past_the_absolute_deadline(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    session_id, session = await sessions.create(account("alice"))
+    session_id, session, _ = await sessions.create(account("alice"))
     absolute = session.created_at + LIMITS.absolute_timeout
     while clock.now + LIMITS.idle_timeout / 2 < absolute:
         clock.advance(LIMITS.idle_timeout / 2)
@@ -119,7 +119,7 @@ async def test_sweep_removes_expired_sessions_and_keeps_live_ones(
     for name in ("alice", "bob", "carol"):
         await sessions.create(account(name))
     clock.advance(LIMITS.idle_timeout / 2)
-    live, _ = await sessions.create(account("alice"))
+    live, _, _ = await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout / 2)
     assert await sessions.sweep() == 3
     assert await count_sessions(sessions) == 1
@@ -127,7 +127,7 @@ async def test_sweep_removes_expired_sessions_and_keeps_live_ones(
 
 
 async def test_an_expired_session_cannot_be_revoked(sessions: server.SessionStore, clock: Clock) -> None:
-    session_id, _ = await sessions.create(account("alice"))
+    session_id, _, _ = await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout)
     assert (await sessions.revoke(session_id)) is None
 
@@ -139,7 +139,7 @@ async def test_sessions_of_lists_the_users_live_sessions_oldest_first(
     clock.advance(LIMITS.idle_timeout)
     await sessions.create(account("alice"), server.Device("192.0.2.2", "first"))
     clock.advance(1)
-    _, second = await sessions.create(account("alice"), server.Device("2001:db8::1", "second"))
+    _, second, _ = await sessions.create(account("alice"), server.Device("2001:db8::1", "second"))
     await sessions.create(account("bob"))
     found = await sessions.sessions_of(account("alice").user_id)
     assert [(s.address, s.user_agent) for s in found] == [("192.0.2.2", "first"), ("2001:db8::1", "second")]
@@ -148,7 +148,7 @@ async def test_sessions_of_lists_the_users_live_sessions_oldest_first(
 
 
 async def test_touch_and_revoke_return_the_public_id_and_device(sessions: server.SessionStore) -> None:
-    session_id, created = await sessions.create(account("alice"), server.Device("192.0.2.1", "Agent/1"))
+    session_id, created, _ = await sessions.create(account("alice"), server.Device("192.0.2.1", "Agent/1"))
     assert len(created.public_id) == 22
     touched = await sessions.touch(session_id)
     assert touched is not None
@@ -163,8 +163,8 @@ async def test_touch_and_revoke_return_the_public_id_and_device(sessions: server
 async def test_revoke_public_ends_that_session_and_names_its_token_hash(
     sessions: server.SessionStore,
 ) -> None:
-    first, session = await sessions.create(account("alice"))
-    second, _ = await sessions.create(account("alice"))
+    first, session, _ = await sessions.create(account("alice"))
+    second, _, _ = await sessions.create(account("alice"))
     ended = await sessions.revoke_public(account("alice").user_id, session.public_id)
     assert ended is not None
     digest, revoked = ended
@@ -175,7 +175,7 @@ async def test_revoke_public_ends_that_session_and_names_its_token_hash(
 
 
 async def test_revoke_public_ignores_other_users_sessions(sessions: server.SessionStore) -> None:
-    alice, session = await sessions.create(account("alice"))
+    alice, session, _ = await sessions.create(account("alice"))
     assert await sessions.revoke_public(account("bob").user_id, session.public_id) is None
     assert await sessions.revoke_public(account("alice").user_id, server.new_public_id()) is None
     assert (await sessions.touch(alice)) is not None
@@ -184,7 +184,7 @@ async def test_revoke_public_ignores_other_users_sessions(sessions: server.Sessi
 async def test_revoke_public_of_an_expired_session_is_none(
     sessions: server.SessionStore, clock: Clock
 ) -> None:
-    _, session = await sessions.create(account("alice"))
+    _, session, _ = await sessions.create(account("alice"))
     clock.advance(LIMITS.idle_timeout)
     assert await sessions.revoke_public(account("alice").user_id, session.public_id) is None
 
@@ -198,7 +198,7 @@ async def test_postgres_keeps_only_a_hash_of_the_session_id(
     clock: Clock, database_url: str, db: psycopg2.extensions.connection
 ) -> None:
     async with open_store("postgres", LIMITS, clock, database_url) as store:
-        session_id, _ = await store.create(account("alice"))
+        session_id, _, _ = await store.create(account("alice"))
     with db.cursor() as cur:
         cur.execute("SELECT token_hash, username FROM sessions")
         rows = cur.fetchall()
@@ -222,7 +222,7 @@ async def test_redis_keeps_only_a_hash_of_the_session_id(clock: Clock, database_
 
     redis_or_skip()
     async with open_store("redis", LIMITS, clock, database_url) as store:
-        session_id, _ = await store.create(account("alice"))
+        session_id, _, _ = await store.create(account("alice"))
         client = store._redis  # type: ignore[attr-defined]
         prefix = store._prefix  # type: ignore[attr-defined]
         dump = b""
