@@ -27,12 +27,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import aiohttp
 import psycopg2
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -99,20 +101,18 @@ def transactions(database_url: str) -> int:
     return int(count) - 1  # this query's own
 
 
-def redis_round_trips(lines: list[str]) -> int:
-    """Requests clients sent, from MONITOR's lines: not the commands scripts ran ('lua]'), and a
-    MULTI ... EXEC block (a pipelined transaction, one write) as one."""
+def redis_round_trips(commands: list[str]) -> int:
+    """Requests clients sent, from what MONITOR saw of them (scripts' own commands left out): a
+    MULTI ... EXEC block (a pipelined transaction, one write) counts as one."""
     trips, in_multi = 0, False
-    for line in lines:
-        if " lua]" in line or '"' not in line:
-            continue
-        command = line.split('"')[1].upper()
-        if command == "MULTI":
+    for command in commands:
+        name = command.split(" ", 1)[0].upper()
+        if name == "MULTI":
             in_multi = True
-        elif command == "EXEC":
+        elif name == "EXEC":
             in_multi = False
             trips += 1
-        elif not in_multi:
+        elif not in_multi and name not in ("HELLO", "SELECT", "CLIENT"):  # a new connection's
             trips += 1
     return trips
 
@@ -120,20 +120,27 @@ def redis_round_trips(lines: list[str]) -> int:
 def round_trips(url: str, database_url: str, redis_url: str, right: bool, wait: float) -> tuple[float, float]:
     """PostgreSQL statements and Redis requests per login, over SEQUENTIAL_LOGINS logins."""
     pg = transactions(database_url)
-    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
-    monitor = subprocess.Popen(
-        ["stdbuf", "-oL", "redis-cli", "-h", host, "-p", port, "monitor"], stdout=subprocess.PIPE, text=True
-    )
+    seen: list[str] = []
+    stop = "bench-monitor-stop"
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as monitor:
+            for found in monitor.listen():
+                if found.get("command", "").endswith(stop):
+                    return
+                if found.get("client_type") != "lua":
+                    seen.append(found.get("command", ""))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     time.sleep(0.3)
     asyncio.run(log_in_one_by_one(url, right))
-    time.sleep(0.3)
-    monitor.terminate()
-    output, _ = monitor.communicate()
+    with redis.Redis.from_url(redis_url) as client:
+        client.echo(stop)
+    watcher.join(30)
     time.sleep(wait)
     pg = transactions(database_url) - pg
-    return round(pg / SEQUENTIAL_LOGINS, 2), round(
-        redis_round_trips(output.splitlines()) / SEQUENTIAL_LOGINS, 2
-    )
+    return round(pg / SEQUENTIAL_LOGINS, 2), round(redis_round_trips(seen) / SEQUENTIAL_LOGINS, 2)
 
 
 def main() -> int:
@@ -184,7 +191,7 @@ def main() -> int:
         f"Login round trips and rate, before ({options.before[:7]}) and after, in one run "
         f"(`python bench/login_round_trips.py`, {rounds} rounds of {seconds:g} s):",
         "",
-        "| store | version | PostgreSQL statements / right login | Redis commands | "
+        "| store | version | PostgreSQL statements / right login | Redis requests | "
         "PostgreSQL / wrong login | Redis | logins/s | ÷ memory |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
