@@ -2053,8 +2053,9 @@ def new_session_id() -> str:
 
 
 def new_public_id() -> str:
-    """A session's public name: its own CSPRNG draw, so it says nothing about the secret id."""
-    return secrets.token_urlsafe(PUBLIC_ID_BYTES)
+    """A session's public name: its own CSPRNG draw, so it says nothing about the secret id.
+    Hex, so it never starts with '-', which `logout NAME SESSION_ID` would read as an option."""
+    return secrets.token_hex(PUBLIC_ID_BYTES)
 
 
 def printable(text: str, limit: int) -> str:

@@ -9,6 +9,7 @@ import base64
 import datetime
 import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -128,7 +129,7 @@ async def test_public_ids_reveal_nothing_of_the_secret_session_ids(client: Clien
     public_ids = [str(s["id"]) for s in await listed(client, session_ids[0])]
     assert len(set(public_ids)) == 5
     for public_id in public_ids:
-        assert len(public_id) == 22  # 128 bits, URL-safe base64
+        assert re.fullmatch(r"[0-9a-f]{32}", public_id)  # 128 bits in hex: never a leading '-'
         for session_id in session_ids:
             digest = server.token_hash(session_id)
             # Not the id, nor a piece of it, nor of its hash in any common spelling.
