@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,11 +194,14 @@ def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
 @as_root
 @pytest.mark.parametrize("long_path", [False, True], ids=["socket-in-data", "long-data-path"])
 async def test_another_local_user_cannot_connect_to_the_embedded_postgres(
-    tmp_path: Path, port: int, start_server: Start, long_path: bool
+    request: pytest.FixtureRequest, port: int, start_server: Start, long_path: bool
 ) -> None:
     """Whatever the data path's length (a long one cannot hold the socket), no other local user
     reaches the socket, as the superuser or as the service, and none reads the secret."""
-    home = tmp_path / ("d" * 90 if long_path else "app")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # short whatever TMPDIR is: the socket fits in the data
+    os.chmod(base, 0o711)
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    home = base / ("d" * 90 if long_path else "app")
     home.mkdir()
     os.chmod(home, 0o711)
     config = home / "config.json"
