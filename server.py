@@ -1125,6 +1125,7 @@ class EmbeddedPostgres:
         self.account = EMBEDDED_OS_ACCOUNT if os.geteuid() == 0 else None
         self._stop_watching = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.by_descriptor = False  # its account cannot walk to the data: paths go as open descriptors
 
     def start(self) -> str:
         """Start the cluster, or join the running one; returns the service's DSN."""
@@ -1161,7 +1162,7 @@ class EmbeddedPostgres:
             postmaster = Postmaster.read(self.data_dir)
             if postmaster is not None and self._postmaster_alive():
                 try:
-                    self._pg("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60")
+                    self._pg("pg_ctl", "stop", "-D", self.data_dir, "-m", "fast", "-w", "-t", "60")
                 except DatabaseUnavailable:
                     with contextlib.suppress(psutil.Error):
                         psutil.Process(postmaster.pid).kill()
@@ -1177,8 +1178,8 @@ class EmbeddedPostgres:
         if self.account is not None:
             pgserver = load_pgserver()
             pgserver.utils.ensure_user_exists(self.account)
-            self._check_reachable(self.data_dir.parent)
             self._check_reachable(self.bin_dir)
+            self.by_descriptor = self._blocked(self.data_dir.parent) is not None
         if not self.data_dir.exists():
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             self.data_dir.mkdir(mode=0o700)
@@ -1197,9 +1198,8 @@ class EmbeddedPostgres:
 
         return pwd.getpwnam(self.account).pw_gid if self.account else os.getegid()
 
-    def _check_reachable(self, path: Path) -> None:
-        """Refuse to start (one line) where the account PostgreSQL runs as cannot enter a parent
-        directory: widening a directory the user did not ask for is not ours to do."""
+    def _blocked(self, path: Path) -> Path | None:
+        """The first directory on the way to path that PostgreSQL's account may not enter, if any."""
         import grp
         import pwd
 
@@ -1214,12 +1214,20 @@ class EmbeddedPostgres:
             else:
                 allowed = status.st_mode & 0o001
             if not allowed:
-                raise StartupError(
-                    f"the embedded PostgreSQL runs as the account '{self.account}' (PostgreSQL refuses"
-                    f" root), which may not enter {directory} (mode {status.st_mode & 0o777:04o});"
-                    " run the service as a user of its own (README, Deployment), or put db.data_dir"
-                    " where that account may enter; nothing was changed"
-                )
+                return directory
+        return None
+
+    def _check_reachable(self, path: Path) -> None:
+        """Refuse to start (one line) where PostgreSQL's account cannot reach its own programs:
+        widening a directory the user did not ask for is not ours to do."""
+        directory = self._blocked(path)
+        if directory is not None:
+            raise StartupError(
+                f"the embedded PostgreSQL runs as the account '{self.account}' (PostgreSQL refuses"
+                f" root), which may not enter {directory} (mode {directory.stat().st_mode & 0o777:04o})"
+                f" to reach its programs in {path}; install the service where that account may enter,"
+                " or run it as a user of its own (README, Deployment); nothing was changed"
+            )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -1263,16 +1271,18 @@ class EmbeddedPostgres:
 
     # -- PostgreSQL's programs
 
-    def _pg(self, program: str, *args: str) -> None:
+    def _pg(self, program: str, *args: str | Path) -> None:
         """Run one of PostgreSQL's programs as its account, with the stop signals blocked; its
         failure is DatabaseUnavailable, one line (its own first line of complaint)."""
-        command = [str(self.bin_dir / program), *args]
         drop = self.account is not None  # to its account wholly: its uid, its group, none of root's groups
+        descriptors: list[int] = []
         try:
+            command = [str(self.bin_dir / program), *(self._argument(arg, descriptors) for arg in args)]
             _without_stop_signals(
                 lambda: subprocess.run(
                     command,
                     cwd=self.data_dir,
+                    pass_fds=descriptors,
                     check=True,
                     capture_output=True,
                     timeout=120,
@@ -1289,6 +1299,18 @@ class EmbeddedPostgres:
             ) from None
         except (subprocess.SubprocessError, OSError) as exc:
             raise DatabaseUnavailable(f"the embedded PostgreSQL's {program} failed: {exc}") from None
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+
+    def _argument(self, arg: str | Path, descriptors: list[int]) -> str:
+        """A program's argument; a path, where its account may not walk to it (a private parent
+        directory, as root), as a descriptor opened here that the program inherits: /proc/self/fd/N
+        leads to it without entering the parents, so none of them needs widening."""
+        if isinstance(arg, str) or not self.by_descriptor:
+            return str(arg)
+        descriptors.append(os.open(arg, os.O_RDONLY))
+        return f"/proc/self/fd/{descriptors[-1]}"
 
     def _init(self) -> None:
         """initdb: a new cluster whose superuser has a password, and no trusted connection."""
@@ -1299,7 +1321,7 @@ class EmbeddedPostgres:
             if self.account is not None:
                 os.chown(pwfile.name, self._uid, self._gid)
             self._pg(
-                "initdb", "-D", str(self.data_dir), "-U", EMBEDDED_SUPERUSER, "--pwfile", pwfile.name,
+                "initdb", "-D", self.data_dir, "-U", EMBEDDED_SUPERUSER, "--pwfile", Path(pwfile.name),
                 "--auth", "scram-sha-256", "--encoding", "utf8",
             )  # fmt: skip
         log.info("embedded PostgreSQL: a new cluster in %s", self.data_dir)
@@ -1326,14 +1348,17 @@ class EmbeddedPostgres:
         if stale is not None:
             self._forget_dead_postmaster(stale)
         socket_dir = self.data_dir
-        if len(str(socket_dir / ".s.PGSQL.5432").encode()) > SOCKET_PATH_MAX:
+        if self.by_descriptor or len(str(socket_dir / ".s.PGSQL.5432").encode()) > SOCKET_PATH_MAX:
             socket_dir = Path(tempfile.mkdtemp(prefix="pgsocket-"))  # 0700, short
             if self.account is not None:
+                self._check_reachable(socket_dir.parent)
                 os.chown(socket_dir, self._uid, self._gid)
         settings = {**EMBEDDED_SETTINGS, "unix_socket_directories": str(socket_dir)}
         options = " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
-        log_file = str(self.data_dir / "log")
-        self._pg("pg_ctl", "start", "-D", str(self.data_dir), "-w", "-t", "60", "-l", log_file, "-o", options)
+        log_file = self.data_dir / "log"
+        log_file.touch(mode=0o600)
+        os.chown(log_file, self._uid, self._gid)
+        self._pg("pg_ctl", "start", "-D", self.data_dir, "-w", "-t", "60", "-l", log_file, "-o", options)
         self._configure()
 
     def _forget_dead_postmaster(self, stale: Postmaster) -> None:
@@ -1373,7 +1398,7 @@ class EmbeddedPostgres:
                 passwords = {"superuser": secrets_[EMBEDDED_SUPERUSER], "service": secrets_[EMBEDDED_ROLE]}
                 cur.execute(EMBEDDED_ROLES_SQL, passwords)
                 cur.execute("SHOW hba_file")
-                hba = Path(cur.fetchone()[0])
+                hba = self.data_dir / Path(cur.fetchone()[0]).name  # initdb's; its path may be a descriptor
                 if hba.read_text() != EMBEDDED_HBA:
                     hba.write_text(EMBEDDED_HBA)
                     cur.execute("SELECT pg_reload_conf()")

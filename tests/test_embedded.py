@@ -245,9 +245,11 @@ async def test_the_service_connects_as_a_role_that_is_no_superuser_and_needs_a_p
 
 
 @as_root
-def test_started_as_root_no_directory_is_opened_to_others(tmp_path: Path, port: int) -> None:
-    """PostgreSQL runs as an account of its own; where it cannot enter a private directory, the
-    service says so in one line instead of opening the directory (and, say, /root) to everyone."""
+async def test_started_as_root_under_a_private_directory_it_serves_and_opens_no_directory(
+    tmp_path: Path, port: int, start_server: Start
+) -> None:
+    """PostgreSQL runs as an account of its own, which may not enter the private directory the
+    data lies under (as /root is): the service still serves, and the directory stays as it was."""
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     os.chmod(private, 0o700)
@@ -255,11 +257,18 @@ def test_started_as_root_no_directory_is_opened_to_others(tmp_path: Path, port: 
     app.mkdir(mode=0o755)
     config = app / "config.json"
     config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": port}, "passwords": FAST}))
-    result = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", NO_DATABASE_URL)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and f"may not enter {private} (mode 0700)" in result.stderr
-    assert private.stat().st_mode & 0o777 == 0o700
-    assert tmp_path.stat().st_mode & 0o777 == 0o701  # as the test made it (postgres_may_enter_tmp_path)
+    assert as_nobody("ls", str(app)).returncode != 0  # the account cannot walk there
+    add_alice(config)
+    running = serve(start_server, config)
+    await assert_login_works(port)
+    # tmp_path as the test made it (postgres_may_enter_tmp_path)
+    assert modes(private, app, tmp_path) == [0o700, 0o755, 0o701]
+    assert_stopped_cleanly(running, app / ".pgdata", running.stop(timeout=STOP_TIMEOUT))
+    assert modes(private) == [0o700]
+
+
+def modes(*paths: Path) -> list[int]:
+    return [path.stat().st_mode & 0o777 for path in paths]
 
 
 async def test_a_postmaster_killed_while_serving_is_started_again_and_the_server_recovers(
