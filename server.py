@@ -1524,14 +1524,7 @@ async def connect_with_retry(
     while True:
         try:
             with database_errors():
-                engine: aiopg.sa.Engine = await aiopg.sa.create_engine(
-                    engine_dsn(dsn, durable),
-                    minsize=1,
-                    maxsize=pool_size,
-                    timeout=DB_OPERATION_TIMEOUT,
-                    enable_hstore=False,
-                )
-                return engine
+                return await new_engine(dsn, durable, pool_size, minsize=1)
         except DatabaseUnavailable as exc:
             if any(reason in str(exc.__cause__) for reason in REFUSALS):
                 raise DatabaseRefused(f"{describe_database(dsn)} refused the connection: {exc}") from None
@@ -1624,7 +1617,7 @@ async def open_database(
             if not without_database:
                 raise
             log.warning("%s; serving without it (503s) until it returns", exc)
-            engine = await unconnected_engine(dsn, durable, pool_size)
+            engine = await new_engine(dsn, durable, pool_size)
         else:
             try:
                 await create_tables(engine, upgrade)
@@ -1636,15 +1629,15 @@ async def open_database(
         yield engine
 
 
-async def unconnected_engine(dsn: str, durable: bool, pool_size: int) -> aiopg.sa.Engine:
-    """An engine whose pool connects only when a connection is asked for.
+async def new_engine(dsn: str, durable: bool, pool_size: int, minsize: int = 0) -> aiopg.sa.Engine:
+    """An engine whose pool holds minsize connections at once (0: it connects when asked).
 
-    aiopg.sa.create_engine connects once before it returns (to read the DSN back); its Engine,
-    a public class, is made here from a pool that starts empty instead.
+    Made from aiopg's public Engine and pool rather than aiopg.sa.create_engine, whose engine.dsn
+    is the connection's, password masked: the bus and the commands' listeners connect with it.
     """
     full_dsn = engine_dsn(dsn, durable)
     pool = await aiopg.create_pool(
-        full_dsn, minsize=0, maxsize=pool_size, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False
+        full_dsn, minsize=minsize, maxsize=pool_size, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False
     )
     return aiopg.sa.Engine(aiopg.sa.engine.get_dialect(), pool, full_dsn)
 

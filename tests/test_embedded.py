@@ -371,3 +371,38 @@ async def test_a_cluster_made_by_an_earlier_version_trusting_everyone_is_convert
         assert cur.fetchall() == [("service",)]
     conn.close()
     assert_stopped_cleanly(running, pgdata, running.stop(timeout=STOP_TIMEOUT))
+
+
+async def test_a_server_whose_database_url_carries_a_password_gets_live_events(
+    config: Path, pgdata: Path, port: int, start_server: Start
+) -> None:
+    """The bus connects with the configured password (a password-checked role: the embedded
+    cluster's service role), not with the masked copy of the connection string aiopg keeps."""
+    add_alice(config)
+    first = serve(start_server, config)
+    password = next(
+        line.split(":")[4] for line in (config.parent / ".pgdata.secret").read_text().splitlines()
+        if line.split(":")[3] == "service"
+    )  # fmt: skip
+    url = f"postgresql://service:{password}@/postgres?host={socket_dir(pgdata)}&port=5432"
+    other_port = free_port()
+    second = start_server(["--config", str(config), "--port", str(other_port)], {"DATABASE_URL": url})
+    second.wait_until_serving()
+    async with aiohttp.ClientSession() as http:
+        body = {"username": "alice", "password": "wonderland"}
+        async with http.post(f"http://127.0.0.1:{other_port}/user", json=body) as response:
+            session_id = (await response.json())["session_id"]
+        headers = {"Authorization": session_id}
+        async with http.get(f"http://127.0.0.1:{other_port}/events", headers=headers) as stream:
+            assert stream.status == 200
+            published = run_command(
+                ["publish", '{"price": 3}', "--config", str(config)], env={"DATABASE_URL": url}
+            )
+            assert published.returncode == 0, published.stderr
+            async with asyncio.timeout(5):
+                async for line in stream.content:
+                    if line.startswith(b"data:") and b'"price": 3' in line:
+                        break
+    assert "Traceback" not in second.log
+    assert second.stop(timeout=STOP_TIMEOUT) == 0
+    assert_stopped_cleanly(first, pgdata, first.stop(timeout=STOP_TIMEOUT))
