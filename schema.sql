@@ -70,14 +70,17 @@ BEGIN
     PERFORM pg_advisory_xact_lock(h) FROM (
         SELECT DISTINCT hashtextextended(k, 1819240293) AS h FROM unnest(keys) k ORDER BY 1) locks;
     FOR i IN 1 .. cardinality(keys) LOOP
-        failed := ARRAY(SELECT f.failed_at FROM login_failures f WHERE f.key = keys[i]
-            AND f.failed_at > attempted_at - window_seconds AND (f.token IS NULL OR f.failed_at <= attempted_at - stale)
-            ORDER BY f.failed_at DESC LIMIT limits[i]);
+        -- One statement, one snapshot: an attempt settled between two reads would be in neither.
+        SELECT coalesce(array_agg(f.failed_at ORDER BY f.failed_at DESC) FILTER (
+                    WHERE f.failed_at > attempted_at - window_seconds
+                        AND (f.token IS NULL OR f.failed_at <= attempted_at - stale)), '{}'),
+                count(*) FILTER (WHERE f.token IS NOT NULL AND f.failed_at > attempted_at - stale)
+            INTO failed, pending
+            FROM login_failures f
+            WHERE f.key = keys[i] AND f.failed_at > attempted_at - greatest(window_seconds, stale);
         IF cardinality(failed) >= limits[i] THEN
             wait := greatest(wait, failed[limits[i]] + window_seconds - attempted_at);
         END IF;
-        SELECT count(*) INTO pending FROM login_failures f
-            WHERE f.key = keys[i] AND f.token IS NOT NULL AND f.failed_at > attempted_at - stale;
         busy := busy OR cardinality(failed) + pending >= limits[i];
     END LOOP;
     IF wait > 0 THEN
