@@ -277,6 +277,12 @@ def non_empty_string(value: Any) -> str:
     return value
 
 
+def host_name(value: Any) -> str:
+    if any(unicodedata.category(char)[0] in "CZ" for char in non_empty_string(value)):
+        raise Invalid("a host name or address (no spaces or control characters)")
+    return str(value)
+
+
 def any_string(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid("a string")
@@ -290,7 +296,7 @@ def boolean(value: Any) -> bool:
 
 
 def seconds(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
         raise Invalid("a positive number of seconds")
     return float(value)
 
@@ -440,7 +446,7 @@ def setting(default: T, check: Callable[[Any], T]) -> T:
 
 @dataclasses.dataclass(frozen=True)
 class WebServerConfig:
-    host: str = setting("localhost", non_empty_string)
+    host: str = setting("localhost", host_name)
     port: int = setting(8000, Integer(0, 65535))
     # Peers whose X-Forwarded-For is believed; nobody's by default.
     trusted_proxies: tuple[IPNetwork, ...] = setting((), networks)
@@ -1037,7 +1043,7 @@ def load_pgserver() -> Any:
 
 # Stop signals. A second one, or one sent to the whole process group (Ctrl-C in a terminal,
 # `timeout`), must not reach the pg_ctl the shutdown is running, nor cut the shutdown short.
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})  # a hangup: one process stops too
 
 
 def _without_stop_signals(function: Callable[[], T]) -> T:
@@ -6202,7 +6208,7 @@ class WebServer:
         await runner.setup()
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock).start()
+                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # its listen() is the last
             log.info("serving on %s", self.url)
             tune_garbage_collector()
             await asyncio.Event().wait()  # until the first signal raises GracefulExit
@@ -6591,6 +6597,8 @@ async def journal_command(config: Config, after: int, follow: bool) -> None:
                     await listener.notifies.get()
                     while not listener.notifies.empty():
                         listener.notifies.get_nowait()
+        except BrokenPipeError:
+            raise  # the reader of the output went away (| head), not the database
         except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
             raise CommandError(
                 f"lost the database ({_first_line(exc)}); go on with --after {after}"
@@ -7194,8 +7202,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _, command = USER_COMMANDS[args.command]
             print(escape_controls(asyncio.run(command(config, args.name))))
+        sys.stdout.flush()  # a reader gone away shows here, inside the try, not at the exit
     except STARTUP_FAILURES as exc:
         print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

@@ -148,6 +148,17 @@ BAD_CONFIGS = [
     pytest.param({"webserver": {"port": 70000}}, "'webserver.port' must be an integer", id="port-range"),
     pytest.param({"webserver": {"port": True}}, "'webserver.port' must be an integer", id="port-bool"),
     pytest.param({"webserver": {"host": 5}}, "'webserver.host' must be a non-empty string", id="host-int"),
+    pytest.param(
+        {"webserver": {"host": "localhost\u0000x"}}, "'webserver.host' must be a host name", id="host-nul"
+    ),
+    pytest.param(
+        {"webserver": {"host": "local host"}}, "'webserver.host' must be a host name", id="host-space"
+    ),
+    pytest.param(
+        '{"sessions": {"idle_timeout": 1e400}}',
+        "'sessions.idle_timeout' must be a positive",
+        id="infinite-seconds",
+    ),
     pytest.param({"webserver": []}, "'webserver' must be an object", id="section-not-object"),
     pytest.param({"cache": {}}, "unknown section 'cache'", id="unknown-section"),
     pytest.param(

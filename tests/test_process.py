@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import signal
+import subprocess
 from pathlib import Path
 
 import aiohttp
 import psycopg2.extensions
 import pytest
 
-from conftest import Start, free_port, run_command
+import server as server_py
+from conftest import PYTHON, SERVER, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 
@@ -30,7 +34,7 @@ async def login_cycle(base: str, username: str, password: str) -> None:
             assert response.status == 401
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # a hangup: a terminal closed
 async def test_server_serves_then_exits_0_on_a_signal(
     tmp_path: Path, database_url: str, db: object, start_server: Start, sig: int
 ) -> None:
@@ -45,6 +49,52 @@ async def test_server_serves_then_exits_0_on_a_signal(
     await login_cycle(f"http://127.0.0.1:{port}", "alice", "wonderland")
     assert server.stop(sig) == 0
     assert "Traceback" not in server.log
+    assert "shutting down" in server.log and "database engine closed" in server.log
+
+
+def test_the_listen_queue_is_the_one_server_py_asks_for(
+    tmp_path: Path, database_url: str, db: object, start_server: Start
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"passwords": FAST}))
+    port = free_port()
+    server = start_server(
+        ["--config", str(config), "--host", "127.0.0.1", "--port", str(port)], {"DATABASE_URL": database_url}
+    )
+    server.wait_until_serving()
+    listing = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    send_queues = {int(line.split()[2]) for line in listing.stdout.splitlines()}
+    assert send_queues == {min(server_py.LISTEN_BACKLOG, somaxconn())}, listing.stdout
+    assert server.stop() == 0
+
+
+def somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+@pytest.mark.parametrize("reader", ["head -n 1", "head -c 0"])
+def test_a_listing_piped_into_a_reader_that_stops_early_is_no_traceback(
+    tmp_path: Path, database_url: str, db: psycopg2.extensions.connection, reader: str
+) -> None:
+    with db.cursor() as cur:
+        cur.execute("TRUNCATE session_journal")
+        cur.execute(
+            "INSERT INTO session_journal (kind, username, user_id, session, address, user_agent, reason)"
+            " SELECT 'login', 'alice', 1, md5(n::text), '127.0.0.1', 'test', NULL"
+            " FROM generate_series(1, 3000) n"
+        )
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"passwords": FAST}))
+    command = f"{shlex.quote(PYTHON)} {shlex.quote(str(SERVER))} journal --config {shlex.quote(str(config))}"
+    piped = subprocess.run(
+        ["bash", "-c", f"{command} | {reader}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": database_url},
+        timeout=60,
+    )
+    assert piped.stderr == "", piped.stderr
+    assert piped.stdout.count("\n") == (1 if reader == "head -n 1" else 0)
 
 
 async def test_a_config_written_for_the_seed_article_works_unchanged(
