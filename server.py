@@ -4262,13 +4262,17 @@ async def replay(
     return "table", written
 
 
-async def resume_beyond(engine: aiopg.sa.Engine, stream: Stream, after: int, newest: int) -> None:
+async def resume_beyond(
+    engine: aiopg.sa.Engine, stream: Stream, after: int, newest: int, topic: str | None = None
+) -> None:
     """A resume from an id this process has not delivered: if no event ever had it (the database
-    was restored or made anew), say replay_truncated and go on from the newest id; else the bus
-    is a moment behind, and the live events bring the rest."""
+    was restored or made anew), say replay_truncated and go on from the newest id (with `topic`,
+    a topic subscribed to on an open stream: nothing to replay); else the bus is a moment behind,
+    and the live events bring the rest."""
     if after > int(await read_scalar(engine, EVENT_ID_DRAWN) or 0):
         stream.write(REPLAY_TRUNCATED)
-        stream.last_id = newest
+        if topic is None:
+            stream.last_id = newest
 
 
 async def pace(stream: Stream) -> None:
@@ -5461,6 +5465,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: pass each event on at once
 }
 LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
+MAX_EVENT_ID = 10**18 - 1
 
 
 def last_event_id(request: web.Request, websocket: bool) -> int | None:
@@ -5469,10 +5474,18 @@ def last_event_id(request: web.Request, websocket: bool) -> int | None:
     texts = [request.query.get("last_event_id") if request.query_string else None]
     if not websocket:
         texts.append(request.headers.get("Last-Event-ID"))
-    found = [text.strip() for text in texts if text is not None and text.strip() != ""]
+    found = [text for text in texts if text]
     if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
         raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
     return max(map(int, found), default=None)
+
+
+def event_id(given: object) -> int | None:
+    """A `last_event_id` in a JSON message: an integer (not a bool or float) from 0 to
+    MAX_EVENT_ID, as the query allows; None for anything else."""
+    if isinstance(given, int) and not isinstance(given, bool) and 0 <= given <= MAX_EVENT_ID:
+        return given
+    return None
 
 
 def check_origin(request: web.Request, required: bool) -> None:
@@ -5588,6 +5601,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         refused = await access.refused(session.account, wanted)
         answers = [topic_notice("subscribe_refused", topic, "forbidden") for topic in refused]
         wanted = [topic for topic in wanted if topic not in refused]
+        if asked is not None and not (isinstance(asked, list) and all(isinstance(t, str) for t in asked)):
+            answers.append(BAD_MESSAGE)
         for topic, reason in await first_message_topics(access, session.account, asked, wanted, config):
             answers.append(
                 topic_notice("subscribe_refused", topic, reason)
@@ -5630,7 +5645,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def first_message_topics(
     access: Topics, account: Account, asked: Any, wanted: Sequence[str], config: EventsConfig
 ) -> list[tuple[str, str | None]]:
-    """The `topics` of a WebSocket's first message, each with why it is refused (None: it is not)."""
+    """The `topics` of a WebSocket's first message, each with why it is refused (None: it is not);
+    what is not a list, and items that are not strings, are left out (the caller says bad_message)."""
     if not isinstance(asked, list):
         return []
     answers: dict[str, str | None] = {}
@@ -5805,8 +5821,9 @@ async def stream_message(app: web.Application, stream: Stream, text: str | None)
         message = None
     kind = message.get("type") if isinstance(message, dict) else None
     topic = message.get("topic") if isinstance(message, dict) else None
-    since = message.get("last_event_id") if isinstance(message, dict) else None
-    valid_since = since is None or (isinstance(since, int) and not isinstance(since, bool) and since >= 0)
+    given = message.get("last_event_id") if isinstance(message, dict) else None
+    since = event_id(given)
+    valid_since = given is None or since is not None
     if kind == "unsubscribe" and isinstance(topic, str):
         app[streams].unsubscribe(stream, topic)
         stream.write(topic_notice("unsubscribed", topic, "requested"))
@@ -5837,14 +5854,18 @@ async def subscribe(app: web.Application, stream: Stream, topic: str, since: int
     if refused or stream.ended.done():
         stream.write(topic_notice("subscribe_refused", topic, "forbidden"))
         return
-    if since is not None and bus.last_id is not None and since < bus.last_id:
+    newest = bus.last_id
+    if since is not None and newest is not None and since != newest:
         stream.pause()
     registry.subscribe(stream, topic)
     stream.write(topic_notice("subscribed", topic))
     access.recheck(stream, mark)
-    if stream.backlog is not None and bus.last_id is not None and since is not None:
+    if stream.backlog is not None and newest is not None and since is not None:
         try:
-            await replay(app[db_engine], stream, since, bus.last_id, bus.recent, topic)
+            if since > newest:
+                await resume_beyond(app[db_engine], stream, since, newest, topic)
+            else:
+                await replay(app[db_engine], stream, since, newest, bus.recent, topic)
         except DatabaseUnavailable as exc:
             log.warning("could not replay a topic's events: %s", exc)
             stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing

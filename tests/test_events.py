@@ -1236,3 +1236,28 @@ async def test_a_bad_last_event_id_is_400_before_any_stream(client: Client, tran
             )
             assert (answer.status, answer.json()["error"]) == (400, "bad_request"), value
     assert len(client.app[server.streams]) == 0
+
+
+@pytest.mark.parametrize("value", ["%201", "1%20", "+5", "%2B5", "%EF%BC%95", "%20"])
+async def test_a_last_event_id_with_a_sign_a_space_or_other_digits_is_400(
+    client: Client, transport: str, value: str
+) -> None:
+    session_id = await log_in(client, "alice", "wonderland")
+    assert client.port is not None
+    head = websocket_head if transport == "websocket" else sse_head
+    answer = await request_raw(
+        client, head(client.port, f"/events?last_event_id={value}", f"Authorization: {session_id}")
+    )
+    assert (answer.status, answer.json()["error"]) == (400, "bad_request")
+    assert len(client.app[server.streams]) == 0
+
+
+@pytest.mark.parametrize("value", ["+5", "-0", "1 2", "5.", "0x5"])
+async def test_a_last_event_id_header_with_a_sign_or_inner_space_is_400(client: Client, value: str) -> None:
+    session_id = await log_in(client, "alice", "wonderland")
+    assert client.port is not None
+    answer = await request_raw(
+        client, sse_head(client.port, "/events", f"Authorization: {session_id}", f"Last-Event-ID: {value}")
+    )
+    assert (answer.status, answer.json()["error"]) == (400, "bad_request")
+    assert len(client.app[server.streams]) == 0

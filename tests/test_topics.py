@@ -299,6 +299,12 @@ async def test_a_subscribe_beyond_max_topics_per_stream_is_refused_too_many_topi
         {"type": "subscribe", "topic": 7},
         {"type": "subscribe", "topic": "lobby", "last_event_id": -1},
         {"type": "subscribe", "topic": "lobby", "last_event_id": "3"},
+        {"type": "subscribe", "topic": "lobby", "last_event_id": 1.5},
+        {"type": "subscribe", "topic": "lobby", "last_event_id": 2.0},
+        '{"type": "subscribe", "topic": "lobby", "last_event_id": 1e30}',
+        {"type": "subscribe", "topic": "lobby", "last_event_id": True},
+        {"type": "subscribe", "topic": "lobby", "last_event_id": 10**18},
+        {"type": "subscribe", "topic": "lobby", "last_event_id": 10**30},
         {"type": "unsubscribe", "topic": None},
         {"topic": "lobby"},
     ],
@@ -310,8 +316,50 @@ async def test_any_other_message_is_answered_bad_message_and_the_stream_stays_op
     stream = await open_stream(client, "websocket", await log_in(client, "alice", "wonderland"))
     await send(stream, message)
     assert await stream.next() == {"type": "error", "error": "bad_message"}
+    await topic_event(client, "lobby", "not subscribed")
     everyone = await server.publish(client.app[server.db_engine], "still open")
     assert (await stream.next())["id"] == everyone
+
+
+@pytest.mark.parametrize("beyond", [1000, "max"])
+async def test_a_subscribe_with_a_last_event_id_above_every_id_says_replay_truncated_then_goes_live(
+    client: Client, beyond: int | str
+) -> None:
+    alice = await log_in(client, "alice", "wonderland")
+    stream = await open_stream(client, "websocket", alice)
+    await topic_event(client, "lobby", "before")
+    newest = await server.publish(client.app[server.db_engine], "newest")
+    assert event_ids([await stream.next()]) == [newest]  # the bus has it: the subscribe is beyond it
+    since = 999_999_999_999_999_999 if beyond == "max" else newest + int(beyond)
+    await send(stream, {"type": "subscribe", "topic": "lobby", "last_event_id": since})
+    assert await stream.next() == {"type": "subscribed", "topic": "lobby"}
+    assert await stream.next() == {"type": "replay_truncated"}
+    live = [
+        await topic_event(client, "lobby", "live"),
+        await server.publish(client.app[server.db_engine], "x"),
+    ]
+    assert event_ids([await stream.next(), await stream.next()]) == live
+    await stream.nothing_within(0.2)
+
+
+@pytest.mark.parametrize(
+    "topics",
+    ["lobby", {"lobby": True}, 7, [1, None, "lobby"], ["lobby", ["news"]], [{"topic": "news"}, "lobby"]],
+    ids=json.dumps,
+)
+async def test_first_message_topics_not_a_list_of_strings_is_bad_message_and_the_strings_still_subscribe(
+    client: Client, topics: Any
+) -> None:
+    stream = await websocket(client, await log_in(client, "alice", "wonderland"), {"topics": topics})
+    assert await stream.next() == {"type": "error", "error": "bad_message"}
+    if isinstance(topics, list):
+        assert await stream.next() == {"type": "subscribed", "topic": "lobby"}
+    lobby = await topic_event(client, "lobby", "hi")
+    everyone = await server.publish(client.app[server.db_engine], "still open")
+    assert event_ids([await stream.next()]) == ([lobby] if isinstance(topics, list) else [everyone])
+    if isinstance(topics, list):
+        assert event_ids([await stream.next()]) == [everyone]
+    await stream.nothing_within(0.2)
 
 
 async def test_a_subscribe_with_a_last_event_id_replays_that_topics_events_then_live_in_order(
