@@ -531,3 +531,33 @@ def server_config(database_url: str, store: str, **sections: object) -> server.C
     """make_config with the given session store (Redis: the test Redis)."""
     sessions = server.SessionConfig(store=store, redis_url=REDIS_URL, redis_prefix=REDIS_PREFIX)
     return make_config(database_url, sessions=sessions, **sections)
+
+
+# Cheap hashing for servers started as processes (a config file's passwords section).
+FAST_PASSWORD_SETTINGS = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
+
+
+def start_servers(
+    tmp_path: Path, database_url: str, store: str, start_server: Start, count: int = 2
+) -> list[tuple[ServerProcess, str]]:
+    """`count` servers on one database and one store, and user alice: each with its URL; the
+    first one's config file is tmp_path/server-0.json."""
+    env = {"DATABASE_URL": database_url}
+    servers = []
+    for number in range(count):
+        port = free_port()
+        sessions: dict[str, object] = {"store": store, "redis_url": REDIS_URL, "redis_prefix": REDIS_PREFIX}
+        config = {
+            "webserver": {"host": "127.0.0.1", "port": port},
+            "sessions": sessions,
+            "passwords": FAST_PASSWORD_SETTINGS,
+        }
+        path = tmp_path / f"server-{number}.json"
+        path.write_text(json.dumps(config))
+        if number == 0:
+            added = run_command(["adduser", "alice", "--config", str(path)], "wonderland\n", env)
+            assert added.returncode == 0, added.stderr
+        servers.append((start_server(["--config", str(path)], env), f"http://127.0.0.1:{port}"))
+    for process, _ in servers:
+        process.wait_until_serving()
+    return servers

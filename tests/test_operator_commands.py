@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import REDIS_PREFIX, REDIS_URL, ServerProcess, Start, free_port, run_command
+from conftest import Start, run_command, start_servers
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 ALICE = {"username": "alice", "password": "wonderland"}
@@ -24,22 +24,8 @@ def start_two(
     tmp_path: Path, database_url: str, store: str, start_server: Start, count: int = 2
 ) -> tuple[list[str], Path]:
     """`count` servers on one database and store, user alice: their URLs, and a config file."""
-    env = {"DATABASE_URL": database_url}
-    started: list[tuple[ServerProcess, str]] = []
-    first = tmp_path / "server-0.json"
-    for number in range(count):
-        port = free_port()
-        sessions: dict[str, object] = {"store": store, "redis_url": REDIS_URL, "redis_prefix": REDIS_PREFIX}
-        config = {"webserver": {"host": "127.0.0.1", "port": port}, "sessions": sessions, "passwords": FAST}
-        path = tmp_path / f"server-{number}.json"
-        path.write_text(json.dumps(config))
-        if number == 0:
-            added = run_command(["adduser", "alice", "--config", str(path)], "wonderland\n", env)
-            assert added.returncode == 0, added.stderr
-        started.append((start_server(["--config", str(path)], env), f"http://127.0.0.1:{port}"))
-    for process, _ in started:
-        process.wait_until_serving()
-    return [url for _, url in started], first
+    started = start_servers(tmp_path, database_url, store, start_server, count)
+    return [url for _, url in started], tmp_path / "server-0.json"
 
 
 def command(database_url: str, config: Path, *args: str) -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ a process killed with SIGKILL stops counting at once."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,30 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import REDIS_PREFIX, REDIS_URL, ServerProcess, Start, free_port, run_command
-
-FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
-
-
-def start_two(
-    tmp_path: Path, database_url: str, store: str, start_server: Start
-) -> list[tuple[ServerProcess, str]]:
-    """Two servers on one database and one shared store, and user alice: each with its URL."""
-    env = {"DATABASE_URL": database_url}
-    servers = []
-    for number in range(2):
-        port = free_port()
-        sessions: dict[str, object] = {"store": store, "redis_url": REDIS_URL, "redis_prefix": REDIS_PREFIX}
-        config = {"webserver": {"host": "127.0.0.1", "port": port}, "sessions": sessions, "passwords": FAST}
-        path = tmp_path / f"server-{number}.json"
-        path.write_text(json.dumps(config))
-        if number == 0:
-            added = run_command(["adduser", "alice", "--config", str(path)], "wonderland\n", env)
-            assert added.returncode == 0, added.stderr
-        servers.append((start_server(["--config", str(path)], env), f"http://127.0.0.1:{port}"))
-    for process, _ in servers:
-        process.wait_until_serving()
-    return servers
+from conftest import Start, start_servers
 
 
 @pytest.fixture
@@ -76,7 +52,7 @@ async def open_sse(http: aiohttp.ClientSession, base: str, session_id: str) -> a
 async def test_a_stream_held_by_one_process_counts_in_the_list_another_answers(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start, http: aiohttp.ClientSession
 ) -> None:
-    (_, first), (_, second) = start_two(tmp_path, database_url, shared_store, start_server)
+    (_, first), (_, second) = start_servers(tmp_path, database_url, shared_store, start_server)
     laptop = await log_in(http, first)
     phone = await log_in(http, second)
     assert await stream_counts(http, first, laptop) == [0, 0]
@@ -98,7 +74,7 @@ async def test_a_stream_held_by_one_process_counts_in_the_list_another_answers(
 async def test_the_streams_of_a_killed_process_stop_counting_at_once(
     tmp_path: Path, database_url: str, shared_store: str, start_server: Start, http: aiohttp.ClientSession
 ) -> None:
-    (_, first), (holder, second) = start_two(tmp_path, database_url, shared_store, start_server)
+    (_, first), (holder, second) = start_servers(tmp_path, database_url, shared_store, start_server)
     session_id = await log_in(http, first)
     sse = await open_sse(http, second, session_id)
     await soon(lambda: stream_counts(http, first, session_id), [1])
