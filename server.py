@@ -150,14 +150,399 @@ from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 if TYPE_CHECKING:
     import prometheus_client
 
+
 # ---------------------------------------------------------------------------
-# Constants
+# Shared constants
 # ---------------------------------------------------------------------------
 
 log = logging.getLogger("server")
-
 HERE = Path(__file__).resolve().parent
-SCHEMA_PATH = HERE / "schema.sql"
+DEFAULT_CONFIG_PATH = Path("config.json")
+MAX_BODY_BYTES = 16 * 1024
+# Content codings of a request body that aiohttp decodes here (brotli and zstd only when installed).
+CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
+MAX_FIELD_CHARS = 1024
+# A session id is 43 characters; anything much longer is not worth a lookup.
+MAX_SESSION_ID_CHARS = 128
+PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
+# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
+# PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
+# PostgreSQL always gives up first: nothing the service gave up on goes on running or waiting there.
+DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
+DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
+DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
+DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
+DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
+BUS_APPLICATION_NAME = "server.py bus"  # ... and for each process's listening connection
+STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
+SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login counters
+SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
+MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
+REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
+MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
+PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
+# A topic: 1-200 characters of A-Z a-z 0-9 _ . : @ -, the first a letter or a digit.
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
+MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
+
+
+# ---------------------------------------------------------------------------
+# The article's service: WebServer, its initializer and routes
+# ---------------------------------------------------------------------------
+
+config_key: web.AppKey[Config] = web.AppKey("config")
+db_engine: web.AppKey[aiopg.sa.Engine] = web.AppKey("db_engine")
+passwords: web.AppKey[Passwords] = web.AppKey("passwords")
+sessions: web.AppKey[Sessions] = web.AppKey("sessions")
+login_throttle: web.AppKey[LoginThrottle] = web.AppKey("login_throttle")
+streams: web.AppKey[StreamRegistry] = web.AppKey("streams")
+stream_counts: web.AppKey[StreamCounts] = web.AppKey("stream_counts")
+event_bus: web.AppKey[Bus] = web.AppKey("event_bus")
+metrics: web.AppKey[Metrics] = web.AppKey("metrics")
+topic_access: web.AppKey[Topics] = web.AppKey("topic_access")
+presence: web.AppKey[Presence] = web.AppKey("presence")
+journal_writer: web.AppKey[JournalWriter] = web.AppKey("journal_writer")
+
+
+KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
+STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
+FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" lines
+LISTEN_BACKLOG = 4096  # connections the kernel queues before the server accepts them (at most
+# net.core.somaxconn): a reconnect storm of thousands of event streams overflows a short queue
+# The garbage collector in a serving process: allocations between young collections, and young
+# (then middle) collections between older ones. CPython's (700, 10, 10) suit short scripts.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+class WebServer:
+    """Builds the application from a Config, as the seed's class did from its dict."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock  # what sessions take as "now"; tests pass a clock they can move
+        self.host = config.webserver.host
+        self.port = config.webserver.port
+        self.worker = False  # a gunicorn worker (see runner)
+
+    async def initializer(self) -> web.Application:
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES,
+            middlewares=[metrics_middleware, error_middleware, preflight_middleware],
+        )
+        asyncio.get_running_loop().set_exception_handler(ServingLoopErrors())
+        app.on_response_prepare.append(response_headers)
+        aiohttp_server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, ClientErrorsInOneLine) for f in aiohttp_server_log.filters):
+            aiohttp_server_log.addFilter(ClientErrorsInOneLine())
+        app[config_key] = self.config
+        app[metrics] = Metrics()
+        # Set up in this order, torn down in reverse: the database outlives what uses it.
+        app.cleanup_ctx.append(self._database)
+        app.cleanup_ctx.append(self._passwords)
+        app.cleanup_ctx.append(self._sessions)
+        app.cleanup_ctx.append(self._live)
+        app.on_shutdown.append(close_streams)
+        app.router.add_post("/user", login, expect_handler=expect_continue)
+        app.router.add_get("/user", whoami, expect_handler=expect_continue)
+        app.router.add_delete("/user", logout, expect_handler=expect_continue)
+        app.router.add_get("/user/sessions", list_sessions, expect_handler=expect_continue)
+        app.router.add_delete("/user/sessions/{id}", end_session, expect_handler=expect_continue)
+        app.router.add_get("/events", events, expect_handler=expect_continue, allow_head=False)
+        app.router.add_post("/events", post_event, expect_handler=expect_continue)
+        app.router.add_get("/topics/{topic}/presence", topic_presence, expect_handler=expect_continue)
+        app.router.add_get("/health", health, expect_handler=expect_continue)
+        app.router.add_get("/metrics", metrics_page, expect_handler=expect_continue)
+        app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
+        app.router.add_get("/", index_page, expect_handler=expect_continue)
+        return app
+
+    async def _database(self, app: web.Application) -> AsyncIterator[None]:
+        # Users are written by the commands, durably; the server's writes can be asynchronous.
+        # One connection of the process's DB_POOL_SIZE is the bus's (see _live).
+        async with open_database(
+            self.config.db, durable=False, pool_size=DB_POOL_SIZE - 1, without_database=self.worker
+        ) as engine:
+            app[db_engine] = engine
+            yield
+
+    async def _passwords(self, app: web.Application) -> AsyncIterator[None]:
+        if self.config.passwords.below_owasp_minimum:
+            log.warning("password hashing is set below the OWASP minimum; use this for tests only")
+        loop = asyncio.get_running_loop()
+        app[passwords] = await loop.run_in_executor(None, Passwords, self.config.passwords)
+        yield
+        app[passwords].close()
+
+    async def _sessions(self, app: web.Application) -> AsyncIterator[None]:
+        writer = app[journal_writer] = JournalWriter(app[db_engine])
+        writing = asyncio.create_task(writer.run())
+        store = open_session_store(self.config.sessions, app[db_engine], self.clock, writer)
+        registry = app[streams] = StreamRegistry(app[metrics])
+        owner = app[sessions] = Sessions(store, registry, shared=self.config.sessions.store != "memory")
+        app[login_throttle] = LoginThrottle(self.config.login, self.clock, store)
+        interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
+        sweeper = asyncio.create_task(sweep_forever(owner, app[login_throttle], interval))
+        yield
+        await stop_tasks([sweeper])
+        await owner.close()
+        await writer.close()
+        await stop_tasks([writing])
+
+    async def _live(self, app: web.Application) -> AsyncIterator[None]:
+        registry, owner = app[streams], app[sessions]
+        bus = app[event_bus] = Bus(
+            app[db_engine], registry, owner, self.config.events.retention, app[metrics]
+        )
+        owner.notify = bus.notify
+        owner.trust_cache_while(bus.hears_everything)  # read through to the store while the bus is away
+        shared = owner.shared
+        counts = app[stream_counts] = StreamCounts(app[db_engine], registry, bus, shared)
+        access = app[topic_access] = Topics(self.config.events, app[db_engine], registry)
+        bus.channels[MEMBERSHIPS_CHANNEL] = access.membership_ended
+        bus.on_connect.append(access.check_memberships)
+        online = app[presence] = Presence(self.config.events, app[db_engine], registry, bus)
+        bus.channels[PRESENCE_CHANNEL] = online.heard
+        bus.on_connect.append(online.connected)
+        tasks = [
+            asyncio.create_task(bus.run()),
+            asyncio.create_task(online.run()),
+            *([asyncio.create_task(counts.run())] if shared else []),
+            asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
+            asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
+            asyncio.create_task(sweep_journal_forever(app[db_engine], self.config.journal.retention)),
+        ]
+        # Serve once events are heard, so that one published right after start-up arrives.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
+        if bus.last_id is None:  # the bus connects later and catches up from here: no gap
+            with contextlib.suppress(DatabaseUnavailable):
+                bus.start_from(int(await read_scalar(app[db_engine], NEWEST_EVENT)))
+        yield
+        await stop_tasks(tasks)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def server_options(self) -> dict[str, Any]:
+        """Keep-alive, shutdown timeout and access log, alike in one process and in workers."""
+        return {
+            "keepalive_timeout": KEEPALIVE_TIMEOUT,
+            "shutdown_timeout": SHUTDOWN_TIMEOUT,
+            "access_log": logging.getLogger("server.access") if self.config.webserver.access_log else None,
+            "access_log_class": AccessLogger.behind(self.config.webserver.trusted_proxies),
+        }
+
+    def run(self, sockets: Sequence[socket.socket]) -> None:
+        """Serve on sockets already bound (see listening_sockets) until SIGINT or SIGTERM."""
+        self.port = sockets[0].getsockname()[1]  # the port really bound, also for --port 0
+        if self.config.webserver.uvloop:
+            import uvloop  # optional: `pip install uvloop`
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        stop_on_first_signal(loop)
+        serving = loop.create_task(self._serve(sockets))
+        try:
+            loop.run_until_complete(serving)
+        except (web.GracefulExit, KeyboardInterrupt):
+            pass
+        finally:
+            serving.cancel()  # its cleanup finishes requests in flight, then closes the database
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(serving)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def _serve(self, sockets: Sequence[socket.socket]) -> None:
+        runner = JsonErrorRunner(await self.initializer(), **self.server_options())
+        await runner.setup()
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # its listen() is the last
+            log.info("serving on %s", self.url)
+            tune_garbage_collector()
+            await asyncio.Event().wait()  # until the first signal raises GracefulExit
+        finally:
+            await runner.cleanup()
+
+    async def runner(self) -> web.AppRunner:
+        """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this).
+        A worker starts even while PostgreSQL is away: one that failed to boot would stop gunicorn."""
+        self.worker = True
+        app = await self.initializer()
+
+        async def announce(_app: web.Application) -> None:  # after cleanup_ctx: the database is there
+            log.info("serving on %s (worker %d)", self.url, os.getpid())
+            tune_garbage_collector()
+
+        app.on_startup.append(announce)
+        return JsonErrorRunner(app, **self.server_options())
+
+
+class ServingLoopErrors:
+    """A serving event loop's exception handler. Out of file descriptors, asyncio reports every
+    refused accept (many a second, each a traceback whose formatting itself needs a file): here
+    that is one line every FD_LOG_INTERVAL seconds with a count, and the server serves on as
+    connections close. A statement PostgreSQL timed out is one line (report_statement_timeouts)."""
+
+    def __init__(self) -> None:
+        self.logged_at = -math.inf
+        self.refused = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.refused += 1
+            now = time.monotonic()
+            if now - self.logged_at >= FD_LOG_INTERVAL:
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                log.error(
+                    "out of file descriptors (open-files limit %d): %d accept(s) refused since the"
+                    " last such line; new connections wait until others close",
+                    limit,
+                    self.refused,
+                )
+                self.logged_at, self.refused = now, 0
+            return
+        if isinstance(exc, ValueError) and str(exc) == "Invalid file descriptor: -1":
+            return  # asyncio's retry of a refused accept, due after the shutdown closed the socket
+        report_statement_timeouts(loop, context)
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's open-files limit to its hard limit: each open stream holds a file
+    descriptor, and the usual soft limit of 1,024 is far below what one process serves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
+
+
+def tune_garbage_collector() -> None:
+    """Once a serving process has started: fewer and shorter collector pauses while it holds
+    thousands of streams (each keeps about 80 objects alive: request, protocol, reader, writer,
+    timers). A full collection walks every live object, a second or more at 10,000 streams on a
+    busy core, and stops every delivery meanwhile; CPython starts one whenever the objects that
+    survived grew by a quarter, which opening streams does again and again. Start-up's objects
+    (modules, the app) are frozen out of every collection; collections come far less often. Cycles
+    (a closed stream's objects) are still collected, by the young collections and the full ones."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
+    """The first SIGINT or SIGTERM starts a graceful shutdown; every later one is ignored.
+
+    Ignored by this process and by the children it starts from then on (pg_ctl stop), so a second
+    Ctrl-C, or a signal to the whole process group, cannot cut the shutdown short: exit 0.
+    """
+
+    def first_signal(signum: int) -> None:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+        log.info("%s received; shutting down", signal.Signals(signum).name)
+        raise web.GracefulExit()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first_signal, sig)
+
+
+def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind host:port on every address host resolves to, before anything else is started.
+
+    A host that does not resolve or a port in use stops start-up at once, with one line
+    (StartupError), instead of after the database was started. Port 0 binds one free port,
+    the same on every address.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else exc
+        raise StartupError(f"cannot listen on host '{host}': it does not resolve ({reason})") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One short line per request: client, method, path, status, time. Headers (and so session
+    ids) are never logged, and the query string is left out. The client is the address the login
+    throttle and the sessions list see (behind webserver.trusted_proxies, the forwarded one)."""
+
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def behind(cls, trusted_proxies: tuple[IPNetwork, ...]) -> type[AccessLogger]:
+        """The class aiohttp makes its access logger from, for a server behind these proxies."""
+        return type(cls.__name__, (cls,), {"trusted_proxies": trusted_proxies})
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        client = client_address(request, self.trusted_proxies)
+        self.logger.info(
+            "%s %s %s %d %.1fms", client, request.method, request.path, response.status, time * 1000
+        )
+
+
+async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait until they are done, cancelling again as long as any
+    runs: on Python 3.11, asyncio.wait_for (which aiopg awaits queries with) drops a cancellation
+    that arrives as its query finishes, and a task that kept running would hang the shutdown."""
+    running = set(tasks)
+    while running:
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=STOP_RETRY)
+
+
+async def close_streams(app: web.Application) -> None:
+    """At shutdown, before requests in flight are waited for: end every event stream."""
+    app[streams].end_all(Ended.SHUTDOWN)
+
+
+async def sweep_forever(store: Sessions, throttle: LoginThrottle, interval: float) -> None:
+    """Drop expired sessions and login counters now and then, so storage holds only live ones."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await store.sweep()
+            await throttle.sweep()
+        except SessionStoreUnavailable as exc:
+            log.warning("could not sweep the session store: %s", exc)
+            continue
+        if removed:
+            log.debug("swept %d expired sessions", removed)
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------
+
 OPENAPI_PATH = HERE / "openapi.yaml"
 INDEX_PATH = HERE / "index.html"
 # The demo page runs only its own inline script, named by its hash (index_page), and talks only to
@@ -168,94 +553,985 @@ INDEX_POLICY = (
 )
 INDEX_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 INDEX_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-SERVER_HEADER = "server.py"  # what every answer says in Server: no software versions
-DEFAULT_CONFIG_PATH = Path("config.json")
-
-MAX_BODY_BYTES = 16 * 1024
-# Content codings of a request body that aiohttp decodes here (brotli and zstd only when installed).
-CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
-MAX_FIELD_CHARS = 1024
-MIN_PASSWORD_CHARS = 8  # for new passwords (NIST SP 800-63B); logins check no minimum
-# A session id is 43 characters; anything much longer is not worth a lookup.
-MAX_SESSION_ID_CHARS = 128
 SESSION_ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_CHARS}}}", re.ASCII)
-SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
-PUBLIC_ID_BYTES = 16  # a session's public id: 128 bits, drawn separately from its secret id
-PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
 # What GET /user/sessions shows of the login that began a session. Real User-Agents are 100 to 150
 # characters; 256 keeps them whole, and both limits keep a memory session well under 1 KiB.
 MAX_USER_AGENT_CHARS = 256
 MAX_ADDRESS_CHARS = 64  # an IPv6 address with a zone id; longer ones are cut
-
-# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
-# PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
-# PostgreSQL always gives up first: nothing the service gave up on goes on running or waiting there.
-DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
-DB_LOCK_TIMEOUT = 1.0  # seconds a statement may wait for a lock (PostgreSQL's lock_timeout)
-DB_STATEMENT_TIMEOUT = 1.5  # seconds a statement may take (PostgreSQL's statement_timeout)
-DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
-DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
-DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
-DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
-BUS_APPLICATION_NAME = "server.py bus"  # ... and for each process's listening connection
-STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
-RETRY_AFTER_SECONDS = "5"
-SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
-SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login counters
 BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
-KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
-SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
-STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
-FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" lines
-LISTEN_BACKLOG = 4096  # connections the kernel queues before the server accepts them (at most
-# net.core.somaxconn): a reconnect storm of thousands of event streams overflows a short queue
-
-# The garbage collector in a serving process: allocations between young collections, and young
-# (then middle) collections between older ones. CPython's (700, 10, 10) suit short scripts.
-GC_THRESHOLDS = (50_000, 20, 10)
-
-# Failed logins allowed per client address: several users may share one address (an office NAT).
-ADDRESS_FAILURE_FACTOR = 10
-ATTEMPT_RETRY = 0.02  # seconds between looks while attempts in flight fill a limit
-PENDING_LIFETIME = 60.0  # an attempt in flight longer than this died with its process: a failure
-MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
-
-# OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
-OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
-
-# Live events (GET /events). PostgreSQL carries them and session revocations between processes:
-# LISTEN/NOTIFY is the signal, the `events` table the record.
-EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
-REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
-MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
-PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
-# A topic: 1-200 characters of A-Z a-z 0-9 _ . : @ -, the first a letter or a digit.
-TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
 EVENT_BODY_BYTES = 6 * 64 * 1024 + 1024  # a POST /events body: 64 KiB of data, each character escaped
-MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
-EVENT_BATCH = 100  # rows read at a time when catching up or replaying (at most 6.4 MiB)
-REPLAY_STALL = 10.0  # seconds a replay waits for a client to read before it counts as too slow
-RECENT_EVENTS = 10_000  # events a process keeps, encoded, to replay from memory (see RecentEvents)
-RECENT_EVENT_BYTES = 16 * 1024 * 1024  # ... and at most this many bytes of them
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
-STREAM_TICK = 0.5  # seconds between checks of every stream's expiry, heartbeat and connection
-STREAM_COUNTS_CHECK = 1.0  # seconds: how often StreamCounts looks for a new bus connection to name
-BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconnecting the bus
-RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
-ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII | re.IGNORECASE)
-DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 HOST_PATTERN = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # methods a cookie may come with from any page
-COOKIE_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
 WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
 WS_SESSION_ENDED = 4001  # no valid session, or it ended (the application range, 4000-4999)
 WS_TOO_MANY_STREAMS = 4029  # over max_streams_per_user, for a stream authenticated by its first message
 
+
+def check_declared_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> None:
+    """Refuse, from the headers alone, a body this service will not read: one declared larger
+    than `limit` (413), in a content coding aiohttp does not decode (415, RFC 9110
+    section 15.5.16), or in a transfer coding other than chunked, which aiohttp would pass on
+    undecoded (501, RFC 9112 section 6.1). Runs before `100 Continue` is sent, so such a body is
+    never sent at all."""
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(limit, request.content_length)
+    transfer = request.headers.get("Transfer-Encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        raise json_error(
+            web.HTTPNotImplemented,
+            "unsupported_transfer_encoding",
+            "The only Transfer-Encoding understood is chunked.",
+        )
+    coding = request.headers.get("Content-Encoding", "identity").strip()
+    if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
+        raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's handler of `Expect`, run before the route's: `100 Continue` only for a body
+    this service would read; any other expectation is 417 (RFC 9110 section 10.1.1)."""
+    if request.headers.get("Expect", "").strip().lower() != "100-continue":
+        raise json_error(
+            web.HTTPExpectationFailed, "expectation_failed", "The only expectation met is 100-continue."
+        )
+    check_declared_body(request, body_limit(request))
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+
+
+def body_too_large(limit: int, size: int) -> web.HTTPException:
+    body = json_text(
+        {"error": "body_too_large", "message": f"The request body is larger than {limit} bytes."}
+    )
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=size, text=body, content_type="application/json"
+    )
+
+
+def body_limit(request: web.Request) -> int:
+    """The largest body a route reads: an event's is larger than the others."""
+    return EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
+    limit = body_limit(request)
+    check_declared_body(request, limit)
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            if limit == MAX_BODY_BYTES:
+                return await request.read()  # aiohttp raises 413 past client_max_size
+            body = bytearray()
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise body_too_large(limit, len(body))
+            return bytes(body)
+    except TimeoutError:
+        raise json_error(
+            web.HTTPRequestTimeout, "request_timeout", "The request body did not arrive in time."
+        ) from None
+    except (web.RequestPayloadError, HttpProcessingError):
+        # Bytes that do not match the declared framing or coding (a "gzip" body that is not).
+        raise json_error(
+            web.HTTPBadRequest, "bad_body", "The body does not match its Content-Encoding or framing."
+        ) from None
+
+
+async def read_credentials(request: web.Request) -> tuple[str, str]:
+    """The username (in NFC) and password from a JSON body, or the contract's 400/413/415/422."""
+    body = await read_body(request)
+    try:
+        # RFC 8259 section 8.1: a parser may ignore a byte order mark, and some clients send one.
+        data = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
+    if not isinstance(data, dict):
+        raise json_error(
+            web.HTTPUnprocessableEntity,
+            "invalid_credentials_format",
+            "The body must be a JSON object with 'username' and 'password'.",
+        )
+    try:
+        return parse_username(data.get("username")), check_credential(data.get("password"), "password")
+    except ValueError as exc:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_credentials_format", f"{exc}.") from None
+
+
+def session_id_from(request: web.Request) -> str:
+    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>` or, without that
+    header, from the session cookie; or 401. A cookie sent with an unsafe method or a WebSocket
+    handshake must come from an allowed origin (check_origin): the browser adds it to requests any
+    page makes.
+
+    Only what could be a session id (URL-safe Base64, as new_session_id makes them) reaches a
+    store: any other bytes, undecodable ones included, are a 401 before any store sees them.
+    """
+    cookie = session_cookie(request)
+    if cookie is not None:
+        if request.method not in SAFE_METHODS or is_websocket_handshake(request):
+            check_origin(request, required=True)
+        value = cookie.strip()
+    else:
+        value = request.headers.get("Authorization", "").strip()
+        scheme, _, rest = value.partition(" ")
+        if scheme.lower() == "bearer":
+            value = rest.strip()
+    if not SESSION_ID_PATTERN.fullmatch(value):
+        raise invalid_session()
+    return value
+
+
+def session_cookie(request: web.Request) -> str | None:
+    """The session cookie's value, unless an Authorization header (which wins) names the session."""
+    if "Authorization" in request.headers:
+        return None
+    return request.cookies.get(request.app[config_key].sessions.cookie.name)
+
+
+def is_websocket_handshake(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").strip().lower() == "websocket"
+
+
+def invalid_session() -> web.HTTPException:
+    return json_error(web.HTTPUnauthorized, "invalid_session", "The session is missing, unknown or expired.")
+
+
+def iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+async def login(request: web.Request) -> web.Response:
+    """POST /user; with ?cookie=true the session goes into an HttpOnly cookie, not the body."""
+    in_cookie = flag(request, "cookie")
+    if in_cookie:
+        check_origin(request, required=True)  # login CSRF: no other site logs a browser in
+    username, password = await read_credentials(request)
+    app = request.app
+    throttle = app[login_throttle]
+    address = client_address(request, app[config_key].webserver.trusted_proxies)
+    device = Device(
+        printable(address, MAX_ADDRESS_CHARS),
+        printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
+    )
+    async with throttle.one_at_a_time(username):
+        try:
+            attempt = await throttle.attempt(username, address)  # before the password is checked
+        except TooManyAttempts as refused:
+            app[metrics].logins.labels("throttled").inc()
+            raise json_error(
+                web.HTTPTooManyRequests,
+                "too_many_attempts",
+                "Too many failed logins; try again later.",
+                {"Retry-After": str(math.ceil(refused.wait))},
+            ) from None
+        wrong = False
+        begun = None
+        try:
+            stored_hash, account = await find_account(app[db_engine], username)
+            verdict = await app[passwords].verify(stored_hash, password)
+            wrong = verdict is Verdict.WRONG or account is None or stored_hash is None
+            if not wrong:
+                assert account is not None and stored_hash is not None
+                begun = await app[sessions].login(account, device, attempt)  # settles it too
+        finally:
+            if begun is None:  # wrong, or not decided (an outage, a lost race: counts for nothing)
+                await throttle.settle(attempt, failed=wrong)
+    if wrong:
+        app[metrics].logins.labels("failure").inc()
+        log.info("failed login from %s", address)
+        raise invalid_credentials()
+    assert account is not None and stored_hash is not None
+    if begun is None:  # a passwd, deluser or logout NAME committed meanwhile: no failure either
+        app[metrics].logins.labels("lost_race").inc()
+        log.info("a login from %s lost a race with a revocation", address)
+        raise invalid_credentials()
+    session_id, session = begun
+    app[metrics].logins.labels("success").inc()
+    if verdict is Verdict.RIGHT_OUTDATED:
+        await upgrade_hash(app[db_engine], app[passwords], account, stored_hash, password)
+    if not in_cookie:
+        return json_response({"session_id": session_id}, headers=NO_STORE)
+    response = json_response(
+        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
+    )
+    set_session_cookie(request, response, session_id, session)
+    return response
+
+
+def flag(request: web.Request, name: str) -> bool:
+    """A true/false query parameter (false when absent), or 400."""
+    value = request.query.get(name, "false") if request.query_string else "false"
+    if value not in ("true", "false"):
+        raise json_error(
+            web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
+        )
+    return value == "true"
+
+
+def set_session_cookie(
+    request: web.Request, response: web.StreamResponse, session_id: str, session: Session
+) -> None:
+    """The session as a cookie no script can read, sent only to this site, gone at its absolute timeout."""
+    config = request.app[config_key].sessions
+    lifetime = config.absolute_timeout
+    secure = config.cookie.secure
+    response.set_cookie(
+        config.cookie.name,
+        session_id,
+        max_age=math.floor(lifetime),
+        expires=email.utils.formatdate(session.created_at + lifetime, usegmt=True),
+        path="/",
+        secure=request_scheme(request) == "https" if secure == "auto" else bool(secure),
+        httponly=True,
+        samesite="Strict",
+    )
+
+
+def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    """Tell the browser to forget the session cookie (a logout), when the request carried it."""
+    if session_cookie(request) is not None:
+        name = request.app[config_key].sessions.cookie.name
+        response.del_cookie(name, path="/", httponly=True, samesite="Strict")
+
+
+def invalid_credentials() -> web.HTTPException:
+    return json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
+
+
+async def upgrade_hash(
+    engine: aiopg.sa.Engine, hasher: Passwords, account: Account, verified: str, password: str
+) -> None:
+    """Re-hash with today's parameters, only over the hash just verified (a passwd meanwhile
+    wins); after the session began, and a failure here does not fail the login."""
+    try:
+        if await replace_hash(engine, account, verified, await hasher.hash(password)):
+            log.info("upgraded the password hash of a user to the current parameters")
+    except DatabaseUnavailable as exc:
+        log.warning("could not upgrade a password hash: %s", type(exc).__name__)
+
+
+async def current_session(request: web.Request) -> Session:
+    """The request's session, renewed (each valid use renews the idle timeout), or 401."""
+    session = await request.app[sessions].touch(session_id_from(request))
+    if session is None:
+        raise invalid_session()
+    return session
+
+
+async def whoami(request: web.Request) -> web.Response:
+    session = await current_session(request)
+    return json_response(
+        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
+    )
+
+
+async def logout(request: web.Request) -> web.Response:
+    everywhere = flag(request, "all")
+    owner = request.app[sessions]
+    try:
+        session = await owner.end(session_id_from(request))
+        if session is None:
+            raise invalid_session()
+    except web.HTTPUnauthorized as refused:
+        clear_session_cookie(request, refused)  # a cookie naming no session is forgotten too
+        raise
+    ended = 1
+    if everywhere:
+        ended += await owner.end_all(session.user_id)
+    response = json_response({"logged_out": ended})
+    clear_session_cookie(request, response)
+    return response
+
+
+async def index_page(request: web.Request) -> web.Response:
+    """GET /: the demo page (log in, who am I, live events, log out)."""
+    text = read_served_file(INDEX_PATH)
+    return web.Response(text=text, content_type="text/html", headers=index_headers(text))
+
+
+def index_headers(page: str) -> dict[str, str]:
+    """The page's headers; its CSP allows exactly the inline scripts the served text holds."""
+    hashes = [hashlib.sha256(script.encode()).digest() for script in INDEX_SCRIPT.findall(page)]
+    scripts = " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in hashes) or "'none'"
+    return {"Content-Security-Policy": INDEX_POLICY.format(scripts=scripts), **INDEX_HEADERS}
+
+
+def read_served_file(path: Path) -> str:
+    """A file served as it is (index.html, openapi.yaml); 404 when server.py was copied without it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise web.HTTPNotFound() from None
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """GET /user/sessions: every live session of the caller, oldest first, the caller's own marked."""
+    current = await current_session(request)
+    found = await request.app[sessions].sessions_of(current.user_id)
+    counts = await request.app[stream_counts].of(found)
+    listed = [describe(session, current, counts) for session in found]
+    return json_response({"sessions": listed}, headers=NO_STORE)
+
+
+def describe(session: Session, current: Session, counts: Mapping[str, int]) -> dict[str, Any]:
+    """A session as its user sees it: the public id, never anything of the secret one."""
+    return {
+        "id": session.public_id,
+        "created_at": iso_utc(session.created_at),
+        "last_seen": iso_utc(session.last_seen),
+        "expires_at": iso_utc(session.expires_at),
+        "address": session.address,
+        "user_agent": session.user_agent,
+        "current": session.public_id == current.public_id,
+        "streams": counts[session.public_id],  # open event streams, in every process
+    }
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """DELETE /user/sessions/{id}: end one of the caller's sessions, found by its public id.
+
+    An id that is malformed, unknown or another user's is the same 404, so ids of other users'
+    sessions are worth nothing, not even as a way to learn that they exist.
+    """
+    current = await current_session(request)
+    public_id = request.match_info["id"]
+    if not PUBLIC_ID_PATTERN.fullmatch(public_id) or not await request.app[sessions].end_public(
+        current.user_id, public_id
+    ):
+        raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
+    response = json_response({"logged_out": 1})
+    if public_id == current.public_id:
+        clear_session_cookie(request, response)
+    return response
+
+
+# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
+NO_STORE = {"Cache-Control": "no-store"}  # answers with session data: no cache keeps them
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+}
+LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
+MAX_EVENT_ID = 10**18 - 1
+
+
+def last_event_id(request: web.Request, websocket: bool) -> int | None:
+    """`?last_event_id=N`, or for SSE the `Last-Event-ID` header a browser sends on reconnecting;
+    with both, the larger: an EventSource reconnects to the same URL, its header saying how far it got."""
+    texts = [request.query.get("last_event_id") if request.query_string else None]
+    if not websocket:
+        texts.append(request.headers.get("Last-Event-ID"))
+    found = [text for text in texts if text]
+    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
+        raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
+    return max(map(int, found), default=None)
+
+
+def event_id(given: object) -> int | None:
+    """A `last_event_id` in a JSON message: an integer (not a bool or float) from 0 to
+    MAX_EVENT_ID, as the query allows; None for anything else."""
+    if isinstance(given, int) and not isinstance(given, bool) and 0 <= given <= MAX_EVENT_ID:
+        return given
+    return None
+
+
+def check_origin(request: web.Request, required: bool) -> None:
+    """Refuse (403 forbidden_origin) a request made by a page of an origin other than this
+    service's own (own_origin) or webserver.origins: a cross-site request forgery, or a cross-site
+    WebSocket hijacking. `Origin: null` (a sandboxed or opaque page) is refused too. A request with
+    no Origin passes only when not `required` (a WebSocket handshake that brings its own session:
+    no browser leaves Origin out of one, so this is no page) or when `Sec-Fetch-Site: same-origin`
+    vouches for it; browsers send Origin with every cross-origin POST, DELETE and handshake."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        if not required or request.headers.get("Sec-Fetch-Site", "").strip() == "same-origin":
+            return
+    elif allowed_origin(request, origin):
+        return
+    raise json_error(web.HTTPForbidden, "forbidden_origin", "Requests from this page's origin are refused.")
+
+
+def allowed_origin(request: web.Request, origin: str) -> bool:
+    key = origin_key(origin.strip())
+    return key is not None and (key in request.app[config_key].origins or key == own_origin(request))
+
+
+def own_origin(request: web.Request) -> str | None:
+    """The origin the request was addressed to, when no attacker can own its name: an IP address,
+    `localhost` or the configured webserver.host. Any other name in Host may be a DNS-rebinding
+    page's (its Host and Origin agree on the attacker's name); a public name behind a proxy is
+    known only from webserver.origins. Behind a trusted proxy, X-Forwarded-Host and -Proto count."""
+    host = request.host
+    if trusted_proxy(request):
+        host = request.headers.get("X-Forwarded-Host", host).partition(",")[0].strip()
+    match = HOST_PATTERN.fullmatch(host)
+    if match is None:
+        return None
+    name = match["name"].lower()
+    configured = request.app[config_key].webserver.host.lower()
+    if name not in ("localhost", configured) and _ip_address(name.strip("[]")) is None:
+        return None
+    return origin_key(f"{request_scheme(request)}://{host}")
+
+
+def trusted_proxy(request: web.Request) -> bool:
+    return in_networks(request.remote or "", request.app[config_key].webserver.trusted_proxies)
+
+
+def request_scheme(request: web.Request) -> str:
+    """http or https, as the client reached the service: directly, or through a trusted proxy
+    that says so in X-Forwarded-Proto (the first value: the proxy nearest the client)."""
+    if trusted_proxy(request):
+        forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if forwarded in ("http", "https"):
+            return forwarded
+    return request.scheme
+
+
+def requested_topics(request: web.Request, most: int) -> list[str]:
+    """The `?topic=` of GET /events, each once: 400 bad_topic for a malformed one, 400
+    too_many_topics beyond events.max_topics_per_stream."""
+    wanted = list(dict.fromkeys(request.query.getall("topic", []))) if request.query_string else []
+    for topic in wanted:
+        if not TOPIC_PATTERN.fullmatch(topic):
+            raise bad_topic()
+    if len(wanted) > most:
+        raise json_error(
+            web.HTTPBadRequest, "too_many_topics", f"A stream may subscribe to at most {most} topics."
+        )
+    return wanted
+
+
+def bad_topic() -> web.HTTPException:
+    return json_error(
+        web.HTTPBadRequest,
+        "bad_topic",
+        "A topic is 1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit.",
+    )
+
+
+def forbidden_topic() -> web.HTTPException:
+    return json_error(web.HTTPForbidden, "forbidden_topic", "This user may not use that topic.")
+
+
+def too_many_streams() -> web.HTTPException:
+    return json_error(
+        web.HTTPTooManyRequests, "too_many_streams", "This user has too many open event streams."
+    )
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """GET /events: the session's live stream, as Server-Sent Events or, for an upgrade request,
+    a WebSocket (authenticated by `Authorization` or by its first message)."""
+    app = request.app
+    config = app[config_key].events
+    websocket = web.WebSocketResponse(
+        heartbeat=config.heartbeat, compress=False, max_msg_size=MAX_BODY_BYTES, timeout=SHUTDOWN_TIMEOUT / 2
+    )
+    upgrade = websocket.can_prepare(request).ok
+    after = last_event_id(request, upgrade)
+    wanted = requested_topics(request, config.max_topics_per_stream)
+    if upgrade:
+        check_origin(request, required=False)
+    access = app[topic_access]
+    mark = access.mark()
+    answers: list[Encoded] = []  # a WebSocket's answers to the topics of its first message
+    if upgrade and "Authorization" not in request.headers and session_cookie(request) is None:
+        await websocket.prepare(request)
+        found = await first_message_session(websocket, app[sessions])
+        if found is None:
+            return websocket
+        session_id, session, asked = found
+        if app[streams].count(session.user_id) >= config.max_streams_per_user:
+            await websocket.close(code=WS_TOO_MANY_STREAMS, message=b"too_many_streams")
+            return websocket
+        refused = await access.refused(session.account, wanted)
+        answers = [topic_notice("subscribe_refused", topic, "forbidden") for topic in refused]
+        wanted = [topic for topic in wanted if topic not in refused]
+        if asked is not None and not (isinstance(asked, list) and all(isinstance(t, str) for t in asked)):
+            answers.append(BAD_MESSAGE)
+        for topic, reason in await first_message_topics(access, session.account, asked, wanted, config):
+            answers.append(
+                topic_notice("subscribe_refused", topic, reason)
+                if reason
+                else topic_notice("subscribed", topic)
+            )
+            if reason is None:
+                wanted.append(topic)
+    else:
+        session_id = session_id_from(request)
+        touched = await app[sessions].touch(session_id)
+        if touched is None:
+            raise invalid_session()
+        session = touched
+        if await access.refused(session.account, wanted):
+            raise forbidden_topic()
+        if app[streams].count(session.user_id) >= config.max_streams_per_user:
+            raise too_many_streams()
+        if upgrade:
+            await websocket.prepare(request)
+    response: web.StreamResponse = websocket
+    if not upgrade:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+    assert request.transport is not None
+    stream = Stream(
+        session_id,
+        session,
+        request.transport,
+        websocket=upgrade,
+        chunked=not upgrade and request.version >= (1, 1),
+        max_buffer=config.max_buffer,
+        last_id=after or 0,
+        topics=wanted,
+    )
+    await serve_stream(request, stream, response, after, answers, mark)
+    return response
+
+
+async def first_message_topics(
+    access: Topics, account: Account, asked: Any, wanted: Sequence[str], config: EventsConfig
+) -> list[tuple[str, str | None]]:
+    """The `topics` of a WebSocket's first message, each with why it is refused (None: it is not);
+    what is not a list, and items that are not strings, are left out (the caller says bad_message)."""
+    if not isinstance(asked, list):
+        return []
+    answers: dict[str, str | None] = {}
+    for topic in asked:
+        if isinstance(topic, str) and topic not in wanted:
+            answers[topic] = None if TOPIC_PATTERN.fullmatch(topic) else "bad_topic"
+    for topic in await access.refused(account, [t for t, reason in answers.items() if reason is None]):
+        answers[topic] = "forbidden"
+    room = config.max_topics_per_stream - len(wanted)
+    for topic, reason in answers.items():
+        if reason is None:
+            answers[topic], room = (None, room - 1) if room > 0 else ("too_many_topics", room)
+    return list(answers.items())
+
+
+async def first_message_session(
+    websocket: web.WebSocketResponse, store: Sessions
+) -> tuple[str, Session, Any] | None:
+    """The session named by the WebSocket's first message, `{"session_id": "...", "topics": [...]}`
+    (and the topics, unchecked), sent within FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed
+    with 4001 and this returns None."""
+    session = None
+    asked = None
+    with contextlib.suppress(asyncio.TimeoutError):
+        # One deadline for the whole wait: receive(timeout=) would start again at every pong.
+        async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
+            message = await websocket.receive()
+        if message.type is WSMsgType.TEXT:
+            # Not JSON (or nested too deeply to read), or not an object.
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
+                first = json.loads(message.data)
+                session_id, asked = first.get("session_id"), first.get("topics")
+                if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
+                    try:
+                        session = await store.touch(session_id)
+                    except SessionStoreUnavailable:
+                        await websocket.close(code=WS_TRY_AGAIN_LATER, message=b"session_store_unavailable")
+                        return None
+    if session is None:
+        await websocket.close(code=WS_SESSION_ENDED, message=b"invalid_session")
+        return None
+    return session_id, session, asked
+
+
+async def serve_stream(
+    request: web.Request,
+    stream: Stream,
+    response: web.StreamResponse,
+    after: int | None,
+    answers: Sequence[Encoded] = (),
+    mark: int = 0,
+) -> None:
+    """Register the stream, replay what it missed, then hold it until it ends; close it as its
+    reason says (session_ended and 4001; 1013 for a slow reader; 1001 at shutdown). `answers`
+    go first; memberships that ended since `mark` (while they were checked) end here."""
+    app = request.app
+    registry, bus = app[streams], app[event_bus]
+    registry.add(stream)
+    journaled = app[config_key].journal.streams
+    if journaled:
+        app[journal_writer].note(JournalWriter.row("stream_opened", stream, stream.transport_name))
+    for answer in answers:
+        stream.write(answer)
+    app[topic_access].recheck(stream, mark)
+    try:
+        if after is not None and bus.last_id is None:  # not known yet where live events begin
+            stream.end(Ended.UNAVAILABLE)
+        elif after is not None and bus.last_id is not None:
+            try:
+                if after > bus.last_id:
+                    await resume_beyond(app[db_engine], stream, after, bus.last_id)
+                else:
+                    source, written = await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
+                    app[metrics].replays.labels(source).inc()
+                    app[metrics].events_delivered.inc(written)
+            except DatabaseUnavailable as exc:
+                log.warning("could not replay events: %s", exc)
+                stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
+            except Exception:  # the answer has begun: a JSON 500 can no longer be sent
+                log.exception("unexpected error replaying events")
+                stream.end(Ended.ERROR)
+        app[metrics].events_delivered.inc(stream.go_live())
+        if isinstance(response, web.WebSocketResponse):
+            await hold_websocket(response, stream, functools.partial(stream_message, app, stream))
+        else:
+            await end_sse(response, stream, await stream.ended)
+    finally:
+        registry.discard(stream)
+        if journaled:
+            why = stream.ended.result() if stream.ended.done() else Ended.GONE
+            app[journal_writer].note(JournalWriter.row("stream_closed", stream, why.value))
+
+
+async def hold_websocket(
+    websocket: web.WebSocketResponse, stream: Stream, answer: Callable[[str | None], Awaitable[None]]
+) -> None:
+    """Answer what the client sends (its text, None for binary) until the stream ends, then close
+    the WebSocket.
+
+    The close comes after the read is cancelled: aiohttp's close() beside a pending read drops the
+    connection without waiting for the client's Close frame, and the client then sees 1006."""
+
+    async def read_messages() -> None:
+        async for message in websocket:
+            await answer(message.data if message.type is WSMsgType.TEXT else None)
+
+    reading = asyncio.ensure_future(read_messages())
+    try:
+        await asyncio.wait((reading, stream.ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reading.cancel()
+        await asyncio.wait((reading,))
+    stream.end(Ended.GONE)  # unless it ended before: the client closed or left
+    await close_websocket(websocket, stream, stream.ended.result())
+
+
+async def post_event(request: web.Request) -> web.Response:
+    """POST /events: publish {"topic", "data"} to a topic whose rule lets this user publish;
+    `from` is the user. 200 {"id": N}."""
+    app = request.app
+    session = await current_session(request)
+    body = await read_body(request)
+    try:
+        message = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
+    topic = message.get("topic") if isinstance(message, dict) else None
+    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
+        raise bad_topic()
+    if "data" not in message:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", "The body must have 'data'.")
+    try:
+        event_data_text(message["data"])
+    except ValueError as exc:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", f"{str(exc).capitalize()}.") from None
+    access = app[topic_access]
+    if await access.refused(session.account, [topic], publish=True):
+        raise forbidden_topic()
+    wait = access.publish_wait(session.user_id, asyncio.get_running_loop().time())
+    if wait > 0:
+        raise json_error(
+            web.HTTPTooManyRequests,
+            "too_many_publishes",
+            "This user publishes too often; try again later.",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
+    event_id = await publish(app[db_engine], message["data"], topic=topic, sender=session.account.username)
+    return json_response({"id": event_id})
+
+
+async def topic_presence(request: web.Request) -> web.Response:
+    """GET /topics/{topic}/presence: who has a stream open on a presence topic, in every process."""
+    session = await current_session(request)
+    topic = request.match_info["topic"]
+    if not TOPIC_PATTERN.fullmatch(topic):
+        raise bad_topic()
+    rule = request.app[topic_access].rule(topic)
+    if rule is None or not rule.presence or await request.app[topic_access].refused(session.account, [topic]):
+        raise forbidden_topic()
+    return json_response({"topic": topic, "users": request.app[presence].users(topic)})
+
+
+async def stream_message(app: web.Application, stream: Stream, text: str | None) -> None:
+    """A client's message on an open WebSocket: subscribe or unsubscribe, answered; anything
+    else is answered with bad_message, and the stream stays open."""
+    try:
+        message = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
+        message = None
+    kind = message.get("type") if isinstance(message, dict) else None
+    topic = message.get("topic") if isinstance(message, dict) else None
+    given = message.get("last_event_id") if isinstance(message, dict) else None
+    since = event_id(given)
+    valid_since = given is None or since is not None
+    if kind == "unsubscribe" and isinstance(topic, str):
+        app[streams].unsubscribe(stream, topic)
+        stream.write(topic_notice("unsubscribed", topic, "requested"))
+    elif kind == "subscribe" and isinstance(topic, str) and valid_since:
+        await subscribe(app, stream, topic, since)
+    else:
+        stream.write(BAD_MESSAGE)
+
+
+async def subscribe(app: web.Application, stream: Stream, topic: str, since: int | None) -> None:
+    """Add a topic to an open stream, or answer why not; with `since`, first replay the topic's
+    events after that id (live events wait meanwhile, so they follow in order)."""
+    access, registry, bus = app[topic_access], app[streams], app[event_bus]
+    if not TOPIC_PATTERN.fullmatch(topic):
+        stream.write(topic_notice("subscribe_refused", topic, "bad_topic"))
+        return
+    if topic in stream.topics:
+        stream.write(topic_notice("subscribed", topic))
+        return
+    if len(stream.topics) >= app[config_key].events.max_topics_per_stream:
+        stream.write(topic_notice("subscribe_refused", topic, "too_many_topics"))
+        return
+    mark = access.mark()
+    try:
+        refused = await access.refused(stream.account, [topic])
+    except DatabaseUnavailable:
+        refused = [topic]  # not known to be allowed: the client may ask again
+    if refused or stream.ended.done():
+        stream.write(topic_notice("subscribe_refused", topic, "forbidden"))
+        return
+    newest = bus.last_id
+    if since is not None and newest is not None and since != newest:
+        stream.pause()
+    registry.subscribe(stream, topic)
+    stream.write(topic_notice("subscribed", topic))
+    access.recheck(stream, mark)
+    if stream.backlog is not None and newest is not None and since is not None:
+        try:
+            if since > newest:
+                await resume_beyond(app[db_engine], stream, since, newest, topic)
+            else:
+                await replay(app[db_engine], stream, since, newest, bus.recent, topic)
+        except DatabaseUnavailable as exc:
+            log.warning("could not replay a topic's events: %s", exc)
+            stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
+        stream.go_live()
+
+
+async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
+    if websocket.closed:
+        return
+    if why.tells_client and not stream.transport.is_closing():
+        stream.transport.write(SESSION_ENDED[why].websocket)
+    code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
+    # No waiting for unsent events to drain: a client that stopped reading would hold the handler
+    # (and shutdown) for ever. The Close frame follows them; the client's answer is awaited for
+    # the WebSocket's timeout, after which the connection is closed anyway.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await websocket.close(code=code, message=why.value.encode(), drain=False)
+    if why is Ended.SLOW:
+        stream.transport.abort()  # what it has not read is dropped; it reconnects with its last id
+
+
+async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
+    if why is Ended.SLOW or why is Ended.GONE:
+        stream.transport.abort()  # its unread events are dropped; it reconnects with its last id
+        return
+    if why.tells_client and not stream.transport.is_closing():
+        event = SESSION_ENDED[why]
+        stream.transport.write(event.sse_chunk if stream.chunked else event.sse)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write_eof()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=read_served_file(OPENAPI_PATH), content_type="application/yaml")
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus' text format, every worker's values; 404 outside metrics.allow."""
+    app = request.app
+    config = app[config_key]
+    if not in_networks(client_address(request, config.webserver.trusted_proxies), config.metrics.allow):
+        raise web.HTTPNotFound()  # the middleware gives it the JSON body of every 404
+    try:
+        live: int | None = await app[sessions].count()
+    except SessionStoreUnavailable as exc:
+        log.warning("could not count live sessions for /metrics: %s", exc)
+        live = None
+    body, content_type = app[metrics].exposition(live, app[event_bus].last_id)
+    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+async def health(request: web.Request) -> web.Response:
+    try:
+        await ping(request.app[db_engine])
+    except DatabaseUnavailable:
+        return json_response({"status": "degraded", "database": "unavailable"}, status=503)
+    return json_response({"status": "ok", "database": "ok"})
+
+
+# ---------------------------------------------------------------------------
+# HTTP contract: errors, headers, middleware
+# ---------------------------------------------------------------------------
+
+SERVER_HEADER = "server.py"  # what every answer says in Server: no software versions
+RETRY_AFTER_SECONDS = "5"
+
+
+@web.middleware
+async def metrics_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Time every answer by its route's pattern; an event stream (answered as it ran) is not timed."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        request.app[metrics].observe_request(request, exc.status, time.perf_counter() - started)
+        raise
+    if not response.prepared:
+        request.app[metrics].observe_request(request, response.status, time.perf_counter() - started)
+    return response
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as the contract's JSON: framework errors, an unreachable database, bugs."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status not in FRAMEWORK_ERRORS:
+            raise
+        # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
+        code, message = FRAMEWORK_ERRORS[exc.status]
+        exc.text = json_text({"error": code, "message": message})
+        exc.content_type = "application/json"
+        raise
+    except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
+        code, message = next(answer for kind, answer in UNAVAILABLE.items() if isinstance(exc, kind))
+        log.warning("%s: %s", code, exc)
+        raise json_error(
+            web.HTTPServiceUnavailable, code, message, {"Retry-After": RETRY_AFTER_SECONDS}
+        ) from None
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        raise json_error(web.HTTPInternalServerError, *FRAMEWORK_ERRORS[500]) from None
+
+
+@web.middleware
+async def preflight_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A CORS preflight (OPTIONS with Access-Control-Request-Method) from a page of
+    webserver.origins gets the methods its path takes; from any other page, 403 forbidden_origin."""
+    refusal = request.match_info.http_exception
+    if (
+        request.method != "OPTIONS"
+        or "Access-Control-Request-Method" not in request.headers
+        or "Origin" not in request.headers
+        or not isinstance(refusal, web.HTTPMethodNotAllowed)
+    ):
+        return await handler(request)
+    key = origin_key(request.headers["Origin"].strip())
+    if key is None or key not in request.app[config_key].origins:
+        check_origin(request, required=True)  # a page of this service's own origin needs no preflight
+    headers = {
+        "Access-Control-Allow-Methods": ", ".join(sorted(refusal.allowed_methods)),
+        "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
+        "Access-Control-Max-Age": CORS_MAX_AGE,
+    }
+    return web.Response(status=204, headers=headers)
+
+
+async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer (errors, streams and WebSocket handshakes too): no software versions in Server;
+    for a page of webserver.origins, the CORS headers that let it read answers and send the cookie."""
+    response.headers["Server"] = SERVER_HEADER
+    origins = request.app[config_key].origins
+    if not origins:
+        return
+    response.headers.add("Vary", "Origin")
+    origin = request.headers.get("Origin", "").strip()
+    if origin_key(origin) in origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+
+
+class ClientErrorsInOneLine(logging.Filter):
+    """For aiohttp's own log: bytes its HTTP parser refuses (it answers them itself, with a plain
+    400, before any handler runs) and a body that does not decode (met again when aiohttp drains
+    it after our answer) are the client's mistakes: one warning line each, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+            record.msg, record.args = "%s: %s", (record.getMessage(), _first_line(exc))
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with the contract's JSON for what its HTTP parser refuses
+    (bad framing or lengths, control bytes, over-long lines, an unknown method, a coding it cannot
+    decode): aiohttp answers those itself, before any middleware runs, in plain text."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses once an answer has begun
+        # At parse time a content coding error means one this aiohttp cannot decode (br, zstd).
+        if isinstance(exc, ContentEncodingError):
+            status, (code, text) = 415, UNSUPPORTED_CODING
+        else:
+            code, text = framework_error(status)
+        response = web.Response(status=status, text=json_text({"error": code, "message": text}))
+        response.content_type = "application/json"
+        response.headers["Server"] = SERVER_HEADER  # no application here: response_headers does not run
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """The AppRunner both `python server.py` and gunicorn's workers serve through: its connections
+    are JsonErrorRequestHandlers (aiohttp has no setting for the handler's class)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = JsonErrorServer
+        return server
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
+
+# OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
+OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
+ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII | re.IGNORECASE)
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+COOKIE_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -831,6 +2107,11 @@ def framework_error(status: int) -> tuple[str, str]:
 # ---------------------------------------------------------------------------
 # Database
 # ---------------------------------------------------------------------------
+
+SCHEMA_PATH = HERE / "schema.sql"
+DB_LOCK_TIMEOUT = 1.0  # seconds a statement may wait for a lock (PostgreSQL's lock_timeout)
+DB_STATEMENT_TIMEOUT = 1.5  # seconds a statement may take (PostgreSQL's statement_timeout)
+SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
 
 metadata = sa.MetaData()
 # A column that schema.sql adds to a table made by an earlier version (ADD COLUMN IF NOT EXISTS):
@@ -1854,6 +3135,8 @@ async def ping(engine: aiopg.sa.Engine) -> None:
 # Passwords
 # ---------------------------------------------------------------------------
 
+MIN_PASSWORD_CHARS = 8  # for new passwords (NIST SP 800-63B); logins check no minimum
+
 
 def nfc(text: str) -> str:
     """Unicode Normalization Form C: "é" typed as one code point or as "e" + U+0301 is one string."""
@@ -2042,6 +3325,11 @@ class Passwords:
 # ---------------------------------------------------------------------------
 # Sessions
 # ---------------------------------------------------------------------------
+
+SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
+PUBLIC_ID_BYTES = 16  # a session's public id: 128 bits, drawn separately from its secret id
+PENDING_LIFETIME = 60.0  # an attempt in flight longer than this died with its process: a failure
+RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -3407,6 +4695,10 @@ class Sessions:
 # Login throttling
 # ---------------------------------------------------------------------------
 
+# Failed logins allowed per client address: several users may share one address (an office NAT).
+ADDRESS_FAILURE_FACTOR = 10
+ATTEMPT_RETRY = 0.02  # seconds between looks while attempts in flight fill a limit
+
 
 @dataclasses.dataclass
 class _Turns:
@@ -3686,6 +4978,17 @@ async def sweep_journal_forever(engine: aiopg.sa.Engine, retention: float) -> No
 # Live events
 # ---------------------------------------------------------------------------
 
+# Live events (GET /events). PostgreSQL carries them and session revocations between processes:
+# LISTEN/NOTIFY is the signal, the `events` table the record.
+EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
+EVENT_BATCH = 100  # rows read at a time when catching up or replaying (at most 6.4 MiB)
+REPLAY_STALL = 10.0  # seconds a replay waits for a client to read before it counts as too slow
+RECENT_EVENTS = 10_000  # events a process keeps, encoded, to replay from memory (see RecentEvents)
+RECENT_EVENT_BYTES = 16 * 1024 * 1024  # ... and at most this many bytes of them
+STREAM_TICK = 0.5  # seconds between checks of every stream's expiry, heartbeat and connection
+STREAM_COUNTS_CHECK = 1.0  # seconds: how often StreamCounts looks for a new bus connection to name
+BUS_RETRY = (0.1, 5.0)  # seconds: the first and the longest wait before reconnecting the bus
+
 
 class Ended(enum.Enum):
     """Why a stream ends: a `session_ended` reason the client is told, or one of the server's."""
@@ -3774,10 +5077,18 @@ class Encoded:
 
 
 REPLAY_TRUNCATED = Encoded.notice({"type": "replay_truncated"})
+BAD_MESSAGE = Encoded.notice({"type": "error", "error": "bad_message"})
 SESSION_ENDED = {
     why: Encoded.notice({"type": "session_ended", "reason": why.value}) for why in Ended if why.tells_client
 }
 SSE_HEARTBEAT = b":\n\n"  # a comment line: keeps proxies from closing an idle stream
+
+WS_CLOSE_CODES = {
+    Ended.SLOW: WS_TRY_AGAIN_LATER,
+    Ended.UNAVAILABLE: WS_TRY_AGAIN_LATER,
+    Ended.SHUTDOWN: WS_GOING_AWAY,
+    Ended.ERROR: WS_INTERNAL_ERROR,
+}
 
 
 def topic_notice(kind: str, topic: str, reason: str | None = None) -> Encoded:
@@ -5091,1319 +6402,6 @@ class ReadNow:
 
     def collect(self) -> list[prometheus_client.Metric]:
         return self.metrics
-
-
-# ---------------------------------------------------------------------------
-# Application keys
-# ---------------------------------------------------------------------------
-
-config_key = web.AppKey("config", Config)
-db_engine = web.AppKey("db_engine", aiopg.sa.Engine)
-passwords = web.AppKey("passwords", Passwords)
-sessions = web.AppKey("sessions", Sessions)
-login_throttle = web.AppKey("login_throttle", LoginThrottle)
-streams = web.AppKey("streams", StreamRegistry)
-stream_counts = web.AppKey("stream_counts", StreamCounts)
-event_bus = web.AppKey("event_bus", Bus)
-metrics = web.AppKey("metrics", Metrics)
-topic_access = web.AppKey("topic_access", Topics)
-presence = web.AppKey("presence", Presence)
-journal_writer = web.AppKey("journal_writer", JournalWriter)
-
-# ---------------------------------------------------------------------------
-# Handlers
-# ---------------------------------------------------------------------------
-
-
-def check_declared_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> None:
-    """Refuse, from the headers alone, a body this service will not read: one declared larger
-    than `limit` (413), in a content coding aiohttp does not decode (415, RFC 9110
-    section 15.5.16), or in a transfer coding other than chunked, which aiohttp would pass on
-    undecoded (501, RFC 9112 section 6.1). Runs before `100 Continue` is sent, so such a body is
-    never sent at all."""
-    if request.content_length is not None and request.content_length > limit:
-        raise body_too_large(limit, request.content_length)
-    transfer = request.headers.get("Transfer-Encoding")
-    if transfer is not None and transfer.strip().lower() != "chunked":
-        raise json_error(
-            web.HTTPNotImplemented,
-            "unsupported_transfer_encoding",
-            "The only Transfer-Encoding understood is chunked.",
-        )
-    coding = request.headers.get("Content-Encoding", "identity").strip()
-    if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
-        raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
-
-
-async def expect_continue(request: web.Request) -> None:
-    """aiohttp's handler of `Expect`, run before the route's: `100 Continue` only for a body
-    this service would read; any other expectation is 417 (RFC 9110 section 10.1.1)."""
-    if request.headers.get("Expect", "").strip().lower() != "100-continue":
-        raise json_error(
-            web.HTTPExpectationFailed, "expectation_failed", "The only expectation met is 100-continue."
-        )
-    check_declared_body(request, body_limit(request))
-    if request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer proper has not started
-
-
-def body_too_large(limit: int, size: int) -> web.HTTPException:
-    body = json_text(
-        {"error": "body_too_large", "message": f"The request body is larger than {limit} bytes."}
-    )
-    return web.HTTPRequestEntityTooLarge(
-        max_size=limit, actual_size=size, text=body, content_type="application/json"
-    )
-
-
-def body_limit(request: web.Request) -> int:
-    """The largest body a route reads: an event's is larger than the others."""
-    return EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
-    limit = body_limit(request)
-    check_declared_body(request, limit)
-    try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT):
-            if limit == MAX_BODY_BYTES:
-                return await request.read()  # aiohttp raises 413 past client_max_size
-            body = bytearray()
-            while chunk := await request.content.readany():
-                body += chunk
-                if len(body) > limit:
-                    raise body_too_large(limit, len(body))
-            return bytes(body)
-    except TimeoutError:
-        raise json_error(
-            web.HTTPRequestTimeout, "request_timeout", "The request body did not arrive in time."
-        ) from None
-    except (web.RequestPayloadError, HttpProcessingError):
-        # Bytes that do not match the declared framing or coding (a "gzip" body that is not).
-        raise json_error(
-            web.HTTPBadRequest, "bad_body", "The body does not match its Content-Encoding or framing."
-        ) from None
-
-
-async def read_credentials(request: web.Request) -> tuple[str, str]:
-    """The username (in NFC) and password from a JSON body, or the contract's 400/413/415/422."""
-    body = await read_body(request)
-    try:
-        # RFC 8259 section 8.1: a parser may ignore a byte order mark, and some clients send one.
-        data = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
-    if not isinstance(data, dict):
-        raise json_error(
-            web.HTTPUnprocessableEntity,
-            "invalid_credentials_format",
-            "The body must be a JSON object with 'username' and 'password'.",
-        )
-    try:
-        return parse_username(data.get("username")), check_credential(data.get("password"), "password")
-    except ValueError as exc:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_credentials_format", f"{exc}.") from None
-
-
-def session_id_from(request: web.Request) -> str:
-    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>` or, without that
-    header, from the session cookie; or 401. A cookie sent with an unsafe method or a WebSocket
-    handshake must come from an allowed origin (check_origin): the browser adds it to requests any
-    page makes.
-
-    Only what could be a session id (URL-safe Base64, as new_session_id makes them) reaches a
-    store: any other bytes, undecodable ones included, are a 401 before any store sees them.
-    """
-    cookie = session_cookie(request)
-    if cookie is not None:
-        if request.method not in SAFE_METHODS or is_websocket_handshake(request):
-            check_origin(request, required=True)
-        value = cookie.strip()
-    else:
-        value = request.headers.get("Authorization", "").strip()
-        scheme, _, rest = value.partition(" ")
-        if scheme.lower() == "bearer":
-            value = rest.strip()
-    if not SESSION_ID_PATTERN.fullmatch(value):
-        raise invalid_session()
-    return value
-
-
-def session_cookie(request: web.Request) -> str | None:
-    """The session cookie's value, unless an Authorization header (which wins) names the session."""
-    if "Authorization" in request.headers:
-        return None
-    return request.cookies.get(request.app[config_key].sessions.cookie.name)
-
-
-def is_websocket_handshake(request: web.Request) -> bool:
-    return request.headers.get("Upgrade", "").strip().lower() == "websocket"
-
-
-def invalid_session() -> web.HTTPException:
-    return json_error(web.HTTPUnauthorized, "invalid_session", "The session is missing, unknown or expired.")
-
-
-def iso_utc(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-async def login(request: web.Request) -> web.Response:
-    """POST /user; with ?cookie=true the session goes into an HttpOnly cookie, not the body."""
-    in_cookie = flag(request, "cookie")
-    if in_cookie:
-        check_origin(request, required=True)  # login CSRF: no other site logs a browser in
-    username, password = await read_credentials(request)
-    app = request.app
-    throttle = app[login_throttle]
-    address = client_address(request, app[config_key].webserver.trusted_proxies)
-    device = Device(
-        printable(address, MAX_ADDRESS_CHARS),
-        printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
-    )
-    async with throttle.one_at_a_time(username):
-        try:
-            attempt = await throttle.attempt(username, address)  # before the password is checked
-        except TooManyAttempts as refused:
-            app[metrics].logins.labels("throttled").inc()
-            raise json_error(
-                web.HTTPTooManyRequests,
-                "too_many_attempts",
-                "Too many failed logins; try again later.",
-                {"Retry-After": str(math.ceil(refused.wait))},
-            ) from None
-        wrong = False
-        begun = None
-        try:
-            stored_hash, account = await find_account(app[db_engine], username)
-            verdict = await app[passwords].verify(stored_hash, password)
-            wrong = verdict is Verdict.WRONG or account is None or stored_hash is None
-            if not wrong:
-                assert account is not None and stored_hash is not None
-                begun = await app[sessions].login(account, device, attempt)  # settles it too
-        finally:
-            if begun is None:  # wrong, or not decided (an outage, a lost race: counts for nothing)
-                await throttle.settle(attempt, failed=wrong)
-    if wrong:
-        app[metrics].logins.labels("failure").inc()
-        log.info("failed login from %s", address)
-        raise invalid_credentials()
-    assert account is not None and stored_hash is not None
-    if begun is None:  # a passwd, deluser or logout NAME committed meanwhile: no failure either
-        app[metrics].logins.labels("lost_race").inc()
-        log.info("a login from %s lost a race with a revocation", address)
-        raise invalid_credentials()
-    session_id, session = begun
-    app[metrics].logins.labels("success").inc()
-    if verdict is Verdict.RIGHT_OUTDATED:
-        await upgrade_hash(app[db_engine], app[passwords], account, stored_hash, password)
-    if not in_cookie:
-        return json_response({"session_id": session_id}, headers=NO_STORE)
-    response = json_response(
-        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
-    )
-    set_session_cookie(request, response, session_id, session)
-    return response
-
-
-def flag(request: web.Request, name: str) -> bool:
-    """A true/false query parameter (false when absent), or 400."""
-    value = request.query.get(name, "false") if request.query_string else "false"
-    if value not in ("true", "false"):
-        raise json_error(
-            web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
-        )
-    return value == "true"
-
-
-def set_session_cookie(
-    request: web.Request, response: web.StreamResponse, session_id: str, session: Session
-) -> None:
-    """The session as a cookie no script can read, sent only to this site, gone at its absolute timeout."""
-    config = request.app[config_key].sessions
-    lifetime = config.absolute_timeout
-    secure = config.cookie.secure
-    response.set_cookie(
-        config.cookie.name,
-        session_id,
-        max_age=math.floor(lifetime),
-        expires=email.utils.formatdate(session.created_at + lifetime, usegmt=True),
-        path="/",
-        secure=request_scheme(request) == "https" if secure == "auto" else bool(secure),
-        httponly=True,
-        samesite="Strict",
-    )
-
-
-def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    """Tell the browser to forget the session cookie (a logout), when the request carried it."""
-    if session_cookie(request) is not None:
-        name = request.app[config_key].sessions.cookie.name
-        response.del_cookie(name, path="/", httponly=True, samesite="Strict")
-
-
-def invalid_credentials() -> web.HTTPException:
-    return json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
-
-
-async def upgrade_hash(
-    engine: aiopg.sa.Engine, hasher: Passwords, account: Account, verified: str, password: str
-) -> None:
-    """Re-hash with today's parameters, only over the hash just verified (a passwd meanwhile
-    wins); after the session began, and a failure here does not fail the login."""
-    try:
-        if await replace_hash(engine, account, verified, await hasher.hash(password)):
-            log.info("upgraded the password hash of a user to the current parameters")
-    except DatabaseUnavailable as exc:
-        log.warning("could not upgrade a password hash: %s", type(exc).__name__)
-
-
-async def current_session(request: web.Request) -> Session:
-    """The request's session, renewed (each valid use renews the idle timeout), or 401."""
-    session = await request.app[sessions].touch(session_id_from(request))
-    if session is None:
-        raise invalid_session()
-    return session
-
-
-async def whoami(request: web.Request) -> web.Response:
-    session = await current_session(request)
-    return json_response(
-        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
-    )
-
-
-async def logout(request: web.Request) -> web.Response:
-    everywhere = flag(request, "all")
-    owner = request.app[sessions]
-    try:
-        session = await owner.end(session_id_from(request))
-        if session is None:
-            raise invalid_session()
-    except web.HTTPUnauthorized as refused:
-        clear_session_cookie(request, refused)  # a cookie naming no session is forgotten too
-        raise
-    ended = 1
-    if everywhere:
-        ended += await owner.end_all(session.user_id)
-    response = json_response({"logged_out": ended})
-    clear_session_cookie(request, response)
-    return response
-
-
-async def index_page(request: web.Request) -> web.Response:
-    """GET /: the demo page (log in, who am I, live events, log out)."""
-    text = read_served_file(INDEX_PATH)
-    return web.Response(text=text, content_type="text/html", headers=index_headers(text))
-
-
-def index_headers(page: str) -> dict[str, str]:
-    """The page's headers; its CSP allows exactly the inline scripts the served text holds."""
-    hashes = [hashlib.sha256(script.encode()).digest() for script in INDEX_SCRIPT.findall(page)]
-    scripts = " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in hashes) or "'none'"
-    return {"Content-Security-Policy": INDEX_POLICY.format(scripts=scripts), **INDEX_HEADERS}
-
-
-def read_served_file(path: Path) -> str:
-    """A file served as it is (index.html, openapi.yaml); 404 when server.py was copied without it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise web.HTTPNotFound() from None
-
-
-async def list_sessions(request: web.Request) -> web.Response:
-    """GET /user/sessions: every live session of the caller, oldest first, the caller's own marked."""
-    current = await current_session(request)
-    found = await request.app[sessions].sessions_of(current.user_id)
-    counts = await request.app[stream_counts].of(found)
-    listed = [describe(session, current, counts) for session in found]
-    return json_response({"sessions": listed}, headers=NO_STORE)
-
-
-def describe(session: Session, current: Session, counts: Mapping[str, int]) -> dict[str, Any]:
-    """A session as its user sees it: the public id, never anything of the secret one."""
-    return {
-        "id": session.public_id,
-        "created_at": iso_utc(session.created_at),
-        "last_seen": iso_utc(session.last_seen),
-        "expires_at": iso_utc(session.expires_at),
-        "address": session.address,
-        "user_agent": session.user_agent,
-        "current": session.public_id == current.public_id,
-        "streams": counts[session.public_id],  # open event streams, in every process
-    }
-
-
-async def end_session(request: web.Request) -> web.Response:
-    """DELETE /user/sessions/{id}: end one of the caller's sessions, found by its public id.
-
-    An id that is malformed, unknown or another user's is the same 404, so ids of other users'
-    sessions are worth nothing, not even as a way to learn that they exist.
-    """
-    current = await current_session(request)
-    public_id = request.match_info["id"]
-    if not PUBLIC_ID_PATTERN.fullmatch(public_id) or not await request.app[sessions].end_public(
-        current.user_id, public_id
-    ):
-        raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
-    response = json_response({"logged_out": 1})
-    if public_id == current.public_id:
-        clear_session_cookie(request, response)
-    return response
-
-
-# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
-CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
-CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
-NO_STORE = {"Cache-Control": "no-store"}  # answers with session data: no cache keeps them
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-store",
-    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
-}
-LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
-MAX_EVENT_ID = 10**18 - 1
-
-
-def last_event_id(request: web.Request, websocket: bool) -> int | None:
-    """`?last_event_id=N`, or for SSE the `Last-Event-ID` header a browser sends on reconnecting;
-    with both, the larger: an EventSource reconnects to the same URL, its header saying how far it got."""
-    texts = [request.query.get("last_event_id") if request.query_string else None]
-    if not websocket:
-        texts.append(request.headers.get("Last-Event-ID"))
-    found = [text for text in texts if text]
-    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
-        raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
-    return max(map(int, found), default=None)
-
-
-def event_id(given: object) -> int | None:
-    """A `last_event_id` in a JSON message: an integer (not a bool or float) from 0 to
-    MAX_EVENT_ID, as the query allows; None for anything else."""
-    if isinstance(given, int) and not isinstance(given, bool) and 0 <= given <= MAX_EVENT_ID:
-        return given
-    return None
-
-
-def check_origin(request: web.Request, required: bool) -> None:
-    """Refuse (403 forbidden_origin) a request made by a page of an origin other than this
-    service's own (own_origin) or webserver.origins: a cross-site request forgery, or a cross-site
-    WebSocket hijacking. `Origin: null` (a sandboxed or opaque page) is refused too. A request with
-    no Origin passes only when not `required` (a WebSocket handshake that brings its own session:
-    no browser leaves Origin out of one, so this is no page) or when `Sec-Fetch-Site: same-origin`
-    vouches for it; browsers send Origin with every cross-origin POST, DELETE and handshake."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        if not required or request.headers.get("Sec-Fetch-Site", "").strip() == "same-origin":
-            return
-    elif allowed_origin(request, origin):
-        return
-    raise json_error(web.HTTPForbidden, "forbidden_origin", "Requests from this page's origin are refused.")
-
-
-def allowed_origin(request: web.Request, origin: str) -> bool:
-    key = origin_key(origin.strip())
-    return key is not None and (key in request.app[config_key].origins or key == own_origin(request))
-
-
-def own_origin(request: web.Request) -> str | None:
-    """The origin the request was addressed to, when no attacker can own its name: an IP address,
-    `localhost` or the configured webserver.host. Any other name in Host may be a DNS-rebinding
-    page's (its Host and Origin agree on the attacker's name); a public name behind a proxy is
-    known only from webserver.origins. Behind a trusted proxy, X-Forwarded-Host and -Proto count."""
-    host = request.host
-    if trusted_proxy(request):
-        host = request.headers.get("X-Forwarded-Host", host).partition(",")[0].strip()
-    match = HOST_PATTERN.fullmatch(host)
-    if match is None:
-        return None
-    name = match["name"].lower()
-    configured = request.app[config_key].webserver.host.lower()
-    if name not in ("localhost", configured) and _ip_address(name.strip("[]")) is None:
-        return None
-    return origin_key(f"{request_scheme(request)}://{host}")
-
-
-def trusted_proxy(request: web.Request) -> bool:
-    return in_networks(request.remote or "", request.app[config_key].webserver.trusted_proxies)
-
-
-def request_scheme(request: web.Request) -> str:
-    """http or https, as the client reached the service: directly, or through a trusted proxy
-    that says so in X-Forwarded-Proto (the first value: the proxy nearest the client)."""
-    if trusted_proxy(request):
-        forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
-        if forwarded in ("http", "https"):
-            return forwarded
-    return request.scheme
-
-
-def requested_topics(request: web.Request, most: int) -> list[str]:
-    """The `?topic=` of GET /events, each once: 400 bad_topic for a malformed one, 400
-    too_many_topics beyond events.max_topics_per_stream."""
-    wanted = list(dict.fromkeys(request.query.getall("topic", []))) if request.query_string else []
-    for topic in wanted:
-        if not TOPIC_PATTERN.fullmatch(topic):
-            raise bad_topic()
-    if len(wanted) > most:
-        raise json_error(
-            web.HTTPBadRequest, "too_many_topics", f"A stream may subscribe to at most {most} topics."
-        )
-    return wanted
-
-
-def bad_topic() -> web.HTTPException:
-    return json_error(
-        web.HTTPBadRequest,
-        "bad_topic",
-        "A topic is 1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit.",
-    )
-
-
-def forbidden_topic() -> web.HTTPException:
-    return json_error(web.HTTPForbidden, "forbidden_topic", "This user may not use that topic.")
-
-
-def too_many_streams() -> web.HTTPException:
-    return json_error(
-        web.HTTPTooManyRequests, "too_many_streams", "This user has too many open event streams."
-    )
-
-
-async def events(request: web.Request) -> web.StreamResponse:
-    """GET /events: the session's live stream, as Server-Sent Events or, for an upgrade request,
-    a WebSocket (authenticated by `Authorization` or by its first message)."""
-    app = request.app
-    config = app[config_key].events
-    websocket = web.WebSocketResponse(
-        heartbeat=config.heartbeat, compress=False, max_msg_size=MAX_BODY_BYTES, timeout=SHUTDOWN_TIMEOUT / 2
-    )
-    upgrade = websocket.can_prepare(request).ok
-    after = last_event_id(request, upgrade)
-    wanted = requested_topics(request, config.max_topics_per_stream)
-    if upgrade:
-        check_origin(request, required=False)
-    access = app[topic_access]
-    mark = access.mark()
-    answers: list[Encoded] = []  # a WebSocket's answers to the topics of its first message
-    if upgrade and "Authorization" not in request.headers and session_cookie(request) is None:
-        await websocket.prepare(request)
-        found = await first_message_session(websocket, app[sessions])
-        if found is None:
-            return websocket
-        session_id, session, asked = found
-        if app[streams].count(session.user_id) >= config.max_streams_per_user:
-            await websocket.close(code=WS_TOO_MANY_STREAMS, message=b"too_many_streams")
-            return websocket
-        refused = await access.refused(session.account, wanted)
-        answers = [topic_notice("subscribe_refused", topic, "forbidden") for topic in refused]
-        wanted = [topic for topic in wanted if topic not in refused]
-        if asked is not None and not (isinstance(asked, list) and all(isinstance(t, str) for t in asked)):
-            answers.append(BAD_MESSAGE)
-        for topic, reason in await first_message_topics(access, session.account, asked, wanted, config):
-            answers.append(
-                topic_notice("subscribe_refused", topic, reason)
-                if reason
-                else topic_notice("subscribed", topic)
-            )
-            if reason is None:
-                wanted.append(topic)
-    else:
-        session_id = session_id_from(request)
-        touched = await app[sessions].touch(session_id)
-        if touched is None:
-            raise invalid_session()
-        session = touched
-        if await access.refused(session.account, wanted):
-            raise forbidden_topic()
-        if app[streams].count(session.user_id) >= config.max_streams_per_user:
-            raise too_many_streams()
-        if upgrade:
-            await websocket.prepare(request)
-    response: web.StreamResponse = websocket
-    if not upgrade:
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-    assert request.transport is not None
-    stream = Stream(
-        session_id,
-        session,
-        request.transport,
-        websocket=upgrade,
-        chunked=not upgrade and request.version >= (1, 1),
-        max_buffer=config.max_buffer,
-        last_id=after or 0,
-        topics=wanted,
-    )
-    await serve_stream(request, stream, response, after, answers, mark)
-    return response
-
-
-async def first_message_topics(
-    access: Topics, account: Account, asked: Any, wanted: Sequence[str], config: EventsConfig
-) -> list[tuple[str, str | None]]:
-    """The `topics` of a WebSocket's first message, each with why it is refused (None: it is not);
-    what is not a list, and items that are not strings, are left out (the caller says bad_message)."""
-    if not isinstance(asked, list):
-        return []
-    answers: dict[str, str | None] = {}
-    for topic in asked:
-        if isinstance(topic, str) and topic not in wanted:
-            answers[topic] = None if TOPIC_PATTERN.fullmatch(topic) else "bad_topic"
-    for topic in await access.refused(account, [t for t, reason in answers.items() if reason is None]):
-        answers[topic] = "forbidden"
-    room = config.max_topics_per_stream - len(wanted)
-    for topic, reason in answers.items():
-        if reason is None:
-            answers[topic], room = (None, room - 1) if room > 0 else ("too_many_topics", room)
-    return list(answers.items())
-
-
-async def first_message_session(
-    websocket: web.WebSocketResponse, store: Sessions
-) -> tuple[str, Session, Any] | None:
-    """The session named by the WebSocket's first message, `{"session_id": "...", "topics": [...]}`
-    (and the topics, unchecked), sent within FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed
-    with 4001 and this returns None."""
-    session = None
-    asked = None
-    with contextlib.suppress(asyncio.TimeoutError):
-        # One deadline for the whole wait: receive(timeout=) would start again at every pong.
-        async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
-            message = await websocket.receive()
-        if message.type is WSMsgType.TEXT:
-            # Not JSON (or nested too deeply to read), or not an object.
-            with contextlib.suppress(ValueError, AttributeError, RecursionError):
-                first = json.loads(message.data)
-                session_id, asked = first.get("session_id"), first.get("topics")
-                if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
-                    try:
-                        session = await store.touch(session_id)
-                    except SessionStoreUnavailable:
-                        await websocket.close(code=WS_TRY_AGAIN_LATER, message=b"session_store_unavailable")
-                        return None
-    if session is None:
-        await websocket.close(code=WS_SESSION_ENDED, message=b"invalid_session")
-        return None
-    return session_id, session, asked
-
-
-async def serve_stream(
-    request: web.Request,
-    stream: Stream,
-    response: web.StreamResponse,
-    after: int | None,
-    answers: Sequence[Encoded] = (),
-    mark: int = 0,
-) -> None:
-    """Register the stream, replay what it missed, then hold it until it ends; close it as its
-    reason says (session_ended and 4001; 1013 for a slow reader; 1001 at shutdown). `answers`
-    go first; memberships that ended since `mark` (while they were checked) end here."""
-    app = request.app
-    registry, bus = app[streams], app[event_bus]
-    registry.add(stream)
-    journaled = app[config_key].journal.streams
-    if journaled:
-        app[journal_writer].note(JournalWriter.row("stream_opened", stream, stream.transport_name))
-    for answer in answers:
-        stream.write(answer)
-    app[topic_access].recheck(stream, mark)
-    try:
-        if after is not None and bus.last_id is None:  # not known yet where live events begin
-            stream.end(Ended.UNAVAILABLE)
-        elif after is not None and bus.last_id is not None:
-            try:
-                if after > bus.last_id:
-                    await resume_beyond(app[db_engine], stream, after, bus.last_id)
-                else:
-                    source, written = await replay(app[db_engine], stream, after, bus.last_id, bus.recent)
-                    app[metrics].replays.labels(source).inc()
-                    app[metrics].events_delivered.inc(written)
-            except DatabaseUnavailable as exc:
-                log.warning("could not replay events: %s", exc)
-                stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
-            except Exception:  # the answer has begun: a JSON 500 can no longer be sent
-                log.exception("unexpected error replaying events")
-                stream.end(Ended.ERROR)
-        app[metrics].events_delivered.inc(stream.go_live())
-        if isinstance(response, web.WebSocketResponse):
-            await hold_websocket(response, stream, functools.partial(stream_message, app, stream))
-        else:
-            await end_sse(response, stream, await stream.ended)
-    finally:
-        registry.discard(stream)
-        if journaled:
-            why = stream.ended.result() if stream.ended.done() else Ended.GONE
-            app[journal_writer].note(JournalWriter.row("stream_closed", stream, why.value))
-
-
-async def hold_websocket(
-    websocket: web.WebSocketResponse, stream: Stream, answer: Callable[[str | None], Awaitable[None]]
-) -> None:
-    """Answer what the client sends (its text, None for binary) until the stream ends, then close
-    the WebSocket.
-
-    The close comes after the read is cancelled: aiohttp's close() beside a pending read drops the
-    connection without waiting for the client's Close frame, and the client then sees 1006."""
-
-    async def read_messages() -> None:
-        async for message in websocket:
-            await answer(message.data if message.type is WSMsgType.TEXT else None)
-
-    reading = asyncio.ensure_future(read_messages())
-    try:
-        await asyncio.wait((reading, stream.ended), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        reading.cancel()
-        await asyncio.wait((reading,))
-    stream.end(Ended.GONE)  # unless it ended before: the client closed or left
-    await close_websocket(websocket, stream, stream.ended.result())
-
-
-async def post_event(request: web.Request) -> web.Response:
-    """POST /events: publish {"topic", "data"} to a topic whose rule lets this user publish;
-    `from` is the user. 200 {"id": N}."""
-    app = request.app
-    session = await current_session(request)
-    body = await read_body(request)
-    try:
-        message = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
-    topic = message.get("topic") if isinstance(message, dict) else None
-    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
-        raise bad_topic()
-    if "data" not in message:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", "The body must have 'data'.")
-    try:
-        event_data_text(message["data"])
-    except ValueError as exc:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", f"{str(exc).capitalize()}.") from None
-    access = app[topic_access]
-    if await access.refused(session.account, [topic], publish=True):
-        raise forbidden_topic()
-    wait = access.publish_wait(session.user_id, asyncio.get_running_loop().time())
-    if wait > 0:
-        raise json_error(
-            web.HTTPTooManyRequests,
-            "too_many_publishes",
-            "This user publishes too often; try again later.",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
-    event_id = await publish(app[db_engine], message["data"], topic=topic, sender=session.account.username)
-    return json_response({"id": event_id})
-
-
-async def topic_presence(request: web.Request) -> web.Response:
-    """GET /topics/{topic}/presence: who has a stream open on a presence topic, in every process."""
-    session = await current_session(request)
-    topic = request.match_info["topic"]
-    if not TOPIC_PATTERN.fullmatch(topic):
-        raise bad_topic()
-    rule = request.app[topic_access].rule(topic)
-    if rule is None or not rule.presence or await request.app[topic_access].refused(session.account, [topic]):
-        raise forbidden_topic()
-    return json_response({"topic": topic, "users": request.app[presence].users(topic)})
-
-
-BAD_MESSAGE = Encoded.notice({"type": "error", "error": "bad_message"})
-
-
-async def stream_message(app: web.Application, stream: Stream, text: str | None) -> None:
-    """A client's message on an open WebSocket: subscribe or unsubscribe, answered; anything
-    else is answered with bad_message, and the stream stays open."""
-    try:
-        message = json.loads(text) if text is not None else None
-    except (ValueError, RecursionError):
-        message = None
-    kind = message.get("type") if isinstance(message, dict) else None
-    topic = message.get("topic") if isinstance(message, dict) else None
-    given = message.get("last_event_id") if isinstance(message, dict) else None
-    since = event_id(given)
-    valid_since = given is None or since is not None
-    if kind == "unsubscribe" and isinstance(topic, str):
-        app[streams].unsubscribe(stream, topic)
-        stream.write(topic_notice("unsubscribed", topic, "requested"))
-    elif kind == "subscribe" and isinstance(topic, str) and valid_since:
-        await subscribe(app, stream, topic, since)
-    else:
-        stream.write(BAD_MESSAGE)
-
-
-async def subscribe(app: web.Application, stream: Stream, topic: str, since: int | None) -> None:
-    """Add a topic to an open stream, or answer why not; with `since`, first replay the topic's
-    events after that id (live events wait meanwhile, so they follow in order)."""
-    access, registry, bus = app[topic_access], app[streams], app[event_bus]
-    if not TOPIC_PATTERN.fullmatch(topic):
-        stream.write(topic_notice("subscribe_refused", topic, "bad_topic"))
-        return
-    if topic in stream.topics:
-        stream.write(topic_notice("subscribed", topic))
-        return
-    if len(stream.topics) >= app[config_key].events.max_topics_per_stream:
-        stream.write(topic_notice("subscribe_refused", topic, "too_many_topics"))
-        return
-    mark = access.mark()
-    try:
-        refused = await access.refused(stream.account, [topic])
-    except DatabaseUnavailable:
-        refused = [topic]  # not known to be allowed: the client may ask again
-    if refused or stream.ended.done():
-        stream.write(topic_notice("subscribe_refused", topic, "forbidden"))
-        return
-    newest = bus.last_id
-    if since is not None and newest is not None and since != newest:
-        stream.pause()
-    registry.subscribe(stream, topic)
-    stream.write(topic_notice("subscribed", topic))
-    access.recheck(stream, mark)
-    if stream.backlog is not None and newest is not None and since is not None:
-        try:
-            if since > newest:
-                await resume_beyond(app[db_engine], stream, since, newest, topic)
-            else:
-                await replay(app[db_engine], stream, since, newest, bus.recent, topic)
-        except DatabaseUnavailable as exc:
-            log.warning("could not replay a topic's events: %s", exc)
-            stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
-        stream.go_live()
-
-
-WS_CLOSE_CODES = {
-    Ended.SLOW: WS_TRY_AGAIN_LATER,
-    Ended.UNAVAILABLE: WS_TRY_AGAIN_LATER,
-    Ended.SHUTDOWN: WS_GOING_AWAY,
-    Ended.ERROR: WS_INTERNAL_ERROR,
-}
-
-
-async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
-    if websocket.closed:
-        return
-    if why.tells_client and not stream.transport.is_closing():
-        stream.transport.write(SESSION_ENDED[why].websocket)
-    code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
-    # No waiting for unsent events to drain: a client that stopped reading would hold the handler
-    # (and shutdown) for ever. The Close frame follows them; the client's answer is awaited for
-    # the WebSocket's timeout, after which the connection is closed anyway.
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await websocket.close(code=code, message=why.value.encode(), drain=False)
-    if why is Ended.SLOW:
-        stream.transport.abort()  # what it has not read is dropped; it reconnects with its last id
-
-
-async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
-    if why is Ended.SLOW or why is Ended.GONE:
-        stream.transport.abort()  # its unread events are dropped; it reconnects with its last id
-        return
-    if why.tells_client and not stream.transport.is_closing():
-        event = SESSION_ENDED[why]
-        stream.transport.write(event.sse_chunk if stream.chunked else event.sse)
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await response.write_eof()
-
-
-async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=read_served_file(OPENAPI_PATH), content_type="application/yaml")
-
-
-async def metrics_page(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus' text format, every worker's values; 404 outside metrics.allow."""
-    app = request.app
-    config = app[config_key]
-    if not in_networks(client_address(request, config.webserver.trusted_proxies), config.metrics.allow):
-        raise web.HTTPNotFound()  # the middleware gives it the JSON body of every 404
-    try:
-        live: int | None = await app[sessions].count()
-    except SessionStoreUnavailable as exc:
-        log.warning("could not count live sessions for /metrics: %s", exc)
-        live = None
-    body, content_type = app[metrics].exposition(live, app[event_bus].last_id)
-    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
-
-
-async def health(request: web.Request) -> web.Response:
-    try:
-        await ping(request.app[db_engine])
-    except DatabaseUnavailable:
-        return json_response({"status": "degraded", "database": "unavailable"}, status=503)
-    return json_response({"status": "ok", "database": "ok"})
-
-
-# ---------------------------------------------------------------------------
-# Middleware
-# ---------------------------------------------------------------------------
-
-
-@web.middleware
-async def metrics_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Time every answer by its route's pattern; an event stream (answered as it ran) is not timed."""
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        request.app[metrics].observe_request(request, exc.status, time.perf_counter() - started)
-        raise
-    if not response.prepared:
-        request.app[metrics].observe_request(request, response.status, time.perf_counter() - started)
-    return response
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as the contract's JSON: framework errors, an unreachable database, bugs."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json" or exc.status not in FRAMEWORK_ERRORS:
-            raise
-        # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
-        code, message = FRAMEWORK_ERRORS[exc.status]
-        exc.text = json_text({"error": code, "message": message})
-        exc.content_type = "application/json"
-        raise
-    except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
-        code, message = next(answer for kind, answer in UNAVAILABLE.items() if isinstance(exc, kind))
-        log.warning("%s: %s", code, exc)
-        raise json_error(
-            web.HTTPServiceUnavailable, code, message, {"Retry-After": RETRY_AFTER_SECONDS}
-        ) from None
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        raise json_error(web.HTTPInternalServerError, *FRAMEWORK_ERRORS[500]) from None
-
-
-@web.middleware
-async def preflight_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """A CORS preflight (OPTIONS with Access-Control-Request-Method) from a page of
-    webserver.origins gets the methods its path takes; from any other page, 403 forbidden_origin."""
-    refusal = request.match_info.http_exception
-    if (
-        request.method != "OPTIONS"
-        or "Access-Control-Request-Method" not in request.headers
-        or "Origin" not in request.headers
-        or not isinstance(refusal, web.HTTPMethodNotAllowed)
-    ):
-        return await handler(request)
-    key = origin_key(request.headers["Origin"].strip())
-    if key is None or key not in request.app[config_key].origins:
-        check_origin(request, required=True)  # a page of this service's own origin needs no preflight
-    headers = {
-        "Access-Control-Allow-Methods": ", ".join(sorted(refusal.allowed_methods)),
-        "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
-        "Access-Control-Max-Age": CORS_MAX_AGE,
-    }
-    return web.Response(status=204, headers=headers)
-
-
-async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer (errors, streams and WebSocket handshakes too): no software versions in Server;
-    for a page of webserver.origins, the CORS headers that let it read answers and send the cookie."""
-    response.headers["Server"] = SERVER_HEADER
-    origins = request.app[config_key].origins
-    if not origins:
-        return
-    response.headers.add("Vary", "Origin")
-    origin = request.headers.get("Origin", "").strip()
-    if origin_key(origin) in origins:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-
-
-class ClientErrorsInOneLine(logging.Filter):
-    """For aiohttp's own log: bytes its HTTP parser refuses (it answers them itself, with a plain
-    400, before any handler runs) and a body that does not decode (met again when aiohttp drains
-    it after our answer) are the client's mistakes: one warning line each, not a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
-            record.msg, record.args = "%s: %s", (record.getMessage(), _first_line(exc))
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's connection handler, with the contract's JSON for what its HTTP parser refuses
-    (bad framing or lengths, control bytes, over-long lines, an unknown method, a coding it cannot
-    decode): aiohttp answers those itself, before any middleware runs, in plain text."""
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; refuses once an answer has begun
-        # At parse time a content coding error means one this aiohttp cannot decode (br, zstd).
-        if isinstance(exc, ContentEncodingError):
-            status, (code, text) = 415, UNSUPPORTED_CODING
-        else:
-            code, text = framework_error(status)
-        response = web.Response(status=status, text=json_text({"error": code, "message": text}))
-        response.content_type = "application/json"
-        response.headers["Server"] = SERVER_HEADER  # no application here: response_headers does not run
-        response.force_close()
-        return response
-
-
-class JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class JsonErrorRunner(web.AppRunner):
-    """The AppRunner both `python server.py` and gunicorn's workers serve through: its connections
-    are JsonErrorRequestHandlers (aiohttp has no setting for the handler's class)."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = JsonErrorServer
-        return server
-
-
-# ---------------------------------------------------------------------------
-# WebServer
-# ---------------------------------------------------------------------------
-
-
-class WebServer:
-    """Builds the application from a Config, as the seed's class did from its dict."""
-
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
-        self.clock = clock  # what sessions take as "now"; tests pass a clock they can move
-        self.host = config.webserver.host
-        self.port = config.webserver.port
-        self.worker = False  # a gunicorn worker (see runner)
-
-    async def initializer(self) -> web.Application:
-        app = web.Application(
-            client_max_size=MAX_BODY_BYTES,
-            middlewares=[metrics_middleware, error_middleware, preflight_middleware],
-        )
-        asyncio.get_running_loop().set_exception_handler(ServingLoopErrors())
-        app.on_response_prepare.append(response_headers)
-        aiohttp_server_log = logging.getLogger("aiohttp.server")
-        if not any(isinstance(f, ClientErrorsInOneLine) for f in aiohttp_server_log.filters):
-            aiohttp_server_log.addFilter(ClientErrorsInOneLine())
-        app[config_key] = self.config
-        app[metrics] = Metrics()
-        # Set up in this order, torn down in reverse: the database outlives what uses it.
-        app.cleanup_ctx.append(self._database)
-        app.cleanup_ctx.append(self._passwords)
-        app.cleanup_ctx.append(self._sessions)
-        app.cleanup_ctx.append(self._live)
-        app.on_shutdown.append(close_streams)
-        app.router.add_post("/user", login, expect_handler=expect_continue)
-        app.router.add_get("/user", whoami, expect_handler=expect_continue)
-        app.router.add_delete("/user", logout, expect_handler=expect_continue)
-        app.router.add_get("/user/sessions", list_sessions, expect_handler=expect_continue)
-        app.router.add_delete("/user/sessions/{id}", end_session, expect_handler=expect_continue)
-        app.router.add_get("/events", events, expect_handler=expect_continue, allow_head=False)
-        app.router.add_post("/events", post_event, expect_handler=expect_continue)
-        app.router.add_get("/topics/{topic}/presence", topic_presence, expect_handler=expect_continue)
-        app.router.add_get("/health", health, expect_handler=expect_continue)
-        app.router.add_get("/metrics", metrics_page, expect_handler=expect_continue)
-        app.router.add_get("/openapi.yaml", openapi, expect_handler=expect_continue)
-        app.router.add_get("/", index_page, expect_handler=expect_continue)
-        return app
-
-    async def _database(self, app: web.Application) -> AsyncIterator[None]:
-        # Users are written by the commands, durably; the server's writes can be asynchronous.
-        # One connection of the process's DB_POOL_SIZE is the bus's (see _live).
-        async with open_database(
-            self.config.db, durable=False, pool_size=DB_POOL_SIZE - 1, without_database=self.worker
-        ) as engine:
-            app[db_engine] = engine
-            yield
-
-    async def _passwords(self, app: web.Application) -> AsyncIterator[None]:
-        if self.config.passwords.below_owasp_minimum:
-            log.warning("password hashing is set below the OWASP minimum; use this for tests only")
-        loop = asyncio.get_running_loop()
-        app[passwords] = await loop.run_in_executor(None, Passwords, self.config.passwords)
-        yield
-        app[passwords].close()
-
-    async def _sessions(self, app: web.Application) -> AsyncIterator[None]:
-        writer = app[journal_writer] = JournalWriter(app[db_engine])
-        writing = asyncio.create_task(writer.run())
-        store = open_session_store(self.config.sessions, app[db_engine], self.clock, writer)
-        registry = app[streams] = StreamRegistry(app[metrics])
-        owner = app[sessions] = Sessions(store, registry, shared=self.config.sessions.store != "memory")
-        app[login_throttle] = LoginThrottle(self.config.login, self.clock, store)
-        interval = min(SWEEP_INTERVAL, self.config.sessions.idle_timeout)
-        sweeper = asyncio.create_task(sweep_forever(owner, app[login_throttle], interval))
-        yield
-        await stop_tasks([sweeper])
-        await owner.close()
-        await writer.close()
-        await stop_tasks([writing])
-
-    async def _live(self, app: web.Application) -> AsyncIterator[None]:
-        registry, owner = app[streams], app[sessions]
-        bus = app[event_bus] = Bus(
-            app[db_engine], registry, owner, self.config.events.retention, app[metrics]
-        )
-        owner.notify = bus.notify
-        owner.trust_cache_while(bus.hears_everything)  # read through to the store while the bus is away
-        shared = owner.shared
-        counts = app[stream_counts] = StreamCounts(app[db_engine], registry, bus, shared)
-        access = app[topic_access] = Topics(self.config.events, app[db_engine], registry)
-        bus.channels[MEMBERSHIPS_CHANNEL] = access.membership_ended
-        bus.on_connect.append(access.check_memberships)
-        online = app[presence] = Presence(self.config.events, app[db_engine], registry, bus)
-        bus.channels[PRESENCE_CHANNEL] = online.heard
-        bus.on_connect.append(online.connected)
-        tasks = [
-            asyncio.create_task(bus.run()),
-            asyncio.create_task(online.run()),
-            *([asyncio.create_task(counts.run())] if shared else []),
-            asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
-            asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
-            asyncio.create_task(sweep_journal_forever(app[db_engine], self.config.journal.retention)),
-        ]
-        # Serve once events are heard, so that one published right after start-up arrives.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
-        if bus.last_id is None:  # the bus connects later and catches up from here: no gap
-            with contextlib.suppress(DatabaseUnavailable):
-                bus.start_from(int(await read_scalar(app[db_engine], NEWEST_EVENT)))
-        yield
-        await stop_tasks(tasks)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def server_options(self) -> dict[str, Any]:
-        """Keep-alive, shutdown timeout and access log, alike in one process and in workers."""
-        return {
-            "keepalive_timeout": KEEPALIVE_TIMEOUT,
-            "shutdown_timeout": SHUTDOWN_TIMEOUT,
-            "access_log": logging.getLogger("server.access") if self.config.webserver.access_log else None,
-            "access_log_class": AccessLogger.behind(self.config.webserver.trusted_proxies),
-        }
-
-    def run(self, sockets: Sequence[socket.socket]) -> None:
-        """Serve on sockets already bound (see listening_sockets) until SIGINT or SIGTERM."""
-        self.port = sockets[0].getsockname()[1]  # the port really bound, also for --port 0
-        if self.config.webserver.uvloop:
-            import uvloop  # optional: `pip install uvloop`
-
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        else:
-            loop = asyncio.new_event_loop()
-        stop_on_first_signal(loop)
-        serving = loop.create_task(self._serve(sockets))
-        try:
-            loop.run_until_complete(serving)
-        except (web.GracefulExit, KeyboardInterrupt):
-            pass
-        finally:
-            serving.cancel()  # its cleanup finishes requests in flight, then closes the database
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(serving)
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-
-    async def _serve(self, sockets: Sequence[socket.socket]) -> None:
-        runner = JsonErrorRunner(await self.initializer(), **self.server_options())
-        await runner.setup()
-        try:
-            for sock in sockets:
-                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # its listen() is the last
-            log.info("serving on %s", self.url)
-            tune_garbage_collector()
-            await asyncio.Event().wait()  # until the first signal raises GracefulExit
-        finally:
-            await runner.cleanup()
-
-    async def runner(self) -> web.AppRunner:
-        """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this).
-        A worker starts even while PostgreSQL is away: one that failed to boot would stop gunicorn."""
-        self.worker = True
-        app = await self.initializer()
-
-        async def announce(_app: web.Application) -> None:  # after cleanup_ctx: the database is there
-            log.info("serving on %s (worker %d)", self.url, os.getpid())
-            tune_garbage_collector()
-
-        app.on_startup.append(announce)
-        return JsonErrorRunner(app, **self.server_options())
-
-
-class ServingLoopErrors:
-    """A serving event loop's exception handler. Out of file descriptors, asyncio reports every
-    refused accept (many a second, each a traceback whose formatting itself needs a file): here
-    that is one line every FD_LOG_INTERVAL seconds with a count, and the server serves on as
-    connections close. A statement PostgreSQL timed out is one line (report_statement_timeouts)."""
-
-    def __init__(self) -> None:
-        self.logged_at = -math.inf
-        self.refused = 0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            self.refused += 1
-            now = time.monotonic()
-            if now - self.logged_at >= FD_LOG_INTERVAL:
-                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                log.error(
-                    "out of file descriptors (open-files limit %d): %d accept(s) refused since the"
-                    " last such line; new connections wait until others close",
-                    limit,
-                    self.refused,
-                )
-                self.logged_at, self.refused = now, 0
-            return
-        if isinstance(exc, ValueError) and str(exc) == "Invalid file descriptor: -1":
-            return  # asyncio's retry of a refused accept, due after the shutdown closed the socket
-        report_statement_timeouts(loop, context)
-
-
-def raise_open_files_limit() -> None:
-    """Raise this process's open-files limit to its hard limit: each open stream holds a file
-    descriptor, and the usual soft limit of 1,024 is far below what one process serves."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
-        return
-    log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
-
-
-def tune_garbage_collector() -> None:
-    """Once a serving process has started: fewer and shorter collector pauses while it holds
-    thousands of streams (each keeps about 80 objects alive: request, protocol, reader, writer,
-    timers). A full collection walks every live object, a second or more at 10,000 streams on a
-    busy core, and stops every delivery meanwhile; CPython starts one whenever the objects that
-    survived grew by a quarter, which opening streams does again and again. Start-up's objects
-    (modules, the app) are frozen out of every collection; collections come far less often. Cycles
-    (a closed stream's objects) are still collected, by the young collections and the full ones."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
-    """The first SIGINT or SIGTERM starts a graceful shutdown; every later one is ignored.
-
-    Ignored by this process and by the children it starts from then on (pg_ctl stop), so a second
-    Ctrl-C, or a signal to the whole process group, cannot cut the shutdown short: exit 0.
-    """
-
-    def first_signal(signum: int) -> None:
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
-        log.info("%s received; shutting down", signal.Signals(signum).name)
-        raise web.GracefulExit()
-
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, first_signal, sig)
-
-
-def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
-    """Bind host:port on every address host resolves to, before anything else is started.
-
-    A host that does not resolve or a port in use stops start-up at once, with one line
-    (StartupError), instead of after the database was started. Port 0 binds one free port,
-    the same on every address.
-    """
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else exc
-        raise StartupError(f"cannot listen on host '{host}': it does not resolve ({reason})") from None
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(addresses):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address[0], port, *address[2:]))
-            port = sock.getsockname()[1]
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sockets
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One short line per request: client, method, path, status, time. Headers (and so session
-    ids) are never logged, and the query string is left out. The client is the address the login
-    throttle and the sessions list see (behind webserver.trusted_proxies, the forwarded one)."""
-
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def behind(cls, trusted_proxies: tuple[IPNetwork, ...]) -> type[AccessLogger]:
-        """The class aiohttp makes its access logger from, for a server behind these proxies."""
-        return type(cls.__name__, (cls,), {"trusted_proxies": trusted_proxies})
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        client = client_address(request, self.trusted_proxies)
-        self.logger.info(
-            "%s %s %s %d %.1fms", client, request.method, request.path, response.status, time * 1000
-        )
-
-
-async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel background tasks and wait until they are done, cancelling again as long as any
-    runs: on Python 3.11, asyncio.wait_for (which aiopg awaits queries with) drops a cancellation
-    that arrives as its query finishes, and a task that kept running would hang the shutdown."""
-    running = set(tasks)
-    while running:
-        for task in running:
-            task.cancel()
-        _, running = await asyncio.wait(running, timeout=STOP_RETRY)
-
-
-async def close_streams(app: web.Application) -> None:
-    """At shutdown, before requests in flight are waited for: end every event stream."""
-    app[streams].end_all(Ended.SHUTDOWN)
-
-
-async def sweep_forever(store: Sessions, throttle: LoginThrottle, interval: float) -> None:
-    """Drop expired sessions and login counters now and then, so storage holds only live ones."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            removed = await store.sweep()
-            await throttle.sweep()
-        except SessionStoreUnavailable as exc:
-            log.warning("could not sweep the session store: %s", exc)
-            continue
-        if removed:
-            log.debug("swept %d expired sessions", removed)
 
 
 # ---------------------------------------------------------------------------
