@@ -1508,19 +1508,32 @@ class JsonErrorRequestHandler(RequestHandler):
         return response
 
 
-class JsonErrorServer(web.Server):
+class JsonErrorServer:
+    """The protocol factory a site serves with: aiohttp's Server, making JsonErrorRequestHandlers."""
+
+    def __init__(self, server: web.Server, options: Mapping[str, Any]) -> None:
+        self.server, self.options = server, options
+
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return JsonErrorRequestHandler(self.server, loop=asyncio.get_running_loop(), **self.options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)  # requests_count, read by gunicorn's worker
 
 
 class JsonErrorRunner(web.AppRunner):
-    """The AppRunner both `python server.py` and gunicorn's workers serve through: its connections
-    are JsonErrorRequestHandlers (aiohttp has no setting for the handler's class)."""
+    """The AppRunner both `python server.py` and gunicorn's workers serve through."""
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = JsonErrorServer
-        return server
+    def __init__(self, app: web.Application, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.handler_options = {k: v for k, v in options.items() if k != "shutdown_timeout"}
+
+    # aiohttp has no setting for the request handler's class, and web.run_app builds its own
+    # runner: sites take their protocol factory from this public property, so it makes ours.
+    @property
+    def server(self) -> web.Server | None:
+        server = super().server
+        return None if server is None else JsonErrorServer(server, self.handler_options)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------
