@@ -204,16 +204,6 @@ presence: web.AppKey[Presence] = web.AppKey("presence")
 journal_writer: web.AppKey[JournalWriter] = web.AppKey("journal_writer")
 
 
-KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
-STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
-FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" lines
-LISTEN_BACKLOG = 4096  # connections the kernel queues before the server accepts them (at most
-# net.core.somaxconn): a reconnect storm of thousands of event streams overflows a short queue
-# The garbage collector in a serving process: allocations between young collections, and young
-# (then middle) collections between older ones. CPython's (700, 10, 10) suit short scripts.
-GC_THRESHOLDS = (50_000, 20, 10)
-
-
 class WebServer:
     """Builds the application from a Config, as the seed's class did from its dict."""
 
@@ -327,15 +317,18 @@ class WebServer:
 
     def server_options(self) -> dict[str, Any]:
         """Keep-alive, shutdown timeout and access log, alike in one process and in workers."""
+        access_log = logging.getLogger("server.access") if self.config.webserver.access_log else None
         return {
             "keepalive_timeout": KEEPALIVE_TIMEOUT,
             "shutdown_timeout": SHUTDOWN_TIMEOUT,
-            "access_log": logging.getLogger("server.access") if self.config.webserver.access_log else None,
+            "access_log": access_log,
             "access_log_class": AccessLogger.behind(self.config.webserver.trusted_proxies),
         }
 
+    # Not web.run_app: it builds its own AppRunner (ours answers unparsable requests in JSON, see
+    # JsonErrorRunner), and its signal handling lets a second Ctrl-C cut the shutdown short.
     def run(self, sockets: Sequence[socket.socket]) -> None:
-        """Serve on sockets already bound (see listening_sockets) until SIGINT or SIGTERM."""
+        """Serve on sockets already bound (see listening_sockets) until a stop signal."""
         self.port = sockets[0].getsockname()[1]  # the port really bound, also for --port 0
         if self.config.webserver.uvloop:
             import uvloop  # optional: `pip install uvloop`
@@ -344,25 +337,24 @@ class WebServer:
         else:
             loop = asyncio.new_event_loop()
         stop_on_first_signal(loop)
-        serving = loop.create_task(self._serve(sockets))
+        serving = loop.create_task(self.serve(sockets))
         try:
             loop.run_until_complete(serving)
         except (web.GracefulExit, KeyboardInterrupt):
-            pass
-        finally:
             serving.cancel()  # its cleanup finishes requests in flight, then closes the database
             with contextlib.suppress(asyncio.CancelledError):
                 loop.run_until_complete(serving)
+        finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
-    async def _serve(self, sockets: Sequence[socket.socket]) -> None:
+    async def serve(self, sockets: Sequence[socket.socket]) -> None:
         runner = JsonErrorRunner(await self.initializer(), **self.server_options())
         await runner.setup()
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # its listen() is the last
+                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # listens again
             log.info("serving on %s", self.url)
             tune_garbage_collector()
             await asyncio.Event().wait()  # until the first signal raises GracefulExit
@@ -370,8 +362,8 @@ class WebServer:
             await runner.cleanup()
 
     async def runner(self) -> web.AppRunner:
-        """The application in a runner, as gunicorn's aiohttp worker takes it (it awaits this).
-        A worker starts even while PostgreSQL is away: one that failed to boot would stop gunicorn."""
+        """The application in a runner, as gunicorn's aiohttp worker awaits it. A worker starts
+        even while PostgreSQL is away: one that failed to boot would stop gunicorn."""
         self.worker = True
         app = await self.initializer()
 
@@ -381,162 +373,6 @@ class WebServer:
 
         app.on_startup.append(announce)
         return JsonErrorRunner(app, **self.server_options())
-
-
-class ServingLoopErrors:
-    """A serving event loop's exception handler. Out of file descriptors, asyncio reports every
-    refused accept (many a second, each a traceback whose formatting itself needs a file): here
-    that is one line every FD_LOG_INTERVAL seconds with a count, and the server serves on as
-    connections close. A statement PostgreSQL timed out is one line (report_statement_timeouts)."""
-
-    def __init__(self) -> None:
-        self.logged_at = -math.inf
-        self.refused = 0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            self.refused += 1
-            now = time.monotonic()
-            if now - self.logged_at >= FD_LOG_INTERVAL:
-                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                log.error(
-                    "out of file descriptors (open-files limit %d): %d accept(s) refused since the"
-                    " last such line; new connections wait until others close",
-                    limit,
-                    self.refused,
-                )
-                self.logged_at, self.refused = now, 0
-            return
-        if isinstance(exc, ValueError) and str(exc) == "Invalid file descriptor: -1":
-            return  # asyncio's retry of a refused accept, due after the shutdown closed the socket
-        report_statement_timeouts(loop, context)
-
-
-def raise_open_files_limit() -> None:
-    """Raise this process's open-files limit to its hard limit: each open stream holds a file
-    descriptor, and the usual soft limit of 1,024 is far below what one process serves."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
-        return
-    log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
-
-
-def tune_garbage_collector() -> None:
-    """Once a serving process has started: fewer and shorter collector pauses while it holds
-    thousands of streams (each keeps about 80 objects alive: request, protocol, reader, writer,
-    timers). A full collection walks every live object, a second or more at 10,000 streams on a
-    busy core, and stops every delivery meanwhile; CPython starts one whenever the objects that
-    survived grew by a quarter, which opening streams does again and again. Start-up's objects
-    (modules, the app) are frozen out of every collection; collections come far less often. Cycles
-    (a closed stream's objects) are still collected, by the young collections and the full ones."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
-    """The first SIGINT or SIGTERM starts a graceful shutdown; every later one is ignored.
-
-    Ignored by this process and by the children it starts from then on (pg_ctl stop), so a second
-    Ctrl-C, or a signal to the whole process group, cannot cut the shutdown short: exit 0.
-    """
-
-    def first_signal(signum: int) -> None:
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
-        log.info("%s received; shutting down", signal.Signals(signum).name)
-        raise web.GracefulExit()
-
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, first_signal, sig)
-
-
-def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
-    """Bind host:port on every address host resolves to, before anything else is started.
-
-    A host that does not resolve or a port in use stops start-up at once, with one line
-    (StartupError), instead of after the database was started. Port 0 binds one free port,
-    the same on every address.
-    """
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else exc
-        raise StartupError(f"cannot listen on host '{host}': it does not resolve ({reason})") from None
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(addresses):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address[0], port, *address[2:]))
-            port = sock.getsockname()[1]
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sockets
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One short line per request: client, method, path, status, time. Headers (and so session
-    ids) are never logged, and the query string is left out. The client is the address the login
-    throttle and the sessions list see (behind webserver.trusted_proxies, the forwarded one)."""
-
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def behind(cls, trusted_proxies: tuple[IPNetwork, ...]) -> type[AccessLogger]:
-        """The class aiohttp makes its access logger from, for a server behind these proxies."""
-        return type(cls.__name__, (cls,), {"trusted_proxies": trusted_proxies})
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        client = client_address(request, self.trusted_proxies)
-        self.logger.info(
-            "%s %s %s %d %.1fms", client, request.method, request.path, response.status, time * 1000
-        )
-
-
-async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel background tasks and wait until they are done, cancelling again as long as any
-    runs: on Python 3.11, asyncio.wait_for (which aiopg awaits queries with) drops a cancellation
-    that arrives as its query finishes, and a task that kept running would hang the shutdown."""
-    running = set(tasks)
-    while running:
-        for task in running:
-            task.cancel()
-        _, running = await asyncio.wait(running, timeout=STOP_RETRY)
-
-
-async def close_streams(app: web.Application) -> None:
-    """At shutdown, before requests in flight are waited for: end every event stream."""
-    app[streams].end_all(Ended.SHUTDOWN)
-
-
-async def sweep_forever(store: Sessions, throttle: LoginThrottle, interval: float) -> None:
-    """Drop expired sessions and login counters now and then, so storage holds only live ones."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            removed = await store.sweep()
-            await throttle.sweep()
-        except SessionStoreUnavailable as exc:
-            log.warning("could not sweep the session store: %s", exc)
-            continue
-        if removed:
-            log.debug("swept %d expired sessions", removed)
 
 
 # ---------------------------------------------------------------------------
@@ -1534,6 +1370,152 @@ class JsonErrorRunner(web.AppRunner):
     def server(self) -> web.Server | None:
         server = super().server
         return None if server is None else JsonErrorServer(server, self.handler_options)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# Serving: sockets, signals, the event loop, background tasks
+# ---------------------------------------------------------------------------
+
+
+KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
+STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
+FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" lines
+# Connections the kernel queues before the server accepts them (at most net.core.somaxconn):
+# a reconnect storm of thousands of event streams overflows a short queue.
+LISTEN_BACKLOG = 4096
+GC_THRESHOLDS = (50_000, 20, 10)  # CPython's (700, 10, 10) suit short scripts (README, "Design")
+
+
+class ServingLoopErrors:
+    """The serving loop's exception handler: out of file descriptors, one line every
+    FD_LOG_INTERVAL seconds with a count, not a traceback per refused accept."""
+
+    def __init__(self) -> None:
+        self.logged_at, self.refused = -math.inf, 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.refused += 1
+            if time.monotonic() - self.logged_at >= FD_LOG_INTERVAL:
+                log.error(
+                    "out of file descriptors (open-files limit %d): %d accept(s) refused since the"
+                    " last such line; new connections wait until others close",
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    self.refused,
+                )
+                self.logged_at, self.refused = time.monotonic(), 0
+        elif not (isinstance(exc, ValueError) and str(exc) == "Invalid file descriptor: -1"):
+            report_statement_timeouts(loop, context)  # (that one: a refused accept retried after close)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the open-files limit to the hard limit: each open stream holds a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, shorter collector pauses while thousands of streams are open (README, "Design")."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def stop_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
+    """The first stop signal starts a graceful shutdown; later ones are ignored, by children too."""
+
+    def first_signal(signum: int) -> None:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+        log.info("%s received; shutting down", signal.Signals(signum).name)
+        raise web.GracefulExit()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first_signal, sig)
+
+
+def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind host:port on every address host resolves to (port 0: one free port for all), before
+    anything else starts: StartupError at once for a host that does not resolve or a port in use."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else exc
+        raise StartupError(f"cannot listen on host '{host}': it does not resolve ({reason})") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: client, method, path (no query), status, time; never a header. The
+    client is the address the throttle and the sessions list see (behind trusted proxies too)."""
+
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def behind(cls, trusted_proxies: tuple[IPNetwork, ...]) -> type[AccessLogger]:
+        """The class aiohttp makes its access logger from, for a server behind these proxies."""
+        return type(cls.__name__, (cls,), {"trusted_proxies": trusted_proxies})
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        client = client_address(request, self.trusted_proxies)
+        self.logger.info(
+            "%s %s %s %d %.1fms", client, request.method, request.path, response.status, time * 1000
+        )
+
+
+async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks, again and again until done: on Python 3.11 asyncio.wait_for
+    (aiopg's) can drop a cancellation, and a task left running would hang the shutdown."""
+    running = set(tasks)
+    while running:
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=STOP_RETRY)
+
+
+async def close_streams(app: web.Application) -> None:
+    """At shutdown, before requests in flight are waited for: end every event stream."""
+    app[streams].end_all(Ended.SHUTDOWN)
+
+
+async def sweep_forever(store: Sessions, throttle: LoginThrottle, interval: float) -> None:
+    """Drop expired sessions and login counters now and then, so storage holds only live ones."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await store.sweep()
+            await throttle.sweep()
+        except SessionStoreUnavailable as exc:
+            log.warning("could not sweep the session store: %s", exc)
+            continue
+        if removed:
+            log.debug("swept %d expired sessions", removed)
 
 
 # ---------------------------------------------------------------------------
