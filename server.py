@@ -1267,8 +1267,7 @@ async def error_middleware(
 async def preflight_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """A CORS preflight (OPTIONS with Access-Control-Request-Method) from a page of
-    webserver.origins gets the methods its path takes; from any other page, 403 forbidden_origin."""
+    """A CORS preflight from a page of webserver.origins: the path's methods; else 403 forbidden_origin."""
     refusal = request.match_info.http_exception
     if (
         request.method != "OPTIONS"
@@ -1289,8 +1288,7 @@ async def preflight_middleware(
 
 
 async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer (errors, streams and WebSocket handshakes too): no software versions in Server;
-    for a page of webserver.origins, the CORS headers that let it read answers and send the cookie."""
+    """Every answer, streams and handshakes too: Server without versions; CORS for webserver.origins."""
     response.headers["Server"] = SERVER_HEADER
     origins = request.app[config_key].origins
     if not origins:
@@ -1304,9 +1302,8 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
 
 
 class ClientErrorsInOneLine(logging.Filter):
-    """For aiohttp's own log: bytes its HTTP parser refuses (it answers them itself, with a plain
-    400, before any handler runs) and a body that does not decode (met again when aiohttp drains
-    it after our answer) are the client's mistakes: one warning line each, not a traceback."""
+    """aiohttp's log: what its HTTP parser refuses, or a body that does not decode, is the client's
+    mistake: one warning line, not a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -1318,9 +1315,8 @@ class ClientErrorsInOneLine(logging.Filter):
 
 
 class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's connection handler, with the contract's JSON for what its HTTP parser refuses
-    (bad framing or lengths, control bytes, over-long lines, an unknown method, a coding it cannot
-    decode): aiohttp answers those itself, before any middleware runs, in plain text."""
+    """aiohttp's connection handler, answering in the contract's JSON what its HTTP parser refuses
+    before any middleware runs (bad framing, control bytes, long lines, an unknown method)."""
 
     __slots__ = ()
 
