@@ -10,73 +10,37 @@ pushed to logged-in users over Server-Sent Events and WebSocket. PostgreSQL is t
 between processes: each LISTENs on it for new events and for session revocations, so a session
 follows its account (logout, passwd, deluser, expiry) in every process within a second.
 
-Endpoints (README.md and openapi.yaml have the details; every JSON body ends with a newline,
-and every error body is {"error", "message"}):
-    POST   /user    log in: {"username", "password"} -> 200 {"session_id"}; with ?cookie=true
-                    200 {"username", "expires_at"} and the session in an HttpOnly cookie
-                    400 bad_json | bad_body, 408 request_timeout, 413 body_too_large,
-                    415 unsupported_content_encoding, 422 invalid_credentials_format,
-                    501 unsupported_transfer_encoding,
-                    401 invalid_credentials, 429 too_many_attempts,
-                    503 database_unavailable | session_store_unavailable
-                    (every route: 417 expectation_failed for an Expect other than 100-continue;
-                    403 forbidden_origin for a cookie login, and for an unsafe method or a
-                    WebSocket with the cookie, from a page not of this origin or webserver.origins)
-    GET    /user    who am I (Authorization: <id> or Bearer <id>, or else the session cookie)
-                    -> 200 {"username", "expires_at"}
-    DELETE /user    log out one session, or all of the user's with ?all=true -> 200 {"logged_out": N}
-                    GET and DELETE answer 401 invalid_session for a missing, unknown or expired id,
-                    400 bad_request for ?all other than true/false, 503 session_store_unavailable
-    GET    /user/sessions       the caller's live sessions -> 200 {"sessions": [{"id", "created_at",
-                                "last_seen", "expires_at", "address", "user_agent", "current",
-                                "streams"}]}
-    DELETE /user/sessions/{id}  end one of them by its public id -> 200 {"logged_out": 1},
-                                404 no_such_session (unknown, malformed or another user's id)
-                    both: 401 invalid_session, 503 session_store_unavailable, as for GET /user
-    GET    /events  the session's live stream: Server-Sent Events, or a WebSocket for an upgrade
-                    request (authenticated by Authorization or by its first message); replays
-                    from ?last_event_id= / Last-Event-ID; events {"id", "type", "data",
-                    "created_at"}, then {"type": "session_ended", "reason"} when the session ends;
-                    ?topic=T (repeated) subscribes to topics, as do a WebSocket's messages
-                    400 bad_request | bad_topic | too_many_topics, 401 invalid_session,
-                    403 forbidden_origin | forbidden_topic, 429 too_many_streams
-    POST   /events  publish {"topic", "data"} as the topic's rule allows -> 200 {"id"}; 400 bad_json
-                    | bad_topic, 403 forbidden_topic, 422 invalid_event, 429 too_many_publishes
-    GET    /topics/{topic}/presence   who is online on a presence topic -> 200 {"topic", "users"}
-    GET    /health  200 {"status": "ok", "database": "ok"} or 503 {"status": "degraded", ...}
-    GET    /metrics Prometheus' text format, every worker's values (loginservice_*); 404 outside
-                    metrics.allow
-    GET    /openapi.yaml   this API as OpenAPI 3
-    GET    /        the demo page, index.html: log in, who am I, live events, log out
+Endpoints (README.md and openapi.yaml have the details; every error body is {"error", "message"}):
+    POST   /user    log in {"username", "password"} -> {"session_id"}, or with ?cookie=true
+                    {"username", "expires_at"} and an HttpOnly cookie; 401 invalid_credentials,
+                    422 invalid_credentials_format, 429 too_many_attempts, 400/408/413/415/501 for
+                    a body that is not a small JSON object, 403 forbidden_origin (cookie logins)
+    GET    /user    who am I (Authorization: [Bearer] <id>, or the cookie) -> {"username", "expires_at"}
+    DELETE /user    log out one session, or all with ?all=true -> {"logged_out": N}
+    GET    /user/sessions, DELETE /user/sessions/{id}    the caller's sessions; end one (404 no_such_session)
+    GET    /events  live events over Server-Sent Events, or a WebSocket; ?topic=T, ?last_event_id=N
+    POST   /events  publish {"topic", "data"} as the topic's rule allows -> {"id"}
+    GET    /topics/{topic}/presence, /health, /metrics, /openapi.yaml, / (the demo page)
+    Every route: 401 invalid_session, 503 database_unavailable | session_store_unavailable (with
+    Retry-After), 417 for an Expect other than 100-continue, JSON 404/405; a 500 is a logged bug.
 
 Command line (a failure is one line on stderr and exit 1):
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
-    python server.py adduser|passwd|deluser NAME [--config FILE]
-    python server.py migrate [--config FILE]    convert the article's users(username, password)
-    python server.py publish DATA [--to NAME | --topic TOPIC] [--config FILE]    publish a live event
-    python server.py topic add NAME TOPIC [--publisher] | topic remove NAME TOPIC | topic members TOPIC
-    python server.py who [TOPIC]    who has an open event stream (on TOPIC), over every process
-    python server.py sessions NAME | logout NAME [SESSION_ID]    list / end a user's sessions everywhere
-    python server.py journal [--after ID] [--follow]    the session journal (session_journal) as JSON lines
-    gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker    an existing gunicorn
+    python server.py adduser|passwd|deluser NAME | migrate | publish DATA [--to NAME | --topic T]
+    python server.py topic add|remove NAME TOPIC [--publisher] | topic members TOPIC | who [TOPIC]
+    python server.py sessions NAME | logout NAME [SESSION_ID] | journal [--after ID] [--follow]
+    gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker
 
-Where the article's pieces live now (sections in this order, each under a banner):
-    WebServer, initializer()     WebServer: builds the app from a Config; initializer() adds the
-                                 routes and, in cleanup_ctx, the engine, hashing pool and store
-    loginHandler, logoutHandler  Handlers: login() for POST /user, logout() for DELETE /user
-                                 (and whoami() for GET /user, list_sessions() and end_session())
-    sessionToUser, userToSession Sessions: the one owner of a session's life (login, touch, end,
-                                 eviction, revocations), which handlers call; its store keeps
-                                 them: MemorySessionStore._sessions and ._by_user, changed only
-                                 by its methods; PostgresSessionStore and RedisSessionStore share
-                                 sessions between processes, each behind a CachedSessionStore (the
-                                 dictionary again, as a near cache the bus keeps honest)
-    "broadcasting data to users" Live events: Bus (the LISTEN connection of each process),
-                                 StreamRegistry and Stream (open streams), publish(); events()
-                                 in Handlers serves GET /events
+Where the article's pieces are (sections in this order, each under a banner):
+    WebServer, initializer()     The article's service, first: the app, its cleanup_ctx, the routes
+    loginHandler, logoutHandler  Handlers: login(), logout(), whoami(), the sessions list, events()
+    sessionToUser, userToSession Sessions: the one owner of a session's life; MemorySessionStore
+                                 keeps the two dictionaries, PostgreSQL and Redis stores share them
+    "broadcasting to users"      Live events: Stream, StreamRegistry, the bus (LISTEN/NOTIFY)
     the config dict, the engine  Configuration: load_config() -> Config; Database: open_database()
-    run(), main                  WebServer.run() for one process; serve_workers() puts gunicorn's
-                                 arbiter over several (Command line), where main() is
+    run(), main                  WebServer.run() serves one process; Command line: main(), gunicorn
+Between them: the HTTP contract (errors, middleware), serving (sockets, signals), errors, passwords,
+login throttling, the session journal and metrics. README.md, "Design", tells why each is so.
 """
 
 from __future__ import annotations
