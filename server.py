@@ -1487,8 +1487,24 @@ OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5
 ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII | re.IGNORECASE)
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 COOKIE_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
+# What a topic rule's pattern may be: a topic name, or a prefix of one ending in `*`.
+TOPIC_RULE_PATTERN = re.compile(
+    rf"{TOPIC_PATTERN.pattern}|(?:[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,198}})?\*", re.ASCII
+)
+TOPIC_RULE_CHOICES = {
+    "subscribe": ("anyone", "members"),
+    "publish": ("anyone", "members", "publishers", "nobody"),
+}
+# Connection parameters whose values libpq checks only when it connects (and then fails at once).
+LIBPQ_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+}
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+Options: TypeAlias = Mapping[str, Any] | None  # command-line overrides of `webserver` keys
 T = TypeVar("T")
 
 
@@ -1496,16 +1512,34 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
-# Each setting is declared once, below: its type, its default, and the check a value from the
-# file must pass (a plain function over dataclasses.fields(), so the messages stay our own).
+# Each setting is declared once, in the dataclasses below: its type, its default, and the check a
+# value from the file must pass (plain functions over dataclasses.fields(), so the messages stay ours).
 class Invalid(ValueError):
     """A config value fails its field's check; the message says what it must be."""
 
 
-def non_empty_string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise Invalid("a non-empty string")
-    return value
+def valid_if(expected: str, test: Callable[[Any], bool], convert: Callable[[Any], T]) -> Callable[[Any], T]:
+    """A check: a value that passes `test` is converted, any other is Invalid(expected)."""
+
+    def check(value: Any) -> T:
+        if not test(value):
+            raise Invalid(expected)
+        return convert(value)
+
+    return check
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+non_empty_string = valid_if("a non-empty string", lambda value: isinstance(value, str) and value != "", str)
+any_string = valid_if("a string", lambda value: isinstance(value, str), str)
+boolean = valid_if("true or false", lambda value: isinstance(value, bool), bool)
+seconds = valid_if(
+    "a positive number of seconds", lambda value: is_number(value) and 0 < value < math.inf, float
+)
+rate = valid_if("a positive number (per second)", lambda value: is_number(value) and value > 0, float)
 
 
 def host_name(value: Any) -> str:
@@ -1514,30 +1548,17 @@ def host_name(value: Any) -> str:
     return str(value)
 
 
-def any_string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise Invalid("a string")
+def string_list(value: Any, expected: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(expected)
     return value
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise Invalid("true or false")
-    return value
-
-
-def seconds(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise Invalid("a positive number of seconds")
-    return float(value)
 
 
 def networks(value: Any) -> tuple[IPNetwork, ...]:
     expected = "a list of IP addresses or networks"
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise Invalid(expected)
+    items = string_list(value, expected)
     try:
-        return tuple(ipaddress.ip_network(item, strict=False) for item in value)
+        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
     except ValueError as exc:
         raise Invalid(f"{expected} ({exc})") from None
 
@@ -1545,30 +1566,30 @@ def networks(value: Any) -> tuple[IPNetwork, ...]:
 def origins(value: Any) -> tuple[str, ...]:
     """Web origins as browsers send them in `Origin`: scheme://host[:port], nothing after."""
     expected = 'a list of origins such as "https://example.com"'
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise Invalid(expected)
-    for item in value:
+    for item in string_list(value, expected):
         if origin_key(item) is None:
             raise Invalid(f"{expected} (not an origin: {item!r})")
     return tuple(value)
 
 
 def origin_key(text: str) -> str | None:
-    """An origin as browsers serialize it (lower case, no default port), or None for anything else
-    (`null`, a path, a user name)."""
+    """An origin as browsers serialize it (lower case, no default port); None for `null`, a path, a user."""
     if not ORIGIN_PATTERN.fullmatch(text) or "@" in text:
         return None
     scheme, _, host = text.lower().partition("://")
     return f"{scheme}://{host.removesuffix(DEFAULT_PORTS.get(scheme, '-'))}"
 
 
+def field_names(cls: Any) -> list[str]:
+    return [field.name for field in dataclasses.fields(cls)]
+
+
 def cookie_settings(value: Any) -> CookieConfig:
     """`sessions.cookie`: {"name": a cookie name, "secure": "auto", true or false}."""
     expected = 'an object such as {"name": "session", "secure": "auto"}'
-    if not isinstance(value, dict) or set(value) - {"name", "secure"}:
+    if not isinstance(value, dict) or set(value) - set(field_names(CookieConfig)):
         raise Invalid(expected)
-    name = value.get("name", CookieConfig.name)
-    secure = value.get("secure", CookieConfig.secure)
+    name, secure = value.get("name", CookieConfig.name), value.get("secure", CookieConfig.secure)
     if not isinstance(name, str) or not COOKIE_NAME_PATTERN.fullmatch(name):
         raise Invalid(f"{expected} (a cookie name is letters, digits and !#$%&'*+-.^_`|~)")
     if secure not in ("auto", True, False):
@@ -1589,16 +1610,10 @@ def redis_url(value: Any) -> str:
     return str(value)
 
 
-def rate(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise Invalid("a positive number (per second)")
-    return float(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class TopicRule:
-    """One rule of events.topics: which topics (`pattern`: a name, or a prefix ending in `*`),
-    who may subscribe (anyone logged in, or members) and publish over HTTP, and presence."""
+    """One rule of events.topics: which topics (a name, or a prefix ending in `*`), who may
+    subscribe and publish over HTTP (TOPIC_RULE_CHOICES), and whether presence is shown."""
 
     pattern: str
     subscribe: str = "members"
@@ -1606,40 +1621,26 @@ class TopicRule:
     presence: bool = False
 
     def matches(self, topic: str) -> bool:
-        if self.pattern.endswith("*"):
-            return topic.startswith(self.pattern[:-1])
-        return topic == self.pattern
-
-
-TOPIC_RULE_CHOICES = {
-    "subscribe": ("anyone", "members"),
-    "publish": ("anyone", "members", "publishers", "nobody"),
-}
-TOPIC_PREFIX_PATTERN = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.:@-]{0,198})?\*", re.ASCII)
+        return topic == self.pattern or (self.pattern.endswith("*") and topic.startswith(self.pattern[:-1]))
 
 
 def topic_rules(value: Any) -> tuple[TopicRule, ...]:
     expected = 'a list of rules such as {"pattern": "room:*", "subscribe": "members", "publish": "anyone"}'
     if not isinstance(value, list):
         raise Invalid(expected)
-    rules = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) - {"pattern", "subscribe", "publish", "presence"}:
-            raise Invalid(f"{expected} (rule {i + 1} is not one, or has an unknown key)")
-        pattern = item.get("pattern")
-        if not isinstance(pattern, str) or not (
-            TOPIC_PATTERN.fullmatch(pattern) or TOPIC_PREFIX_PATTERN.fullmatch(pattern)
-        ):
+    for number, item in enumerate(value, 1):
+        if not isinstance(item, dict) or set(item) - set(field_names(TopicRule)):
+            raise Invalid(f"{expected} (rule {number} is not one, or has an unknown key)")
+        if not isinstance(item.get("pattern"), str) or not TOPIC_RULE_PATTERN.fullmatch(item["pattern"]):
             raise Invalid(
-                f"{expected} (rule {i + 1}: 'pattern' must be a topic name or a prefix ending in *)"
+                f"{expected} (rule {number}: 'pattern' must be a topic name or a prefix ending in *)"
             )
         for key, choices in TOPIC_RULE_CHOICES.items():
             if key in item and item[key] not in choices:
-                raise Invalid(f"{expected} (rule {i + 1}: '{key}' must be one of {', '.join(choices)})")
+                raise Invalid(f"{expected} (rule {number}: '{key}' must be one of {', '.join(choices)})")
         if not isinstance(item.get("presence", False), bool):
-            raise Invalid(f"{expected} (rule {i + 1}: 'presence' must be true or false)")
-        rules.append(TopicRule(**item))
-    return tuple(rules)
+            raise Invalid(f"{expected} (rule {number}: 'presence' must be true or false)")
+    return tuple(TopicRule(**item) for item in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1653,10 +1654,9 @@ class Integer:
     def __call__(self, value: Any) -> int:
         valid = isinstance(value, int) and not isinstance(value, bool) and value >= self.minimum
         if not valid or (self.maximum is not None and value > self.maximum):
-            bounds = f"from {self.minimum} to {self.maximum}"
             if self.maximum is None:
-                bounds = f"at least {self.minimum}"
-            raise Invalid(f"an integer {bounds}")
+                raise Invalid(f"an integer at least {self.minimum}")
+            raise Invalid(f"an integer from {self.minimum} to {self.maximum}")
         return int(value)
 
 
@@ -1679,8 +1679,7 @@ def setting(default: T, check: Callable[[Any], T]) -> T:
 class WebServerConfig:
     host: str = setting("localhost", host_name)
     port: int = setting(8000, Integer(0, 65535))
-    # Peers whose X-Forwarded-For is believed; nobody's by default.
-    trusted_proxies: tuple[IPNetwork, ...] = setting((), networks)
+    trusted_proxies: tuple[IPNetwork, ...] = setting((), networks)  # whose X-Forwarded-For is believed
     workers: int = setting(1, Integer(1))  # processes serving one port; >1 needs a shared store
     uvloop: bool = setting(False, boolean)  # run on uvloop's event loop (imported only when asked for)
     access_log: bool = setting(False, boolean)  # a line per request; costs a third of GET /user's speed
@@ -1714,22 +1713,17 @@ class CookieConfig:
     secure: str | bool = "auto"  # auto: Secure when the request came over https (see request_scheme)
 
 
-DEFAULT_COOKIE = CookieConfig()
-
-
 @dataclasses.dataclass(frozen=True)
 class SessionConfig:
     idle_timeout: float = setting(1800.0, seconds)
     absolute_timeout: float = setting(86400.0, seconds)
     max_per_user: int = setting(20, Integer(1))
-    # memory (this process), postgres (a table beside users) or redis
-    store: str = setting("memory", OneOf(("memory", "postgres", "redis")))
+    store: str = setting("memory", OneOf(("memory", "postgres", "redis")))  # memory: this process only
     redis_url: str = setting("redis://127.0.0.1:6379/0", redis_url)
-    redis_prefix: str = setting("login:", non_empty_string)  # every key the redis store writes starts so
-    # Sessions a shared store's process keeps in memory (CachedSessionStore); 0 turns that off.
-    cache_size: int = setting(100_000, Integer(0))
+    redis_prefix: str = setting("login:", non_empty_string)  # of every key the redis store writes
+    cache_size: int = setting(100_000, Integer(0))  # a shared store's sessions kept in memory; 0: none
     # POST /user?cookie=true; a frozen dataclass, so one shared default is safe
-    cookie: CookieConfig = setting(DEFAULT_COOKIE, cookie_settings)  # noqa: RUF009
+    cookie: CookieConfig = setting(CookieConfig(), cookie_settings)  # noqa: RUF009
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1805,7 +1799,7 @@ class _Section:
     """One section of the config file: refuses unknown keys, names the file and key in every error."""
 
     def __init__(
-        self, raw: Any, name: str, source: str, known: Sequence[str], options: Mapping[str, Any] | None = None
+        self, raw: Any, name: str, source: str, known: Sequence[str], options: Options = None
     ) -> None:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: '{name}' must be an object")
@@ -1816,25 +1810,18 @@ class _Section:
         self.options = {key: value for key, value in (options or {}).items() if value is not None}
         self.raw, self.name, self.source = {**raw, **self.options}, name, source
 
-    def fail(self, key: str, expected: str) -> NoReturn:
-        if key in self.options:
-            raise ConfigError(f"--{key} {self.options[key]}: '{self.name}.{key}' must be {expected}")
-        raise ConfigError(f"{self.source}: '{self.name}.{key}' must be {expected}")
-
     def read(self, key: str, check: Callable[[Any], T], default: T) -> T:
         if key not in self.raw:
             return default
         try:
             return check(self.raw[key])
         except Invalid as exc:
-            self.fail(key, str(exc))
+            where = f"--{key} {self.options[key]}" if key in self.options else self.source
+            raise ConfigError(f"{where}: '{self.name}.{key}' must be {exc}") from None
 
 
-def read_section(
-    cls: type[T], raw: Any, name: str, source: str, options: Mapping[str, Any] | None = None
-) -> T:
-    """A section as its dataclass declares it: only known keys, each checked, the rest defaults.
-    `options` (command-line overrides) win over the file's values and pass the same checks."""
+def read_section(cls: type[T], raw: Any, name: str, source: str, options: Options = None) -> T:
+    """A section as its dataclass declares it: only known keys, each checked, the rest defaults."""
     fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     section = _Section(raw, name, source, list(fields), options)
     values: dict[str, Any] = {}
@@ -1853,11 +1840,10 @@ def read_section(
 def load_config(
     path: Path | str = DEFAULT_CONFIG_PATH,
     environ: Mapping[str, str] = os.environ,
-    options: Mapping[str, Any] | None = None,
+    options: Options = None,
 ) -> Config:
-    """Read a config file. Precedence: command-line options (`options`, keyed like the
-    `webserver` section: host, port, workers), then the environment (DATABASE_URL), then the
-    file, then the defaults."""
+    """Read a config file. Precedence: command-line `options` (webserver's host, port, workers),
+    then the environment (DATABASE_URL), then the file, then the defaults."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -1872,9 +1858,7 @@ def load_config(
         raw = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return parse_config(
-        raw, source=str(path), base_dir=path.resolve().parent, environ=environ, options=options
-    )
+    return parse_config(raw, str(path), path.resolve().parent, environ, options)
 
 
 def parse_config(
@@ -1882,20 +1866,18 @@ def parse_config(
     source: str = "config",
     base_dir: Path | None = None,
     environ: Mapping[str, str] = os.environ,
-    options: Mapping[str, Any] | None = None,
+    options: Options = None,
 ) -> Config:
     """Turn the config dictionary (the seed's shape plus optional sections) into a Config."""
-    base_dir = Path.cwd() if base_dir is None else base_dir
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
-    known = [field.name for field in dataclasses.fields(Config)]
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(field_names(Config)))
     if unknown:
         raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
     parts: dict[str, Any] = {}
-    for name in known:
+    for name in field_names(Config):
         if name == "db":
-            parts[name] = _parse_db(raw.get(name), source, base_dir, environ)
+            parts[name] = _parse_db(raw.get(name), source, base_dir or Path.cwd(), environ)
         else:  # each section's class is the type of its default
             section_options = options if name == "webserver" else None
             section_class = type(getattr(Config, name))
@@ -1915,7 +1897,7 @@ def check_workers(config: Config, source: str) -> None:
 
 
 def database_url(url: str) -> str:
-    """DATABASE_URL as libpq takes it: a SQLAlchemy-style driver suffix (postgresql+psycopg2://) goes."""
+    """DATABASE_URL as libpq takes it (without a SQLAlchemy +driver), refused where libpq would refuse it."""
     scheme, separator, rest = url.partition("://")
     if separator and scheme.partition("+")[0] in ("postgresql", "postgres"):
         url = f"postgresql://{rest}"
@@ -1926,31 +1908,15 @@ def database_url(url: str) -> str:
         raise ConfigError(
             "DATABASE_URL: not a PostgreSQL URL (expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
         ) from None
-    problem = libpq_value_problem(params)
-    if problem:
-        raise ConfigError(f"DATABASE_URL: {problem}")
-    return url
-
-
-# Connection parameters whose values libpq checks only when it connects (and then fails at once).
-LIBPQ_CHOICES = {
-    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
-    "gssencmode": ("disable", "prefer", "require"),
-    "channel_binding": ("disable", "prefer", "require"),
-    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
-}
-
-
-def libpq_value_problem(params: Mapping[str, str]) -> str:
-    """What libpq would refuse in parsed connection parameters, or '': a port outside 1-65535
-    (each of a list), or a value outside its parameter's choices."""
-    for port in params.get("port", "").split(","):
+    for port in params.get("port", "").split(","):  # libpq takes a list of hosts and ports
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
-            return f"invalid port {port!r} (expected 1 to 65535)"
+            raise ConfigError(f"DATABASE_URL: invalid port {port!r} (expected 1 to 65535)")
     for name, choices in LIBPQ_CHOICES.items():
         if name in params and params[name] not in choices:
-            return f"invalid {name} {params[name]!r} (expected one of {', '.join(choices)})"
-    return ""
+            raise ConfigError(
+                f"DATABASE_URL: invalid {name} {params[name]!r} (expected one of {', '.join(choices)})"
+            )
+    return url
 
 
 def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
@@ -1980,8 +1946,7 @@ class DatabaseUnavailable(Exception):
 
 
 class DatabaseBusy(DatabaseUnavailable):
-    """PostgreSQL answered, but ended a statement at its lock or statement timeout (a locked
-    table, an overloaded server). The connection is sound; another one would wait the same."""
+    """PostgreSQL ended a statement at its lock or statement timeout; another connection would wait too."""
 
 
 class SessionStoreUnavailable(Exception):
@@ -2001,15 +1966,15 @@ class StartupError(Exception):
 
 
 class UserExists(Exception):
-    """adduser was asked for a name that is taken; the message says so in one line."""
+    """adduser was asked for a name that is taken."""
 
 
 class UserNotFound(Exception):
-    """passwd or deluser was asked for a name that does not exist; the message says so."""
+    """passwd or deluser was asked for a name that does not exist."""
 
 
 def json_text(data: Any) -> str:
-    """A JSON response body. It ends with a newline, so after `curl` the shell prompt starts a new line."""
+    """A JSON body; its final newline starts the shell prompt on a new line after `curl`."""
     return json.dumps(data) + "\n"
 
 
@@ -2017,18 +1982,19 @@ def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | Non
     return web.json_response(data, status=status, headers=headers, dumps=json_text)
 
 
+def error_body(code: str, message: str) -> str:
+    """The contract's error body, {"error": code, "message": ...}; every error answer's comes from here."""
+    return json_text({"error": code, "message": message})
+
+
 def json_error(
-    status: type[web.HTTPException],
-    code: str,
-    message: str,
-    headers: Mapping[str, str] | None = None,
+    status: type[web.HTTPException], code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> web.HTTPException:
-    """The contract's error answer, {"error": code, "message": ...}, ready to raise."""
-    body = json_text({"error": code, "message": message})
-    return status(text=body, content_type="application/json", headers=headers)
+    """The contract's error answer, ready to raise."""
+    return status(text=error_body(code, message), content_type="application/json", headers=headers)
 
 
-# The 503s: error code and message, keyed by the exception that means "cannot be reached".
+# The 503s, keyed by the exception that means "cannot be reached".
 UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
     DatabaseUnavailable: ("database_unavailable", "The database cannot be reached; try again shortly."),
     SessionStoreUnavailable: (
@@ -2036,7 +2002,6 @@ UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
         "The session store cannot be reached; try again shortly.",
     ),
 }
-
 # Codes for the errors aiohttp raises by itself (router, body size, HTTP parser), keyed by status.
 FRAMEWORK_ERRORS = {
     400: ("bad_request", "The request could not be understood."),
@@ -3091,6 +3056,11 @@ async def ping(engine: aiopg.sa.Engine) -> None:
 # ---------------------------------------------------------------------------
 
 MIN_PASSWORD_CHARS = 8  # for new passwords (NIST SP 800-63B); logins check no minimum
+NFC_SALT_BYTES = 24  # the salt length that marks a hash made of a password's NFC form (argon2's default: 16)
+# Unicode categories no username may contain: controls (newline, ESC), format characters
+# (zero-width, direction and tag characters), line and paragraph separators.
+FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+UNREADABLE_HASH = "a stored password hash could not be read; treating it as a mismatch"
 
 
 def nfc(text: str) -> str:
@@ -3099,11 +3069,8 @@ def nfc(text: str) -> str:
 
 
 def check_credential(value: Any, name: str) -> str:
-    """A username or password as the contract allows it; raises ValueError saying what is wrong.
-
-    The length limit holds as typed and in NFC (which a few scripts make longer), the form that
-    is stored and hashed.
-    """
+    """A username or password as the contract allows it, at most MAX_FIELD_CHARS both as typed and in
+    NFC (stored and hashed; a few scripts make it longer); raises ValueError saying what is wrong."""
     if not isinstance(value, str):
         raise ValueError(f"'{name}' must be a string")
     if not value:
@@ -3120,15 +3087,9 @@ def check_credential(value: Any, name: str) -> str:
     return value
 
 
-# Unicode categories no username may contain: controls (newline, ESC), format characters
-# (zero-width, direction and tag characters), line and paragraph separators.
-FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
-
-
 def parse_username(value: Any) -> str:
-    """A username as stored and compared, in NFC: one user however its name is typed. It has no
-    control or format characters and no leading or trailing space, so it cannot forge a log line
-    or pass for another name."""
+    """A username as stored and compared, in NFC, with no control or format characters and no
+    space at either end, so it cannot forge a log line or pass for another name."""
     name = nfc(check_credential(value, "username"))
     if any(unicodedata.category(char) in FORBIDDEN_NAME_CATEGORIES for char in name):
         raise ValueError("'username' must not contain control or format characters")
@@ -3145,20 +3106,14 @@ def check_new_password(password: str) -> str:
 
 
 def _lower_thread_priority() -> None:
-    """Run this hashing thread only when the CPU has nothing else to do (Linux's SCHED_IDLE).
-
-    The event loop then preempts hashing as soon as a request arrives: a login flood slows
-    other logins, never GET /user. Without SCHED_IDLE (macOS, Windows) threads keep their priority.
-    """
+    """Hash only when the event loop has no work: Linux's SCHED_IDLE, where the OS has it."""
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity where the OS has one (Linux), else all."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Verdict(enum.Enum):
@@ -3172,21 +3127,10 @@ class Verdict(enum.Enum):
         return self is not Verdict.WRONG
 
 
-NFC_SALT_BYTES = 24  # the salt length that marks a hash made of a password's NFC form (argon2's default: 16)
-
-
 class Passwords:
-    """argon2id hashing on a thread pool of its own, so the event loop never waits on it.
-
-    Passwords are hashed in NFC, with salts of NFC_SALT_BYTES that mark such hashes. A login costs
-    one verification at today's parameters whatever is stored (OWASP Authentication Cheat Sheet):
-    no user, or a value that is no hash, verifies against a dummy; a hash with cheaper parameters
-    is verified, then padded with a dummy of the passes it lacks; a stronger one costs what it
-    costs. Older hashes keep verifying: a password typed in another form than NFC, against a hash
-    made before the mark (perhaps of the form as typed), is tried as typed too, within the same
-    padded budget when the hash is cheap enough (at most half of today's cost); a hash of today's
-    parameters without the mark then costs two, until that user's next login re-hashes it.
-    """
+    """argon2id of the NFC form, on a thread pool of its own. A login costs one verification at today's
+    parameters whatever is stored (OWASP Authentication Cheat Sheet): no user or no hash verifies a
+    dummy, a cheaper hash is padded; older forms keep verifying (README, "argon2id on a thread pool")."""
 
     def __init__(self, config: PasswordConfig) -> None:
         self._hasher = argon2.PasswordHasher(
@@ -3225,7 +3169,7 @@ class Passwords:
         if password != normal and stored.salt_len != NFC_SALT_BYTES:
             forms.append(password)  # a hash made before the mark may be of the form as typed
         self._pad(stored, len(forms), normal)
-        current = self._is_current(stored_hash)
+        current = not self._hasher.check_needs_rehash(stored_hash)  # its parameters were read above
         for form in forms:
             if self._matches(stored_hash, form):
                 return Verdict.RIGHT if current and form is normal else Verdict.RIGHT_OUTDATED
@@ -3233,12 +3177,10 @@ class Passwords:
 
     @staticmethod
     def _parameters(stored_hash: str | None) -> argon2.Parameters | None:
-        if stored_hash is None:
-            return None
         try:
-            return argon2.extract_parameters(stored_hash)
+            return None if stored_hash is None else argon2.extract_parameters(stored_hash)
         except (argon2.exceptions.InvalidHashError, ValueError):  # not even ASCII
-            log.warning("a stored password hash could not be read; treating it as a mismatch")
+            log.warning(UNREADABLE_HASH)
             return None
 
     def _pad(self, stored: argon2.Parameters, verifications: int, password: str) -> None:
@@ -3247,16 +3189,13 @@ class Passwords:
         spent = verifications * stored.time_cost * stored.memory_cost
         passes = round((today - spent) / self._config.memory_cost)
         if passes >= 1:
-            pad = self._pads.get(passes)
-            if pad is None:
-                hasher = argon2.PasswordHasher(
-                    time_cost=passes,
-                    memory_cost=self._config.memory_cost,
-                    parallelism=self._config.parallelism,
-                    type=argon2.Type.ID,
+            if passes not in self._pads:
+                today_but_passes = dataclasses.replace(
+                    argon2.extract_parameters(self._dummy_hash), time_cost=passes
                 )
-                pad = self._pads[passes] = hasher.hash(secrets.token_urlsafe(16))
-            self._matches(pad, password)
+                hasher = argon2.PasswordHasher.from_parameters(today_but_passes)
+                self._pads[passes] = hasher.hash(secrets.token_urlsafe(16))
+            self._matches(self._pads[passes], password)
 
     def _matches(self, stored_hash: str, password: str) -> bool:
         try:
@@ -3264,13 +3203,7 @@ class Passwords:
         except argon2.exceptions.VerifyMismatchError:
             return False
         except (argon2.exceptions.VerificationError, ValueError):  # no hash argon2 can read
-            log.warning("a stored password hash could not be read; treating it as a mismatch")
-            return False
-
-    def _is_current(self, stored_hash: str) -> bool:
-        try:
-            return not self._hasher.check_needs_rehash(stored_hash)
-        except ValueError:  # InvalidHashError, or not even ASCII
+            log.warning(UNREADABLE_HASH)
             return False
 
     def close(self) -> None:
