@@ -1536,10 +1536,21 @@ def is_number(value: Any) -> bool:
 non_empty_string = valid_if("a non-empty string", lambda value: isinstance(value, str) and value != "", str)
 any_string = valid_if("a string", lambda value: isinstance(value, str), str)
 boolean = valid_if("true or false", lambda value: isinstance(value, bool), bool)
+# Bounds that keep every value usable where it goes: a deadline must stay a date, a count must fit
+# PostgreSQL's integer and a Lua number, and a huge JSON number must not overflow a float.
+MAX_SECONDS = 100 * 365 * 86400
+MAX_RATE = 1_000_000
+MAX_INTEGER = 2**31 - 1
 seconds = valid_if(
-    "a positive number of seconds", lambda value: is_number(value) and 0 < value < math.inf, float
+    "a positive number of seconds, at most 100 years",
+    lambda value: is_number(value) and 0 < value <= MAX_SECONDS,
+    float,
 )
-rate = valid_if("a positive number (per second)", lambda value: is_number(value) and value > 0, float)
+rate = valid_if(
+    f"a positive number (per second), at most {MAX_RATE}",
+    lambda value: is_number(value) and 0 < value <= MAX_RATE,
+    float,
+)
 
 
 def host_name(value: Any) -> str:
@@ -1652,12 +1663,13 @@ class Integer:
     per: str = ""
 
     def __call__(self, value: Any) -> int:
-        valid = isinstance(value, int) and not isinstance(value, bool) and value >= self.minimum
-        if not valid or (self.maximum is not None and value > self.maximum):
-            if self.maximum is None:
-                raise Invalid(f"an integer at least {self.minimum}")
-            raise Invalid(f"an integer from {self.minimum} to {self.maximum}")
-        return int(value)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        top = MAX_INTEGER if self.maximum is None else self.maximum
+        if whole and self.minimum <= value <= top:
+            return int(value)
+        if self.maximum is None and not (whole and value > top):
+            raise Invalid(f"an integer at least {self.minimum}")
+        raise Invalid(f"an integer from {self.minimum} to {top}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,6 +159,18 @@ BAD_CONFIGS = [
         "'sessions.idle_timeout' must be a positive",
         id="infinite-seconds",
     ),
+    pytest.param(
+        '{"sessions": {"idle_timeout": 1' + "0" * 400 + "}}",
+        "'sessions.idle_timeout' must be a positive number of seconds, at most 100 years",
+        id="integer-seconds-too-large-for-a-float",
+    ),
+    pytest.param({"sessions": {"absolute_timeout": 1e300}}, "at most 100 years", id="seconds-past-any-date"),
+    pytest.param('{"events": {"publish_rate": 1e400}}', "'events.publish_rate' must be", id="infinite-rate"),
+    pytest.param(
+        {"sessions": {"max_per_user": 10**30}},
+        "'sessions.max_per_user' must be an integer from 1 to 2147483647",
+        id="integer-beyond-postgresql-integer",
+    ),
     pytest.param({"webserver": []}, "'webserver' must be an object", id="section-not-object"),
     pytest.param({"cache": {}}, "unknown section 'cache'", id="unknown-section"),
     pytest.param(

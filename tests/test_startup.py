@@ -48,6 +48,7 @@ NO_DATABASE_URL = {"DATABASE_URL": ""}
         pytest.param(["--port", "-1"], ["--port -1", "from 0 to 65535"], id="port-negative"),
         pytest.param(["--port", "http"], ["--port http", "integer"], id="port-not-a-number"),
         pytest.param(["--workers", "0"], ["--workers 0", "at least 1"], id="no-workers"),
+        pytest.param(["--workers", "9" * 30], ["--workers 999", "from 1 to 2147483647"], id="workers-huge"),
         pytest.param(["--workers", "2"], ["--workers", "shared session store"], id="workers-on-memory"),
         pytest.param(
             ["--host", "no-such-host.invalid"], ["no-such-host.invalid", "does not resolve"], id="host"
