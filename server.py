@@ -1216,7 +1216,7 @@ async def error_middleware(
             raise
         # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
         code, message = FRAMEWORK_ERRORS[exc.status]
-        exc.text = json_text({"error": code, "message": message})
+        exc.text = error_body(code, message)
         exc.content_type = "application/json"
         raise
     except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
@@ -1300,7 +1300,7 @@ class JsonErrorRequestHandler(RequestHandler):
             status, (code, text) = 415, UNSUPPORTED_CODING
         else:
             code, text = framework_error(status)
-        response = web.Response(status=status, text=json_text({"error": code, "message": text}))
+        response = web.Response(status=status, text=error_body(code, text))
         response.content_type = "application/json"
         response.headers["Server"] = SERVER_HEADER  # no application here: response_headers does not run
         response.force_close()
