@@ -96,7 +96,7 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias, TypeVar, get_type_hints
 
 import aiopg
 import aiopg.sa
@@ -3151,13 +3151,15 @@ SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG
 PUBLIC_ID_BYTES = 16  # a session's public id: 128 bits, drawn separately from its secret id
 PENDING_LIFETIME = 60.0  # an attempt in flight longer than this died with its process: a failure
 RECENT_REVOCATIONS = 10_000  # accounts whose latest revocation a process remembers (for logins)
+DELETED = 1 << 62  # the epoch floor of a deleted account: no session of it is valid
+# Redis deletes a session's hash this long after its deadline: the sweep finds it first and journals it.
+REDIS_EXPIRY_GRACE = int(3 * SWEEP_INTERVAL)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Account:
-    """Who a session belongs to: the user's row (`users.id`), not the name, which a new user may
-    take after `deluser`; and the row's session_epoch, which `passwd` raises to end the sessions
-    begun before."""
+    """Who a session belongs to: the user's row (`users.id`), not the name a new user may take
+    after `deluser`, and its session_epoch, which `passwd` raises to end the older sessions."""
 
     user_id: int
     username: str
@@ -3166,14 +3168,14 @@ class Account:
 
 @dataclasses.dataclass(slots=True)
 class Session:
+    """One session. Its fields, in this order (SESSION_FIELDS), are what every store keeps."""
+
     username: str
     created_at: float  # Unix time
     last_seen: float
     expires_at: float  # the earlier of the idle and the absolute deadline
-    # How the session's user sees it (GET /user/sessions): a public id drawn independently of the
-    # secret one, and the client address and User-Agent of the login that began it.
-    public_id: str
-    address: str
+    public_id: str  # what its user sees (GET /user/sessions), drawn apart from the secret id
+    address: str  # the client address and User-Agent of the login that began it
     user_agent: str
     user_id: int  # the Account's fields (Account.username is `username` above)
     epoch: int
@@ -3183,6 +3185,10 @@ class Session:
         return Account(self.user_id, self.username, self.epoch)
 
 
+SESSION_FIELDS = tuple(field.name for field in dataclasses.fields(Session))
+SESSION_TYPES = get_type_hints(Session)  # field name -> str, float or int (Redis answers text)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Device:
     """The client a login came from, as a new session records it (already cut to size)."""
@@ -3190,18 +3196,18 @@ class Device:
     address: str = ""
     user_agent: str = ""
 
-    def begin(self, account: Account, now: float, expires_at: float) -> Session:
+    def begin(self, account: Account, config: SessionConfig, now: float) -> Session:
         """A new session of account on this device, with a fresh public id."""
         return Session(
-            account.username,
-            now,
-            now,
-            expires_at,
-            new_public_id(),
-            self.address,
-            self.user_agent,
-            account.user_id,
-            account.epoch,
+            username=account.username,
+            created_at=now,
+            last_seen=now,
+            expires_at=deadline(config, now, now),
+            public_id=new_public_id(),
+            address=self.address,
+            user_agent=self.user_agent,
+            user_id=account.user_id,
+            epoch=account.epoch,
         )
 
 
@@ -3213,17 +3219,12 @@ def new_session_id() -> str:
 
 
 def new_public_id() -> str:
-    """A session's public name: its own CSPRNG draw, so it says nothing about the secret id.
-    Hex, so it never starts with '-', which `logout NAME SESSION_ID` would read as an option."""
+    """A session's public name, its own CSPRNG draw; hex, never read as an option by `logout`."""
     return secrets.token_hex(PUBLIC_ID_BYTES)
 
 
 def printable(text: str, limit: int) -> str:
-    """text cut to `limit` characters, each one outside printable ASCII shown as '?'.
-
-    For what a client sent and a user will read (User-Agent, forwarded address): bounded memory,
-    one byte a character, nothing that could pass for a control sequence.
-    """
+    """A client's text for a user to read: cut to `limit` characters, non-printable ASCII as '?'."""
     return "".join(char if " " <= char <= "~" else "?" for char in text[:limit])
 
 
@@ -3239,8 +3240,8 @@ def deadline(config: SessionConfig, created_at: float, last_seen: float) -> floa
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Attempt:
-    """A login attempt, reserved under its keys (`user:<name>`, `address:<ip or IPv6 /64>`) before
-    its password is checked; `limits` are the keys' limits, `at` the time it counts from."""
+    """A login attempt reserved under its keys (`user:<name>`, `address:<ip or IPv6 /64>`), each
+    with its limit, before its password is checked; `at`: the time it counts from."""
 
     keys: tuple[str, ...]
     limits: tuple[int, ...]
@@ -3252,14 +3253,9 @@ BUSY = -1.0  # what FailureLog.reserve answers while attempts in flight fill a l
 
 
 class FailureLog(Protocol):
-    """Login failures per key, and the attempts in flight, which count like failures until they
-    are settled: so N concurrent guesses can never get more verdicts than the limit allows.
-
-    `reserve` is atomic: the seconds to wait if failures fill a key's limit; BUSY if attempts in
-    flight fill it (they may yet succeed: ask again in a moment); else 0.0, the attempt reserved.
-    `settle`: a failure stays counted; otherwise the attempt goes, and with `clear` (a right
-    password) every failure of its first key (the username) too.
-    """
+    """Login failures per key; attempts in flight count as failures until settled. `reserve` is
+    atomic: seconds to wait (failures fill a limit), BUSY (attempts in flight do), else 0.0. `settle`:
+    a failure stays; else the attempt goes, with `clear` its first key's (username's) failures."""
 
     async def reserve(self, attempt: Attempt, window: float) -> float: ...
     async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None: ...
@@ -3268,29 +3264,23 @@ class FailureLog(Protocol):
 
 # A new session: its id, the session, and the token hashes of the live sessions it pushed out.
 NewSession: TypeAlias = tuple[str, Session, list[bytes]]
-DELETED = 1 << 62  # the epoch floor of a deleted account: no session of it is valid
 
 
 class SessionStore(FailureLog, Protocol):
-    """What Sessions needs of a session store; memory, PostgreSQL and Redis provide it.
-
-    Sessions belong to an Account (user id and epoch). `create` refuses (None) an account whose
-    epoch was revoked, atomically with adding the session, and ends the user's oldest sessions
-    beyond max_per_user; it settles the login's `attempt` as a success in the same step (the
-    attempt's reservation goes, and the username's failures). `revoke_user` ends an account's
-    sessions begun below an epoch (all of them for `below=None`: the user is gone) and refuses
-    such sessions from then on; each process calls it when the bus brings a revocation.
-    `revoke_all` ends every session (a logout) and refuses nothing. Each store keeps the login
-    failures as well, so that a shared store also shares the counts of password guesses.
-    """
+    """What Sessions needs of a store (memory, PostgreSQL, Redis, or the near cache), which keeps
+    the login failures too. Each store has the primitive `end_user`; `revoke_all` (a logout) and
+    `revoke_user` (which also refuses those epochs from then on) are written here, once."""
 
     async def create(
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
-    ) -> NewSession | None: ...
+    ) -> NewSession | None:
+        """A new session, or None if the account's epoch was revoked; atomically it ends the user's
+        oldest beyond max_per_user and settles `attempt` as a success."""
+        ...
+
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
-    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int: ...
-    async def revoke_user(self, user_id: int, below: int | None) -> int: ...
+    async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int: ...
     async def sessions_of(self, user_id: int) -> list[Session]: ...
     async def revoke_public(
         self, user_id: int, public_id: str, ending: str = "logout:sessions"
@@ -3299,10 +3289,19 @@ class SessionStore(FailureLog, Protocol):
     async def count(self) -> int: ...
     async def close(self) -> None: ...
 
+    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
+        """End every session of the user, refusing nothing; how many were live."""
+        return await self.end_user(user_id, None, ending, refuse=False)
+
+    async def revoke_user(self, user_id: int, below: int | None) -> int:
+        """End the account's sessions begun below epoch `below` (None: all, the account is gone)
+        and refuse such sessions from then on; each process does it when the bus brings one."""
+        return await self.end_user(user_id, below, "revoked:", refuse=True)
+
 
 class MemoryFailureLog:
-    """Failure times in one process. At most `max_keys` keys, least recently failed first out,
-    so a flood of random usernames costs bounded memory (the flood's own address is throttled)."""
+    """Failure times in one process, for at most `max_keys` keys, the least recently failed out
+    first: a flood of random usernames costs bounded memory (its address is throttled)."""
 
     def __init__(self, max_keys: int = MAX_TRACKED_KEYS) -> None:
         self._max_keys = max_keys
@@ -3376,37 +3375,33 @@ class EpochFloors:
         return epoch >= self._floors.get(user_id, 0)
 
 
-class MemorySessionStore(MemoryFailureLog):
-    """The seed's two dictionaries, owned by one class: session id -> Session, user -> their ids.
+class MemorySessionStore(MemoryFailureLog, SessionStore):
+    """The seed's two dictionaries, session id -> Session and user -> their ids, which each method
+    changes together (so no second login orphans the first); the login failures beside them."""
 
-    Every change to one dictionary is matched in the other inside a single method, which is what
-    makes the seed's bug (a second login orphaning the first session) impossible. The methods are
-    coroutines so that stores backed by a database can stand behind the same interface. Login
-    failures are kept beside the sessions, by MemoryFailureLog.
-    """
-
-    def __init__(self, config: SessionConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        clock: Callable[[], float] = time.time,
+        journal: JournalWriter | None = None,
+    ) -> None:
         super().__init__()
-        self._config = config
-        self._clock = clock
+        self._config, self._clock, self.journal = config, clock, journal
         self._sessions: dict[str, Session] = {}
         # By users.id; a dict used as an ordered set: the first id is the user's oldest session.
         self._by_user: dict[int, dict[str, None]] = {}
-        self.journal: JournalWriter | None = None  # the session journal's writer (the server sets it)
         self._floors = EpochFloors()
 
     async def create(
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> NewSession | None:
-        """A new session of account, unless its epoch was revoked; beyond max_per_user the
-        user's oldest one ends. No await: the check and the insert are one step of the loop."""
+        """No await: the epoch check, the insert and the evictions are one step of the loop."""
         if not self._floors.allows(account.user_id, account.epoch):
             return None
         if attempt is not None:
             self.settle_now(attempt, False, True)
         now = self._clock()
-        session_id = new_session_id()
-        session = device.begin(account, now, deadline(self._config, now, now))
+        session_id, session = new_session_id(), device.begin(account, self._config, now)
         self._sessions[session_id] = session
         user_ids = self._by_user.setdefault(account.user_id, {})
         user_ids[session_id] = None
@@ -3419,11 +3414,11 @@ class MemorySessionStore(MemoryFailureLog):
                 oldest = next(iter(user_ids))
                 self._remove(oldest, "evicted:max_per_user")
                 evicted.append(token_hash(oldest))
-        self._note("login", session)
+        if self.journal is not None:
+            self.journal.note(JournalWriter.row("login", session))
         return session_id, session, evicted
 
     async def touch(self, session_id: str) -> Session | None:
-        """The live session for this id, its idle deadline renewed; None if unknown or expired."""
         session = self._live(session_id)
         if session is not None:
             session.last_seen = self._clock()
@@ -3431,28 +3426,12 @@ class MemorySessionStore(MemoryFailureLog):
         return session
 
     async def revoke(self, session_id: str) -> Session | None:
-        """End one session; returns it, or None if it was unknown or already expired."""
-        return await self._end(session_id, "logout:logout")
+        return self._end(session_id, "logout:logout")
 
-    async def _end(self, session_id: str, ending: str) -> Session | None:
-        session = self._live(session_id)
-        if session is not None:
-            self._remove(session_id, ending)
-        return session
-
-    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
-        """End every live session of the user; returns how many ended."""
-        return await self._end_user(user_id, None, ending)
-
-    async def revoke_user(self, user_id: int, below: int | None) -> int:
-        """End the user's live sessions begun in an epoch below `below` (None: all of them, the
-        account is gone), and refuse new ones of those epochs."""
-        self._floors.raise_to(user_id, below)
-        return await self._end_user(user_id, below, "revoked:")
-
-    async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
-        now = self._clock()
-        ended = 0
+    async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
+        if refuse:
+            self._floors.raise_to(user_id, below)
+        now, ended = self._clock(), 0
         for session_id in list(self._by_user.get(user_id, ())):
             session = self._sessions[session_id]
             if below is None or session.epoch < below:
@@ -3461,7 +3440,6 @@ class MemorySessionStore(MemoryFailureLog):
         return ended
 
     async def sessions_of(self, user_id: int) -> list[Session]:
-        """The user's live sessions, oldest first."""
         now = self._clock()
         found = (self._sessions[sid] for sid in self._by_user.get(user_id, ()))
         return [session for session in found if session.expires_at > now]
@@ -3473,16 +3451,13 @@ class MemorySessionStore(MemoryFailureLog):
     async def revoke_public(
         self, user_id: int, public_id: str, ending: str = "logout:sessions"
     ) -> tuple[bytes, Session] | None:
-        """End the user's live session with this public id; returns its token hash and the
-        session, or None if the user has no such session (another user's counts as none)."""
         for session_id in self._by_user.get(user_id, ()):
             if self._sessions[session_id].public_id == public_id:
-                session = await self._end(session_id, ending)
+                session = self._end(session_id, ending)
                 return None if session is None else (token_hash(session_id), session)
         return None
 
     async def sweep(self) -> int:
-        """Remove every expired session; returns how many were removed."""
         now = self._clock()
         expired = [sid for sid, session in self._sessions.items() if session.expires_at <= now]
         for session_id in expired:
@@ -3490,7 +3465,6 @@ class MemorySessionStore(MemoryFailureLog):
         return len(expired)
 
     async def count(self) -> int:
-        """How many sessions are live."""
         now = self._clock()
         return sum(1 for session in self._sessions.values() if session.expires_at > now)
 
@@ -3505,20 +3479,20 @@ class MemorySessionStore(MemoryFailureLog):
             return None
         return session
 
+    def _end(self, session_id: str, ending: str) -> Session | None:
+        session = self._live(session_id)
+        if session is not None:
+            self._remove(session_id, ending)
+        return session
+
     def _remove(self, session_id: str, ending: str) -> None:
         session = self._sessions.pop(session_id)
-        kind, _, reason = ending.partition(":")
-        if session.expires_at <= self._clock():
-            kind, reason = "expired", ""
-        self._note(kind, session, reason or None)
+        if self.journal is not None:
+            self.journal.note_end(session, ending, self._clock())
         user_ids = self._by_user[session.user_id]
         del user_ids[session_id]
         if not user_ids:
             del self._by_user[session.user_id]
-
-    def _note(self, kind: str, session: Session, reason: str | None = None) -> None:
-        if self.journal is not None:
-            self.journal.note(JournalWriter.row(kind, session, reason))
 
 
 @contextlib.contextmanager
@@ -3535,27 +3509,14 @@ def _session_param(name: str) -> sa.sql.elements.BindParameter[Any]:
     return sa.bindparam(name, type_=DOUBLE_PRECISION)
 
 
-_SESSION_FIELDS = (
-    sessions_table.c.username,
-    sessions_table.c.created_at,
-    sessions_table.c.last_seen,
-    sessions_table.c.expires_at,
-    sessions_table.c.public_id,
-    sessions_table.c.address,
-    sessions_table.c.user_agent,
-    sessions_table.c.user_id,
-    sessions_table.c.epoch,
-)
-
-
+SESSION_COLUMNS = [sessions_table.c[name] for name in SESSION_FIELDS]
 JOURNAL_ENDING = re.compile(r"[a-z_]+:[a-z_]*")  # 'kind:reason', as journaled_as takes it
 
 
 def journaled_as(ending: str) -> sa.sql.elements.ColumnElement[bool]:
-    """A condition that is always true, for a statement that deletes sessions: it tells schema.sql's
-    journal trigger, within the statement's own transaction, why the rows go ('kind:reason') and
-    the server's clock (by which a session deleted after its deadline is journaled as expired).
-    Literals, not parameters, so that the compiled queries need no more than their own."""
+    """An always-true condition that tells schema.sql's journal trigger why a statement deletes
+    sessions ('kind:reason') and the server's clock (past its deadline, a session is journaled as
+    expired); literals, so compiled queries need no more parameters."""
     assert JOURNAL_ENDING.fullmatch(ending), ending
     local = sa.true()
     ending_setting = sa.func.set_config(
@@ -3582,23 +3543,17 @@ TOUCH_SESSION = CompiledQuery.of(
             sessions_table.c.created_at + _session_param("absolute"),
         ),
     )
-    .returning(*_SESSION_FIELDS)
+    .returning(*SESSION_COLUMNS)
 )
-# One statement for a login. The session is inserted only if the account still has the epoch the
-# password was checked against, and the account's row stays locked (FOR SHARE) until the insert
-# commits: a passwd or deluser waits for it and its trigger then ends the new session, or commits
-# first and the insert finds no row. In the same snapshot (which does not see the new row) the
-# user's expired sessions go, and the live ones beyond the newest `keep`, which are returned; they
-# go first, so the journal records the eviction before the login that made it; and the login's
-# attempt is settled as a success (FailureLog).
-CREATE_SESSION = CompiledQuery("""
+# A login in one statement: the insert only while the account keeps the epoch its password was
+# checked against, its row locked (FOR SHARE) until commit, so a passwd or deluser ends it or finds
+# nothing; expired and evicted sessions go first (journaled before the login); the attempt settles.
+CREATE_SESSION = CompiledQuery(f"""
     WITH account AS (
         SELECT id FROM users WHERE id = %(user_id)s AND session_epoch = %(epoch)s FOR SHARE
     ), new_session AS (
-        INSERT INTO sessions (token_hash, username, user_id, epoch, created_at, last_seen, expires_at,
-                              public_id, address, user_agent)
-        SELECT %(digest)s, %(username)s, id, %(epoch)s, %(now)s, %(now)s, %(expires)s,
-               %(public_id)s, %(address)s, %(user_agent)s FROM account
+        INSERT INTO sessions (token_hash, {", ".join(SESSION_FIELDS)})
+        SELECT %(digest)s, {", ".join(f"%({name})s" for name in SESSION_FIELDS)} FROM account
         RETURNING token_hash
     ), gone AS (
         DELETE FROM sessions WHERE user_id = %(user_id)s AND EXISTS (SELECT FROM account) AND (
@@ -3617,7 +3572,7 @@ CREATE_SESSION = CompiledQuery("""
 REVOKE_SESSION = CompiledQuery.of(
     sessions_table.delete()
     .where(sessions_table.c.token_hash == sa.bindparam("digest"), journaled_as("logout:logout"))
-    .returning(*_SESSION_FIELDS)
+    .returning(*SESSION_COLUMNS)
 )
 
 
@@ -3630,13 +3585,9 @@ SETTLED_ATTEMPT = (
 )
 
 
-class PostgresSessionStore:
-    """Sessions in the `sessions` table and failures in `login_failures`, shared by every process
-    that uses the same database.
-
-    Rows are keyed by the SHA-256 of the session id. Expired rows are deleted when met and by
-    `sweep`, which the server runs every minute.
-    """
+class PostgresSessionStore(SessionStore):
+    """Sessions in `sessions`, keyed by the SHA-256 of the session id, and failures in
+    `login_failures`, shared by every process on the database; expired rows go when met and by `sweep`."""
 
     def __init__(self, engine: aiopg.sa.Engine, config: SessionConfig, clock: Callable[[], float]) -> None:
         self._engine, self._config, self._clock = engine, config, clock
@@ -3652,18 +3603,11 @@ class PostgresSessionStore:
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> NewSession | None:
         now = self._clock()
-        session_id = new_session_id()
-        session = device.begin(account, now, deadline(self._config, now, now))
+        session_id, session = new_session_id(), device.begin(account, self._config, now)
         params = {
+            **dataclasses.asdict(session),
             "digest": psycopg2.Binary(token_hash(session_id)),
-            "username": account.username,
-            "user_id": account.user_id,
-            "epoch": account.epoch,
             "now": now,
-            "expires": session.expires_at,
-            "public_id": session.public_id,
-            "address": session.address,
-            "user_agent": session.user_agent,
             "keep": self._config.max_per_user - 1,  # and the new one makes max_per_user
             "keys": [] if attempt is None else list(attempt.keys),
             "token": None if attempt is None else attempt.token,
@@ -3689,15 +3633,9 @@ class PostgresSessionStore:
         rows = await self._rows(REVOKE_SESSION.sql, {"digest": token_hash(session_id), "now": now})
         return Session(**rows[0]) if rows and rows[0].expires_at > now else None
 
-    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
-        return await self._end_user(user_id, None, ending)
-
-    async def revoke_user(self, user_id: int, below: int | None) -> int:
-        return await self._end_user(user_id, below, "revoked:")
-
-    async def _end_user(self, user_id: int, below: int | None, ending: str) -> int:
-        now = self._clock()
-        table = sessions_table
+    async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
+        """`refuse` needs nothing here: CREATE_SESSION checks the account's epoch in `users`."""
+        now, table = self._clock(), sessions_table
         query = table.delete().where(table.c.user_id == user_id, journaled_as(ending))
         if below is not None:
             query = query.where(table.c.epoch < below)
@@ -3707,7 +3645,7 @@ class PostgresSessionStore:
     async def sessions_of(self, user_id: int) -> list[Session]:
         table = sessions_table
         query = (
-            sa.select(*_SESSION_FIELDS)
+            sa.select(*SESSION_COLUMNS)
             .where(table.c.user_id == user_id, table.c.expires_at > self._clock())
             .order_by(table.c.seq)
         )
@@ -3720,17 +3658,15 @@ class PostgresSessionStore:
         query = (
             table.delete()
             .where(table.c.user_id == user_id, table.c.public_id == public_id, journaled_as(ending))
-            .returning(table.c.token_hash, *_SESSION_FIELDS)
+            .returning(table.c.token_hash, *SESSION_COLUMNS)
         )
         rows = await self._rows(query, {"now": self._clock()})
         if not rows or rows[0].expires_at <= self._clock():
             return None
-        digest, *fields = rows[0].as_tuple()
-        return bytes(digest), Session(*fields)
+        return bytes(rows[0].token_hash), Session(**{name: rows[0][name] for name in SESSION_FIELDS})
 
     async def sweep(self) -> int:
-        table = sessions_table
-        now = self._clock()
+        now, table = self._clock(), sessions_table
         expired = table.delete().where(table.c.expires_at <= now, journaled_as("expired:"))
         return len(await self._rows(expired.returning(table.c.seq), {"now": now}))
 
@@ -3749,8 +3685,7 @@ class PostgresSessionStore:
             "token": attempt.token,
             "stale": PENDING_LIFETIME,
         }
-        rows = await self._rows(RESERVE_ATTEMPT, params)
-        return float(rows[0][0])
+        return float((await self._rows(RESERVE_ATTEMPT, params))[0][0])
 
     async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
         params = {
@@ -3768,150 +3703,137 @@ class PostgresSessionStore:
         """The engine belongs to the application, which closes it."""
 
 
-class RedisSessionStore:
-    """Sessions in Redis, shared by every process that uses the same Redis.
-
-    `{prefix}session:<sha256 hex>` is a hash (username, created_at, last_seen, expires_at,
-    public_id, address, user_agent, user_id, epoch) that Redis itself expires REDIS_EXPIRY_GRACE
-    after the session's deadline (the sweep removes and journals it before);
-    `{prefix}user:<users.id>` is a sorted set of the user's session hashes in creation order, so
-    the oldest can make room, `all=true` can find them, and the user can list them. The steps
-    that read and then change sessions run as Lua scripts: atomic, and one round trip each. (The
-    scripts derive keys from the session's username and digests, so this store suits a single
-    Redis or a replicated one, not Redis Cluster.) `{prefix}failures:<key>` is a sorted set of
-    failure times that expires a window after the last one.
-    """
-
-    _FIELDS = (
-        "'username', 'created_at', 'last_seen', 'expires_at', 'public_id', 'address', 'user_agent',"
-        " 'user_id', 'epoch'"
-    )
-    # KEYS: session key, user key. ARGV: now, idle and absolute timeouts, digest, grace. Returns
-    # the session's fields, or nothing if it is gone or expired (the sweep removes expired ones,
-    # and journals them: Redis itself deletes a session's hash only `grace` seconds later).
-    _TOUCH = """
-        local f = redis.call('HMGET', KEYS[1], 'username', 'created_at', 'expires_at',
-                             'public_id', 'address', 'user_agent', 'user_id', 'epoch')
-        if not f[1] then return false end
-        local now = tonumber(ARGV[1])
-        if tonumber(f[3]) <= now or not f[7] then return false end  -- the sweep removes it
-        local expires = math.min(now + tonumber(ARGV[2]), tonumber(f[2]) + tonumber(ARGV[3]))
-        local shown = string.format('%.17g', expires)
-        redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', shown)
-        redis.call('PEXPIREAT', KEYS[1], math.ceil((expires + tonumber(ARGV[5])) * 1000))
-        return {f[1], f[2], ARGV[1], shown, f[4], f[5], f[6], f[7], f[8]}
-    """
-    # KEYS: session key, user key, sequence key, the account's epoch floor. ARGV: username, now,
-    # expires_at, digest, the user set's lifetime, max_per_user, session key prefix, public id,
-    # address, User-Agent, user id, epoch, grace. Adds the session unless the epoch is below the
-    # floor (false); beyond max_per_user the user's expired sessions go first, then the oldest live
-    # ones. Returns the fields of the sessions it removed (for the journal) and the digests of the
-    # live ones. KEYS from the 5th and ARGV[14]: the login's attempt (its sets of failures and its
-    # token), settled as a success.
-    _CREATE = f"""
-        if tonumber(ARGV[12]) < tonumber(redis.call('GET', KEYS[4]) or '0') then return false end
-        for i = 5, #KEYS do redis.call('ZREM', KEYS[i], 'p:' .. ARGV[14]) end
+# Lua the Redis scripts share: Session's fields (F[name]: a field's index), a session read by its
+# key, one removed with its entry in its user's set, and a loop over a user's sessions, oldest first.
+REDIS_PRELUDE = (
+    "local FIELDS = {"
+    + ", ".join(f"'{name}'" for name in SESSION_FIELDS)
+    + "}"
+    + """
+    local F = {}
+    for i, name in ipairs(FIELDS) do F[name] = i end
+    local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
+    local function drop(prefix, user_key, digest)
+        redis.call('DEL', prefix .. digest)
+        redis.call('ZREM', user_key, digest)
+    end
+    local function each(user_key, prefix)
+        local digests, i = redis.call('ZRANGE', user_key, 0, -1), 0
+        return function()
+            i = i + 1
+            if digests[i] then return digests[i], read(prefix .. digests[i]) end
+        end
+    end
+"""
+)
+# The Redis store's steps that read and then change sessions or failures: atomic, one round trip each.
+REDIS_SCRIPTS = {
+    # KEYS: the session. ARGV: now, idle and absolute timeouts, grace. The session, its idle
+    # deadline renewed; nothing if it is gone or expired (the sweep journals and removes it).
+    "touch": """
+        local f, now = read(KEYS[1]), tonumber(ARGV[1])
+        if not f[F.username] then return false end
+        if tonumber(f[F.expires_at]) <= now or not f[F.user_id] then return false end
+        local expires = math.min(now + tonumber(ARGV[2]), tonumber(f[F.created_at]) + tonumber(ARGV[3]))
+        f[F.last_seen], f[F.expires_at] = ARGV[1], string.format('%.17g', expires)
+        redis.call('HSET', KEYS[1], 'last_seen', f[F.last_seen], 'expires_at', f[F.expires_at])
+        redis.call('PEXPIREAT', KEYS[1], math.ceil((expires + tonumber(ARGV[4])) * 1000))
+        return f
+    """,
+    # KEYS: the session, the user's set, the sequence, the account's epoch floor, then the login
+    # attempt's failure sets (settled as a success). ARGV: digest, the set's lifetime, max_per_user,
+    # session key prefix, grace, the attempt's token, then the session's field, value pairs.
+    # False if the epoch is below the floor; else the fields of the sessions removed to make room
+    # (expired ones first) and the digests of the live ones among them.
+    "create": """
+        local new = {}
+        for i = 7, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+        if tonumber(new.epoch) < tonumber(redis.call('GET', KEYS[4]) or '0') then return false end
+        for i = 5, #KEYS do redis.call('ZREM', KEYS[i], 'p:' .. ARGV[6]) end
         if KEYS[5] then redis.call('DEL', KEYS[5]) end
-        local order = redis.call('INCR', KEYS[3])
-        redis.call('HSET', KEYS[1], 'username', ARGV[1], 'created_at', ARGV[2],
-                   'last_seen', ARGV[2], 'expires_at', ARGV[3],
-                   'public_id', ARGV[8], 'address', ARGV[9], 'user_agent', ARGV[10],
-                   'user_id', ARGV[11], 'epoch', ARGV[12])
-        redis.call('PEXPIREAT', KEYS[1], math.ceil((tonumber(ARGV[3]) + tonumber(ARGV[13])) * 1000))
-        redis.call('ZADD', KEYS[2], order, ARGV[4])
-        redis.call('EXPIRE', KEYS[2], ARGV[5])
-        local members = redis.call('ZRANGE', KEYS[2], 0, -1)
-        local most = tonumber(ARGV[6])
-        local removed, evicted = {{}}, {{}}
-        if #members <= most then return {{removed, evicted}} end
-        local now, live = tonumber(ARGV[2]), {{}}
-        for _, digest in ipairs(members) do
-            local f = redis.call('HMGET', ARGV[7] .. digest, {_FIELDS})
-            if (not f[4]) or tonumber(f[4]) <= now then
-                redis.call('ZREM', KEYS[2], digest)
-                redis.call('DEL', ARGV[7] .. digest)
-                if f[1] then table.insert(removed, f) end
+        redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+        redis.call('PEXPIREAT', KEYS[1], math.ceil((tonumber(new.expires_at) + tonumber(ARGV[5])) * 1000))
+        redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+        redis.call('EXPIRE', KEYS[2], ARGV[2])
+        local removed, evicted, live, most = {}, {}, {}, tonumber(ARGV[3])
+        if redis.call('ZCARD', KEYS[2]) <= most then return {removed, evicted} end
+        for digest, f in each(KEYS[2], ARGV[4]) do
+            if not f[F.expires_at] or tonumber(f[F.expires_at]) <= tonumber(new.created_at) then
+                drop(ARGV[4], KEYS[2], digest)
+                if f[F.username] then table.insert(removed, f) end
             else
                 table.insert(live, digest)
             end
         end
         for i = 1, #live - most do
-            table.insert(removed, redis.call('HMGET', ARGV[7] .. live[i], {_FIELDS}))
+            table.insert(removed, read(ARGV[4] .. live[i]))
             table.insert(evicted, live[i])
-            redis.call('ZREM', KEYS[2], live[i])
-            redis.call('DEL', ARGV[7] .. live[i])
-            table.insert(evicted, live[i])
+            drop(ARGV[4], KEYS[2], live[i])
         end
-        return {{removed, evicted}}
-    """
-    _REVOKE = f"""
-        local f = redis.call('HMGET', KEYS[1], {_FIELDS})
-        if not f[1] then return false end
+        return {removed, evicted}
+    """,
+    # KEYS: the session, the prefix of the users' sets. ARGV: digest. Removes it; its fields.
+    "revoke": """
+        local f = read(KEYS[1])
+        if not f[F.username] then return false end
         redis.call('DEL', KEYS[1])
-        if f[8] then redis.call('ZREM', KEYS[2] .. f[8], ARGV[1]) end
+        if f[F.user_id] then redis.call('ZREM', KEYS[2] .. f[F.user_id], ARGV[1]) end
         return f
-    """
-    # KEYS: user key, the account's epoch floor. ARGV: session key prefix, epoch ('' for every
-    # epoch), the floor to raise to ('' for none: a logout), the floor's lifetime. Ends the user's
-    # sessions begun below the epoch; returns their fields.
-    _REVOKE_USER = f"""
+    """,
+    # KEYS: the user's set, the account's epoch floor. ARGV: session key prefix, epoch ('' for all),
+    # the floor to raise to ('' for none), the floor's lifetime. Removes the sessions begun below
+    # the epoch; their fields.
+    "end_user": """
         if ARGV[3] ~= '' and tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
             redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
         end
-        local ended = {{}}
-        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
-            if ARGV[2] == '' or not f[9] or tonumber(f[9]) < tonumber(ARGV[2]) then
-                if f[1] then table.insert(ended, f) end
-                redis.call('DEL', ARGV[1] .. digest)
-                redis.call('ZREM', KEYS[1], digest)
+        local ended = {}
+        for digest, f in each(KEYS[1], ARGV[1]) do
+            if ARGV[2] == '' or not f[F.epoch] or tonumber(f[F.epoch]) < tonumber(ARGV[2]) then
+                if f[F.username] then table.insert(ended, f) end
+                drop(ARGV[1], KEYS[1], digest)
             end
         end
         return ended
-    """
-    # KEYS: user key. ARGV: session key prefix, now. Removes the user's expired sessions (and
-    # the set's names of sessions Redis deleted); returns the removed ones' fields.
-    _EXPIRE = f"""
-        local expired = {{}}
-        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
-            if not f[4] or tonumber(f[4]) <= tonumber(ARGV[2]) then
-                redis.call('DEL', ARGV[1] .. digest)
-                redis.call('ZREM', KEYS[1], digest)
-                if f[1] then table.insert(expired, f) end
+    """,
+    # KEYS: the user's set. ARGV: session key prefix, now. Removes the expired sessions (and the
+    # set's entries of those Redis deleted itself); their fields.
+    "expire": """
+        local expired = {}
+        for digest, f in each(KEYS[1], ARGV[1]) do
+            if not f[F.expires_at] or tonumber(f[F.expires_at]) <= tonumber(ARGV[2]) then
+                drop(ARGV[1], KEYS[1], digest)
+                if f[F.username] then table.insert(expired, f) end
             end
         end
         return expired
-    """
-    # KEYS: user key. ARGV: session key prefix, now. The user's live sessions, oldest first
+    """,
+    # KEYS: the user's set. ARGV: session key prefix, now. The live sessions' fields, oldest first
     # (sessions stored before public ids existed are left out; they expire as before).
-    _LIST = f"""
-        local found = {{}}
-        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
-            if f[1] and f[5] and f[8] and tonumber(f[4]) > tonumber(ARGV[2]) then table.insert(found, f) end
+    "list": """
+        local found = {}
+        for _, f in each(KEYS[1], ARGV[1]) do
+            if f[F.username] and f[F.public_id] and f[F.user_id]
+                and tonumber(f[F.expires_at]) > tonumber(ARGV[2]) then table.insert(found, f) end
         end
         return found
-    """
-    # KEYS: user key. ARGV: session key prefix, public id. Removes the user's session with that
-    # public id; returns its digest and fields, or nothing.
-    _REVOKE_PUBLIC = f"""
-        for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-            local f = redis.call('HMGET', ARGV[1] .. digest, {_FIELDS})
-            if f[5] == ARGV[2] then
-                redis.call('DEL', ARGV[1] .. digest)
-                redis.call('ZREM', KEYS[1], digest)
+    """,
+    # KEYS: the user's set. ARGV: session key prefix, public id. Removes the user's session with
+    # that public id; its digest and fields, or nothing.
+    "revoke_public": """
+        for digest, f in each(KEYS[1], ARGV[1]) do
+            if f[F.public_id] == ARGV[2] then
+                drop(ARGV[1], KEYS[1], digest)
                 table.insert(f, 1, digest)
                 return f
             end
         end
         return false
-    """
-
-    # KEYS: the attempt's sets of failures. ARGV: at, window, token, how long an attempt may be in
-    # flight, the sets' lifetime, then each key's limit. See FailureLog.reserve; members 'p:<token>'
-    # are attempts in flight, 'f:<token>' failures, each scored by its time.
-    _RESERVE = """
+    """,
+    # KEYS: the attempt's failure sets. ARGV: at, window, token, how long an attempt may be in
+    # flight, the sets' lifetime, then each key's limit (see FailureLog.reserve). Members are
+    # 'p:<token>' (in flight) and 'f:<token>' (failed), each scored by its time.
+    "reserve": """
         local at, window, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
         local wait, busy = 0, false
         for i, key in ipairs(KEYS) do
@@ -3937,9 +3859,9 @@ class RedisSessionStore:
             redis.call('EXPIRE', key, ARGV[5])
         end
         return '0'
-    """
-    # KEYS: the attempt's sets. ARGV: token, failed (1/0), clear (1/0). See FailureLog.settle.
-    _SETTLE = """
+    """,
+    # KEYS: the attempt's failure sets. ARGV: token, failed (1/0), clear (1/0). See FailureLog.settle.
+    "settle": """
         for _, key in ipairs(KEYS) do
             local at = redis.call('ZSCORE', key, 'p:' .. ARGV[1])
             redis.call('ZREM', key, 'p:' .. ARGV[1])
@@ -3947,189 +3869,123 @@ class RedisSessionStore:
         end
         if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) end
         return 0
-    """
+    """,
+}
+
+
+class RedisSessionStore(SessionStore):
+    """Sessions in Redis, shared by every process on it: `{prefix}session:<sha256 hex>` a hash of
+    SESSION_FIELDS, `{prefix}user:<users.id>` the user's digests in creation order, `{prefix}failures:<key>`
+    a sorted set of failure times; REDIS_SCRIPTS change them (a single Redis, not Redis Cluster)."""
 
     def __init__(
-        self, client: Any, config: SessionConfig, clock: Callable[[], float], prefix: str | None = None
+        self,
+        client: Any,
+        config: SessionConfig,
+        clock: Callable[[], float],
+        prefix: str | None = None,
+        journal: JournalWriter | None = None,
     ) -> None:
         import redis.exceptions
 
-        self._redis, self._config, self._clock = client, config, clock
+        self._redis, self._config, self._clock, self.journal = client, config, clock, journal
         self._prefix = config.redis_prefix if prefix is None else prefix
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-        self._create = client.register_script(self._CREATE)
-        self._touch = client.register_script(self._TOUCH)
-        self._revoke = client.register_script(self._REVOKE)
-        self._list = client.register_script(self._LIST)
-        self._revoke_public = client.register_script(self._REVOKE_PUBLIC)
-        self._revoke_user = client.register_script(self._REVOKE_USER)
-        self._expire = client.register_script(self._EXPIRE)
-        self.journal: JournalWriter | None = None  # the session journal's writer (the server sets it)
-        self._reserve = client.register_script(self._RESERVE)
-        self._settle = client.register_script(self._SETTLE)
+        self._scripts = {
+            name: client.register_script(REDIS_PRELUDE + script) for name, script in REDIS_SCRIPTS.items()
+        }
 
-    def _session_key(self, digest: str) -> str:
-        return f"{self._prefix}session:{digest}"
+    def _key(self, kind: str, name: object = "") -> str:
+        return f"{self._prefix}{kind}:{name}"
 
-    def _user_key(self, user_id: int) -> str:
-        return f"{self._prefix}user:{user_id}"
-
-    def _floor_key(self, user_id: int) -> str:
-        return f"{self._prefix}epoch:{user_id}"
+    async def _run(self, script: str, keys: list[Any], args: list[Any]) -> Any:
+        with store_errors(*self._errors):
+            return await self._scripts[script](keys=keys, args=args)
 
     async def create(
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> NewSession | None:
         now = self._clock()
-        session_id = new_session_id()
+        session_id, session = new_session_id(), device.begin(account, self._config, now)
         digest = token_hash(session_id).hex()
-        session = device.begin(account, now, deadline(self._config, now, now))
-        keys = [
-            self._session_key(digest),
-            self._user_key(account.user_id),
-            f"{self._prefix}sequence",
-            self._floor_key(account.user_id),
-            *([] if attempt is None else [f"{self._prefix}failures:{key}" for key in attempt.keys]),
-        ]
-        args = [
-            account.username,
-            repr(now),
-            repr(session.expires_at),
-            digest,
-            math.ceil(self._config.absolute_timeout),
-            self._config.max_per_user,
-            f"{self._prefix}session:",
-            session.public_id,
-            session.address,
-            session.user_agent,
-            account.user_id,
-            account.epoch,
-            REDIS_EXPIRY_GRACE,
-            "" if attempt is None else attempt.token,
-        ]
-        with store_errors(*self._errors):
-            created = await self._create(keys=keys, args=args)
+        failures = [] if attempt is None else [self._key("failures", key) for key in attempt.keys]
+        user_id = account.user_id
+        keys = [self._key("session", digest), self._key("user", user_id), f"{self._prefix}sequence"]
+        keys += [self._key("epoch", user_id), *failures]
+        args = [digest, math.ceil(self._config.absolute_timeout), self._config.max_per_user]
+        args += [self._key("session"), REDIS_EXPIRY_GRACE, "" if attempt is None else attempt.token]
+        args += [item for field in dataclasses.asdict(session).items() for item in field]
+        created = await self._run("create", keys, args)
         if not created:
             return None  # the account's epoch was revoked meanwhile
         removed, evicted = created
-        self._note(removed, "evicted:max_per_user", now)
+        self._ended(removed, "evicted:max_per_user", now)
         if self.journal is not None:
             self.journal.note(JournalWriter.row("login", session))
-        return session_id, session, [bytes.fromhex(digest.decode()) for digest in evicted]
+        return session_id, session, [bytes.fromhex(name.decode()) for name in evicted]
 
     async def touch(self, session_id: str) -> Session | None:
-        digest = token_hash(session_id).hex()
-        keys = [self._session_key(digest), f"{self._prefix}user:"]
-        args = [
-            repr(self._clock()),
-            repr(self._config.idle_timeout),
-            repr(self._config.absolute_timeout),
-            digest,
-            REDIS_EXPIRY_GRACE,
-        ]
-        with store_errors(*self._errors):
-            fields = await self._touch(keys=keys, args=args)
-        return self._session(fields)
+        key, config = self._key("session", token_hash(session_id).hex()), self._config
+        args = [self._clock(), config.idle_timeout, config.absolute_timeout, REDIS_EXPIRY_GRACE]
+        return self._session(await self._run("touch", [key], args))
 
     async def revoke(self, session_id: str) -> Session | None:
         digest = token_hash(session_id).hex()
-        with store_errors(*self._errors):
-            fields = await self._revoke(
-                keys=[self._session_key(digest), f"{self._prefix}user:"], args=[digest]
-            )
-        now = self._clock()
-        self._note([fields] if fields else [], "logout:logout", now)
-        session = self._session(fields)
-        if session is None or session.expires_at <= now:
-            return None
-        return session
+        fields = await self._run("revoke", [self._key("session", digest), self._key("user")], [digest])
+        live = self._ended([fields] if fields else [], "logout:logout", self._clock())
+        return live[0] if live else None
 
-    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
-        return await self._end_user(user_id, None, ending, None)
-
-    async def revoke_user(self, user_id: int, below: int | None) -> int:
-        return await self._end_user(user_id, below, "revoked:", DELETED if below is None else below)
-
-    async def _end_user(self, user_id: int, below: int | None, ending: str, floor: int | None) -> int:
+    async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
+        floor = (DELETED if below is None else below) if refuse else ""
         # The floor outlives every login that could still be in flight with the old epoch.
         lifetime = max(3600, math.ceil(self._config.absolute_timeout))
-        args = [
-            f"{self._prefix}session:",
-            "" if below is None else below,
-            "" if floor is None else floor,
-            lifetime,
-        ]
-        keys = [self._user_key(user_id), self._floor_key(user_id)]
-        with store_errors(*self._errors):
-            ended = await self._revoke_user(keys=keys, args=args)
-        now = self._clock()
-        self._note(ended, ending, now)
-        found = (self._session(fields) for fields in ended)
-        return sum(1 for session in found if session is not None and session.expires_at > now)
+        args = [self._key("session"), "" if below is None else below, floor, lifetime]
+        ended = await self._run("end_user", [self._key("user", user_id), self._key("epoch", user_id)], args)
+        return len(self._ended(ended, ending, self._clock()))
 
     async def sessions_of(self, user_id: int) -> list[Session]:
-        with store_errors(*self._errors):
-            found = await self._list(
-                keys=[self._user_key(user_id)], args=[f"{self._prefix}session:", repr(self._clock())]
-            )
+        args = [self._key("session"), self._clock()]
+        found = await self._run("list", [self._key("user", user_id)], args)
         return [session for session in map(self._session, found) if session is not None]
 
     async def revoke_public(
         self, user_id: int, public_id: str, ending: str = "logout:sessions"
     ) -> tuple[bytes, Session] | None:
-        with store_errors(*self._errors):
-            found = await self._revoke_public(
-                keys=[self._user_key(user_id)], args=[f"{self._prefix}session:", public_id]
-            )
+        found = await self._run(
+            "revoke_public", [self._key("user", user_id)], [self._key("session"), public_id]
+        )
         if not found:
             return None
         digest, *fields = found
-        now = self._clock()
-        self._note([fields], ending, now)
-        session = self._session(fields)
-        if session is None or session.expires_at <= now:
-            return None
-        return bytes.fromhex(digest.decode()), session
+        live = self._ended([fields], ending, self._clock())
+        return (bytes.fromhex(digest.decode()), live[0]) if live else None
 
     async def sweep(self) -> int:
-        """Remove the expired sessions (journaled as such) and what the users' sets still name of
-        sessions Redis deleted itself (REDIS_EXPIRY_GRACE after their deadline)."""
+        """Remove the expired sessions (journaled) and what the users' sets still name of sessions
+        Redis deleted itself (REDIS_EXPIRY_GRACE after their deadline)."""
         now, removed = self._clock(), 0
         with store_errors(*self._errors):
-            async for user_key in self._redis.scan_iter(match=f"{self._prefix}user:*", count=500):
-                expired = await self._expire(keys=[user_key], args=[f"{self._prefix}session:", repr(now)])
-                self._note(expired, "expired:", now)
+            async for user_key in self._redis.scan_iter(match=self._key("user", "*"), count=500):
+                expired = await self._run("expire", [user_key], [self._key("session"), now])
+                self._ended(expired, "expired:", now)
                 removed += len(expired)
         return removed
 
-    def _note(self, removed: list[list[bytes | None]], ending: str, now: float) -> None:
-        """Journal the sessions a script removed, with `ending` ('kind:reason') unless expired."""
-        if self.journal is None:
-            return
-        kind, _, reason = ending.partition(":")
-        for session in map(self._session, removed):
-            if session is not None:
-                gone = ("expired", None) if session.expires_at <= now else (kind, reason or None)
-                self.journal.note(JournalWriter.row(gone[0], session, gone[1]))
-
     async def count(self) -> int:
         """Redis expires sessions itself, so every session key is a live one (one SCAN)."""
-        found = 0
         with store_errors(*self._errors):
-            async for _ in self._redis.scan_iter(match=f"{self._prefix}session:*", count=1000):
-                found += 1
-        return found
+            return len(
+                [key async for key in self._redis.scan_iter(match=self._key("session", "*"), count=1000)]
+            )
 
     async def reserve(self, attempt: Attempt, window: float) -> float:
-        keys = [f"{self._prefix}failures:{key}" for key in attempt.keys]
-        args = [repr(attempt.at), repr(window), attempt.token, repr(PENDING_LIFETIME), math.ceil(window)]
-        with store_errors(*self._errors):
-            return float(await self._reserve(keys=keys, args=[*args, *attempt.limits]))
+        keys = [self._key("failures", key) for key in attempt.keys]
+        args = [attempt.at, window, attempt.token, PENDING_LIFETIME, math.ceil(window), *attempt.limits]
+        return float(await self._run("reserve", keys, args))
 
     async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
-        keys = [f"{self._prefix}failures:{key}" for key in attempt.keys]
-        with store_errors(*self._errors):
-            await self._settle(keys=keys, args=[attempt.token, int(failed), int(clear)])
+        keys = [self._key("failures", key) for key in attempt.keys]
+        await self._run("settle", keys, [attempt.token, int(failed), int(clear)])
 
     async def sweep_failures(self, before: float) -> int:
         return 0  # Redis expires each set a window after its last failure
@@ -4137,30 +3993,27 @@ class RedisSessionStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    def _ended(self, removed: list[list[bytes | None]], ending: str, now: float) -> list[Session]:
+        """Journal the sessions a script removed, as `ending` unless expired; the live ones."""
+        sessions = [session for session in map(self._session, removed) if session is not None]
+        if self.journal is not None:
+            for session in sessions:
+                self.journal.note_end(session, ending, now)
+        return [session for session in sessions if session.expires_at > now]
+
     @staticmethod
     def _session(fields: list[bytes | None] | None) -> Session | None:
-        """A Session from the hash's fields in Session's order; None if it is not all there."""
-        if not fields or None in fields:
+        """A Session from a hash's SESSION_FIELDS; None if one is missing."""
+        values = [field.decode() for field in fields or () if field is not None]
+        if len(values) != len(SESSION_FIELDS):
             return None  # gone, or stored before sessions had public ids (treated as ended)
-        username, created_at, last_seen, expires_at, public_id, address, user_agent, user_id, epoch = (
-            field.decode() for field in fields if field is not None
-        )
         return Session(
-            username,
-            float(created_at),
-            float(last_seen),
-            float(expires_at),
-            public_id,
-            address,
-            user_agent,
-            int(user_id),
-            int(epoch),
+            **{name: SESSION_TYPES[name](value) for name, value in zip(SESSION_FIELDS, values, strict=True)}
         )
 
 
 def renewal_slack(config: SessionConfig) -> float:
-    """Seconds by which a near cache lets the stored idle deadline lag behind the one a client was
-    told: max(1 s, idle_timeout / 100)."""
+    """Seconds the store's idle deadline may lag behind the one a client was told (near cache)."""
     return max(1.0, config.idle_timeout / 100)
 
 
@@ -4172,22 +4025,10 @@ class _Near:
     written: float
 
 
-class CachedSessionStore:
-    """A shared store (PostgreSQL or Redis) fronted by this process's recently used sessions, kept
-    in memory by token hash (the article's dictionary again, without the secret ids).
-
-    - A hit answers `touch` without a round trip and renews the idle deadline in memory; the
-      store's deadline is renewed on the first hit after `renewal_slack` seconds, so it never lags
-      behind what a client was told by more than the slack. A miss reads the store once and fills.
-    - This process's own revocations forget first; other processes' arrive on the bus, which calls
-      `forget` and `revoke_user` (Bus.apply). Whatever a read began before a forgetting is not
-      cached (`_generation`), so a revocation racing a miss cannot leave a stale entry.
-    - `trusted` says whether the cache may answer: the server sets it to Bus.hears_everything, so
-      while the bus is down every `touch` reads the store, and the bus clears the cache when it
-      is back. Without a bus (one process, tests) the cache is always trusted.
-    - At most `size` sessions, least recently used out first; expired ones are misses and go at
-      each sweep.
-    """
+class CachedSessionStore(SessionStore):
+    """A shared store behind this process's `size` most recently used sessions by token hash (the
+    article's dictionary as a near cache). It answers only while `trusted()` (the bus hears every
+    revocation) and for epochs not revoked; it writes a renewal through once per `slack` seconds."""
 
     def __init__(
         self, store: SessionStore, config: SessionConfig, clock: Callable[[], float], size: int
@@ -4195,9 +4036,9 @@ class CachedSessionStore:
         self.store, self._config, self._clock, self._size = store, config, clock, size
         self.slack = renewal_slack(config)
         self.trusted: Callable[[], bool] = lambda: True
-        self._near: OrderedDict[bytes, _Near] = OrderedDict()
+        self._near: OrderedDict[bytes, _Near] = OrderedDict()  # least recently used first
         self._by_user: dict[int, set[bytes]] = {}
-        self._generation = 0  # raised by every forgetting
+        self._generation = 0  # raised by every forgetting: a read begun before it does not fill
         self._floors = EpochFloors()  # revoked epochs: never answered from the cache
 
     def __len__(self) -> int:
@@ -4220,8 +4061,7 @@ class CachedSessionStore:
             and self.trusted()
             and self._floors.allows(near.session.user_id, near.session.epoch)
         ):
-            now = self._clock()
-            session = near.session
+            now, session = self._clock(), near.session
             if session.expires_at > now and now - near.written < self.slack:
                 self._near.move_to_end(digest)
                 session.last_seen = now
@@ -4239,13 +4079,12 @@ class CachedSessionStore:
         self.forget(token_hash(session_id))
         return await self.store.revoke(session_id)
 
-    async def revoke_all(self, user_id: int, ending: str = "logout:all") -> int:
-        self.forget_user(user_id, None)
-        return await self.store.revoke_all(user_id, ending)
-
-    async def revoke_user(self, user_id: int, below: int | None) -> int:
-        self.refuse(user_id, below)
-        return await self.store.revoke_user(user_id, below)
+    async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
+        if refuse:
+            self.refuse(user_id, below)
+        else:
+            self.forget_user(user_id, below)
+        return await self.store.end_user(user_id, below, ending, refuse)
 
     async def sessions_of(self, user_id: int) -> list[Session]:
         """The store's list, with the renewals this process has not written yet."""
@@ -4296,7 +4135,9 @@ class CachedSessionStore:
     def forget_user(self, user_id: int, below: int | None) -> None:
         """Drop the account's sessions begun below the epoch (None: all of them)."""
         self._generation += 1
-        self._drop_user(user_id, below)
+        for digest in list(self._by_user.get(user_id, ())):
+            if below is None or self._near[digest].session.epoch < below:
+                self._drop(digest)
 
     def refuse(self, user_id: int, below: int | None) -> None:
         """Never again answer for the account's sessions below the epoch (None: any of them)."""
@@ -4329,11 +4170,6 @@ class CachedSessionStore:
             if not digests:
                 del self._by_user[near.session.user_id]
 
-    def _drop_user(self, user_id: int, below: int | None) -> None:
-        for digest in list(self._by_user.get(user_id, ())):
-            if below is None or self._near[digest].session.epoch < below:
-                self._drop(digest)
-
 
 def open_session_store(
     config: SessionConfig,
@@ -4341,23 +4177,20 @@ def open_session_store(
     clock: Callable[[], float],
     journal: JournalWriter | None = None,
 ) -> SessionStore:
-    """The configured session store, which keeps the login failures too; a shared one behind a
-    near cache (CachedSessionStore) unless `cache_size` is 0. The memory and Redis stores write
-    the session journal through `journal` (the PostgreSQL store's triggers write its own)."""
+    """The configured store (it keeps the login failures too); a shared one behind a near cache
+    unless `cache_size` is 0. Memory and Redis journal through `journal`; PostgreSQL's triggers do."""
+    if config.store == "memory":
+        return MemorySessionStore(config, clock, journal)
+    store: SessionStore
     if config.store == "postgres":
-        store: SessionStore = PostgresSessionStore(engine, config, clock)
-    elif config.store == "redis":
+        store = PostgresSessionStore(engine, config, clock)
+    else:
         import redis.asyncio  # optional: imported only when this store is chosen
 
         client = redis.asyncio.Redis.from_url(
             config.redis_url, socket_timeout=DB_OPERATION_TIMEOUT, socket_connect_timeout=DB_CONNECT_TIMEOUT
         )
-        store = redis_store = RedisSessionStore(client, config, clock)
-        redis_store.journal = journal
-    else:
-        memory_store = MemorySessionStore(config, clock)
-        memory_store.journal = journal
-        return memory_store
+        store = RedisSessionStore(client, config, clock, journal=journal)
     return CachedSessionStore(store, config, clock, config.cache_size) if config.cache_size else store
 
 
@@ -4376,13 +4209,9 @@ async def command_store(config: Config, engine: aiopg.sa.Engine) -> AsyncIterato
 
 
 class Sessions:
-    """The one owner of a session's life: login, touch, end (one, all, by public id), eviction,
-    and revocations, announced to every process and applied in this one (the store, its near
-    cache and the open streams). Handlers, the bus and the stream watcher call these verbs only.
-
-    `notify` sends a revocation to the other processes (the bus's PostgreSQL channel); until the
-    bus is wired in, revocations stay in this process.
-    """
+    """The one owner of a session's life: login, touch, end (one, all, by public id), eviction, and
+    revocations, applied here (store, near cache, streams) and sent to the other processes by
+    `notify` (the bus, once wired in). Handlers, the bus and the stream watcher call these verbs."""
 
     def __init__(self, store: SessionStore, registry: StreamRegistry, shared: bool) -> None:
         self.store, self._registry, self.shared = store, registry, shared
@@ -4396,9 +4225,8 @@ class Sessions:
     async def login(
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> tuple[str, Session] | None:
-        """A new session of the account as it was read (its epoch); None if a passwd, deluser
-        or logout NAME ended that epoch meanwhile. Sessions pushed out end as `evicted`. The
-        login's throttle `attempt` is settled as a success in the same step."""
+        """A new session of the account as read (its epoch), settling the throttle's `attempt`;
+        None if a passwd, deluser or logout NAME ended that epoch meanwhile. Evictions end as such."""
         created = await self.store.create(account, device, attempt)
         if created is None:
             return None
@@ -4439,8 +4267,8 @@ class Sessions:
         return await self.store.count()
 
     def forget(self, revocation: Revocation | None) -> None:
-        """Drop from the near cache what a revocation names (None: everything), before anything
-        else can run: the bus calls this for every revocation it receives, then `apply`."""
+        """Drop from the near cache what a revocation names (None: everything) before anything else
+        runs: the bus calls this for every revocation it receives, then `apply`."""
         cache = self.store
         if not isinstance(cache, CachedSessionStore):
             return
@@ -4454,8 +4282,8 @@ class Sessions:
             cache.forget_user(revocation.user_id or 0, None)
 
     async def apply(self, revocation: Revocation) -> None:
-        """End what another process's revocation names in this one: streams, and stored or cached
-        sessions (in a shared store that process ended them already; this repeats it harmlessly)."""
+        """End what another process's revocation names here: streams, and stored or cached
+        sessions (a shared store has them ended already; repeating it is harmless)."""
         self._end_here(revocation)
         if revocation.session is not None:
             return
@@ -4477,8 +4305,8 @@ class Sessions:
 
     async def reconcile(self, epochs: Mapping[int, int]) -> None:
         """After the bus was away: end what a missed passwd or deluser would have ended (`epochs`:
-        the accounts' session_epoch now; an account missing from it is gone), and the streams
-        whose session a shared store no longer has."""
+        each account's session_epoch now; a missing one is gone), and the streams whose session a
+        shared store no longer has."""
         for account in self.accounts():
             if account.user_id not in epochs:
                 await self.apply(Revocation(Ended.REVOKED, user_id=account.user_id))
@@ -4523,8 +4351,8 @@ ATTEMPT_RETRY = 0.02  # seconds between looks while attempts in flight fill a li
 
 @dataclasses.dataclass
 class _Turns:
-    """The attempts on one username: the lock they take in turn, how many hold or wait for it,
-    and the last unavailability one of them met (with its time.monotonic())."""
+    """One username's attempts: their lock, how many hold or wait for it, and the last
+    unavailability one of them met (with its time.monotonic())."""
 
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     holders: int = 0
@@ -4541,16 +4369,9 @@ class TooManyAttempts(Exception):
 
 
 class LoginThrottle:
-    """Failed logins per username and per client address (an IPv6 client: its /64), in a
-    sliding window, in the failure log (the session store's: shared when the store is).
-
-    Each attempt is reserved before its password is checked (`attempt`) and counts like a failure
-    until it is settled (`settle`): a wrong password stays counted for the username and the
-    address, a right one clears the username, and one that could not be decided (a database
-    outage, a login that lost a race with a revocation) counts for nothing. So N concurrent
-    guesses, in any number of processes, get at most the limit's verdicts. Attempts on one
-    username also take turns in this process (`one_at_a_time`).
-    """
+    """Failed logins per username and per client address (IPv6: its /64) in a sliding window, in
+    the failure log (the session store's). Each attempt is reserved before its password is checked
+    and counts until settled, so N concurrent guesses in any processes get at most the limit."""
 
     def __init__(
         self,
@@ -4558,21 +4379,15 @@ class LoginThrottle:
         clock: Callable[[], float] = time.time,
         failures: FailureLog | None = None,
     ) -> None:
-        self._window = config.failure_window
-        self._limits = {"user": config.max_failures, "address": config.max_failures * ADDRESS_FAILURE_FACTOR}
-        self._clock = clock
+        self._window, self._clock = config.failure_window, clock
+        self._limits = (config.max_failures, config.max_failures * ADDRESS_FAILURE_FACTOR)
         self.failures: FailureLog = MemoryFailureLog() if failures is None else failures
-        # username -> its turns; an entry lives only while in use.
-        self._turns: dict[str, _Turns] = {}
+        self._turns: dict[str, _Turns] = {}  # username -> its turns, while in use
 
     @contextlib.asynccontextmanager
     async def one_at_a_time(self, username: str) -> AsyncIterator[None]:
-        """Hold the username's lock: its attempts are checked and decided in turn.
-
-        When an attempt finds the database or the store unavailable, the attempts that were
-        already waiting behind it get the same answer at once instead of meeting the same wall in
-        turn (twenty logins queued behind a locked table would otherwise take twenty timeouts).
-        """
+        """Hold the username's lock; attempts queued behind one that found the database or store
+        unavailable get its answer at once, not a timeout each."""
         turns = self._turns.setdefault(username, _Turns())
         turns.holders += 1
         queued_at = time.monotonic()
@@ -4591,14 +4406,10 @@ class LoginThrottle:
                 del self._turns[username]
 
     async def attempt(self, username: str, address: str) -> Attempt:
-        """Reserve an attempt for the username and the address, or raise TooManyAttempts. While
+        """Reserve an attempt for the username and the address, or raise TooManyAttempts; while
         attempts in flight fill a limit (they may succeed), wait for them, for a request's budget."""
-        attempt = Attempt(
-            (f"user:{username}", f"address:{address_key(address)}"),
-            (self._limits["user"], self._limits["address"]),
-            secrets.token_hex(8),
-            self._clock(),
-        )
+        keys = (f"user:{username}", f"address:{address_key(address)}")
+        attempt = Attempt(keys, self._limits, secrets.token_hex(8), self._clock())
         loop = asyncio.get_running_loop()
         give_up = loop.time() + DB_REQUEST_BUDGET
         while (wait := await self.failures.reserve(attempt, self._window)) == BUSY:
@@ -4611,9 +4422,8 @@ class LoginThrottle:
         return attempt
 
     async def settle(self, attempt: Attempt, failed: bool = False, succeeded: bool = False) -> None:
-        """The attempt's outcome: a failure stays counted, a success clears the username's
-        failures, anything else counts for nothing. (A store that cannot be reached keeps the
-        attempt in flight, a failure once PENDING_LIFETIME has passed.)"""
+        """A failure stays counted, a success clears the username's failures, anything else counts
+        for nothing (unrecorded, the attempt is a failure after PENDING_LIFETIME)."""
         try:
             await self.failures.settle(attempt, failed, succeeded)
         except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
@@ -4635,11 +4445,8 @@ def address_key(address: str) -> str:
 
 
 def client_address(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
-    """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry.
-
-    An address taken from the header is an IP address in its canonical form, nothing else: it
-    becomes part of a key in the failure log, so the header's other bytes never reach a store.
-    """
+    """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry,
+    in canonical form only (it becomes a failure log key, so no other header bytes reach a store)."""
     peer = request.remote or "unknown"
     if not trusted or not in_networks(peer, trusted):
         return peer
@@ -4674,6 +4481,7 @@ def in_networks(address: str, trusted: Sequence[IPNetwork]) -> bool:
 
 JOURNAL_CHANNEL = "session_journal"  # a notification's payload: the new entry's id
 JOURNAL_BATCH = 1000  # entries read at a time
+JOURNAL_GATHER = 0.01  # seconds the journal writer gathers entries before it writes them
 JOURNAL_ENTRIES = CompiledQuery.of(
     sa.select(session_journal)
     .where(session_journal.c.id > sa.bindparam("after"))
@@ -4681,47 +4489,35 @@ JOURNAL_ENTRIES = CompiledQuery.of(
     .limit(sa.bindparam("limit", type_=sa.Integer))
 )
 SWEEP_JOURNAL = "DELETE FROM session_journal WHERE at < now() - make_interval(secs => %(retention)s)"
-
-
-def journal_entry(row: Any) -> dict[str, Any]:
-    """A row of session_journal as the JSON object `journal` prints."""
-    at = row.at.astimezone(datetime.UTC).isoformat(timespec="microseconds")
-    return {
-        "id": row.id,
-        "at": at.replace("+00:00", "Z"),
-        "kind": row.kind,
-        "username": row.username,
-        "user_id": row.user_id,
-        "session": row.session,
-        "address": row.address,
-        "user_agent": row.user_agent,
-        "reason": row.reason,
-    }
+# The entries the server writes itself (JournalWriter.row), a batch in one INSERT of arrays.
+JOURNAL_COLUMNS = ("kind", "username", "user_id", "session", "address", "user_agent", "reason")
+JOURNAL_INSERT = f"""
+    INSERT INTO session_journal ({", ".join(JOURNAL_COLUMNS)})
+    SELECT * FROM unnest(%(kind)s::text[], %(username)s::text[], %(user_id)s::bigint[],
+        %(session)s::text[], %(address)s::text[], %(user_agent)s::text[], %(reason)s::text[])
+"""
+JournalRow: TypeAlias = tuple[str, str, int, str, str, str, str | None]
 
 
 async def read_journal(
     engine: aiopg.sa.Engine, after: int, limit: int = JOURNAL_BATCH
 ) -> list[dict[str, Any]]:
-    """The entries after id `after`, oldest first, at most `limit`."""
+    """The entries after id `after`, oldest first, at most `limit`, as `journal` prints them."""
     async with connection(engine) as conn:
         rows = await (await conn.execute(JOURNAL_ENTRIES.sql, {"after": after, "limit": limit})).fetchall()
     return [journal_entry(row) for row in rows]
 
 
-JOURNAL_INSERT = """
-    INSERT INTO session_journal (kind, username, user_id, session, address, user_agent, reason)
-    SELECT * FROM unnest(%(kinds)s::text[], %(usernames)s::text[], %(user_ids)s::bigint[],
-        %(sessions)s::text[], %(addresses)s::text[], %(user_agents)s::text[], %(reasons)s::text[])
-"""
-JournalRow: TypeAlias = tuple[str, str, int, str, str, str, str | None]
+def journal_entry(row: Any) -> dict[str, Any]:
+    """A row of session_journal as a JSON object, `at` in ISO 8601 UTC."""
+    at = row.at.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+    return {**row, "at": at.replace("+00:00", "Z")}
 
 
 class JournalWriter:
-    """Writes the journal entries that no trigger writes (the memory store's sessions, and streams
-    with journal.streams) in the background, in batches: what is noted within JOURNAL_GATHER
-    seconds goes in one INSERT, so a storm of logins or streams costs a few statements, not one
-    each, and no request waits for it. An entry that cannot be written (PostgreSQL unreachable)
-    is logged and dropped."""
+    """Writes the entries no trigger writes (memory and Redis sessions; streams with journal.streams)
+    in the background: what is noted within JOURNAL_GATHER seconds goes in one INSERT, so no request
+    waits for it. An entry PostgreSQL cannot take is logged and dropped."""
 
     def __init__(self, engine: aiopg.sa.Engine) -> None:
         self._engine = engine
@@ -4747,6 +4543,13 @@ class JournalWriter:
         self._pending.append(row)
         self._wake.set()
 
+    def note_end(self, session: Session, ending: str, now: float) -> None:
+        """Note a session removed as `ending` ('kind:reason'), or as expired once past its deadline."""
+        kind, _, reason = ending.partition(":")
+        if session.expires_at <= now:
+            kind, reason = "expired", ""
+        self.note(self.row(kind, session, reason or None))
+
     async def run(self) -> None:
         """Write what is pending, batch after batch, until cancelled."""
         while True:
@@ -4757,10 +4560,7 @@ class JournalWriter:
             self._writing = True
             await asyncio.sleep(JOURNAL_GATHER)
             rows, self._pending = self._pending, []
-            params = {
-                name: list(column)
-                for name, column in zip(JOURNAL_COLUMNS, zip(*rows, strict=True), strict=True)
-            }
+            params = dict(zip(JOURNAL_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
             try:
                 async with connection(self._engine) as conn:
                     await conn.execute(JOURNAL_INSERT, params)
@@ -4775,13 +4575,6 @@ class JournalWriter:
         while (self._pending or self._writing) and loop.time() < give_up:
             self._wake.set()
             await asyncio.sleep(0.01)
-
-
-JOURNAL_GATHER = 0.01  # seconds the journal writer gathers entries before it writes them
-# Redis deletes a session's hash this long after its deadline, so that the sweep (every minute)
-# finds it first and journals its expiry.
-REDIS_EXPIRY_GRACE = int(3 * SWEEP_INTERVAL)
-JOURNAL_COLUMNS = ("kinds", "usernames", "user_ids", "sessions", "addresses", "user_agents", "reasons")
 
 
 async def sweep_journal_forever(engine: aiopg.sa.Engine, retention: float) -> None:
