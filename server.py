@@ -82,7 +82,7 @@ import threading
 import time
 import unicodedata
 import warnings
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -4592,8 +4592,8 @@ async def sweep_journal_forever(engine: aiopg.sa.Engine, retention: float) -> No
 # Live events
 # ---------------------------------------------------------------------------
 
-# Live events (GET /events). PostgreSQL carries them and session revocations between processes:
-# LISTEN/NOTIFY is the signal, the `events` table the record.
+# Events (GET /events) and Sessions' revocations go between processes through PostgreSQL: LISTEN/NOTIFY
+# is the signal, the `events` table the record (README: Design, "Live events").
 EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
 EVENT_BATCH = 100  # rows read at a time when catching up or replaying (at most 6.4 MiB)
 REPLAY_STALL = 10.0  # seconds a replay waits for a client to read before it counts as too slow
@@ -4632,9 +4632,8 @@ def websocket_text_frame(payload: bytes) -> bytes:
     size = len(payload)
     if size < 126:
         return bytes((0x81, size)) + payload
-    if size < 1 << 16:
-        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+    wide = size >= 1 << 16
+    return bytes((0x81, 127 if wide else 126)) + size.to_bytes(8 if wide else 2, "big") + payload
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -4649,26 +4648,9 @@ class Encoded:
     topic: str | None = None  # a topic event: only for the streams subscribed to it
 
     @classmethod
-    def of(
-        cls,
-        kind: str,
-        text: bytes,
-        event_id: int | None = None,
-        user_id: int | None = None,
-        topic: str | None = None,
-    ) -> Encoded:
-        """`text` is the event's JSON: one line (json.dumps escapes line breaks in strings)."""
-        sse = b"%bevent: %b\ndata: %b\n\n" % (
-            b"" if event_id is None else b"id: %d\n" % event_id,
-            kind.encode(),
-            text,
-        )
-        return cls(event_id, user_id, sse, http_chunk(sse), websocket_text_frame(text), topic)
-
-    @classmethod
     def notice(cls, body: dict[str, str], topic: str | None = None) -> Encoded:
         """A message of the stream itself: {"type": ..., ...}, no id."""
-        return cls.of(body["type"], json_text(body).rstrip("\n").encode(), topic=topic)
+        return cls.of(body["type"], json_text(body).rstrip("\n"), None, None, topic)
 
     @classmethod
     def row(
@@ -4676,7 +4658,7 @@ class Encoded:
         event_id: int,
         user_id: int | None,
         data: str,
-        created_at: float,
+        at: float,
         topic: str | None = None,
         sender: str | None = None,
     ) -> Encoded:
@@ -4684,10 +4666,22 @@ class Encoded:
         about = "" if topic is None else f'"topic":{json.dumps(topic)},'
         signed = "" if sender is None else f',"from":{json.dumps(sender, ensure_ascii=False)}'
         text = (
-            f'{{"id":{event_id},"type":"message",{about}"data":{data},'
-            f'"created_at":"{iso_utc(created_at)}"{signed}}}'
+            f'{{"id":{event_id},"type":"message",{about}"data":{data},"created_at":"{iso_utc(at)}"{signed}}}'
         )
-        return cls.of("message", text.encode(), event_id, user_id, topic)
+        return cls.of("message", text, event_id, user_id, topic)
+
+    @classmethod
+    def of(
+        cls, kind: str, text: str, event_id: int | None, user_id: int | None, topic: str | None
+    ) -> Encoded:
+        """`text`: the event's JSON on one line (json.dumps escapes line breaks in strings)."""
+        event_line = "" if event_id is None else f"id: {event_id}\n"
+        sse = f"{event_line}event: {kind}\ndata: {text}\n\n".encode()
+        return cls(event_id, user_id, sse, http_chunk(sse), websocket_text_frame(text.encode()), topic)
+
+    @property
+    def size(self) -> int:
+        return len(self.sse) + len(self.sse_chunk) + len(self.websocket)
 
 
 REPLAY_TRUNCATED = Encoded.notice({"type": "replay_truncated"})
@@ -4696,7 +4690,6 @@ SESSION_ENDED = {
     why: Encoded.notice({"type": "session_ended", "reason": why.value}) for why in Ended if why.tells_client
 }
 SSE_HEARTBEAT = b":\n\n"  # a comment line: keeps proxies from closing an idle stream
-
 WS_CLOSE_CODES = {
     Ended.SLOW: WS_TRY_AGAIN_LATER,
     Ended.UNAVAILABLE: WS_TRY_AGAIN_LATER,
@@ -4707,38 +4700,17 @@ WS_CLOSE_CODES = {
 
 def topic_notice(kind: str, topic: str, reason: str | None = None) -> Encoded:
     """{"type": kind, "topic": topic[, "reason": reason]}: subscribed, unsubscribed, subscribe_refused."""
-    body = {"type": kind, "topic": topic} | ({} if reason is None else {"reason": reason})
-    return Encoded.notice(body)
+    return Encoded.notice({"type": kind, "topic": topic} | ({} if reason is None else {"reason": reason}))
 
 
 class Stream:
-    """One open event stream (an SSE response or a WebSocket) of one session, in this process.
-
-    Events are written straight to the connection's transport, already encoded (see Encoded), so
-    a fan-out to N streams is N buffer appends and no task or coroutine per stream. The kernel and
-    the transport buffer what the client has not read yet; once that passes `max_buffer` bytes
-    the stream ends (Ended.SLOW), so one slow reader costs bounded memory and delays nobody.
-    """
+    """One open event stream (SSE or WebSocket) of one session in this process, the only writer of its
+    transport; past `max_buffer` unsent bytes it ends as SLOW (README: Design, "One write per stream")."""
 
     __slots__ = (
-        "account",
-        "address",
-        "backlog",
-        "backlog_bytes",
-        "chunked",
-        "digest",
-        "ended",
-        "expires_at",
-        "last_id",
-        "last_write",
-        "max_buffer",
-        "public_id",
-        "renewed",
-        "session_id",
-        "topics",
-        "transport",
-        "user_agent",
-        "websocket",
+        "account", "address", "backlog", "backlog_bytes", "chunked", "digest", "ended", "expires_at",
+        "last_id", "last_write", "max_buffer", "public_id", "renewed", "session_id", "topics",
+        "transport", "user_agent", "websocket",
     )  # fmt: skip
 
     def __init__(
@@ -4753,25 +4725,24 @@ class Stream:
         topics: Sequence[str] = (),
     ) -> None:
         loop = asyncio.get_running_loop()
-        self.session_id = session_id  # to renew the session's idle timeout while the stream is open
-        self.digest = token_hash(session_id)
-        self.account = session.account
-        self.public_id = session.public_id
+        self.session_id, self.digest = session_id, token_hash(session_id)  # to renew it; to find it
+        self.account, self.public_id, self.expires_at = session.account, session.public_id, session.expires_at
         self.address, self.user_agent = session.address, session.user_agent  # the login's, for the journal
-        self.expires_at = session.expires_at
-        self.transport, self.websocket, self.chunked = transport, websocket, chunked
-        self.max_buffer = max_buffer
+        self.transport, self.websocket, self.chunked, self.max_buffer = (
+            transport,
+            websocket,
+            chunked,
+            max_buffer,
+        )
         self.last_id = last_id  # the newest event id written: nothing at or below it goes out again
         self.topics = {sys.intern(topic) for topic in topics}  # subscribed: see StreamRegistry.subscribe
-        # Live events wait here while the stream replays older ones from the table.
-        self.backlog: list[Encoded] | None = []
+        self.backlog: list[Encoded] | None = []  # live events wait here while older ones replay
         self.backlog_bytes = 0
         self.ended: asyncio.Future[Ended] = loop.create_future()
         self.last_write = self.renewed = loop.time()
 
     def send(self, event: Encoded) -> bool:
-        """Deliver a live event (the registry calls this for every matching stream); whether it
-        was written now (not held back while the stream replays, nor refused)."""
+        """Deliver a live event: whether it was written now (not held back while replaying, nor refused)."""
         if self.ended.done():
             return False
         if self.backlog is None:
@@ -4788,29 +4759,26 @@ class Stream:
             self.backlog, self.backlog_bytes = [], 0
 
     def go_live(self) -> int:
-        """The replay is done: write what arrived meanwhile, then every event as it comes.
-        Returns how many events were written now."""
+        """The replay is done: write what arrived meanwhile (how many now), then every event as it comes."""
         backlog, self.backlog = self.backlog or [], None
         return sum(self.write(event) for event in backlog)
 
     def write(self, event: Encoded, again: bool = False) -> bool:
-        """Write an event (or a notice of the stream) once: none at or below the newest id written
-        goes out, unless `again` (a topic subscribed to later replays that topic's older events;
-        last_id stays). Whether an event went out."""
+        """Write an event or notice once: none at or below last_id, unless `again` (a topic's replay on an
+        open stream; last_id stays). Whether an event went out."""
         if event.id is not None and not again:
             if event.id <= self.last_id:
                 return False  # replayed already
             self.last_id = event.id
-        if self.websocket:
-            written = self.write_bytes(event.websocket)
-        else:
-            written = self.write_bytes(event.sse_chunk if self.chunked else event.sse)
-        return written and event.id is not None
+        return self.write_bytes(self._framed(event)) and event.id is not None
+
+    def _framed(self, event: Encoded) -> bytes:
+        return event.websocket if self.websocket else event.sse_chunk if self.chunked else event.sse
 
     def write_bytes(self, data: bytes) -> bool:
         if self.ended.done():
             return False
-        if self.transport.is_closing():
+        if self.gone:
             self.end(Ended.GONE)
             return False
         self.transport.write(data)
@@ -4819,10 +4787,39 @@ class Stream:
             self.end(Ended.SLOW)
         return True
 
+    def heartbeat(self) -> None:
+        self.write_bytes(http_chunk(SSE_HEARTBEAT) if self.chunked else SSE_HEARTBEAT)
+
+    def tell_end(self, why: Ended) -> None:
+        """After the stream ended: its `session_ended` message, if the client is told and still there."""
+        if why.tells_client and not self.gone:
+            self.transport.write(self._framed(SESSION_ENDED[why]))
+
+    def abort(self) -> None:
+        """Drop the connection and what it has not read: the client reconnects with its last id."""
+        self.transport.abort()
+
+    async def pace(self) -> None:
+        """Before the next replayed event: wait while over half max_buffer is unsent. A client that reads,
+        however slowly, is never cut; one that reads nothing for REPLAY_STALL seconds ends as SLOW."""
+        loop = asyncio.get_running_loop()
+        give_up, unsent = loop.time() + REPLAY_STALL, self.transport.get_write_buffer_size()
+        while unsent > self.max_buffer // 2 and not self.ended.done():
+            if self.gone or loop.time() > give_up:
+                return self.end(Ended.SLOW)
+            await asyncio.sleep(0.01)
+            before, unsent = unsent, self.transport.get_write_buffer_size()
+            if unsent < before:
+                give_up = loop.time() + REPLAY_STALL
+
     def end(self, why: Ended) -> None:
         """End the stream (once; the first reason wins). Its handler does the closing."""
         if not self.ended.done():
             self.ended.set_result(why)
+
+    @property
+    def gone(self) -> bool:
+        return self.transport.is_closing()
 
     @property
     def transport_name(self) -> str:
@@ -4830,20 +4827,17 @@ class Stream:
 
 
 class StreamRegistry:
-    """The open streams of this process, found by account (events for one user, passwd, deluser),
-    by session (a logout) and by topic (its events, its memberships). Changed only by add,
-    discard, subscribe and unsubscribe."""
+    """This process's open streams, by account, session and topic; changed only by add, discard,
+    subscribe and unsubscribe. Dicts serve as ordered sets: a broadcast goes in order of opening."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
-        # Dicts used as ordered sets: a broadcast reaches streams in the order they opened.
         self._streams: dict[Stream, None] = {}
         self._by_session: dict[bytes, dict[Stream, None]] = {}
         self._by_user: dict[int, dict[Stream, None]] = {}
         self._by_topic: dict[str, dict[Stream, None]] = {}
-        self.on_change: Callable[[Stream], None] | None = None  # called after each add and discard
-        # Called as a stream joins (+1) or leaves (-1) a topic: presence counts them.
-        self.on_topic: Callable[[Stream, str, int], None] | None = None
+        self.on_change: Callable[[Stream], None] | None = None  # after each add and discard
+        self.on_topic: Callable[[Stream, str, int], None] | None = None  # a stream joins (+1) or leaves (-1)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -4856,7 +4850,7 @@ class StreamRegistry:
         self._by_session.setdefault(stream.digest, {})[stream] = None
         self._by_user.setdefault(stream.account.user_id, {})[stream] = None
         for topic in stream.topics:
-            self._join(stream, topic)
+            self._join(stream, topic, 1)
         if self.metrics is not None:
             self.metrics.streams_opened.labels(stream.transport_name).inc()
             self.metrics.streams_open.labels(stream.transport_name).inc()
@@ -4864,26 +4858,27 @@ class StreamRegistry:
             self.on_change(stream)
 
     def discard(self, stream: Stream) -> None:
-        if self._streams.pop(stream, False) is None:
-            self._leave(self._by_session, stream.digest, stream)
-            self._leave(self._by_user, stream.account.user_id, stream)
-            for topic in stream.topics:
-                self._part(stream, topic)
-            if self.metrics is not None:
-                self.metrics.streams_open.labels(stream.transport_name).dec()
-                why = stream.ended.result() if stream.ended.done() else Ended.GONE
-                self.metrics.streams_closed.labels(why.value).inc()
-                if why is Ended.SLOW:
-                    self.metrics.streams_cut_slow.inc()
-            if self.on_change is not None:
-                self.on_change(stream)
+        if self._streams.pop(stream, False) is not None:
+            return  # not registered
+        self._leave(self._by_session, stream.digest, stream)
+        self._leave(self._by_user, stream.account.user_id, stream)
+        for topic in stream.topics:
+            self._join(stream, topic, -1)
+        if self.metrics is not None:
+            self.metrics.streams_open.labels(stream.transport_name).dec()
+            why = stream.ended.result() if stream.ended.done() else Ended.GONE
+            self.metrics.streams_closed.labels(why.value).inc()
+            if why is Ended.SLOW:
+                self.metrics.streams_cut_slow.inc()
+        if self.on_change is not None:
+            self.on_change(stream)
 
     def subscribe(self, stream: Stream, topic: str) -> None:
         """Add a topic to a registered stream (its events reach the stream from now on)."""
         if topic not in stream.topics and stream in self._streams:
             topic = sys.intern(topic)
             stream.topics.add(topic)
-            self._join(stream, topic)
+            self._join(stream, topic, 1)
 
     def unsubscribe(self, stream: Stream, topic: str) -> bool:
         """Take a topic off a stream; whether it had it."""
@@ -4891,34 +4886,30 @@ class StreamRegistry:
             return False
         stream.topics.discard(topic)
         if stream in self._streams:
-            self._part(stream, topic)
+            self._join(stream, topic, -1)
         return True
 
-    def _join(self, stream: Stream, topic: str) -> None:
-        self._by_topic.setdefault(topic, {})[stream] = None
+    def _join(self, stream: Stream, topic: str, change: int) -> None:
+        """The stream joins (+1) or leaves (-1) the topic."""
+        if change > 0:
+            self._by_topic.setdefault(topic, {})[stream] = None
+        else:
+            self._leave(self._by_topic, topic, stream)
         if self.on_topic is not None:
-            self.on_topic(stream, topic, 1)
-
-    def _part(self, stream: Stream, topic: str) -> None:
-        self._leave(self._by_topic, topic, stream)
-        if self.on_topic is not None:
-            self.on_topic(stream, topic, -1)
+            self.on_topic(stream, topic, change)
 
     @staticmethod
     def _leave(index: dict[Any, dict[Stream, None]], key: Any, stream: Stream) -> None:
-        group = index[key]
-        del group[stream]
-        if not group:
+        del index[key][stream]
+        if not index[key]:
             del index[key]
 
     def fan_out(self, event: Encoded) -> None:
         """Write one event to every stream it is for: all of them, one user's, or one topic's."""
         if event.topic is not None:
             targets = self._by_topic.get(event.topic, {})
-        elif event.user_id is None:
-            targets = self._streams
         else:
-            targets = self._by_user.get(event.user_id, {})
+            targets = self._streams if event.user_id is None else self._by_user.get(event.user_id, {})
         written = sum(stream.send(event) for stream in targets)
         if written and self.metrics is not None:
             self.metrics.events_delivered.inc(written)
@@ -4955,20 +4946,14 @@ class StreamRegistry:
 
     def users(self, topic: str | None = None) -> dict[str, int]:
         """Open streams by username: all of them, or those subscribed to `topic`."""
-        counts: dict[str, int] = {}
-        for stream in self._streams if topic is None else self._by_topic.get(topic, ()):
-            counts[stream.account.username] = counts.get(stream.account.username, 0) + 1
-        return counts
+        found = self._streams if topic is None else self._by_topic.get(topic, {})
+        return dict(Counter(stream.account.username for stream in found))
 
 
 class RecentEvents:
-    """The events this process delivered last, encoded, so that a stream resuming from a recent
-    id replays from memory: a reconnect storm of thousands of streams then costs no query each.
-
-    It holds every event with an id above `floor`, in id order, as the bus delivered them, and no
-    event older than the retention (those are the table's to replay, with `replay_truncated`).
-    A resume from below `floor` is the table's too. Bounded by RECENT_EVENTS and RECENT_EVENT_BYTES.
-    """
+    """The events this process delivered last, encoded, so that a recent resume replays from memory:
+    every event with an id above `floor`, in id order, none past the retention, at most `most` and
+    `most_bytes` of them (README: Design, "Replays from memory")."""
 
     def __init__(self, retention: float, most: int = RECENT_EVENTS, most_bytes: int = RECENT_EVENT_BYTES):
         self.retention, self._most, self._most_bytes = retention, most, most_bytes
@@ -4987,9 +4972,8 @@ class RecentEvents:
 
     def add(self, event: Encoded, created_at: float) -> None:
         """The bus delivered `event`, the next in id order."""
-        assert event.id is not None
         self._events.append((event, created_at))
-        self._bytes += self._size(event)
+        self._bytes += event.size
         while len(self._events) > self._most or self._bytes > self._most_bytes:
             self._drop_oldest()
 
@@ -4998,9 +4982,7 @@ class RecentEvents:
         return self.floor is not None and after >= self.floor
 
     async def dropped_through(self, engine: aiopg.sa.Engine) -> int:
-        """The newest id the table's retention sweep deleted (any process's sweep, or by hand): a
-        replay from memory says replay_truncated too, and leaves out what the table lost.
-        Replays at once share one query: a reconnect storm asks thousands of times together."""
+        """The newest id the table's retention sweep deleted; replays at once share one query."""
         if self._dropped is None:
             self._dropped = asyncio.ensure_future(read_scalar(engine, DROPPED_THROUGH))
             self._dropped.add_done_callback(self._read)
@@ -5013,41 +4995,33 @@ class RecentEvents:
     def since(
         self, after: int, user_id: int, now: float, topics: Collection[str] = (), only_topics: bool = False
     ) -> list[Encoded] | None:
-        """The held events after `after` for a stream of the account `user_id` subscribed to `topics` (with
-        `only_topics`, theirs alone), in id order; None when some of them may not be held here
-        (the caller reads the table)."""
+        """The held events after `after` for a stream of `user_id` subscribed to `topics` (with
+        `only_topics`, theirs alone), in id order; None when some may not be held (the table answers)."""
         while self._events and self._events[0][1] < now - self.retention:
             self._drop_oldest()
         if self.floor is None or after < self.floor:
             return None
         found = []
         for event, _ in reversed(self._events):  # newest first: a resume is usually recent
-            assert event.id is not None
-            if event.id <= after:
+            if (event.id or 0) <= after:
                 break
-            if (
-                event.topic in topics
-                if event.topic is not None or only_topics
-                else event.user_id is None or event.user_id == user_id
-            ):
+            if event.topic is not None or only_topics:
+                wanted = event.topic in topics
+            else:
+                wanted = event.user_id is None or event.user_id == user_id
+            if wanted:
                 found.append(event)
-        found.reverse()
-        return found
+        return found[::-1]
 
     def forget(self, user_id: int) -> None:
         """Drop the events for one account (deleted: schema.sql deletes its rows as well)."""
-        kept = deque(item for item in self._events if item[0].user_id != user_id)
-        self._bytes -= sum(self._size(event) for event, _ in self._events if event.user_id == user_id)
-        self._events = kept
+        self._events = deque(item for item in self._events if item[0].user_id != user_id)
+        self._bytes = sum(event.size for event, _ in self._events)
 
     def _drop_oldest(self) -> None:
         event, _ = self._events.popleft()
-        self._bytes -= self._size(event)
+        self._bytes -= event.size
         self.floor = event.id
-
-    @staticmethod
-    def _size(event: Encoded) -> int:
-        return len(event.sse) + len(event.sse_chunk) + len(event.websocket)
 
 
 # An event for a name that had no account when it was inserted (user_id NULL) is for account 0: nobody.
@@ -5056,23 +5030,12 @@ EVENT_COLUMNS = (
     " extract(epoch FROM created_at)::float8, topic, sender"
 )
 NEW_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s ORDER BY id LIMIT %(limit)s"
-REPLAY_EVENTS = (
-    f"SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s AND id <= %(through)s"
-    " AND (topic = ANY(%(topics)s::text[]) OR topic IS NULL AND NOT %(only_topics)s"
-    " AND (username IS NULL OR user_id = %(user_id)s))"
-    " ORDER BY id LIMIT %(limit)s"
-)
+REPLAY_EVENTS = f"""SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s AND id <= %(through)s
+    AND (topic = ANY(%(topics)s::text[]) OR topic IS NULL AND NOT %(only_topics)s
+    AND (username IS NULL OR user_id = %(user_id)s)) ORDER BY id LIMIT %(limit)s"""
 DROPPED_THROUGH = CompiledQuery("SELECT through FROM events_dropped")
 EVENT_ID_DRAWN = CompiledQuery("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_id_seq")
 NEWEST_EVENT = CompiledQuery("SELECT coalesce(max(id), 0) FROM events")
-ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
-# The bus connection's backend, which StreamCounts' rows name. PostgreSQL ends the backend as soon
-# as the connection closes (this process exiting or killed); keepalives bound the wait for a host
-# that vanished without closing it (10 s idle, then 3 probes 5 s apart).
-BUS_BACKEND = """
-    SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
-    SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
-"""
 SWEEP_EVENTS = """
     WITH gone AS (
         DELETE FROM events WHERE created_at < now() - make_interval(secs => %(retention)s) RETURNING id
@@ -5086,8 +5049,6 @@ PUBLISH_EVENT = """
     WHERE %(username)s::text IS NULL OR EXISTS (SELECT FROM users WHERE username = %(username)s)
     RETURNING id
 """
-
-
 JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # the escape \u0000, not an escaped backslash's "\\u0000"
 
 
@@ -5114,16 +5075,9 @@ async def publish(
     topic: str | None = None,
     sender: str | None = None,
 ) -> int:
-    """Publish a live event: `data` (any JSON value, at most 64 KiB as JSON text) goes to every
-    logged-in user's streams, only to `username`'s, or to the streams subscribed to `topic`
-    (`sender`: the user it is `from`, if any). Returns the event's id.
-
-    The event is a row of `events`; every server process delivers it once the insert commits
-    (here at once: the connection autocommits). From a handler added to this file:
-    `await publish(request.app[db_engine], {"price": 3}, "alice")`, or `topic="lobby"`. Raises
-    ValueError for data that is not JSON or too large, or a malformed topic, UserNotFound for an
-    unknown username, DatabaseUnavailable.
-    """
+    """Publish `data` (a JSON value, at most 64 KiB as JSON) to every logged-in user, `username`'s
+    streams, or `topic`'s (`sender`: its `from`); returns the event's id. Raises ValueError (data,
+    topic), UserNotFound, DatabaseUnavailable. Every process delivers it once the insert commits."""
     text = event_data_text(data)
     if topic is not None and (username is not None or not TOPIC_PATTERN.fullmatch(topic)):
         raise ValueError(
@@ -5146,12 +5100,9 @@ async def replay(
     recent: RecentEvents,
     topic: str | None = None,
 ) -> tuple[str, int]:
-    """Write to stream the retained events after `after` up to `through` that are for it (its
-    user's, everyone's, its topics'), in id order; first `replay_truncated` if the retention sweep
-    dropped some of them. With `topic`, only that topic's (one subscribed to on an open stream),
-    written even below the stream's newest id. From memory when `recent` holds them all (then
-    `through` is the newest it holds), else from the table. Returns where they came from
-    ("memory" or "table") and how many were written."""
+    """Write the retained events for `stream` after `after` up to `through`, in id order, first
+    `replay_truncated` if the sweep dropped some; with `topic`, that topic's alone, even below
+    last_id. Returns their source ("memory" or "table") and how many were written."""
     topics, again = (stream.topics, False) if topic is None else ((topic,), True)
     written = 0
     if recent.holds(after):
@@ -5161,25 +5112,20 @@ async def replay(
             if after < dropped:
                 stream.write(REPLAY_TRUNCATED)
             for event in held:
-                await pace(stream)
+                await stream.pace()
                 written += stream.write(event, again)
             return "memory", written
     if after < int(await read_scalar(engine, DROPPED_THROUGH) or 0):
         stream.write(REPLAY_TRUNCATED)
     while after < through and not stream.ended.done():
-        params = {
-            "after": after,
-            "through": through,
-            "user_id": stream.account.user_id,
-            "topics": list(topics),
-            "only_topics": again,
-            "limit": EVENT_BATCH,
-        }
-        # A connection for each batch, given back before the client is waited for.
-        async with connection(engine) as conn:
+        params: dict[str, Any] = {"after": after, "through": through, "user_id": stream.account.user_id}
+        params |= {"topics": list(topics), "only_topics": again, "limit": EVENT_BATCH}
+        async with connection(
+            engine
+        ) as conn:  # one for each batch, given back before the client is waited for
             rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
         for row in rows:
-            await pace(stream)
+            await stream.pace()
             written += stream.write(Encoded.row(*row.as_tuple()), again)
         if len(rows) < EVENT_BATCH:
             break
@@ -5190,39 +5136,183 @@ async def replay(
 async def resume_beyond(
     engine: aiopg.sa.Engine, stream: Stream, after: int, newest: int, topic: str | None = None
 ) -> None:
-    """A resume from an id this process has not delivered: if no event ever had it (the database
-    was restored or made anew), say replay_truncated and go on from the newest id (with `topic`,
-    a topic subscribed to on an open stream: nothing to replay); else the bus is a moment behind,
-    and the live events bring the rest."""
+    """A resume from an id this process has not delivered: if no event ever had it (a restored
+    database), say replay_truncated and go on from `newest` (a topic's: nothing to replay); else the
+    bus is a moment behind, and live events bring the rest."""
     if after > int(await read_scalar(engine, EVENT_ID_DRAWN) or 0):
         stream.write(REPLAY_TRUNCATED)
         if topic is None:
             stream.last_id = newest
 
 
-async def pace(stream: Stream) -> None:
-    """Before the next replayed event: wait while the stream has over half its max_buffer unsent,
-    so that a replay goes at the client's pace instead of cutting off a client that reads as fast
-    as it can. One that reads nothing for REPLAY_STALL seconds has ended as too slow; one that
-    keeps reading is never cut, however long the replay."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + REPLAY_STALL
-    unsent = stream.transport.get_write_buffer_size()
-    while unsent > stream.max_buffer // 2 and not stream.ended.done():
-        if stream.transport.is_closing() or loop.time() > give_up:
-            stream.end(Ended.SLOW)
+def stop_if_cancelled() -> None:
+    """Stop a background loop cancelled while a library's wait_for swallowed it (aiopg's, at shutdown)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def woken(wake: asyncio.Event, seconds: float) -> None:
+    """Wait until `wake` is set (then clear it) or `seconds` pass; stop if cancelled."""
+    stop_if_cancelled()
+    # Not wait_for: it loses a cancellation that comes as the event is set, and the task never ends.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await wake.wait()
+    wake.clear()
+
+
+# What a listener's receiver gets: the cursor of the listening connection and a batch of one
+# channel's notifications (each with .channel and .payload), in arrival order.
+Receive: TypeAlias = Callable[[aiopg.Cursor, list[Any]], Awaitable[None]]
+# The listening connection's backend, which StreamCounts' rows and Presence name. PostgreSQL ends
+# it as soon as the connection closes; keepalives bound the wait for a host that vanished.
+BUS_BACKEND = """
+    SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
+    SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+"""
+
+
+class Listener:
+    """This process's one dedicated PostgreSQL connection that LISTENs on its receivers' channels,
+    reconnecting with exponential backoff and jitter; it knows no message, only channels."""
+
+    def __init__(self, engine: aiopg.sa.Engine) -> None:
+        self.engine = engine
+        self.receivers: list[tuple[Collection[str], Receive]] = []  # each batch goes to them in this order
+        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []  # at each (re)connect, in order
+        self.on_change: list[Callable[[], None]] = []  # as listening stops, and as it starts again
+        self.listening = False  # notifications arrive now
+        self.connected = asyncio.Event()  # set once the first LISTEN is in place
+        self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while connected
+        self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with exponential backoff and jitter."""
+        delay = BUS_RETRY[0]
+        while True:
+            stop_if_cancelled()
+            try:
+                dsn = psycopg2.extensions.make_dsn(self.engine.dsn, application_name=BUS_APPLICATION_NAME)
+                with database_errors():  # PostgreSQL's statement timeout included (aiopg cancels)
+                    async with aiopg.connect(
+                        dsn, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False, enable_json=False
+                    ) as conn:
+                        delay = BUS_RETRY[0]
+                        await self._listen(conn)
+            except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
+                if self.listening or delay == BUS_RETRY[0]:  # once per outage
+                    log.warning("no PostgreSQL bus (%s); reconnecting", _first_line(exc))
+            except Exception:  # a bug must not leave the process deaf: log it, then reconnect
+                log.exception("unexpected error on the PostgreSQL bus; reconnecting")
+            self.listening, self.backend, self._conn = False, None, None
+            for changed in self.on_change:
+                changed()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BUS_RETRY[1])
+
+    async def _listen(self, conn: aiopg.Connection) -> None:
+        async with conn.cursor() as cur:
+            channels = dict.fromkeys(channel for names, _ in self.receivers for channel in names)
+            await cur.execute("; ".join(f"LISTEN {channel}" for channel in channels))
+            await cur.execute(BUS_BACKEND)
+            pid, started = await cur.fetchone()
+            self.backend = (int(pid), started)
+            for hook in self.on_connect:
+                await hook(cur)
+            for changed in self.on_change:
+                changed()
+            self._conn, self.listening = conn, True
+            self.connected.set()
+            while True:
+                notices = self._buffered_notices(conn) or [await conn.notifies.get()]
+                while not conn.notifies.empty():
+                    notices.append(conn.notifies.get_nowait())
+                for names, receive in self.receivers:
+                    batch = [notice for notice in notices if notice.channel in names]
+                    if batch:
+                        await receive(cur, batch)
+
+    @staticmethod
+    def _buffered_notices(conn: aiopg.Connection) -> list[Any]:
+        """Notifications that came with a query's answer: in libpq's buffer, where no readable socket
+        wakes aiopg for them, so psycopg2's poll() fetches them."""
+        raw = conn.raw
+        raw.poll()
+        notices = list(raw.notifies)
+        raw.notifies.clear()
+        return notices
+
+    def hears_everything(self) -> bool:
+        """Whether every notification committed so far has reached this process: listening, and
+        nothing received but not yet handled (a near cache may answer only then)."""
+        conn = self._conn
+        if not self.listening or conn is None or conn.closed or not conn.notifies.empty():
+            return False
+        readable, _, _ = select.select([conn.raw.fileno()], [], [], 0)
+        return not readable
+
+
+class EventFeed:
+    """Delivers each new row of `events` once, in id order, to this process's streams, and keeps the
+    recent ones for replays (`recent`). `last_id`: the newest delivered; None until first connected."""
+
+    def __init__(self, registry: StreamRegistry, retention: float, metrics: Metrics | None = None) -> None:
+        self.registry, self.metrics = registry, metrics
+        self.last_id: int | None = None
+        self.recent = RecentEvents(retention)
+
+    def start_from(self, newest: int) -> None:
+        """Deliver the events after `newest` (those before are the table's to replay)."""
+        self.last_id = newest
+        self.recent.start(newest)
+
+    async def resume(self, cur: aiopg.Cursor) -> None:
+        """At each (re)connect of the listener: begin at the newest event, or deliver those missed."""
+        if self.last_id is None:  # events from now on; replays read older ones from the table
+            await cur.execute(NEWEST_EVENT.sql)
+            newest = int((await cur.fetchone())[0])
+            if self.last_id is None:  # the application may have set it meanwhile
+                self.start_from(newest)
             return
-        await asyncio.sleep(0.01)
-        before, unsent = unsent, stream.transport.get_write_buffer_size()
-        if unsent < before:  # the client reads: however slowly, it is not cut
-            give_up = loop.time() + REPLAY_STALL
+        log.info("PostgreSQL bus back; catching up")
+        if self.metrics is not None:
+            self.metrics.bus_reconnects.inc()
+        await self.catch_up(cur)
+        # Events published while away may have passed their retention before this read:
+        # only what comes from now on is known to be complete in memory.
+        self.recent = RecentEvents(self.recent.retention)
+        self.recent.start(self.last_id)
+
+    async def catch_up(self, cur: aiopg.Cursor, notices: Sequence[Any] = ()) -> None:
+        """Deliver every event after the last one delivered, in id order (`notices` say only "new rows")."""
+        assert self.last_id is not None
+        while True:
+            await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
+            rows = await cur.fetchall()
+            now = time.time()
+            for row in rows:
+                self.last_id = row[0]
+                event = Encoded.row(*row)
+                self.recent.add(event, row[3])
+                self.registry.fan_out(event)
+                if self.metrics is not None:
+                    self.metrics.bus_lag.observe(max(0.0, now - row[3]))
+            if len(rows) < EVENT_BATCH:
+                return
+            await asyncio.sleep(0)  # let the streams' sockets send before the next batch
+
+
+# -- Revocations: the message Sessions sends and receives. Sessions owns them; the listener carries them.
+
+ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 
 
 @dataclasses.dataclass(frozen=True)
 class Revocation:
-    """What travels on REVOCATIONS_CHANNEL as JSON: one session ended (`session`: its token hash
-    in hex, never the id), or an account's sessions (`user_id`, with `epoch`: those begun below
-    it; null: all of them). schema.sql's trigger sends the account ones for passwd and deluser."""
+    """What travels on REVOCATIONS_CHANNEL as JSON: one session ended (`session`: its token hash in
+    hex, never the id), or an account's (`user_id`; `epoch`: those begun below it, null: all).
+    schema.sql's trigger sends the account ones for passwd and deluser."""
 
     reason: Ended
     session: bytes | None = None
@@ -5249,19 +5339,47 @@ class Revocation:
             return None
 
 
-class Bus:
-    """This process's one dedicated PostgreSQL connection that LISTENs on the two channels.
+class Revocations:
+    """Sessions' revocations between processes: `notify` announces one made here; those heard go to
+    Sessions (forget, then apply); at each (re)connect Sessions reconciles the accounts it holds.
+    `deleted` hears of each deleted account (its events went with it)."""
 
-    - `events`: a notification carries a new row's id; the bus reads every row after the last
-      one it delivered, in id order (schema.sql makes ids visible in that order), encodes each
-      once and fans it out to the matching streams of this process.
-    - `session_revocations`: hands each revocation to `sessions`, their owner (the bus only
-      carries them).
-    If the connection drops, the bus reconnects with backoff, LISTENs again, reads every event
-    after the last one delivered, and checks the accounts of the sessions and streams it holds
-    against `users`, since a revocation may have passed while it was away. `listening` says
-    whether notifications are arriving now. `recent` keeps the last events delivered, for replays.
-    """
+    def __init__(self, engine: aiopg.sa.Engine, owner: Sessions, deleted: Callable[[int], None]) -> None:
+        self.engine, self.owner, self.deleted = engine, owner, deleted
+
+    async def notify(self, revocation: Revocation) -> None:
+        """Tell the other processes; without PostgreSQL they learn it at their next renewal or reconnect."""
+        try:
+            async with connection(self.engine) as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
+        except DatabaseUnavailable as exc:
+            log.warning("could not announce a revocation to other processes: %s", exc)
+
+    async def receive(self, cur: aiopg.Cursor, notices: list[Any]) -> None:
+        parsed = (Revocation.parse(notice.payload) for notice in notices)
+        revocations = [revocation for revocation in parsed if revocation is not None]
+        for revocation in revocations:  # the near cache forgets them all before an await lets a request in
+            self.owner.forget(revocation)
+        for revocation in revocations:
+            if revocation.reason is Ended.REVOKED and revocation.epoch is None:
+                self.deleted(revocation.user_id or 0)
+            await self.owner.apply(revocation)
+
+    async def reconcile(self, cur: aiopg.Cursor) -> None:
+        """Give Sessions the epochs now of the accounts it holds: a revocation may have passed unheard."""
+        held = self.owner.accounts()
+        if held:
+            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
+            await self.owner.reconcile(dict(await cur.fetchall()))
+
+    def forget_all(self) -> None:
+        self.owner.forget(None)  # what the listener missed is unknown: the near cache starts anew
+
+
+class Bus(EventFeed):
+    """The event feed on this process's listener, which carries Sessions' revocations as well.
+    `channels`: more channels, each with what to do with one payload, after the revocations of a batch
+    and before its events; `on_connect`: more hooks at each (re)connect."""
 
     def __init__(
         self,
@@ -5271,201 +5389,53 @@ class Bus:
         retention: float = EventsConfig.retention,
         metrics: Metrics | None = None,
     ) -> None:
-        self._engine, self._registry, self._sessions = engine, registry, owner
-        self._metrics = metrics
-        self.last_id: int | None = None  # the newest event delivered; None until first connected
-        self.recent = RecentEvents(retention)
-        self.listening = False
-        self.connected = asyncio.Event()  # set once the first LISTEN is in place
-        self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
-        self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while listening
-        # More channels, each with what to do with a notification's payload (topic memberships,
-        # presence), and what to do each time the bus is connected again (what it may have missed).
+        super().__init__(registry, retention, metrics)
+        self.listener = listener = Listener(engine)
+        self.revocations = Revocations(engine, owner, lambda user_id: self.recent.forget(user_id))
         self.channels: dict[str, Callable[[str], None]] = {}
-        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []
+        listener.receivers += [
+            ((REVOCATIONS_CHANNEL,), self.revocations.receive),
+            (self.channels, self.heard),
+            ((EVENTS_CHANNEL,), self.catch_up),
+        ]
+        listener.on_connect += [self.resume, self.revocations.reconcile]
+        listener.on_change.append(self.revocations.forget_all)
+        self.on_connect, self.connected = listener.on_connect, listener.connected
+        self.run, self.hears_everything = listener.run, listener.hears_everything
+        self.notify = self.revocations.notify
 
-    async def run(self) -> None:
-        """Listen until cancelled, reconnecting with exponential backoff and jitter."""
-        delay = BUS_RETRY[0]
-        task = asyncio.current_task()
-        while True:
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError  # a cancellation some wait_for swallowed: stop
-            try:
-                dsn = psycopg2.extensions.make_dsn(self._engine.dsn, application_name=BUS_APPLICATION_NAME)
-                with database_errors():  # PostgreSQL's statement timeout included (aiopg cancels)
-                    async with aiopg.connect(
-                        dsn, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False, enable_json=False
-                    ) as conn:
-                        delay = BUS_RETRY[0]
-                        await self._listen(conn)
-            except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
-                if self.listening or delay == BUS_RETRY[0]:  # once per outage
-                    log.warning("no PostgreSQL bus (%s); reconnecting", _first_line(exc))
-            except Exception:  # a bug must not leave the process deaf: log it, then reconnect
-                log.exception("unexpected error on the PostgreSQL bus; reconnecting")
-            self.listening, self.backend = False, None
-            self._conn = None
-            self._sessions.forget(None)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, BUS_RETRY[1])
-
-    async def _listen(self, conn: aiopg.Connection) -> None:
-        async with conn.cursor() as cur:
-            await cur.execute(
-                "; ".join(
-                    f"LISTEN {channel}" for channel in (EVENTS_CHANNEL, REVOCATIONS_CHANNEL, *self.channels)
-                )
-            )
-            if self.last_id is None:  # events from now on; replays read older ones from the table
-                await cur.execute(NEWEST_EVENT.sql)
-                newest = int((await cur.fetchone())[0])
-                if self.last_id is None:  # the application may have set it meanwhile
-                    self.start_from(newest)
-            else:
-                log.info("PostgreSQL bus back; catching up")
-                if self._metrics is not None:
-                    self._metrics.bus_reconnects.inc()
-                await self._catch_up(cur)
-                # Events published while away may have passed their retention before this read:
-                # only what comes from now on is known to be complete in memory.
-                self.recent = RecentEvents(self.recent.retention)
-                self.recent.start(self.last_id)
-                await self._check_accounts(cur)
-            await cur.execute(BUS_BACKEND)
-            pid, started = await cur.fetchone()
-            self.backend = (int(pid), started)
-            for hook in self.on_connect:
-                await hook(cur)
-            self._sessions.forget(None)  # what the bus missed is unknown: the cache starts anew
-            self._conn = conn
-            self.listening = True
-            self.connected.set()
-            while True:
-                notices = self._buffered_notices(conn) or [await conn.notifies.get()]
-                while not conn.notifies.empty():
-                    notices.append(conn.notifies.get_nowait())
-                parsed = (Revocation.parse(n.payload) for n in notices if n.channel == REVOCATIONS_CHANNEL)
-                revocations = [revocation for revocation in parsed if revocation is not None]
-                # The near cache forgets them all before the first await lets a request in.
-                for revocation in revocations:
-                    self._sessions.forget(revocation)
-                for revocation in revocations:
-                    if revocation.reason is Ended.REVOKED and revocation.epoch is None:
-                        self.recent.forget(revocation.user_id or 0)  # deleted: its rows went too
-                    await self._sessions.apply(revocation)
-                for notice in notices:
-                    heard = self.channels.get(notice.channel)
-                    if heard is not None:
-                        heard(notice.payload)
-                if any(notice.channel == EVENTS_CHANNEL for notice in notices):
-                    await self._catch_up(cur)
-
-    @staticmethod
-    def _buffered_notices(conn: aiopg.Connection) -> list[Any]:
-        """Notifications that came in with the answer to a query: libpq holds them in its buffer
-        and no readable socket will wake aiopg for them, so ask psycopg2 (poll) for them."""
-        raw = conn.raw
-        raw.poll()
-        notices = list(raw.notifies)
-        raw.notifies.clear()
-        return notices
-
-    def start_from(self, newest: int) -> None:
-        """Deliver the events after `newest` (those before are the table's to replay)."""
-        self.last_id = newest
-        self.recent.start(newest)
-
-    async def _catch_up(self, cur: aiopg.Cursor) -> None:
-        """Deliver every event after the last one delivered, in id order."""
-        assert self.last_id is not None
-        while True:
-            await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
-            rows = await cur.fetchall()
-            now = time.time()
-            for row in rows:
-                self.last_id = row[0]
-                event = Encoded.row(*row)
-                self.recent.add(event, row[3])
-                self._registry.fan_out(event)
-                if self._metrics is not None:
-                    self._metrics.bus_lag.observe(max(0.0, now - row[3]))
-            if len(rows) < EVENT_BATCH:
-                return
-            await asyncio.sleep(0)  # let the streams' sockets send before the next batch
-
-    async def _check_accounts(self, cur: aiopg.Cursor) -> None:
-        """After an outage: tell the sessions' owner the held accounts' epochs now."""
-        held = self._sessions.accounts()
-        if held:
-            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
-            await self._sessions.reconcile(dict(await cur.fetchall()))
-
-    async def notify(self, revocation: Revocation) -> None:
-        """Tell every other process of a revocation made here, through PostgreSQL.
-
-        If PostgreSQL is unreachable, the others learn it when their streams next renew their
-        session (a shared store no longer has it) or when their bus reconnects."""
-        try:
-            async with connection(self._engine) as conn:
-                await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
-        except DatabaseUnavailable as exc:
-            log.warning("could not announce a revocation to other processes: %s", exc)
-
-    def hears_everything(self) -> bool:
-        """Whether every revocation committed so far has reached this process: listening, and
-        nothing received but not yet applied (a near cache may answer only then)."""
-        conn = self._conn
-        if not self.listening or conn is None or conn.closed or not conn.notifies.empty():
-            return False
-        readable, _, _ = select.select([conn.raw.fileno()], [], [], 0)
-        return not readable
+    async def heard(self, cur: aiopg.Cursor, notices: list[Any]) -> None:
+        for notice in notices:
+            self.channels[notice.channel](notice.payload)
 
 
 SESSION_STREAMS_WRITE = """
-    WITH counts (public_id, streams) AS (
-        SELECT * FROM unnest(%(public_ids)s::text[], %(counts)s::integer[])
-    ), gone AS (
+    WITH counts (public_id, streams) AS (SELECT * FROM unnest(%(public_ids)s::text[], %(counts)s::integer[])),
+    gone AS (
         DELETE FROM session_streams WHERE process = %(process)s AND (
             public_id IN (SELECT public_id FROM counts WHERE streams = 0)
-            OR (%(all)s AND public_id NOT IN (SELECT public_id FROM counts))
-        )
-    )
+            OR (%(all)s AND public_id NOT IN (SELECT public_id FROM counts))))
     INSERT INTO session_streams (public_id, process, holder_pid, holder_start, streams)
     SELECT public_id, %(process)s, %(pid)s, %(started)s, streams FROM counts WHERE streams > 0
     ON CONFLICT (public_id, process) DO UPDATE SET holder_pid = excluded.holder_pid,
         holder_start = excluded.holder_start, streams = excluded.streams
 """
-SESSION_STREAMS_ELSEWHERE = """
-    SELECT s.public_id, sum(s.streams) FROM session_streams s
-    JOIN pg_stat_activity a ON a.pid = s.holder_pid AND a.backend_start = s.holder_start
-    WHERE s.public_id = ANY(%(public_ids)s) AND s.process <> %(process)s
-    GROUP BY s.public_id
-"""
-SESSION_STREAMS_SWEEP = """
-    DELETE FROM session_streams s WHERE NOT EXISTS (
-        SELECT FROM pg_stat_activity a WHERE a.pid = s.holder_pid AND a.backend_start = s.holder_start
-    )
-"""
+HOLDER_ALIVE = (
+    "EXISTS (SELECT FROM pg_stat_activity a WHERE (a.pid, a.backend_start) = (s.holder_pid, s.holder_start))"
+)
+SESSION_STREAMS_ELSEWHERE = f"""SELECT s.public_id, sum(s.streams) FROM session_streams s
+    WHERE s.public_id = ANY(%(public_ids)s) AND s.process <> %(process)s AND {HOLDER_ALIVE}
+    GROUP BY s.public_id"""
+SESSION_STREAMS_SWEEP = f"DELETE FROM session_streams s WHERE NOT {HOLDER_ALIVE}"
 
 
 class StreamCounts:
-    """How many event streams each session has open, in every server process: GET /user/sessions'
-    `streams`. With the memory store a session lives in one process, whose registry knows.
-
-    With a shared store each process writes its own counts to `session_streams`, one row per
-    session with streams here, naming this process's bus connection (pid and backend_start in
-    pg_stat_activity, where the processes, one database role, see each other's). A row counts
-    only while that connection lives: a process that stops, or is killed, stops counting as soon
-    as PostgreSQL sees its connection close (at once when the process dies; for a host that
-    vanished, when the bus's TCP keepalives give up, about 25 s). Rows of dead connections are
-    swept now and then. A count changed here is written within moments; after the bus
-    reconnects, every row of this process is rewritten to name the new connection.
-    """
+    """Each session's open event streams in every process (GET /user/sessions' `streams`). With a
+    shared store each process keeps its counts in `session_streams`, rows that count while its
+    listening connection lives (README: Design, "Stream counts"); else the registry knows."""
 
     def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus, shared: bool) -> None:
-        self._engine, self._registry, self._bus = engine, registry, bus
-        self.shared = shared
+        self._engine, self._registry, self._listener, self.shared = engine, registry, bus.listener, shared
         self.process = secrets.token_hex(8)
         self._changed: dict[str, int] = {}  # public id -> user id: sessions whose count changed here
         self._wake = asyncio.Event()
@@ -5489,43 +5459,26 @@ class StreamCounts:
 
     async def run(self) -> None:
         """Write the counts that changed, as they change, until cancelled."""
-        written: tuple[int, datetime.datetime] | None = None  # the bus connection our rows name
+        written: tuple[int, datetime.datetime] | None = None  # the listening connection our rows name
         swept = -math.inf
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
         while True:
-            if task is not None and task.cancelling():
-                # Cancelled (at shutdown) while a library's wait_for swallowed it (aiopg's, as a
-                # query finished at that moment): stop anyway, or the shutdown waits for ever.
-                raise asyncio.CancelledError
-            # Not wait_for: it loses a cancellation that comes as the event is set (at shutdown,
-            # when every stream leaves at once), and the task would never end.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STREAM_COUNTS_CHECK):
-                    await self._wake.wait()
-            self._wake.clear()
-            backend = self._bus.backend
+            await woken(self._wake, STREAM_COUNTS_CHECK)
+            backend = self._listener.backend
             if backend is None or (backend == written and not self._changed):
-                continue  # no bus (its rows are not counted anyway), or nothing new
-            rewrite = backend != written
+                continue  # no listener (its rows are not counted anyway), or nothing new
+            rewrite = backend != written  # a new connection: every row of this process names it
             changed = (
                 {stream.public_id: stream.account.user_id for stream in self._registry} if rewrite else {}
             )
-            changed.update(self._changed)
-            self._changed = {}
-            params = {
-                "public_ids": list(changed),
-                "counts": [
-                    self._registry.streams_of(public_id, user_id) for public_id, user_id in changed.items()
-                ],
-                "process": self.process,
-                "pid": backend[0],
-                "started": backend[1],
-                "all": rewrite,
-            }
+            changed, self._changed = changed | self._changed, {}
+            counts = [self._registry.streams_of(public_id, user_id) for public_id, user_id in changed.items()]
+            params = {"public_ids": list(changed), "counts": counts, "process": self.process, "all": rewrite}
             try:
                 async with connection(self._engine) as conn:
-                    await conn.execute(SESSION_STREAMS_WRITE, params)
+                    await conn.execute(
+                        SESSION_STREAMS_WRITE, {**params, "pid": backend[0], "started": backend[1]}
+                    )
                     if loop.time() - swept >= SWEEP_INTERVAL:
                         await conn.execute(SESSION_STREAMS_SWEEP)
                         swept = loop.time()
@@ -5534,24 +5487,21 @@ class StreamCounts:
                     log.warning("could not record this process's open streams: %s", exc)
                 else:
                     log.exception("unexpected error recording this process's open streams")
-                self._changed = {**changed, **self._changed}
+                self._changed = changed | self._changed
                 continue
             written = backend
 
 
-MEMBERSHIPS = (
-    "SELECT topic, publisher FROM topic_members"
-    " WHERE user_id = %(user_id)s AND topic = ANY(%(topics)s::text[])"
-)
+MEMBERSHIPS = """SELECT topic, publisher FROM topic_members
+    WHERE user_id = %(user_id)s AND topic = ANY(%(topics)s::text[])"""
 MEMBERSHIPS_OF = "SELECT user_id, topic FROM topic_members WHERE user_id = ANY(%(ids)s)"
 RECENT_ENDINGS = 1000  # memberships whose end a process remembers, for checks that raced with it
 
 
 class Topics:
-    """Who may use which topic: the first rule of events.topics that matches it, and for
-    members-only topics a row of `topic_members` (by account). Ends a membership's topic on this
-    process's streams when its row goes (the bus brings MEMBERSHIPS_CHANNEL), and limits how
-    often each user publishes over HTTP."""
+    """Who may use which topic: the first rule of events.topics that matches it, and for members-only
+    topics a row of `topic_members`. Ends a topic on this process's streams when its membership ends
+    (MEMBERSHIPS_CHANNEL), and limits how often each user publishes over HTTP."""
 
     def __init__(self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry) -> None:
         self._config, self._engine, self._registry = config, engine, registry
@@ -5568,26 +5518,25 @@ class Topics:
 
     async def refused(self, account: Account, topics: Collection[str], publish: bool = False) -> list[str]:
         """The topics this account may not subscribe to (or, with `publish`, publish to)."""
-        needs: dict[str, str] = {}  # topic -> what its rule asks of the account
-        refused = []
-        for topic in topics:
-            rule = self.rule(topic)
-            wants = None if rule is None else rule.publish if publish else rule.subscribe
-            if wants in ("members", "publishers"):
-                needs[topic] = wants
-            elif wants != "anyone":
-                refused.append(topic)
+        wants = {topic: self._wants(topic, publish) for topic in topics}
+        refused = [topic for topic, want in wants.items() if want not in ("anyone", "members", "publishers")]
+        needs = {topic: want for topic, want in wants.items() if want in ("members", "publishers")}
         if needs:
+            params = {"user_id": account.user_id, "topics": list(needs)}
             async with connection(self._engine) as conn:
-                params = {"user_id": account.user_id, "topics": list(needs)}
-                rows = await (await conn.execute(MEMBERSHIPS, params)).fetchall()
-            members = {row[0]: row[1] for row in rows}
+                members = {
+                    row[0]: row[1] for row in await (await conn.execute(MEMBERSHIPS, params)).fetchall()
+                }
             refused += [
                 t
-                for t, wants in needs.items()
-                if t not in members or (wants == "publishers" and not members[t])
+                for t, want in needs.items()
+                if t not in members or (want == "publishers" and not members[t])
             ]
         return refused
+
+    def _wants(self, topic: str, publish: bool) -> str | None:
+        rule = self.rule(topic)
+        return None if rule is None else rule.publish if publish else rule.subscribe
 
     def mark(self) -> int:
         """A point to check later (see recheck) for memberships that ended meanwhile."""
@@ -5613,17 +5562,16 @@ class Topics:
             self._registry.end_membership(user_id, topic)
 
     async def check_memberships(self, cur: aiopg.Cursor) -> None:
-        """After the bus reconnects: end the members-only topics whose membership ended meanwhile."""
-        held = [(stream, [t for t in stream.topics if self.members_only(t)]) for stream in self._registry]
-        held = [(stream, member_topics) for stream, member_topics in held if member_topics]
-        if not held:
-            return
-        await cur.execute(MEMBERSHIPS_OF, {"ids": sorted({stream.account.user_id for stream, _ in held})})
-        rows = {(row[0], row[1]) for row in await cur.fetchall()}
-        for stream, member_topics in held:
-            for topic in member_topics:
-                if (stream.account.user_id, topic) not in rows:
-                    self._registry.end_membership(stream.account.user_id, topic)
+        """After the listener reconnects: end the members-only topics whose membership ended meanwhile."""
+        held = dict.fromkeys(
+            (s.account.user_id, t) for s in self._registry for t in s.topics if self.members_only(t)
+        )
+        if held:
+            await cur.execute(MEMBERSHIPS_OF, {"ids": sorted({user_id for user_id, _ in held})})
+            rows = set(await cur.fetchall())
+            for user_id, topic in held:
+                if (user_id, topic) not in rows:
+                    self._registry.end_membership(user_id, topic)
 
     def publish_wait(self, user_id: int, now: float) -> float:
         """0 and one publish counted if the user is within events.publish_rate, else the seconds
@@ -5641,55 +5589,43 @@ class Topics:
 PRESENCE_BATCH = 0.1  # seconds: changes of this process's presence go out together, at most this often
 PRESENCE_CHECK = 1.0  # seconds between looks at pg_stat_activity for processes that are gone
 MAX_NOTIFY_BYTES = 7000  # a NOTIFY payload must stay under 8000 bytes
-BUS_BACKENDS = """
-    SELECT pid, backend_start FROM pg_stat_activity
-    WHERE application_name = %(name)s AND datname = current_database()
-"""
+BUS_BACKENDS = """SELECT pid, backend_start FROM pg_stat_activity
+    WHERE application_name = %(name)s AND datname = current_database()"""
+NOTIFY = "SELECT pg_notify(%s, %s)"
 
 
 def backend_name(pid: int, started: datetime.datetime) -> str:
-    """A bus connection as presence names it: pid and backend_start, whatever the time zone."""
+    """A listening connection as presence names it: pid and backend_start, whatever the time zone."""
     return f"{pid}/{started.timestamp()}"
 
 
-def notify_chunks(head: dict[str, Any], items: Sequence[Any], key: str = "users") -> Iterator[str]:
-    """`head` with `items` under `key`, as JSON payloads each under MAX_NOTIFY_BYTES (at least one)."""
+def notify_chunks(head: dict[str, Any], items: Sequence[Any]) -> Iterator[str]:
+    """`head` with `items` under "users", as JSON payloads each under MAX_NOTIFY_BYTES (at least one)."""
     chunk: list[Any] = []
     size = len(json.dumps(head))
     for item in items:
         item_size = len(json.dumps(item, ensure_ascii=False).encode()) + 2
         if chunk and size + item_size > MAX_NOTIFY_BYTES:
-            yield json.dumps({**head, key: chunk}, ensure_ascii=False)
+            yield json.dumps({**head, "users": chunk}, ensure_ascii=False)
             chunk, size = [], len(json.dumps(head))
         chunk.append(item)
         size += item_size
-    yield json.dumps({**head, key: chunk, "last": True}, ensure_ascii=False)
+    yield json.dumps({**head, "users": chunk, "last": True}, ensure_ascii=False)
 
 
 class Presence:
-    """Who has a stream open on each presence topic (a rule with "presence": true), in every
-    process, kept in memory by each: GET /topics/{topic}/presence reads no table.
-
-    Each process counts its own streams per (topic, account) and announces the counts that changed
-    on PRESENCE_CHANNEL, batched every PRESENCE_BATCH, so a reconnect storm costs a few
-    notifications and no writes; a user whose last stream here closes leaves at the end of the
-    batch, so one who reconnects within it neither leaves nor joins.
-    Announcements name the sender's bus connection (pid, backend_start); every PRESENCE_CHECK a
-    process drops the counts of processes whose connection is no longer in pg_stat_activity (one
-    killed, or stopped), so their users leave at once. A process whose bus (re)connects asks the
-    others for their counts and announces all of its own. `join` and `leave` go to the topic's
-    subscribers here when a user's total over every process leaves or reaches 0. The `who`
-    command asks every process on the same channel and sums the answers.
-    """
+    """Who has a stream open on each presence topic, in every process, kept in memory by each (GET
+    /topics/{topic}/presence reads no table). Processes announce changed counts on PRESENCE_CHANNEL
+    in batches and answer `who` there (README: Design, "Presence")."""
 
     def __init__(
         self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus
     ) -> None:
-        self._config, self._engine, self._registry, self._bus = config, engine, registry, bus
+        self._config, self._engine, self._registry, self._listener = config, engine, registry, bus.listener
         self.process = secrets.token_hex(8)
         self._mine: dict[tuple[str, int], list[Any]] = {}  # (topic, user id) -> [username, streams here]
         self._theirs: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}  # process -> the same
-        self._backends: dict[str, str] = {}  # process -> its bus connection, as "pid/backend_start"
+        self._backends: dict[str, str] = {}  # process -> its listening connection, see backend_name
         self._totals: dict[str, dict[int, list[Any]]] = {}  # topic -> user id -> [username, streams]
         self._changed: dict[tuple[str, int], str] = {}  # (topic, user id) -> username: to announce
         self._leaving: dict[tuple[str, int], str] = {}  # whose last stream here closed in this batch
@@ -5699,31 +5635,31 @@ class Presence:
 
     def users(self, topic: str) -> list[dict[str, Any]]:
         """GET /topics/{topic}/presence's users: every user with a stream on it, in any process."""
-        found = self._totals.get(topic, {}).values()
-        return [{"username": name, "streams": count} for name, count in sorted(found)]
+        return [
+            {"username": name, "streams": count}
+            for name, count in sorted(self._totals.get(topic, {}).values())
+        ]
 
     def _note(self, stream: Stream, topic: str, change: int) -> None:
         rule = self._config.rule(topic)
         if rule is None or not rule.presence:
             return
-        key = (topic, stream.account.user_id)
-        entry = self._mine.setdefault(key, [stream.account.username, 0])
+        key, username = (topic, stream.account.user_id), stream.account.username
+        entry = self._mine.setdefault(key, [username, 0])
         entry[1] += change
         if entry[1] <= 0:  # the user's last stream here: they leave at the next batch, unless back by then
             del self._mine[key]
-            self._leaving[key] = stream.account.username
-        elif change > 0 and entry[1] == 1 and self._leaving.pop(key, None) is not None:
-            pass  # back before leaving (a reconnect): still counted, so no leave and no join
-        else:
-            self._count(topic, stream.account.user_id, stream.account.username, change)
-        self._changed[key] = stream.account.username
+            self._leaving[key] = username
+        elif not (change > 0 and entry[1] == 1 and self._leaving.pop(key, None) is not None):
+            self._count(key, username, change)  # (else back before leaving: no leave and no join)
+        self._changed[key] = username
         self._wake.set()
 
-    def _count(self, topic: str, user_id: int, username: str, change: int) -> None:
+    def _count(self, key: tuple[str, int], username: str, change: int) -> None:
         """Add `change` to the user's streams on the topic; tell its subscribers of a join or leave."""
         if change == 0:
             return
-        users = self._totals.setdefault(topic, {})
+        (topic, user_id), users = key, self._totals.setdefault(key[0], {})
         entry = users.setdefault(user_id, [username, 0])
         username, was = entry
         entry[1] += change
@@ -5736,22 +5672,14 @@ class Presence:
             body = {"type": "presence", "topic": topic, "action": action, "username": username}
             self._registry.fan_out(Encoded.notice(body, topic=topic))
 
-    def _set(self, process: str, key: tuple[str, int], username: str, streams: int) -> None:
-        """Process `process` has `streams` streams of the user on the topic (0: none)."""
-        theirs = self._theirs.setdefault(process, {})
-        _, before = theirs.pop(key, ("", 0))
-        if streams > 0:
-            theirs[key] = (username, streams)
-        self._count(key[0], key[1], username, streams - before)
-
     def _drop(self, process: str) -> None:
         """A process is gone: its users leave (where it held their last stream)."""
         for key, (username, streams) in self._theirs.pop(process, {}).items():
-            self._count(key[0], key[1], username, -streams)
+            self._count(key, username, -streams)
         self._backends.pop(process, None)
 
     def heard(self, payload: str) -> None:
-        """A notification on PRESENCE_CHANNEL."""
+        """A notification on PRESENCE_CHANNEL: a process's counts, a `sync` request, or `who`."""
         try:
             message = json.loads(payload)
             process = message.get("process")
@@ -5760,12 +5688,16 @@ class Presence:
             if "who" in message:  # the `who` command asks: answer on its channel
                 self._answer_who(str(message["who"]), message.get("topic"))
             elif message.get("sync"):  # a process (re)connected: it needs our counts
-                self._changed.update({key: entry[0] for key, entry in self._mine.items()})
+                self._changed |= {key: entry[0] for key, entry in self._mine.items()}
             elif "users" in message:
-                process = str(process)
-                self._backends[process] = str(message["backend"])
-                for topic, user_id, username, streams in message["users"]:
-                    self._set(process, (str(topic), int(user_id)), str(username), int(streams))
+                self._backends[str(process)] = str(message["backend"])
+                for topic, user_id, name, count in message["users"]:
+                    key, username, streams = (str(topic), int(user_id)), str(name), int(count)
+                    theirs = self._theirs.setdefault(str(process), {})
+                    _, before = theirs.pop(key, ("", 0))
+                    if streams > 0:
+                        theirs[key] = (username, streams)
+                    self._count(key, username, streams - before)
             self._wake.set()
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignored a malformed notification on %s: %s", PRESENCE_CHANNEL, exc)
@@ -5775,40 +5707,37 @@ class Presence:
             raise ValueError(f"not a reply channel: {channel!r}")
         counts = self._registry.users(topic if isinstance(topic, str) else None)
         head = {"process": self.process, "reply": channel}
-        for payload in notify_chunks(head, [[name, count] for name, count in counts.items()]):
-            self._outbox.append((channel, payload))
+        self._outbox += [
+            (channel, payload) for payload in notify_chunks(head, [list(c) for c in counts.items()])
+        ]
 
     async def connected(self, cur: aiopg.Cursor) -> None:
-        """The bus (re)connected: what others announced meanwhile is unknown; ask them again, and
-        announce every count of this process (others may have taken it for gone)."""
+        """The listener (re)connected: forget what others announced and ask them again; announce ours."""
         for process in list(self._theirs):
             self._drop(process)
-        self._changed.update({key: entry[0] for key, entry in self._mine.items()})
-        request = json.dumps({"process": self.process, "sync": True})
-        await cur.execute("SELECT pg_notify(%s, %s)", (PRESENCE_CHANNEL, request))
+        self._changed |= {key: entry[0] for key, entry in self._mine.items()}
+        await cur.execute(NOTIFY, (PRESENCE_CHANNEL, json.dumps({"process": self.process, "sync": True})))
         self._wake.set()
 
     async def run(self) -> None:
         """Announce this process's changes, answer `who`, and drop the processes that are gone."""
         loop = asyncio.get_running_loop()
         checked = loop.time()
-        task = asyncio.current_task()
         while True:
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError  # see StreamCounts.run
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PRESENCE_CHECK):
-                    await self._wake.wait()
-            self._wake.clear()
+            await woken(self._wake, PRESENCE_CHECK)
             await asyncio.sleep(PRESENCE_BATCH)  # let more changes join this batch
             leaving, self._leaving = self._leaving, {}
-            for (topic, user_id), username in leaving.items():
-                self._count(topic, user_id, username, -1)
+            for key, username in leaving.items():
+                self._count(key, username, -1)
             try:
                 await self._send()
                 if self._theirs and loop.time() - checked >= PRESENCE_CHECK:
                     checked = loop.time()
-                    await self._check_processes()
+                    async with connection(self._engine) as conn:
+                        query = await conn.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
+                        alive = {backend_name(row[0], row[1]) for row in await query.fetchall()}
+                    for process in [p for p, backend in self._backends.items() if backend not in alive]:
+                        self._drop(process)
             except Exception as exc:  # PostgreSQL away, or a bug: tried again at the next wake
                 if isinstance(exc, DatabaseUnavailable):
                     log.warning("could not share presence with other processes: %s", exc)
@@ -5817,53 +5746,41 @@ class Presence:
                 await asyncio.sleep(PRESENCE_CHECK)
 
     async def _send(self) -> None:
-        backend = self._bus.backend
+        backend = self._listener.backend
         if backend is None or not (self._changed or self._outbox):
             return
         changed, self._changed = self._changed, {}
         items = [[t, u, name, self._mine.get((t, u), (name, 0))[1]] for (t, u), name in changed.items()]
         head = {"process": self.process, "backend": backend_name(*backend)}
         payloads = [(PRESENCE_CHANNEL, p) for p in notify_chunks(head, items)] if items else []
-        payloads += self._outbox
-        self._outbox = []
+        payloads, self._outbox = payloads + self._outbox, []
         try:
             async with connection(self._engine) as conn:
                 for channel, payload in payloads:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+                    await conn.execute(NOTIFY, (channel, payload))
         except BaseException:
             self._changed = changed | self._changed
             raise
-
-    async def _check_processes(self) -> None:
-        async with connection(self._engine) as conn:
-            rows = await (await conn.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})).fetchall()
-        alive = {backend_name(row[0], row[1]) for row in rows}
-        for process, backend in list(self._backends.items()):
-            if backend not in alive:
-                self._drop(process)
 
 
 async def watch_streams(
     registry: StreamRegistry, store: Sessions, config: Config, clock: Callable[[], float]
 ) -> None:
-    """Every STREAM_TICK: end the streams whose client left; send SSE heartbeats; renew each
-    stream's session (an open stream is use of it) every third of the idle timeout, and end the
-    stream, with reason `expired`, once its session has expired."""
+    """Every STREAM_TICK: end the streams whose client left; send SSE heartbeats; renew each stream's
+    session every third of the idle timeout (an open stream is use), and end it once expired."""
     loop = asyncio.get_running_loop()
-    renew_every = config.sessions.idle_timeout / 3
-    heartbeat = config.events.heartbeat
     while True:
         await asyncio.sleep(STREAM_TICK)
         now, moment = loop.time(), clock()
         for stream in registry:
             if stream.ended.done():
                 continue
-            if stream.transport.is_closing():
+            if stream.gone:
                 stream.end(Ended.GONE)
-            elif stream.expires_at <= moment or now - stream.renewed >= renew_every:
+            elif stream.expires_at <= moment or now - stream.renewed >= config.sessions.idle_timeout / 3:
                 await renew(stream, store, clock)
-            elif not stream.websocket and now - stream.last_write >= heartbeat:
-                stream.write_bytes(http_chunk(SSE_HEARTBEAT) if stream.chunked else SSE_HEARTBEAT)
+            elif not stream.websocket and now - stream.last_write >= config.events.heartbeat:
+                stream.heartbeat()
 
 
 async def renew(stream: Stream, store: Sessions, clock: Callable[[], float]) -> None:
@@ -5894,77 +5811,56 @@ async def sweep_events_forever(engine: aiopg.sa.Engine, retention: float) -> Non
 # Metrics
 # ---------------------------------------------------------------------------
 
-METRICS_PREFIX = "loginservice_"  # every metric's name begins so (README: Metrics)
-# Where each worker process writes its metrics when there are several: the arbiter makes a private
-# directory, names it here before the first worker starts, and removes it at exit (serve_workers).
+METRICS_NAMESPACE = "loginservice"  # every metric's name begins so (README: Metrics)
+# The directory of each worker's metrics files, when there are several (see serve_workers).
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"  # the route label of a request no route matched (never the raw path)
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+EVENTS_PUBLISHED = "Events published (the newest event id: ids are drawn one per event, in commit order)."
 
 
 class Metrics:
-    """This process's Prometheus metrics (prometheus-client), on a registry of its own.
-
-    With several workers, prometheus-client's multiprocess mode keeps each worker's values in
-    files of the directory MULTIPROCESS_ENV names, and GET /metrics in any worker sums them all:
-    counters and histograms over every worker that ever ran (so they never go back), gauges over
-    the living ones (the arbiter drops a dead worker's, see serve_workers). Two values are read
-    when scraped, by the worker that answers: live sessions (from the store) and events published.
-    """
+    """This process's Prometheus metrics (prometheus-client), on a registry of its own; with several
+    workers, its multiprocess mode sums every worker's values (README: Metrics)."""
 
     def __init__(self) -> None:
-        # Imported here: prometheus-client chooses its multiprocess mode when first imported, which
-        # in a worker comes after the arbiter named the directory.
-        import prometheus_client as prom
+        # Imported here: prometheus-client picks its multiprocess mode at its first import, in a worker
+        # after the arbiter named the directory.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.multiprocess = MULTIPROCESS_ENV in os.environ
-        self.registry = registry = prom.CollectorRegistry()
-        p = METRICS_PREFIX
-        self.logins = prom.Counter(f"{p}logins", "Login attempts by outcome.", ["outcome"], registry=registry)
-        self.streams_open = prom.Gauge(
-            f"{p}streams_open",
+        self.registry = CollectorRegistry()
+        on: dict[str, Any] = {"namespace": METRICS_NAMESPACE, "registry": self.registry}
+
+        def counter(name: str, text: str, *labels: str) -> prometheus_client.Counter:
+            return Counter(name, text, labels, **on)
+
+        self.logins = counter("logins", "Login attempts by outcome.", "outcome")
+        self.streams_open = Gauge(
+            "streams_open",
             "Open event streams by transport.",
             ["transport"],
-            registry=registry,
             multiprocess_mode="livesum",
+            **on,
         )
-        self.streams_opened = prom.Counter(
-            f"{p}streams_opened", "Event streams opened, by transport.", ["transport"], registry=registry
+        self.streams_opened = counter("streams_opened", "Event streams opened, by transport.", "transport")
+        self.events_delivered = counter(
+            "events_delivered", "Events written to event streams (live and replayed)."
         )
-        self.events_delivered = prom.Counter(
-            f"{p}events_delivered", "Events written to event streams (live and replayed).", registry=registry
+        self.streams_closed = counter("streams_closed", "Event streams closed, by reason.", "reason")
+        self.streams_cut_slow = counter(
+            "streams_cut_slow", "Event streams closed because the client read too slowly."
         )
-        self.streams_closed = prom.Counter(
-            f"{p}streams_closed", "Event streams closed, by reason.", ["reason"], registry=registry
-        )
-        self.streams_cut_slow = prom.Counter(
-            f"{p}streams_cut_slow",
-            "Event streams closed because the client read too slowly.",
-            registry=registry,
-        )
-        self.bus_reconnects = prom.Counter(
-            f"{p}bus_reconnects", "Reconnections of a process's PostgreSQL bus.", registry=registry
-        )
-        self.bus_lag = prom.Histogram(
-            f"{p}bus_lag_seconds",
-            "Seconds from an event's transaction start to its delivery by a process's bus.",
-            registry=registry,
-            buckets=LAG_BUCKETS,
-        )
-        self.replays = prom.Counter(
-            f"{p}replays",
-            "Replays of missed events, by source (memory or table).",
-            ["source"],
-            registry=registry,
-        )
-        self.request_duration = prom.Histogram(
-            f"{p}http_request_duration_seconds",
-            "Seconds to answer a request, by route pattern, method and status (event streams left out).",
-            ["route", "method", "status"],
-            registry=registry,
-            buckets=REQUEST_BUCKETS,
+        self.bus_reconnects = counter("bus_reconnects", "Reconnections of a process's PostgreSQL bus.")
+        lag = "Seconds from an event's transaction start to its delivery by a process's bus."
+        self.bus_lag = Histogram("bus_lag_seconds", lag, buckets=LAG_BUCKETS, **on)
+        self.replays = counter("replays", "Replays of missed events, by source (memory or table).", "source")
+        took = "Seconds to answer a request, by route pattern, method and status (event streams left out)."
+        labels = ["route", "method", "status"]
+        self.request_duration = Histogram(
+            "http_request_duration_seconds", took, labels, buckets=REQUEST_BUCKETS, **on
         )
         for outcome in ("success", "failure", "throttled", "lost_race"):
             self.logins.labels(outcome)
@@ -5981,38 +5877,29 @@ class Metrics:
         self.request_duration.labels(route, method, str(status)).observe(seconds)
 
     def exposition(self, live_sessions: int | None, events_published: int | None) -> tuple[bytes, str]:
-        """The text format for a scrape, and its Content-Type: every worker's values, and the two
-        read now (None: not known now, left out)."""
-        import prometheus_client as prom
-        from prometheus_client import multiprocess
+        """The text format for a scrape and its Content-Type: every worker's values, and the two read
+        now by the worker that answers (None: not known now, left out)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        registry = self.registry
         if self.multiprocess:
-            registry = prom.CollectorRegistry()
+            registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-        else:
-            registry = self.registry
-        now: list[prometheus_client.Metric] = []
-        if live_sessions is not None:
-            now.append(GaugeMetricFamily(f"{METRICS_PREFIX}sessions_live", "Live sessions.", live_sessions))
-        if events_published is not None:
-            now.append(
-                CounterMetricFamily(
-                    f"{METRICS_PREFIX}events_published",
-                    "Events published (the newest event id: ids are drawn one per event, in commit order).",
-                    events_published,
-                )
-            )
-        scraped = prom.CollectorRegistry()
-        scraped.register(ReadNow(now))
-        return prom.generate_latest(registry) + prom.generate_latest(scraped), prom.CONTENT_TYPE_LATEST
+        now = [
+            GaugeMetricFamily(f"{METRICS_NAMESPACE}_sessions_live", "Live sessions.", live_sessions),
+            CounterMetricFamily(f"{METRICS_NAMESPACE}_events_published", EVENTS_PUBLISHED, events_published),
+        ]
+        scraped = CollectorRegistry()
+        scraped.register(ReadNow([metric for metric in now if metric.samples]))  # a value None is left out
+        return generate_latest(registry) + generate_latest(scraped), CONTENT_TYPE_LATEST
 
 
+@dataclasses.dataclass(eq=False)
 class ReadNow:
     """A collector of values read for one scrape."""
 
-    def __init__(self, metrics: list[prometheus_client.Metric]) -> None:
-        self.metrics = metrics
+    metrics: list[prometheus_client.Metric]
 
     def collect(self) -> list[prometheus_client.Metric]:
         return self.metrics
