@@ -2189,8 +2189,7 @@ def describe_database(dsn: str) -> str:
 
 
 def engine_dsn(dsn: str, durable: bool = True) -> str:
-    """The DSN with the service's connect timeout, application name and PostgreSQL's lock and
-    statement timeouts (the DSN's own win); durable=False turns off synchronous_commit."""
+    """The DSN with the service's timeouts and application name (README, Design)."""
     params = psycopg2.extensions.parse_dsn(dsn)
     settings = {
         "lock_timeout": f"{DB_LOCK_TIMEOUT * 1000:.0f}",
@@ -2214,8 +2213,7 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def database_errors() -> Iterator[None]:
-    """A lost or refused connection becomes DatabaseUnavailable; a statement PostgreSQL ended at
-    one of its timeouts, DatabaseBusy (README, Design)."""
+    """Lost or refused connections raise DatabaseUnavailable; PostgreSQL's timeouts, DatabaseBusy."""
     try:
         yield
     except SERVER_TIMEOUTS as exc:
@@ -2231,8 +2229,7 @@ def database_errors() -> Iterator[None]:
 
 
 def report_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The loop's exception handler while an engine is open: a statement PostgreSQL timed out,
-    which aiopg reports here before raising, is one warning line, not a traceback."""
+    """The loop's exception handler while an engine is open: a timed-out statement is one line."""
     if isinstance(context.get("exception"), SERVER_TIMEOUTS):
         log.warning("PostgreSQL ended a statement: %s", _first_line(context["exception"]))
         return
@@ -2240,11 +2237,7 @@ def report_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str
 
 
 async def new_engine(dsn: str, durable: bool, pool_size: int, minsize: int = 0) -> aiopg.sa.Engine:
-    """An engine whose pool holds minsize connections at once (0: it connects when asked).
-
-    aiopg's public Engine and pool, not aiopg.sa.create_engine, whose engine.dsn masks the
-    password that the bus and the commands' listeners connect with.
-    """
+    """An engine whose pool holds minsize connections at once; engine.dsn keeps the password."""
     full_dsn = engine_dsn(dsn, durable)
     pool = await aiopg.create_pool(
         full_dsn, minsize=minsize, maxsize=pool_size, timeout=DB_OPERATION_TIMEOUT, enable_hstore=False
@@ -2255,8 +2248,7 @@ async def new_engine(dsn: str, durable: bool, pool_size: int, minsize: int = 0) 
 async def connect_with_retry(
     dsn: str, wait: float = STARTUP_DB_WAIT, durable: bool = True, pool_size: int = DB_POOL_SIZE
 ) -> aiopg.sa.Engine:
-    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable.
-    durable=False turns off synchronous_commit for its sessions (README, Design)."""
+    """Create the engine, retrying for up to `wait` seconds while PostgreSQL is unreachable."""
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + wait
     while True:
@@ -2282,8 +2274,7 @@ async def _close_engine(engine: aiopg.sa.Engine, quietly: bool = False) -> None:
 
 @contextlib.asynccontextmanager
 async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
-    """A pooled connection; failures become DatabaseUnavailable. The engine's timeout bounds the
-    wait for a connection and each query; aiopg closes a connection that timed out."""
+    """A pooled connection (the engine's timeout bounds each wait); failures raise DatabaseUnavailable."""
     with database_errors():
         async with engine.acquire() as conn:
             yield conn
@@ -2311,9 +2302,8 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
 
 
 async def read_row(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
-    """The first row of a read-only query, or None. A dead pooled connection (PostgreSQL restarted)
-    is dropped and the read retried on another within DB_REQUEST_BUDGET; DatabaseBusy is not
-    retried, since another connection would wait the same (README, Design)."""
+    """The first row of a read-only query, or None; retried on another connection if a pooled one
+    is dead, within DB_REQUEST_BUDGET (README, Design)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DB_REQUEST_BUDGET
     attempt = 0
@@ -2345,8 +2335,7 @@ async def table_columns(conn: aiopg.sa.SAConnection, table: str) -> set[str]:
 
 
 async def check_tables(conn: aiopg.sa.SAConnection) -> None:
-    """Raise TablesOutdated unless every table of ours that exists has the columns we query (a
-    missing one is fine: schema.sql creates it)."""
+    """Raise TablesOutdated unless every table of ours that exists has the columns we query."""
     for table in metadata.sorted_tables:
         columns = await table_columns(conn, table.name)
         needed = [column for column in table.columns if not column.info.get("added_by_schema_sql")]
@@ -2378,9 +2367,7 @@ Upgrade: TypeAlias = Callable[[aiopg.sa.SAConnection], Awaitable[None]]
 
 
 async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None) -> None:
-    """Bring the tables up to date with schema.sql, only if they are older than it (its digest in
-    schema_version); then in one transaction under an advisory lock: `upgrade`, check_tables,
-    schema.sql, the new digest (README, Design)."""
+    """Bring the tables up to date with schema.sql (after `upgrade`) if older than it (README, Design)."""
     schema = SCHEMA_PATH.read_text(encoding="utf-8")
     digest = hashlib.sha256(schema.encode()).hexdigest()
     with database_errors():
@@ -2421,7 +2408,7 @@ async def open_database(
     without_database: bool = False,
 ) -> AsyncIterator[aiopg.sa.Engine]:
     """The engine for the configured database (embedded or not), with its tables; closed after.
-    without_database (a gunicorn worker): serve 503s until an unreachable PostgreSQL returns."""
+    without_database (a gunicorn worker): an unreachable PostgreSQL is no reason not to start."""
     async with contextlib.AsyncExitStack() as stack:
         dsn = config.dsn
         if dsn is None:
@@ -2477,8 +2464,7 @@ async def find_account(engine: aiopg.sa.Engine, username: str) -> tuple[str | No
 
 @contextlib.asynccontextmanager
 async def writing_users(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
-    """A transaction holding the writers' turn on `users`: no statement carrying a password hash
-    may fail (PostgreSQL would log the hash), so its locks are taken first (README, Design)."""
+    """A transaction with the writers' lock on `users`, taken before any statement with a hash."""
     async with connection(engine) as conn, conn.begin():
         await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")  # raw SQL: Core has no LOCK
         yield conn
@@ -2516,8 +2502,7 @@ async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_
 
 
 async def replace_hash(engine: aiopg.sa.Engine, account: Account, verified: str, password_hash: str) -> bool:
-    """The login's re-hash: writes only if the account still has the epoch and the hash that were
-    verified (a passwd, deluser or adduser meanwhile wins)."""
+    """The login's re-hash, written only if the account still has the verified epoch and hash."""
     async with writing_users(engine) as conn:
         locked = await conn.scalar(  # the row lock first, by a statement without a hash
             sa.select(users.c.id)
@@ -2708,8 +2693,7 @@ class EmbeddedPostgres:
         if not self.data_dir.exists():
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             self.data_dir.mkdir(mode=0o700)
-            if self.account is not None:
-                os.chown(self.data_dir, *self._owner())
+            os.chown(self.data_dir, *self._owner())
 
     def _owner(self) -> tuple[int, int]:
         """The uid and gid PostgreSQL runs as."""
@@ -2724,13 +2708,8 @@ class EmbeddedPostgres:
         groups = {entry.pw_gid} | {group.gr_gid for group in grp.getgrall() if entry.pw_name in group.gr_mem}
         for directory in [path, *path.parents]:
             status = directory.stat()
-            if status.st_uid == entry.pw_uid:
-                allowed = status.st_mode & 0o100
-            elif status.st_gid in groups:
-                allowed = status.st_mode & 0o010
-            else:
-                allowed = status.st_mode & 0o001
-            if not allowed:
+            search = 0o100 if status.st_uid == entry.pw_uid else 0o010 if status.st_gid in groups else 0o001
+            if not status.st_mode & search:
                 return directory
         return None
 
@@ -2746,8 +2725,7 @@ class EmbeddedPostgres:
             )
 
     def _reachable_copy(self, bin_dir: Path) -> Path:
-        """PostgreSQL's programs copied (once per installation) where its account may run them,
-        with the wheel's own libraries beside them as their RPATH wants."""
+        """PostgreSQL's programs (and the wheel's libraries) copied once where its account may run them."""
         install = bin_dir.parent
         package = install.parent
         libs = package.with_name(package.name + ".libs")
@@ -2796,21 +2774,13 @@ class EmbeddedPostgres:
 
     def _dsn_for(self, postmaster: Postmaster, role: str) -> str:
         """A DSN naming the password file, not the password (so no DSN, logged or shown, has it)."""
-        return str(
-            psycopg2.extensions.make_dsn(
-                host=str(postmaster.socket_dir),
-                port=postmaster.port,
-                dbname=EMBEDDED_DATABASE,
-                user=role,
-                passfile=str(self.secret_path),
-            )
-        )
+        where = {"host": postmaster.socket_dir, "port": postmaster.port, "passfile": self.secret_path}
+        return str(psycopg2.extensions.make_dsn(dbname=EMBEDDED_DATABASE, user=role, **where))
 
     # -- PostgreSQL's programs
 
     def _pg(self, program: str, *args: str | Path) -> None:
-        """Run one of PostgreSQL's programs as its account, deaf to the stop signals; its failure is
-        DatabaseUnavailable, one line (its own first line of complaint)."""
+        """Run one of PostgreSQL's programs as its account; a failure is one line of DatabaseUnavailable."""
         drop = self.account is not None  # to its account wholly: its uid, its group, none of root's groups
         uid, gid = self._owner()
         descriptors: list[int] = []
@@ -2843,8 +2813,7 @@ class EmbeddedPostgres:
                 os.close(descriptor)
 
     def _argument(self, arg: str | Path, descriptors: list[int]) -> str:
-        """A program's argument; a path its account may not walk to as /proc/self/fd/N, a descriptor
-        opened here that the program inherits (no parent entered or widened)."""
+        """An argument; a path the account may not walk to as /proc/self/fd/N, opened here, inherited."""
         if isinstance(arg, str) or not self.by_descriptor:
             return str(arg)
         descriptors.append(os.open(arg, os.O_RDONLY))
@@ -2856,8 +2825,7 @@ class EmbeddedPostgres:
         with tempfile.NamedTemporaryFile("w", dir=self.data_dir.parent, prefix=".pgpass-") as pwfile:
             pwfile.write(secret)
             pwfile.flush()
-            if self.account is not None:
-                os.chown(pwfile.name, *self._owner())
+            os.chown(pwfile.name, *self._owner())
             self._pg(
                 "initdb", "-D", self.data_dir, "-U", EMBEDDED_SUPERUSER, "--pwfile", Path(pwfile.name),
                 "--auth", "scram-sha-256", "--encoding", "utf8",
@@ -2865,8 +2833,7 @@ class EmbeddedPostgres:
         log.info("embedded PostgreSQL: a new cluster in %s", self.data_dir)
 
     def _postmaster_alive(self) -> bool:
-        """True if postmaster.pid names this cluster's running postmaster (not a process that
-        took its id since, nor a dead one waiting to be reaped)."""
+        """True if postmaster.pid names this cluster's live postmaster (not a zombie, nor a newcomer)."""
         postmaster = Postmaster.read(self.data_dir)
         if postmaster is None:
             return False
@@ -2900,8 +2867,7 @@ class EmbeddedPostgres:
         self._configure()
 
     def _forget_dead_postmaster(self, stale: Postmaster) -> None:
-        """Remove a dead postmaster's lock files once its backends are gone: PostgreSQL would not
-        start while postmaster.pid names a live process (a zombie, or another that took its id)."""
+        """Remove a dead postmaster's lock files (once its backends are gone) so PostgreSQL starts."""
         log.warning(
             "embedded PostgreSQL (pid %d) is not running; starting it anew (crash recovery)", stale.pid
         )
@@ -2920,14 +2886,12 @@ class EmbeddedPostgres:
         return False
 
     def _configure(self) -> None:
-        """Roles, passwords and pg_hba.conf, as the superuser; idempotent. A cluster an earlier version
-        made (everyone trusted, the service the superuser) is converted."""
+        """Roles, passwords and pg_hba.conf, idempotent; an earlier version's cluster is converted."""
         postmaster = Postmaster.read(self.data_dir)
         assert postmaster is not None
         secrets_ = self._secrets() or self._new_secrets()
         # Raw SQL on a plain psycopg2 connection: the cluster's set-up, before any engine exists.
-        superuser = psycopg2.connect(self._dsn_for(postmaster, EMBEDDED_SUPERUSER))
-        try:
+        with contextlib.closing(psycopg2.connect(self._dsn_for(postmaster, EMBEDDED_SUPERUSER))) as superuser:
             superuser.autocommit = True
             with superuser.cursor() as cur:
                 passwords = {"superuser": secrets_[EMBEDDED_SUPERUSER], "service": secrets_[EMBEDDED_ROLE]}
@@ -2937,8 +2901,6 @@ class EmbeddedPostgres:
                 if hba.read_text() != EMBEDDED_HBA:
                     hba.write_text(EMBEDDED_HBA)
                     cur.execute("SELECT pg_reload_conf()")
-        finally:
-            superuser.close()
 
     # -- holders and the watcher
 
@@ -2970,8 +2932,7 @@ class EmbeddedPostgres:
 
 @contextlib.asynccontextmanager
 async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
-    """Start (or join) the embedded PostgreSQL in data_dir and watch it; yield the service's DSN;
-    let go of it after."""
+    """Start (or join) and watch the embedded PostgreSQL in data_dir; yield the service's DSN."""
     loop = asyncio.get_running_loop()
     cluster = EmbeddedPostgres(data_dir)
     dsn = await loop.run_in_executor(None, cluster.start)
