@@ -3491,17 +3491,14 @@ def journaled_as(ending: str) -> sa.sql.elements.ColumnElement[bool]:
 
 
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
+_now = _session_param("now")
 TOUCH_SESSION = CompiledQuery.of(
     sessions_table.update()
-    .where(
-        sessions_table.c.token_hash == sa.bindparam("digest"),
-        sessions_table.c.expires_at > _session_param("now"),
-    )
+    .where(sessions_table.c.token_hash == sa.bindparam("digest"), sessions_table.c.expires_at > _now)
     .values(
-        last_seen=_session_param("now"),
+        last_seen=_now,
         expires_at=sa.func.least(
-            _session_param("now") + _session_param("idle"),
-            sessions_table.c.created_at + _session_param("absolute"),
+            _now + _session_param("idle"), sessions_table.c.created_at + _session_param("absolute")
         ),
     )
     .returning(*SESSION_COLUMNS)
@@ -3741,55 +3738,34 @@ REDIS_SCRIPTS = {
         if f[F.user_id] then redis.call('ZREM', KEYS[2] .. f[F.user_id], ARGV[1]) end
         return f
     """,
-    # KEYS: the user's set, the account's epoch floor. ARGV: session key prefix, epoch ('' for all),
-    # the floor to raise to ('' for none), the floor's lifetime. Removes the sessions begun below
-    # the epoch; their fields.
-    "end_user": """
-        if ARGV[3] ~= '' and tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
-            redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+    # KEYS: the user's set (and the account's epoch floor). ARGV: session key prefix, which sessions
+    # (a name in `match`) and its value, '1' to remove them, then, to raise the floor first, the
+    # floor and its lifetime. The chosen sessions' digests and their fields, oldest first.
+    "pick": """
+        local value, number = ARGV[3], tonumber(ARGV[3])
+        local match = {
+            all = function(f) return true end,
+            below = function(f) return not f[F.epoch] or tonumber(f[F.epoch]) < number end,
+            expired = function(f) return not f[F.expires_at] or tonumber(f[F.expires_at]) <= number end,
+            live = function(f)
+                return f[F.public_id] and f[F.user_id] and tonumber(f[F.expires_at]) > number
+            end,
+            public_id = function(f) return f[F.public_id] == value end,
+        }
+        if ARGV[5] and tonumber(ARGV[5]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
+            redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
         end
-        local ended = {}
+        local digests, picked = {}, {}
         for digest, f in each(KEYS[1], ARGV[1]) do
-            if ARGV[2] == '' or not f[F.epoch] or tonumber(f[F.epoch]) < tonumber(ARGV[2]) then
-                if f[F.username] then table.insert(ended, f) end
-                drop(ARGV[1], KEYS[1], digest)
+            if match[ARGV[2]](f) then
+                if ARGV[4] == '1' then drop(ARGV[1], KEYS[1], digest) end
+                if f[F.username] then
+                    table.insert(digests, digest)
+                    table.insert(picked, f)
+                end
             end
         end
-        return ended
-    """,
-    # KEYS: the user's set. ARGV: session key prefix, now. Removes the expired sessions (and the
-    # set's entries of those Redis deleted itself); their fields.
-    "expire": """
-        local expired = {}
-        for digest, f in each(KEYS[1], ARGV[1]) do
-            if not f[F.expires_at] or tonumber(f[F.expires_at]) <= tonumber(ARGV[2]) then
-                drop(ARGV[1], KEYS[1], digest)
-                if f[F.username] then table.insert(expired, f) end
-            end
-        end
-        return expired
-    """,
-    # KEYS: the user's set. ARGV: session key prefix, now. The live sessions' fields, oldest first
-    # (sessions stored before public ids existed are left out; they expire as before).
-    "list": """
-        local found = {}
-        for _, f in each(KEYS[1], ARGV[1]) do
-            if f[F.username] and f[F.public_id] and f[F.user_id]
-                and tonumber(f[F.expires_at]) > tonumber(ARGV[2]) then table.insert(found, f) end
-        end
-        return found
-    """,
-    # KEYS: the user's set. ARGV: session key prefix, public id. Removes the user's session with
-    # that public id; its digest and fields, or nothing.
-    "revoke_public": """
-        for digest, f in each(KEYS[1], ARGV[1]) do
-            if f[F.public_id] == ARGV[2] then
-                drop(ARGV[1], KEYS[1], digest)
-                table.insert(f, 1, digest)
-                return f
-            end
-        end
-        return false
+        return {digests, picked}
     """,
     # KEYS: the attempt's failure sets. ARGV: at, window, token, how long an attempt may be in
     # flight, the sets' lifetime, then each key's limit (see FailureLog.reserve). Members are
@@ -3863,6 +3839,10 @@ class RedisSessionStore(SessionStore):
         with store_errors(*self._errors):
             return await self._scripts[script](keys=keys, args=args)
 
+    async def _pick(self, keys: list[Any], match: str, value: object, remove: bool, *floor: object) -> Any:
+        """The user's sessions `match` picks, removed if `remove`: their digests and their fields."""
+        return await self._run("pick", keys, [self._key("session"), match, value, int(remove), *floor])
+
     async def create(
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> NewSession | None:
@@ -3897,29 +3877,23 @@ class RedisSessionStore(SessionStore):
         return live[0] if live else None
 
     async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
-        floor = (DELETED if below is None else below) if refuse else ""
+        keys = [self._key("user", user_id), self._key("epoch", user_id)]
+        match = ("all", "") if below is None else ("below", below)
         # The floor outlives every login that could still be in flight with the old epoch.
-        lifetime = max(3600, math.ceil(self._config.absolute_timeout))
-        args = [self._key("session"), "" if below is None else below, floor, lifetime]
-        ended = await self._run("end_user", [self._key("user", user_id), self._key("epoch", user_id)], args)
+        floor = [DELETED if below is None else below, max(3600, math.ceil(self._config.absolute_timeout))]
+        _, ended = await self._pick(keys, *match, True, *(floor if refuse else []))
         return len(self._ended(ended, ending, self._clock()))
 
     async def sessions_of(self, user_id: int) -> list[Session]:
-        args = [self._key("session"), self._clock()]
-        found = await self._run("list", [self._key("user", user_id)], args)
+        _, found = await self._pick([self._key("user", user_id)], "live", self._clock(), False)
         return [session for session in map(self._session, found) if session is not None]
 
     async def revoke_public(
         self, user_id: int, public_id: str, ending: str = "logout:sessions"
     ) -> tuple[bytes, Session] | None:
-        found = await self._run(
-            "revoke_public", [self._key("user", user_id)], [self._key("session"), public_id]
-        )
-        if not found:
-            return None
-        digest, *fields = found
-        live = self._ended([fields], ending, self._clock())
-        return (bytes.fromhex(digest.decode()), live[0]) if live else None
+        digests, found = await self._pick([self._key("user", user_id)], "public_id", public_id, True)
+        live = self._ended(found, ending, self._clock())
+        return (bytes.fromhex(digests[0].decode()), live[0]) if live else None
 
     async def sweep(self) -> int:
         """Remove the expired sessions (journaled) and what the users' sets still name of sessions
@@ -3927,7 +3901,7 @@ class RedisSessionStore(SessionStore):
         now, removed = self._clock(), 0
         with store_errors(*self._errors):
             async for user_key in self._redis.scan_iter(match=self._key("user", "*"), count=500):
-                expired = await self._run("expire", [user_key], [self._key("session"), now])
+                _, expired = await self._pick([user_key], "expired", now, True)
                 self._ended(expired, "expired:", now)
                 removed += len(expired)
         return removed
