@@ -2357,9 +2357,8 @@ async def schema_digest(conn: aiopg.sa.SAConnection) -> str | None:
     """The digest of the schema.sql the tables were last brought up to date with, or None."""
     if not await table_columns(conn, "schema_version"):
         return None
-    result = await conn.execute(sa.select(schema_version.c.digest))
-    row = await result.first()
-    return None if row is None else str(row[0])
+    digest = await conn.scalar(sa.select(schema_version.c.digest))
+    return None if digest is None else str(digest)
 
 
 # A change made to the tables inside create_tables' transaction, before the tables are checked.
@@ -2774,8 +2773,8 @@ class EmbeddedPostgres:
 
     def _dsn_for(self, postmaster: Postmaster, role: str) -> str:
         """A DSN naming the password file, not the password (so no DSN, logged or shown, has it)."""
-        where = {"host": postmaster.socket_dir, "port": postmaster.port, "passfile": self.secret_path}
-        return str(psycopg2.extensions.make_dsn(dbname=EMBEDDED_DATABASE, user=role, **where))
+        params = {"host": postmaster.socket_dir, "port": postmaster.port, "dbname": EMBEDDED_DATABASE}
+        return str(psycopg2.extensions.make_dsn(**params, user=role, passfile=self.secret_path))
 
     # -- PostgreSQL's programs
 
