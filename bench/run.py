@@ -1,9 +1,10 @@
-"""Benchmark server.py against the framework's ceiling, the hashing limit, the article's login, and,
-for live events, a minimal WebSocket fan-out and python-socketio.
+"""Benchmark server.py against the framework's ceiling, the hashing limit, the article's login, the
+session stores side by side (with py-spy's profile of each), and, for live events, a minimal
+WebSocket fan-out and python-socketio.
 
-    python bench/run.py               # full run (about 15 minutes), writes BENCHMARKS.md
+    python bench/run.py               # full run (about 20 minutes), writes BENCHMARKS.md
     python bench/run.py --smoke       # a second or so per scenario, 300 streams, writes nothing (CI)
-    python bench/run.py --only live   # one part (http or live); rewrites only its section
+    python bench/run.py --only live   # one part (http, stores or live); rewrites only its section
 
 Everything it needs is started here: an embedded PostgreSQL in a temporary directory, each server
 under test as its own process pinned to core 0, and the load generators (wrk for HTTP requests,
@@ -21,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -29,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +165,8 @@ def start_postgres(directory: Path) -> object:
     return postgres
 
 
-def prepare_database(admin_url: str, name: str, parameters: dict[str, int]) -> str:
-    """A database with server.py's tables, USERS users hashed with `parameters`, and the seed's table."""
+def prepare_database(admin_url: str, name: str, parameters: dict[str, int], users: int = USERS) -> str:
+    """A database with server.py's tables, `users` users hashed with `parameters`, and the seed's table."""
     admin = psycopg2.connect(admin_url)
     admin.autocommit = True
     with admin.cursor() as cur:
@@ -175,7 +178,7 @@ def prepare_database(admin_url: str, name: str, parameters: dict[str, int]) -> s
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute(server.SCHEMA_PATH.read_text())
         cur.execute("CREATE TABLE seed_users (username text PRIMARY KEY, password text NOT NULL)")
-        for number in range(USERS):
+        for number in range(users):
             username, password = f"user{number}", f"password{number}"
             cur.execute(
                 "INSERT INTO users (username, password_hash) VALUES (%s, %s)",
@@ -197,10 +200,11 @@ def server_config(directory: Path, port: int, passwords: dict[str, int], uvloop:
     return path
 
 
-async def new_session(url: str) -> str:
+async def new_session(url: str, user: int = 0) -> str:
+    credentials = {"username": f"user{user}", "password": f"password{user}"}
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{url}/user", json={"username": "user0", "password": "password0"}) as response,
+        http.post(f"{url}/user", json=credentials) as response,
     ):
         return str((await response.json())["session_id"])
 
@@ -288,13 +292,15 @@ def memory_per_session(count: int = 100_000) -> float:
 
 @contextmanager
 def private_redis() -> Iterator[str | None]:
-    """A Redis server of the benchmark's own, or None where redis-server is not installed."""
+    """A Redis server of the benchmark's own on the load core (beside PostgreSQL), or None where
+    redis-server is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
     port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command = ["taskset", "-c", LOAD_CORE, binary, "--port", str(port), "--bind", "127.0.0.1"]
+    command += ["--save", "", "--appendonly", "no"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         if not port_opens(port, 10, process):
@@ -309,11 +315,12 @@ def server_args(config: Path) -> list[str]:
     return [str(ROOT / "server.py"), "--config", str(config)]
 
 
-def run(seconds: float, parts: set[str], live: LiveSize) -> dict[str, object]:
+def run(seconds: float, parts: set[str], live: LiveSize, store_rounds: int) -> dict[str, object]:
     ensure_wrk()
     raise_fd_limit(live.streams + 1000)
     rounds, round_seconds = 3, max(1, round(seconds / 3))
     results: dict[str, dict[str, float]] = {}
+    profiles: dict[str, Profile | str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as temp, private_redis() as redis_url:
         directory = Path(temp)
         postgres = start_postgres(directory)
@@ -321,13 +328,16 @@ def run(seconds: float, parts: set[str], live: LiveSize) -> dict[str, object]:
         try:
             if "http" in parts:
                 results |= http_scenarios(directory, admin_url, redis_url, seconds, rounds, round_seconds)
+            if "stores" in parts:
+                found, profiles = side_by_side(directory, admin_url, redis_url, seconds, store_rounds)
+                results |= found
             if "live" in parts:
                 results |= live_scenarios(directory, admin_url, live)
         finally:
             postgres.cleanup()  # type: ignore[attr-defined]
     if "http" in parts:
         results["memory"] = {"bytes_per_session": memory_per_session()}
-    return {"results": results, "ratios": ratios(results)}
+    return {"results": results, "ratios": ratios(results), "profiles": profiles}
 
 
 def http_scenarios(
@@ -458,6 +468,207 @@ def store_scenarios(
                     url, "login.lua", measure_seconds, THROUGHPUT_CONNECTIONS, BENCH_USERS=str(USERS)
                 )
     return found
+
+
+# ---------------------------------------------------------------------------
+# Session stores side by side: the ceiling, GET and POST /user on each store, py-spy's profiles
+# ---------------------------------------------------------------------------
+
+STORE_ROUNDS = 5
+PROFILE_TOP = 5
+PROFILE_RATE = 200  # py-spy's samples a second
+# scenario: (server, wrk script, label); "ceiling" is bench/ceiling.py, the others server.py on that store.
+SIDE_BY_SIDE = {
+    "ceiling_get": ("ceiling", "get.lua", "ceiling: minimal aiohttp GET"),
+    "memory_get": ("memory", "get.lua", "GET /user, memory store"),
+    "memory_login": ("memory", "login.lua", "POST /user, memory store"),
+    "postgres_get": ("postgres", "get.lua", "GET /user, PostgreSQL store, near cache"),
+    "postgres_login": ("postgres", "login.lua", "POST /user, PostgreSQL store, near cache"),
+    "redis_get": ("redis", "get.lua", "GET /user, Redis store, near cache"),
+    "redis_login": ("redis", "login.lua", "POST /user, Redis store, near cache"),
+}
+SHARED_STORES = ("postgres", "redis")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """py-spy's samples of one server under one load: where its event loop's thread spent them."""
+
+    samples: int  # of the main thread, which runs the event loop
+    waiting: int  # of those, in the selector: the loop had nothing to run
+    top: list[tuple[int, str, str, str]]  # own samples, function, file:line, innermost server.py function
+    entry: list[str]  # server.py functions on (nearly) every stack: the way in, main() to the loop
+    on_stack: list[tuple[int, str]]  # the others, by samples with them on the stack
+    innermost: list[tuple[int, str]]  # server.py functions, by samples where each is the innermost
+    other_samples: int  # of every other thread (the hashing pool, the database's helpers)
+    other_top: list[tuple[int, str]]  # their leaves
+
+
+def side_by_side(
+    directory: Path, admin_url: str, redis_url: str | None, seconds: float, rounds: int
+) -> tuple[dict[str, dict[str, float]], dict[str, Profile | str]]:
+    """In one run, rounds alternating over every scenario: the ceiling's GET, and GET /user and logins
+    (cheapest hashing, USERS users in turn) on the memory store and on each shared store with the near
+    cache at its default size; then one more window of each with py-spy recording the server."""
+    round_seconds = max(1, round(seconds / rounds))
+    print(
+        f"bench: session stores side by side, {rounds} rounds of {round_seconds} s, then py-spy", flush=True
+    )
+    # USERS log in; one more user's session is the one GET /user reads, so no login evicts it
+    # (sessions.max_per_user as shipped: a login past it ends its user's oldest session).
+    database = prepare_database(admin_url, "bench_stores", CHEAP, users=USERS + 1)
+    env = {"DATABASE_URL": database}
+    stores = ["memory", *(store for store in SHARED_STORES if store != "redis" or redis_url)]
+    scenarios = {
+        name: scenario for name, scenario in SIDE_BY_SIDE.items() if scenario[0] in ("ceiling", *stores)
+    }
+    with ExitStack() as stack:
+        ports = {server: free_port() for server in ("ceiling", *stores)}
+        ceiling_args = [str(BENCH / "ceiling.py"), "--port", str(ports["ceiling"])]
+        urls = {"ceiling": stack.enter_context(pinned_server(ceiling_args, ports["ceiling"]))}
+        for store in stores:
+            config = store_config(directory, ports[store], store, redis_url)
+            urls[store] = stack.enter_context(pinned_server(server_args(config), ports[store], env))
+        session = {store: asyncio.run(new_session(urls[store], USERS)) for store in stores}
+        loads = {
+            name: (urls[server], script, THROUGHPUT_CONNECTIONS, load_env(script, session.get(server, "")))
+            for name, (server, script, _) in scenarios.items()
+        }
+        for url, script, connections, load in loads.values():  # warm-up: pools and near caches filled
+            wrk(url, script, 1, connections, **load)
+        found = interleaved(rounds, round_seconds, loads)
+        for name, figures in found.items():
+            if figures["non_2xx"] > 0.01 * figures["requests"]:
+                sys.exit(
+                    f"bench: {name}: {figures['non_2xx']:.0f} of {figures['requests']:.0f} answers not 2xx"
+                )
+        profiles = {
+            name: profiled(server_pid(ports[server]), *loads[name], round_seconds, directory / f"{name}.txt")
+            for name, (server, _, _) in scenarios.items()
+        }
+    measured = {f"stores_{name}": figures for name, figures in found.items()}
+    return measured | {"stores_run": {"rounds": rounds, "seconds": round_seconds}}, profiles
+
+
+def store_config(directory: Path, port: int, store: str, redis_url: str | None) -> Path:
+    """server.py on one store, cheapest hashing, the rest as shipped (the near cache's size too)."""
+    sessions: dict[str, object] = {"store": store}
+    if store == "redis":
+        sessions["redis_url"] = redis_url
+    config = {"webserver": {"host": "127.0.0.1", "port": port}, "sessions": sessions, "passwords": CHEAP}
+    path = directory / f"stores-{store}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def load_env(script: str, session: str) -> dict[str, str]:
+    """What the wrk script reads: GET's session, or how many users log in in turn."""
+    return {"BENCH_USERS": str(USERS)} if script == "login.lua" else {"BENCH_SESSION": session}
+
+
+def profiled(
+    pid: int, url: str, script: str, connections: int, env: dict[str, str], seconds: int, output: Path
+) -> Profile | str:
+    """py-spy recording the server (from the load core, without pausing it) while wrk drives it:
+    the profile, or why there is none."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return "py-spy is not installed (requirements-dev.txt pins it)"
+    command = [
+        "taskset", "-c", LOAD_CORE, spy, "record", "--format", "raw", "--nonblocking", "--threads",
+        "--function", "--rate", str(PROFILE_RATE), "--duration", str(seconds), "--pid", str(pid),
+        "--output", str(output),
+    ]  # fmt: skip
+    load = wrk_background(url, script, seconds + 1, connections, **env)
+    try:
+        time.sleep(0.5)  # wrk connected, the server busy
+        done = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        load.wait(seconds + 30)
+    if done.returncode != 0 or not output.exists():
+        # Its first line says why; a backtrace may follow.
+        said = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()
+        if said[0].lower().startswith("permission denied"):
+            return "py-spy could not attach to the server: ptrace is not permitted here"
+        return f"py-spy could not record the server ({said[0].rstrip('.')})"
+    return read_profile(output.read_text())
+
+
+FRAME = re.compile(r"(?P<function>.*) \((?P<where>[^()]*)\)$")  # py-spy's raw frame: "name (file:line)"
+# A server.py function on this share of the loop's stacks that hold any is the way in, not the work
+# (some stacks read without pausing the server come out torn, without their outer frames).
+ENTRY_SHARE = 0.8
+
+
+def read_profile(raw: str) -> Profile:
+    """py-spy's raw output with --threads (one stack a line: "thread (id): name", then the frames,
+    outermost first, then its samples) summed up, the main thread apart from the others."""
+    own: Counter[tuple[str, str]] = Counter()
+    under: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    on_stack: Counter[str] = Counter()
+    innermost: Counter[str] = Counter()
+    depth: dict[str, int] = {}  # how far from the outermost frame a server.py function was first seen
+    ours_total = 0  # the loop's samples with any server.py function on the stack
+    others: Counter[str] = Counter()
+    stacks = []
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        thread, _, stack = stack.partition(";")
+        frames = [frame for frame in map(FRAME.match, stack.split(";")) if frame]
+        if frames and count.isdigit():
+            stacks.append((thread, frames, int(count)))
+    threads = Counter[str]()
+    for thread, _, samples in stacks:
+        threads[thread] += samples
+    # The event loop runs in the main thread; should py-spy not know the threads' names, the busiest.
+    main = next((thread for thread in threads if thread.endswith(": MainThread")), None)
+    main = main or (threads.most_common(1) or [("", 0)])[0][0]
+    for thread, frames, samples in stacks:
+        leaf = (frames[-1]["function"], frames[-1]["where"])
+        if thread != main:
+            others[leaf[0]] += samples
+            continue
+        own[leaf] += samples
+        ours = [frame["function"] for frame in frames if in_server(frame["where"])]
+        under[leaf][ours[-1] if ours else "—"] += samples
+        if ours:
+            innermost[ours[-1]] += samples
+            ours_total += samples
+        for number, function in enumerate(ours):
+            depth.setdefault(function, number)
+        for function in set(ours):
+            on_stack[function] += samples
+    total = sum(own.values())
+    entry = sorted(
+        (function for function, samples in on_stack.items() if samples >= ENTRY_SHARE * ours_total),
+        key=lambda function: depth[function],
+    )
+    return Profile(
+        samples=total,
+        waiting=sum(samples for (function, where), samples in own.items() if is_wait(function, where)),
+        top=[
+            (samples, function, where, under[function, where].most_common(1)[0][0])
+            for (function, where), samples in own.most_common(PROFILE_TOP)
+        ],
+        entry=entry,
+        on_stack=[
+            (samples, function) for function, samples in on_stack.most_common() if function not in entry
+        ],
+        innermost=[(samples, function) for function, samples in innermost.most_common()],
+        other_samples=sum(others.values()),
+        other_top=[(samples, function) for function, samples in others.most_common(3)],
+    )
+
+
+def is_wait(function: str, where: str) -> bool:
+    """The event loop waiting for I/O: asyncio's selector (EpollSelector.select)."""
+    return function.endswith("select") and where.startswith("selectors.py")
+
+
+def in_server(where: str) -> bool:
+    """Whether a frame's file is server.py (py-spy shortens a path it finds on sys.path)."""
+    path = Path(where.rpartition(":")[0])
+    return path.name == "server.py" and (not path.parent.name or path == ROOT / "server.py")
 
 
 # ---------------------------------------------------------------------------
@@ -663,7 +874,11 @@ def median_live(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, str]]:
     """Each reported ratio: (value, target, comparison), for the parts that ran."""
-    return (http_ratios(r) if "get" in r else {}) | (live_ratios(r) if "live_ours" in r else {})
+    return (
+        (http_ratios(r) if "get" in r else {})
+        | (store_ratios(r) if "stores_memory_get" in r else {})
+        | (live_ratios(r) if "live_ours" in r else {})
+    )
 
 
 def http_ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, str]]:
@@ -682,6 +897,27 @@ def http_ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float,
             r["uvloop_delete"]["rps"] / r["uvloop_ceiling"]["rps"], 0.9, ">="),
         "uvloop ceiling / asyncio ceiling": (r["uvloop_ceiling"]["rps"] / r["ceiling"]["rps"], 0.0, "info"),
     }  # fmt: skip
+
+
+def store_ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, str]]:
+    """The issue's targets for the stores (its fourth, OWASP logins / argon2's rate, is http's)."""
+    memory_get, memory_login = r["stores_memory_get"]["rps"], r["stores_memory_login"]["rps"]
+    rows = {
+        "stores: GET /user, memory store / ceiling": (memory_get / r["stores_ceiling_get"]["rps"], 0.9, ">=")
+    }
+    for store in SHARED_STORES:
+        if f"stores_{store}_get" not in r:
+            continue
+        label = STORE_LABELS[store]
+        get, login = r[f"stores_{store}_get"]["rps"], r[f"stores_{store}_login"]["rps"]
+        rows[f"stores: GET /user, {label} store with the near cache / memory store"] = (
+            get / memory_get,
+            0.9,
+            ">=",
+        )
+        rows[f"stores: logins, {label} store / memory store"] = (login / memory_login, 0.5, ">=")
+        rows[f"stores: logins, {label} store / memory store (stretch)"] = (login / memory_login, 0.8, ">=")
+    return rows
 
 
 def live_ratios(r: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, str]]:
@@ -796,6 +1032,7 @@ def ratio_table(rows: dict[str, tuple[float, float, str]]) -> list[str]:
 def markdown(report: dict[str, object], seconds: float, size: LiveSize) -> str:
     results: dict[str, dict[str, float]] = report["results"]  # type: ignore[assignment]
     ratio_rows: dict[str, tuple[float, float, str]] = report["ratios"]  # type: ignore[assignment]
+    profiles: dict[str, Profile | str] = report["profiles"]  # type: ignore[assignment]
     lines = [
         "# Benchmarks",
         "",
@@ -803,9 +1040,12 @@ def markdown(report: dict[str, object], seconds: float, size: LiveSize) -> str:
         f" ({seconds:.0f} s a scenario), on {machine()}.",
     ]
     if "get" in results:
-        lines += http_markdown(results, {k: v for k, v in ratio_rows.items() if not k.startswith("live:")})
+        http_rows = {k: v for k, v in ratio_rows.items() if not k.startswith(("live:", "stores:"))}
+        lines += http_markdown(results, http_rows)
     if "live_ours" in results:
         lines += live_markdown(results, {k: v for k, v in ratio_rows.items() if k.startswith("live:")}, size)
+    if "stores_memory_get" in results:
+        lines += stores_markdown(results, ratio_rows, profiles)
     return "\n".join(lines)
 
 
@@ -845,6 +1085,115 @@ def http_markdown(
         "here also host wrk and the databases.",
         "",
     ]
+    return lines
+
+
+def stores_markdown(
+    results: dict[str, dict[str, float]],
+    ratio_rows: dict[str, tuple[float, float, str]],
+    profiles: dict[str, Profile | str],
+) -> list[str]:
+    found = {name: results[f"stores_{name}"] for name in SIDE_BY_SIDE if f"stores_{name}" in results}
+    run = results["stores_run"]
+    rounds = (
+        f"{run['rounds']:.0f} alternating round{'s' if run['rounds'] != 1 else ''} of {run['seconds']:.0f} s"
+    )
+    lines = [
+        "",
+        STORES_HEADING.strip(),
+        "",
+        f"Measured {datetime.date.today().isoformat()} with `{command_line()}` ({rounds},",
+        f"the median round of each kept), on {machine()}.",
+        "The ceiling (bench/ceiling.py) and one server.py process per store run side by side, each pinned",
+        f"to core {SERVER_CORE}; wrk ({THROUGHPUT_CONNECTIONS} connections) runs on core {LOAD_CORE}, beside"
+        " the embedded PostgreSQL and a private",
+        f"Redis. Cheapest hashing, so the store's own cost shows; {USERS} users log in in turn"
+        " (`sessions.max_per_user` as",
+        "shipped: each login past it ends that user's oldest session), and GET /user reads a session of",
+        "another user. The shared stores run with the near cache at its default `sessions.cache_size`.",
+        "",
+        "Under each ratio, the profiles of its scenarios: py-spy (`py-spy record --nonblocking --threads",
+        "--function`, from the load core) over one more window of the same load. For the event loop's",
+        "thread: the share of its samples waiting in the selector (the loop had nothing to run), the",
+        "server.py functions on the most stacks, and the five functions with the most samples of their",
+        "own (the stack's leaf; file:line is where the function begins) with the innermost server.py",
+        "function on those stacks. `WebServer.run` as the innermost is the event loop and aiohttp's own",
+        "request handling, outside any server.py middleware or handler. Stacks read without pausing the",
+        "server are sometimes torn (outer frames missing): the own samples hold, the server.py shares",
+        "come out a little low.",
+        "",
+        "| scenario | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in found.items():
+        label = SIDE_BY_SIDE[name][2]
+        lines.append(f"| {label} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
+    groups = [
+        ("GET /user against the ceiling", ("GET /user, memory store /",), ("ceiling_get", "memory_get")),
+        (
+            "GET /user on the shared stores, with the near cache",
+            ("with the near cache",),
+            tuple(f"{store}_get" for store in SHARED_STORES),
+        ),
+        (
+            "Logins on the shared stores",
+            ("stores: logins",),
+            ("memory_login", *(f"{store}_login" for store in SHARED_STORES)),
+        ),
+    ]
+    for title, markers, names in groups:
+        rows = {
+            k.removeprefix("stores: "): v
+            for k, v in ratio_rows.items()
+            if k.startswith("stores:") and any(marker in k for marker in markers)
+        }
+        lines += ["", f"### {title}", *ratio_table(rows)]
+        for name in names:
+            if name in found:
+                lines += profile_markdown(SIDE_BY_SIDE[name][2], profiles.get(name, "not profiled"))
+    lines += [
+        "",
+        "The fourth target, logins at OWASP parameters ≥ 0.85 of argon2's own verify rate, is the first",
+        "table's `logins / argon2 limit` (the http part).",
+        "",
+    ]
+    return lines
+
+
+def profile_markdown(label: str, profile: Profile | str) -> list[str]:
+    if isinstance(profile, str):
+        return ["", f"Profile, {label}: {profile}."]
+
+    def share(samples: int) -> str:
+        return f"{100 * samples / max(profile.samples, 1):.0f}%"
+
+    def listed(functions: list[tuple[int, str]]) -> str:
+        return ", ".join(f"`{function}` {share(samples)}" for samples, function in functions[:PROFILE_TOP])
+
+    lines = [
+        "",
+        f"Profile, {label}: {profile.samples:,} samples of the event loop's thread, {share(profile.waiting)}"
+        " of them waiting in the selector.",
+    ]
+    if profile.innermost:
+        entry = " … ".join(f"`{function}`" for function in profile.entry) or "none"
+        lines += [
+            f"server.py functions on its stacks, beside the way in ({entry}):"
+            f" {listed(profile.on_stack) or 'none'};",
+            f"by the innermost server.py function (its own code and the library calls it makes):"
+            f" {listed(profile.innermost)}.",
+        ]
+    if profile.other_samples:
+        others = ", ".join(f"`{function}` {samples}" for samples, function in profile.other_top)
+        lines.append(f"Other threads: {profile.other_samples:,} samples, most in {others}.")
+    lines += [
+        "",
+        "| own samples | function | file:line | innermost server.py function |",
+        "|---:|---|---|---|",
+    ]
+    for samples, function, where, ours in profile.top:
+        shown = "—" if ours == "—" else f"`{ours}`"
+        lines.append(f"| {share(samples)} | `{function}` | `{where}` | {shown} |")
     return lines
 
 
@@ -971,10 +1320,16 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="a second per scenario; write nothing")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each scenario (default 10)")
     parser.add_argument(
-        "--only", choices=["http", "live"], help="run one part and rewrite only its section of BENCHMARKS.md"
+        "--only",
+        choices=list(PART_HEADINGS),
+        help="run one part and rewrite only its section of BENCHMARKS.md",
     )
     parser.add_argument("--streams", type=int, help="live streams held at once (default 10,000)")
-    parser.add_argument("--rounds", type=int, help="live rounds of server.py, ceiling and peer (default 3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"rounds of the live part (default 3) and of the stores part (default {STORE_ROUNDS})",
+    )
     args = parser.parse_args()
     seconds = 1.0 if args.smoke else args.seconds
     size = SMOKE_LIVE if args.smoke else LiveSize()
@@ -982,11 +1337,12 @@ def main() -> int:
         size = dataclasses.replace(size, streams=args.streams)
     if args.rounds:
         size = dataclasses.replace(size, rounds=args.rounds)
-    parts = {args.only} if args.only else {"http", "live"}
+    store_rounds = args.rounds or (1 if args.smoke else STORE_ROUNDS)
+    parts = {args.only} if args.only else set(PART_HEADINGS)
     # Stopped from outside, still stop the servers and the PostgreSQL this run started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: stopped by SIGTERM"))
     started = time.monotonic()
-    report = run(seconds, parts, size)
+    report = run(seconds, parts, size, store_rounds)
     text = markdown(report, seconds, size)
     print(text)
     print(f"bench: finished in {time.monotonic() - started:.0f} s")
@@ -996,7 +1352,20 @@ def main() -> int:
 
 
 LIVE_HEADING = "\n## Live events"
+STORES_HEADING = "\n## Session stores side by side"
 NEAR_CACHE_HEADING = "\n## Near cache"  # written by bench/near_cache.py
+PART_HEADINGS = {"http": "", "live": LIVE_HEADING, "stores": STORES_HEADING}  # the parts, in the file's order
+
+
+def sections(text: str) -> dict[str, str]:
+    """A report cut into its parts, each from its heading (http's from the top) to the next part's."""
+    starts = sorted(
+        (text.find(heading) if heading else 0, part)
+        for part, heading in PART_HEADINGS.items()
+        if heading in text
+    )
+    ends = [start for start, _ in starts[1:]] + [len(text)]
+    return {part: text[start:end].strip("\n") for (start, part), end in zip(starts, ends, strict=True)}
 
 
 def write_report(text: str, only: str | None) -> None:
@@ -1009,13 +1378,9 @@ def write_report(text: str, only: str | None) -> None:
     if only is None or not old:
         path.write_text(text.rstrip("\n") + "\n" + kept)
         return
-    old_http, _, old_live = old.partition(LIVE_HEADING)
-    new_http, _, new_live = text.partition(LIVE_HEADING)
-    if only == "live":
-        path.write_text(old_http.rstrip("\n") + "\n" + LIVE_HEADING + new_live.rstrip("\n") + "\n" + kept)
-    else:
-        live = LIVE_HEADING + old_live.rstrip("\n") + "\n" if old_live else ""
-        path.write_text(new_http.rstrip("\n") + "\n" + live + kept)
+    parts = sections(old) | {only: sections(text)[only]}
+    written = [parts[part] for part in PART_HEADINGS if parts.get(part)]
+    path.write_text("\n\n".join(written) + "\n" + kept)
 
 
 if __name__ == "__main__":
