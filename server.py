@@ -4592,16 +4592,15 @@ class Encoded:
         event_id: int,
         user_id: int | None,
         data: str,
-        at: float,
+        created_at: float,
         topic: str | None = None,
         sender: str | None = None,
     ) -> Encoded:
         """A row of `events` (data as JSON text) as the contract's event object."""
         about = "" if topic is None else f'"topic":{json.dumps(topic)},'
         signed = "" if sender is None else f',"from":{json.dumps(sender, ensure_ascii=False)}'
-        text = (
-            f'{{"id":{event_id},"type":"message",{about}"data":{data},"created_at":"{iso_utc(at)}"{signed}}}'
-        )
+        at = iso_utc(created_at)
+        text = f'{{"id":{event_id},"type":"message",{about}"data":{data},"created_at":"{at}"{signed}}}'
         return cls.of("message", text, event_id, user_id, topic)
 
     @classmethod
@@ -4662,12 +4661,8 @@ class Stream:
         self.session_id, self.digest = session_id, token_hash(session_id)  # to renew it; to find it
         self.account, self.public_id, self.expires_at = session.account, session.public_id, session.expires_at
         self.address, self.user_agent = session.address, session.user_agent  # the login's, for the journal
-        self.transport, self.websocket, self.chunked, self.max_buffer = (
-            transport,
-            websocket,
-            chunked,
-            max_buffer,
-        )
+        self.transport, self.max_buffer = transport, max_buffer
+        self.websocket, self.chunked = websocket, chunked
         self.last_id = last_id  # the newest event id written: nothing at or below it goes out again
         self.topics = {sys.intern(topic) for topic in topics}  # subscribed: see StreamRegistry.subscribe
         self.backlog: list[Encoded] | None = []  # live events wait here while older ones replay
@@ -4698,8 +4693,7 @@ class Stream:
         return sum(self.write(event) for event in backlog)
 
     def write(self, event: Encoded, again: bool = False) -> bool:
-        """Write an event or notice once: none at or below last_id, unless `again` (a topic's replay on an
-        open stream; last_id stays). Whether an event went out."""
+        """Write an event (none at or below last_id, unless `again`) or a notice; whether an event did."""
         if event.id is not None and not again:
             if event.id <= self.last_id:
                 return False  # replayed already
@@ -4734,8 +4728,7 @@ class Stream:
         self.transport.abort()
 
     async def pace(self) -> None:
-        """Before the next replayed event: wait while over half max_buffer is unsent. A client that reads,
-        however slowly, is never cut; one that reads nothing for REPLAY_STALL seconds ends as SLOW."""
+        """Wait while over half max_buffer is unsent; a client that reads nothing for REPLAY_STALL is SLOW."""
         loop = asyncio.get_running_loop()
         give_up, unsent = loop.time() + REPLAY_STALL, self.transport.get_write_buffer_size()
         while unsent > self.max_buffer // 2 and not self.ended.done():
@@ -4761,8 +4754,7 @@ class Stream:
 
 
 class StreamRegistry:
-    """This process's open streams, by account, session and topic; changed only by add, discard,
-    subscribe and unsubscribe. Dicts serve as ordered sets: a broadcast goes in order of opening."""
+    """This process's open streams by account, session and topic (dicts as ordered sets: opening order)."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
@@ -4885,9 +4877,8 @@ class StreamRegistry:
 
 
 class RecentEvents:
-    """The events this process delivered last, encoded, so that a recent resume replays from memory:
-    every event with an id above `floor`, in id order, none past the retention, at most `most` and
-    `most_bytes` of them (README: Design, "Replays from memory")."""
+    """The events this process delivered last (all after `floor`, none past the retention, at most `most`
+    and `most_bytes`), so that a recent resume replays from memory (README: "Replays from memory")."""
 
     def __init__(self, retention: float, most: int = RECENT_EVENTS, most_bytes: int = RECENT_EVENT_BYTES):
         self.retention, self._most, self._most_bytes = retention, most, most_bytes
@@ -4929,8 +4920,7 @@ class RecentEvents:
     def since(
         self, after: int, user_id: int, now: float, topics: Collection[str] = (), only_topics: bool = False
     ) -> list[Encoded] | None:
-        """The held events after `after` for a stream of `user_id` subscribed to `topics` (with
-        `only_topics`, theirs alone), in id order; None when some may not be held (the table answers)."""
+        """The held events after `after` for `user_id`'s stream of `topics` (None: ask the table)."""
         while self._events and self._events[0][1] < now - self.retention:
             self._drop_oldest()
         if self.floor is None or after < self.floor:
@@ -4939,11 +4929,8 @@ class RecentEvents:
         for event, _ in reversed(self._events):  # newest first: a resume is usually recent
             if (event.id or 0) <= after:
                 break
-            if event.topic is not None or only_topics:
-                wanted = event.topic in topics
-            else:
-                wanted = event.user_id is None or event.user_id == user_id
-            if wanted:
+            mine = event.user_id in (None, user_id)
+            if event.topic in topics if event.topic is not None or only_topics else mine:
                 found.append(event)
         return found[::-1]
 
@@ -5034,9 +5021,8 @@ async def replay(
     recent: RecentEvents,
     topic: str | None = None,
 ) -> tuple[str, int]:
-    """Write the retained events for `stream` after `after` up to `through`, in id order, first
-    `replay_truncated` if the sweep dropped some; with `topic`, that topic's alone, even below
-    last_id. Returns their source ("memory" or "table") and how many were written."""
+    """Write `stream`'s retained events after `after` up to `through` (with `topic`, its alone, even below
+    last_id), first replay_truncated if some were swept; returns ("memory" or "table", how many)."""
     topics, again = (stream.topics, False) if topic is None else ((topic,), True)
     written = 0
     if recent.holds(after):
@@ -5046,6 +5032,8 @@ async def replay(
             if after < dropped:
                 stream.write(REPLAY_TRUNCATED)
             for event in held:
+                if (event.id or 0) > through:
+                    break  # delivered since: in the stream's backlog, for go_live (a topic's too)
                 await stream.pace()
                 written += stream.write(event, again)
             return "memory", written
@@ -5070,9 +5058,8 @@ async def replay(
 async def resume_beyond(
     engine: aiopg.sa.Engine, stream: Stream, after: int, newest: int, topic: str | None = None
 ) -> None:
-    """A resume from an id this process has not delivered: if no event ever had it (a restored
-    database), say replay_truncated and go on from `newest` (a topic's: nothing to replay); else the
-    bus is a moment behind, and live events bring the rest."""
+    """A resume from an id not delivered here: if no event ever had it, replay_truncated and go on from
+    `newest` (a topic's: nothing to replay); else the bus is a moment behind."""
     if after > int(await read_scalar(engine, EVENT_ID_DRAWN) or 0):
         stream.write(REPLAY_TRUNCATED)
         if topic is None:
@@ -5108,14 +5095,13 @@ BUS_BACKEND = """
 
 
 class Listener:
-    """This process's one dedicated PostgreSQL connection that LISTENs on its receivers' channels,
-    reconnecting with exponential backoff and jitter; it knows no message, only channels."""
+    """This process's one PostgreSQL connection that LISTENs, reconnecting with backoff; knows no message."""
 
     def __init__(self, engine: aiopg.sa.Engine) -> None:
         self.engine = engine
         self.receivers: list[tuple[Collection[str], Receive]] = []  # each batch goes to them in this order
         self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []  # at each (re)connect, in order
-        self.on_change: list[Callable[[], None]] = []  # as listening stops, and as it starts again
+        self.on_change: Callable[[], None] = lambda: None  # as listening stops, and as it starts again
         self.listening = False  # notifications arrive now
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
         self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while connected
@@ -5140,8 +5126,7 @@ class Listener:
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening, self.backend, self._conn = False, None, None
-            for changed in self.on_change:
-                changed()
+            self.on_change()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BUS_RETRY[1])
 
@@ -5154,8 +5139,7 @@ class Listener:
             self.backend = (int(pid), started)
             for hook in self.on_connect:
                 await hook(cur)
-            for changed in self.on_change:
-                changed()
+            self.on_change()
             self._conn, self.listening = conn, True
             self.connected.set()
             while True:
@@ -5169,8 +5153,7 @@ class Listener:
 
     @staticmethod
     def _buffered_notices(conn: aiopg.Connection) -> list[Any]:
-        """Notifications that came with a query's answer: in libpq's buffer, where no readable socket
-        wakes aiopg for them, so psycopg2's poll() fetches them."""
+        """Notifications come with a query's answer, in libpq's buffer: no readable socket wakes aiopg."""
         raw = conn.raw
         raw.poll()
         notices = list(raw.notifies)
@@ -5178,8 +5161,7 @@ class Listener:
         return notices
 
     def hears_everything(self) -> bool:
-        """Whether every notification committed so far has reached this process: listening, and
-        nothing received but not yet handled (a near cache may answer only then)."""
+        """Whether every notification committed so far is heard and handled (a near cache may answer then)."""
         conn = self._conn
         if not self.listening or conn is None or conn.closed or not conn.notifies.empty():
             return False
@@ -5188,8 +5170,7 @@ class Listener:
 
 
 class EventFeed:
-    """Delivers each new row of `events` once, in id order, to this process's streams, and keeps the
-    recent ones for replays (`recent`). `last_id`: the newest delivered; None until first connected."""
+    """Delivers each new row of `events` once, in id order, to this process's streams; keeps recent ones."""
 
     def __init__(self, registry: StreamRegistry, retention: float, metrics: Metrics | None = None) -> None:
         self.registry, self.metrics = registry, metrics
@@ -5244,9 +5225,8 @@ ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 
 @dataclasses.dataclass(frozen=True)
 class Revocation:
-    """What travels on REVOCATIONS_CHANNEL as JSON: one session ended (`session`: its token hash in
-    hex, never the id), or an account's (`user_id`; `epoch`: those begun below it, null: all).
-    schema.sql's trigger sends the account ones for passwd and deluser."""
+    """What travels on REVOCATIONS_CHANNEL as JSON: one session (`session`: its token hash in hex), or an
+    account's (`user_id`; `epoch`: those begun below it, null: all; schema.sql's for passwd, deluser)."""
 
     reason: Ended
     session: bytes | None = None
@@ -5274,9 +5254,8 @@ class Revocation:
 
 
 class Revocations:
-    """Sessions' revocations between processes: `notify` announces one made here; those heard go to
-    Sessions (forget, then apply); at each (re)connect Sessions reconciles the accounts it holds.
-    `deleted` hears of each deleted account (its events went with it)."""
+    """Sessions' revocations between processes: `notify` sends one; those heard go to Sessions (forget, then
+    apply); `deleted` hears of each deleted account (its events went with it)."""
 
     def __init__(self, engine: aiopg.sa.Engine, owner: Sessions, deleted: Callable[[int], None]) -> None:
         self.engine, self.owner, self.deleted = engine, owner, deleted
@@ -5306,14 +5285,10 @@ class Revocations:
             await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
             await self.owner.reconcile(dict(await cur.fetchall()))
 
-    def forget_all(self) -> None:
-        self.owner.forget(None)  # what the listener missed is unknown: the near cache starts anew
-
 
 class Bus(EventFeed):
-    """The event feed on this process's listener, which carries Sessions' revocations as well.
-    `channels`: more channels, each with what to do with one payload, after the revocations of a batch
-    and before its events; `on_connect`: more hooks at each (re)connect."""
+    """The event feed on this process's listener, which carries Sessions' revocations and `channels` too
+    (what to do with each payload: after a batch's revocations, before its events)."""
 
     def __init__(
         self,
@@ -5333,7 +5308,7 @@ class Bus(EventFeed):
             ((EVENTS_CHANNEL,), self.catch_up),
         ]
         listener.on_connect += [self.resume, self.revocations.reconcile]
-        listener.on_change.append(self.revocations.forget_all)
+        listener.on_change = lambda: owner.forget(None)  # what it missed is unknown: the cache starts anew
         self.on_connect, self.connected = listener.on_connect, listener.connected
         self.run, self.hears_everything = listener.run, listener.hears_everything
         self.notify = self.revocations.notify
@@ -5364,9 +5339,8 @@ SESSION_STREAMS_SWEEP = f"DELETE FROM session_streams s WHERE NOT {HOLDER_ALIVE}
 
 
 class StreamCounts:
-    """Each session's open event streams in every process (GET /user/sessions' `streams`). With a
-    shared store each process keeps its counts in `session_streams`, rows that count while its
-    listening connection lives (README: Design, "Stream counts"); else the registry knows."""
+    """Each session's open event streams in every process: with a shared store, in `session_streams`, rows
+    that count while their process's listening connection lives (README: Design, "Stream counts")."""
 
     def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus, shared: bool) -> None:
         self._engine, self._registry, self._listener, self.shared = engine, registry, bus.listener, shared
@@ -5402,17 +5376,14 @@ class StreamCounts:
             if backend is None or (backend == written and not self._changed):
                 continue  # no listener (its rows are not counted anyway), or nothing new
             rewrite = backend != written  # a new connection: every row of this process names it
-            changed = (
-                {stream.public_id: stream.account.user_id for stream in self._registry} if rewrite else {}
-            )
+            changed = {s.public_id: s.account.user_id for s in self._registry} if rewrite else {}
             changed, self._changed = changed | self._changed, {}
             counts = [self._registry.streams_of(public_id, user_id) for public_id, user_id in changed.items()]
-            params = {"public_ids": list(changed), "counts": counts, "process": self.process, "all": rewrite}
+            params: dict[str, Any] = {"public_ids": list(changed), "counts": counts, "all": rewrite}
+            params |= {"process": self.process, "pid": backend[0], "started": backend[1]}
             try:
                 async with connection(self._engine) as conn:
-                    await conn.execute(
-                        SESSION_STREAMS_WRITE, {**params, "pid": backend[0], "started": backend[1]}
-                    )
+                    await conn.execute(SESSION_STREAMS_WRITE, params)
                     if loop.time() - swept >= SWEEP_INTERVAL:
                         await conn.execute(SESSION_STREAMS_SWEEP)
                         swept = loop.time()
@@ -5433,9 +5404,8 @@ RECENT_ENDINGS = 1000  # memberships whose end a process remembers, for checks t
 
 
 class Topics:
-    """Who may use which topic: the first rule of events.topics that matches it, and for members-only
-    topics a row of `topic_members`. Ends a topic on this process's streams when its membership ends
-    (MEMBERSHIPS_CHANNEL), and limits how often each user publishes over HTTP."""
+    """Who may use which topic (the first matching rule of events.topics; `topic_members`), memberships'
+    ends on this process's streams, and each user's rate of publishing over HTTP."""
 
     def __init__(self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry) -> None:
         self._config, self._engine, self._registry = config, engine, registry
@@ -5452,25 +5422,16 @@ class Topics:
 
     async def refused(self, account: Account, topics: Collection[str], publish: bool = False) -> list[str]:
         """The topics this account may not subscribe to (or, with `publish`, publish to)."""
-        wants = {topic: self._wants(topic, publish) for topic in topics}
-        refused = [topic for topic, want in wants.items() if want not in ("anyone", "members", "publishers")]
-        needs = {topic: want for topic, want in wants.items() if want in ("members", "publishers")}
+        rules = {topic: self.rule(topic) for topic in topics}
+        wants = {t: None if r is None else r.publish if publish else r.subscribe for t, r in rules.items()}
+        refused = [t for t, want in wants.items() if want not in ("anyone", "members", "publishers")]
+        needs = [t for t, want in wants.items() if want in ("members", "publishers")]
         if needs:
-            params = {"user_id": account.user_id, "topics": list(needs)}
             async with connection(self._engine) as conn:
-                members = {
-                    row[0]: row[1] for row in await (await conn.execute(MEMBERSHIPS, params)).fetchall()
-                }
-            refused += [
-                t
-                for t, want in needs.items()
-                if t not in members or (want == "publishers" and not members[t])
-            ]
+                query = await conn.execute(MEMBERSHIPS, {"user_id": account.user_id, "topics": needs})
+                members = {row[0]: row[1] for row in await query.fetchall()}  # topic -> publisher
+            refused += [t for t in needs if t not in members or (wants[t] == "publishers" and not members[t])]
         return refused
-
-    def _wants(self, topic: str, publish: bool) -> str | None:
-        rule = self.rule(topic)
-        return None if rule is None else rule.publish if publish else rule.subscribe
 
     def mark(self) -> int:
         """A point to check later (see recheck) for memberships that ended meanwhile."""
@@ -5508,8 +5469,7 @@ class Topics:
                     self._registry.end_membership(user_id, topic)
 
     def publish_wait(self, user_id: int, now: float) -> float:
-        """0 and one publish counted if the user is within events.publish_rate, else the seconds
-        until the next is allowed (a bucket of publish_rate tokens, refilled at that rate)."""
+        """0 (and one publish counted), or the seconds until the next: a token bucket of publish_rate."""
         rate = self._config.publish_rate
         tokens, at = self._tokens.pop(user_id, (rate, now))
         tokens = min(max(rate, 1.0), tokens + (now - at) * rate)
@@ -5548,9 +5508,8 @@ def notify_chunks(head: dict[str, Any], items: Sequence[Any]) -> Iterator[str]:
 
 
 class Presence:
-    """Who has a stream open on each presence topic, in every process, kept in memory by each (GET
-    /topics/{topic}/presence reads no table). Processes announce changed counts on PRESENCE_CHANNEL
-    in batches and answer `who` there (README: Design, "Presence")."""
+    """Who has a stream open on each presence topic, in every process, kept in memory by each: processes
+    announce changed counts on PRESENCE_CHANNEL, and answer `who` there (README: Design, "Presence")."""
 
     def __init__(
         self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus
@@ -5620,7 +5579,12 @@ class Presence:
             if process == self.process:
                 return
             if "who" in message:  # the `who` command asks: answer on its channel
-                self._answer_who(str(message["who"]), message.get("topic"))
+                channel, topic = str(message["who"]), message.get("topic")
+                if not re.fullmatch(r"who_[0-9a-f]{16}", channel):
+                    raise ValueError(f"not a reply channel: {channel!r}")
+                counts = self._registry.users(topic if isinstance(topic, str) else None)
+                head = {"process": self.process, "reply": channel}
+                self._outbox += [(channel, p) for p in notify_chunks(head, [list(c) for c in counts.items()])]
             elif message.get("sync"):  # a process (re)connected: it needs our counts
                 self._changed |= {key: entry[0] for key, entry in self._mine.items()}
             elif "users" in message:
@@ -5635,15 +5599,6 @@ class Presence:
             self._wake.set()
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignored a malformed notification on %s: %s", PRESENCE_CHANNEL, exc)
-
-    def _answer_who(self, channel: str, topic: Any) -> None:
-        if not re.fullmatch(r"who_[0-9a-f]{16}", channel):
-            raise ValueError(f"not a reply channel: {channel!r}")
-        counts = self._registry.users(topic if isinstance(topic, str) else None)
-        head = {"process": self.process, "reply": channel}
-        self._outbox += [
-            (channel, payload) for payload in notify_chunks(head, [list(c) for c in counts.items()])
-        ]
 
     async def connected(self, cur: aiopg.Cursor) -> None:
         """The listener (re)connected: forget what others announced and ask them again; announce ours."""
@@ -5700,8 +5655,7 @@ class Presence:
 async def watch_streams(
     registry: StreamRegistry, store: Sessions, config: Config, clock: Callable[[], float]
 ) -> None:
-    """Every STREAM_TICK: end the streams whose client left; send SSE heartbeats; renew each stream's
-    session every third of the idle timeout (an open stream is use), and end it once expired."""
+    """Every STREAM_TICK: end streams whose client left, renew (or end) their sessions, send heartbeats."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(STREAM_TICK)
@@ -5756,12 +5710,10 @@ EVENTS_PUBLISHED = "Events published (the newest event id: ids are drawn one per
 
 
 class Metrics:
-    """This process's Prometheus metrics (prometheus-client), on a registry of its own; with several
-    workers, its multiprocess mode sums every worker's values (README: Metrics)."""
+    """This process's Prometheus metrics, on a registry of its own (README: Metrics)."""
 
     def __init__(self) -> None:
-        # Imported here: prometheus-client picks its multiprocess mode at its first import, in a worker
-        # after the arbiter named the directory.
+        # Imported here: at its first import it picks its multiprocess mode (see MULTIPROCESS_ENV).
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.multiprocess = MULTIPROCESS_ENV in os.environ
@@ -5792,9 +5744,9 @@ class Metrics:
         self.bus_lag = Histogram("bus_lag_seconds", lag, buckets=LAG_BUCKETS, **on)
         self.replays = counter("replays", "Replays of missed events, by source (memory or table).", "source")
         took = "Seconds to answer a request, by route pattern, method and status (event streams left out)."
-        labels = ["route", "method", "status"]
+        by = ["route", "method", "status"]
         self.request_duration = Histogram(
-            "http_request_duration_seconds", took, labels, buckets=REQUEST_BUCKETS, **on
+            "http_request_duration_seconds", took, by, buckets=REQUEST_BUCKETS, **on
         )
         for outcome in ("success", "failure", "throttled", "lost_race"):
             self.logins.labels(outcome)
@@ -5811,8 +5763,7 @@ class Metrics:
         self.request_duration.labels(route, method, str(status)).observe(seconds)
 
     def exposition(self, live_sessions: int | None, events_published: int | None) -> tuple[bytes, str]:
-        """The text format for a scrape and its Content-Type: every worker's values, and the two read
-        now by the worker that answers (None: not known now, left out)."""
+        """A scrape's text and Content-Type: every worker's values, and the two read now (None: left out)."""
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
