@@ -3634,14 +3634,8 @@ class PostgresSessionStore(SessionStore):
 
     async def reserve(self, attempt: Attempt, window: float) -> float:
         """One statement: schema.sql's login_attempt, which takes the keys' locks in turn."""
-        params = {
-            "keys": list(attempt.keys),
-            "limits": list(attempt.limits),
-            "at": attempt.at,
-            "window": window,
-            "token": attempt.token,
-            "stale": PENDING_LIFETIME,
-        }
+        arrays = {"keys": list(attempt.keys), "limits": list(attempt.limits)}  # psycopg2: lists are arrays
+        params = {**dataclasses.asdict(attempt), **arrays, "window": window, "stale": PENDING_LIFETIME}
         return float((await self._rows(RESERVE_ATTEMPT, params))[0][0])
 
     async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
