@@ -4455,16 +4455,8 @@ class JournalWriter:
 
     @staticmethod
     def row(kind: str, session: Session | Stream, reason: str | None = None) -> JournalRow:
-        account = session.account
-        return (
-            kind,
-            account.username,
-            account.user_id,
-            session.public_id,
-            session.address,
-            session.user_agent,
-            reason,
-        )
+        account, seen = session.account, (session.public_id, session.address, session.user_agent)
+        return (kind, account.username, account.user_id, *seen, reason)
 
     def note(self, row: JournalRow) -> None:
         """Write the entry soon, in order with the others noted here."""
