@@ -4748,8 +4748,8 @@ class StreamRegistry:
         self._by_session: dict[bytes, dict[Stream, None]] = {}
         self._by_user: dict[int, dict[Stream, None]] = {}
         self._by_topic: dict[str, dict[Stream, None]] = {}
-        self.on_change: Callable[[Stream], None] | None = None  # after each add and discard
-        self.on_topic: Callable[[Stream, str, int], None] | None = None  # a stream joins (+1) or leaves (-1)
+        self.on_change: Callable[[Stream], None] = lambda stream: None  # after each add and discard
+        self.on_topic: Callable[[Stream, str, int], None] = lambda *change: None  # joins (+1) or leaves (-1)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -4766,8 +4766,7 @@ class StreamRegistry:
         if self.metrics is not None:
             self.metrics.streams_opened.labels(stream.transport_name).inc()
             self.metrics.streams_open.labels(stream.transport_name).inc()
-        if self.on_change is not None:
-            self.on_change(stream)
+        self.on_change(stream)
 
     def discard(self, stream: Stream) -> None:
         if self._streams.pop(stream, False) is not None:
@@ -4782,8 +4781,7 @@ class StreamRegistry:
             self.metrics.streams_closed.labels(why.value).inc()
             if why is Ended.SLOW:
                 self.metrics.streams_cut_slow.inc()
-        if self.on_change is not None:
-            self.on_change(stream)
+        self.on_change(stream)
 
     def subscribe(self, stream: Stream, topic: str) -> None:
         """Add a topic to a registered stream (its events reach the stream from now on)."""
@@ -4807,8 +4805,7 @@ class StreamRegistry:
             self._by_topic.setdefault(topic, {})[stream] = None
         else:
             self._leave(self._by_topic, topic, stream)
-        if self.on_topic is not None:
-            self.on_topic(stream, topic, change)
+        self.on_topic(stream, topic, change)
 
     @staticmethod
     def _leave(index: dict[Any, dict[Stream, None]], key: Any, stream: Stream) -> None:
@@ -4864,7 +4861,7 @@ class StreamRegistry:
 
 class RecentEvents:
     """The events this process delivered last (all after `floor`, none past the retention, at most `most`
-    and `most_bytes`), so that a recent resume replays from memory (README: "Replays from memory")."""
+    and `most_bytes`), so that a recent resume replays from memory (README: Design, "Replays from memory")."""
 
     def __init__(self, retention: float, most: int = RECENT_EVENTS, most_bytes: int = RECENT_EVENT_BYTES):
         self.retention, self._most, self._most_bytes = retention, most, most_bytes
@@ -5710,30 +5707,21 @@ class Metrics:
             return Counter(name, text, labels, **on)
 
         self.logins = counter("logins", "Login attempts by outcome.", "outcome")
-        self.streams_open = Gauge(
-            "streams_open",
-            "Open event streams by transport.",
-            ["transport"],
-            multiprocess_mode="livesum",
-            **on,
-        )
+        live = "Open event streams by transport."  # a gauge: summed over the living workers
+        self.streams_open = Gauge("streams_open", live, ["transport"], multiprocess_mode="livesum", **on)
         self.streams_opened = counter("streams_opened", "Event streams opened, by transport.", "transport")
-        self.events_delivered = counter(
-            "events_delivered", "Events written to event streams (live and replayed)."
-        )
+        delivered = "Events written to event streams (live and replayed)."
+        self.events_delivered = counter("events_delivered", delivered)
         self.streams_closed = counter("streams_closed", "Event streams closed, by reason.", "reason")
-        self.streams_cut_slow = counter(
-            "streams_cut_slow", "Event streams closed because the client read too slowly."
-        )
+        slow = "Event streams closed because the client read too slowly."
+        self.streams_cut_slow = counter("streams_cut_slow", slow)
         self.bus_reconnects = counter("bus_reconnects", "Reconnections of a process's PostgreSQL bus.")
         lag = "Seconds from an event's transaction start to its delivery by a process's bus."
         self.bus_lag = Histogram("bus_lag_seconds", lag, buckets=LAG_BUCKETS, **on)
         self.replays = counter("replays", "Replays of missed events, by source (memory or table).", "source")
         took = "Seconds to answer a request, by route pattern, method and status (event streams left out)."
-        by = ["route", "method", "status"]
-        self.request_duration = Histogram(
-            "http_request_duration_seconds", took, by, buckets=REQUEST_BUCKETS, **on
-        )
+        name, labels = "http_request_duration_seconds", ["route", "method", "status"]
+        self.request_duration = Histogram(name, took, labels, buckets=REQUEST_BUCKETS, **on)
         for outcome in ("success", "failure", "throttled", "lost_race"):
             self.logins.labels(outcome)
         for transport in ("sse", "websocket"):

@@ -38,6 +38,7 @@ USERNAMES = st.sampled_from(["alice", "bob"])
 TEXTS = st.text(st.characters(exclude_characters="\x00"), max_size=5)  # PostgreSQL's jsonb holds no U+0000
 KINDS = st.sampled_from(["websocket", "sse", "sse-chunked"])
 FAR_FUTURE = 4_000_000_000.0
+NEVER_EXPIRES = server.SessionConfig(idle_timeout=FAR_FUTURE, absolute_timeout=FAR_FUTURE)
 
 
 class ServerEnd(asyncio.Protocol):
@@ -208,7 +209,7 @@ class StreamRegistryMachine(RuleBasedStateMachine):
         if username not in self.accounts:
             self.accounts[username] = server.Account(next(self.user_ids), username)
         account = self.accounts[username]
-        session = server.Device("192.0.2.1", "test").begin(account, 0.0, FAR_FUTURE)
+        session = server.Device("192.0.2.1", "test").begin(account, NEVER_EXPIRES, 0.0)
         model = ModelSession(server.new_session_id(), session)
         self.all_sessions.append(model)
         return model
