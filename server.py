@@ -3470,6 +3470,7 @@ def _session_param(name: str) -> sa.sql.elements.BindParameter[Any]:
 
 
 SESSION_COLUMNS = [sessions_table.c[name] for name in SESSION_FIELDS]
+NOW_PARAM = _session_param("now")  # the server's clock, as the session queries take it
 JOURNAL_ENDING = re.compile(r"[a-z_]+:[a-z_]*")  # 'kind:reason', as journaled_as takes it
 
 
@@ -3483,21 +3484,20 @@ def journaled_as(ending: str) -> sa.sql.elements.ColumnElement[bool]:
         sa.literal_column("'loginservice.ending'"), sa.literal_column(f"'{ending}'"), local
     )
     now_setting = sa.func.set_config(
-        sa.literal_column("'loginservice.now'"), sa.cast(_session_param("now"), sa.Text), local
+        sa.literal_column("'loginservice.now'"), sa.cast(NOW_PARAM, sa.Text), local
     )
     # A scalar subquery (an InitPlan): set once, before any row goes, not once per row met.
     return sa.select(sa.func.concat(ending_setting, now_setting)).scalar_subquery().isnot(None)
 
 
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
-_now = _session_param("now")
 TOUCH_SESSION = CompiledQuery.of(
     sessions_table.update()
-    .where(sessions_table.c.token_hash == sa.bindparam("digest"), sessions_table.c.expires_at > _now)
+    .where(sessions_table.c.token_hash == sa.bindparam("digest"), sessions_table.c.expires_at > NOW_PARAM)
     .values(
-        last_seen=_now,
+        last_seen=NOW_PARAM,
         expires_at=sa.func.least(
-            _now + _session_param("idle"), sessions_table.c.created_at + _session_param("absolute")
+            NOW_PARAM + _session_param("idle"), sessions_table.c.created_at + _session_param("absolute")
         ),
     )
     .returning(*SESSION_COLUMNS)
