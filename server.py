@@ -348,8 +348,7 @@ class WebServer:
 
 OPENAPI_PATH = HERE / "openapi.yaml"
 INDEX_PATH = HERE / "index.html"
-# The demo page runs only its own inline script, named by its hash (index_page), and talks only to
-# this origin; no other site may frame it, so its login form cannot be clickjacked.
+# The demo page runs only its own inline scripts (by hash), talks only to this origin, and cannot be framed.
 INDEX_POLICY = (
     "default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -357,12 +356,10 @@ INDEX_POLICY = (
 INDEX_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 INDEX_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 SESSION_ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_CHARS}}}", re.ASCII)
-# What GET /user/sessions shows of the login that began a session. Real User-Agents are 100 to 150
-# characters; 256 keeps them whole, and both limits keep a memory session well under 1 KiB.
-MAX_USER_AGENT_CHARS = 256
+MAX_USER_AGENT_CHARS = 256  # real ones are 100-150 characters; a memory session stays under 1 KiB
 MAX_ADDRESS_CHARS = 64  # an IPv6 address with a zone id; longer ones are cut
 BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
-EVENT_BODY_BYTES = 6 * 64 * 1024 + 1024  # a POST /events body: 64 KiB of data, each character escaped
+EVENT_BODY_BYTES = 6 * MAX_EVENT_BYTES + 1024  # a POST /events body: the data, each character escaped
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
 HOST_PATTERN = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # methods a cookie may come with from any page
@@ -371,141 +368,37 @@ WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
 WS_SESSION_ENDED = 4001  # no valid session, or it ended (the application range, 4000-4999)
 WS_TOO_MANY_STREAMS = 4029  # over max_streams_per_user, for a stream authenticated by its first message
-
-
-def check_declared_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> None:
-    """Refuse, from the headers alone, a body this service will not read: one declared larger
-    than `limit` (413), in a content coding aiohttp does not decode (415, RFC 9110
-    section 15.5.16), or in a transfer coding other than chunked, which aiohttp would pass on
-    undecoded (501, RFC 9112 section 6.1). Runs before `100 Continue` is sent, so such a body is
-    never sent at all."""
-    if request.content_length is not None and request.content_length > limit:
-        raise body_too_large(limit, request.content_length)
-    transfer = request.headers.get("Transfer-Encoding")
-    if transfer is not None and transfer.strip().lower() != "chunked":
-        raise json_error(
-            web.HTTPNotImplemented,
-            "unsupported_transfer_encoding",
-            "The only Transfer-Encoding understood is chunked.",
-        )
-    coding = request.headers.get("Content-Encoding", "identity").strip()
-    if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
-        raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
-
-
-async def expect_continue(request: web.Request) -> None:
-    """aiohttp's handler of `Expect`, run before the route's: `100 Continue` only for a body
-    this service would read; any other expectation is 417 (RFC 9110 section 10.1.1)."""
-    if request.headers.get("Expect", "").strip().lower() != "100-continue":
-        raise json_error(
-            web.HTTPExpectationFailed, "expectation_failed", "The only expectation met is 100-continue."
-        )
-    check_declared_body(request, body_limit(request))
-    if request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer proper has not started
-
-
-def body_too_large(limit: int, size: int) -> web.HTTPException:
-    body = json_text(
-        {"error": "body_too_large", "message": f"The request body is larger than {limit} bytes."}
-    )
-    return web.HTTPRequestEntityTooLarge(
-        max_size=limit, actual_size=size, text=body, content_type="application/json"
-    )
-
-
-def body_limit(request: web.Request) -> int:
-    """The largest body a route reads: an event's is larger than the others."""
-    return EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
-    limit = body_limit(request)
-    check_declared_body(request, limit)
-    try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT):
-            if limit == MAX_BODY_BYTES:
-                return await request.read()  # aiohttp raises 413 past client_max_size
-            body = bytearray()
-            while chunk := await request.content.readany():
-                body += chunk
-                if len(body) > limit:
-                    raise body_too_large(limit, len(body))
-            return bytes(body)
-    except TimeoutError:
-        raise json_error(
-            web.HTTPRequestTimeout, "request_timeout", "The request body did not arrive in time."
-        ) from None
-    except (web.RequestPayloadError, HttpProcessingError):
-        # Bytes that do not match the declared framing or coding (a "gzip" body that is not).
-        raise json_error(
-            web.HTTPBadRequest, "bad_body", "The body does not match its Content-Encoding or framing."
-        ) from None
-
-
-async def read_credentials(request: web.Request) -> tuple[str, str]:
-    """The username (in NFC) and password from a JSON body, or the contract's 400/413/415/422."""
-    body = await read_body(request)
-    try:
-        # RFC 8259 section 8.1: a parser may ignore a byte order mark, and some clients send one.
-        data = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
-    if not isinstance(data, dict):
-        raise json_error(
-            web.HTTPUnprocessableEntity,
-            "invalid_credentials_format",
-            "The body must be a JSON object with 'username' and 'password'.",
-        )
-    try:
-        return parse_username(data.get("username")), check_credential(data.get("password"), "password")
-    except ValueError as exc:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_credentials_format", f"{exc}.") from None
-
-
-def session_id_from(request: web.Request) -> str:
-    """The session id from `Authorization: <id>` or `Authorization: Bearer <id>` or, without that
-    header, from the session cookie; or 401. A cookie sent with an unsafe method or a WebSocket
-    handshake must come from an allowed origin (check_origin): the browser adds it to requests any
-    page makes.
-
-    Only what could be a session id (URL-safe Base64, as new_session_id makes them) reaches a
-    store: any other bytes, undecodable ones included, are a 401 before any store sees them.
-    """
-    cookie = session_cookie(request)
-    if cookie is not None:
-        if request.method not in SAFE_METHODS or is_websocket_handshake(request):
-            check_origin(request, required=True)
-        value = cookie.strip()
-    else:
-        value = request.headers.get("Authorization", "").strip()
-        scheme, _, rest = value.partition(" ")
-        if scheme.lower() == "bearer":
-            value = rest.strip()
-    if not SESSION_ID_PATTERN.fullmatch(value):
-        raise invalid_session()
-    return value
-
-
-def session_cookie(request: web.Request) -> str | None:
-    """The session cookie's value, unless an Authorization header (which wins) names the session."""
-    if "Authorization" in request.headers:
-        return None
-    return request.cookies.get(request.app[config_key].sessions.cookie.name)
-
-
-def is_websocket_handshake(request: web.Request) -> bool:
-    return request.headers.get("Upgrade", "").strip().lower() == "websocket"
-
-
-def invalid_session() -> web.HTTPException:
-    return json_error(web.HTTPUnauthorized, "invalid_session", "The session is missing, unknown or expired.")
-
-
-def iso_utc(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
+NO_STORE = {"Cache-Control": "no-store"}  # answers with session data: no cache keeps them
+# X-Accel-Buffering: nginx passes each event on at once.
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
+MAX_EVENT_ID = 10**18 - 1
+# The handlers' refusals with a fixed message: code -> (status, message).
+HANDLER_ERRORS: dict[str, tuple[type[web.HTTPException], str]] = {
+    "bad_json": (web.HTTPBadRequest, "The body must be JSON text in UTF-8."),
+    "bad_body": (web.HTTPBadRequest, "The body does not match its Content-Encoding or framing."),
+    "bad_topic": (
+        web.HTTPBadRequest,
+        "A topic is 1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit.",
+    ),
+    "invalid_credentials": (web.HTTPUnauthorized, "Wrong username or password."),
+    "invalid_session": (web.HTTPUnauthorized, "The session is missing, unknown or expired."),
+    "forbidden_origin": (web.HTTPForbidden, "Requests from this page's origin are refused."),
+    "forbidden_topic": (web.HTTPForbidden, "This user may not use that topic."),
+    "no_such_session": (web.HTTPNotFound, "You have no session with this id."),
+    "request_timeout": (web.HTTPRequestTimeout, "The request body did not arrive in time."),
+    "expectation_failed": (web.HTTPExpectationFailed, "The only expectation met is 100-continue."),
+    "too_many_attempts": (web.HTTPTooManyRequests, "Too many failed logins; try again later."),
+    "too_many_streams": (web.HTTPTooManyRequests, "This user has too many open event streams."),
+    "too_many_publishes": (web.HTTPTooManyRequests, "This user publishes too often; try again later."),
+    "unsupported_transfer_encoding": (
+        web.HTTPNotImplemented,
+        "The only Transfer-Encoding understood is chunked.",
+    ),
+}
 
 
 async def login(request: web.Request) -> web.Response:
@@ -514,32 +407,35 @@ async def login(request: web.Request) -> web.Response:
     if in_cookie:
         check_origin(request, required=True)  # login CSRF: no other site logs a browser in
     username, password = await read_credentials(request)
-    app = request.app
+    address = client_address(request, request.app[config_key].webserver.trusted_proxies)
+    user_agent = request.headers.get("User-Agent", "")
+    device = Device(printable(address, MAX_ADDRESS_CHARS), printable(user_agent, MAX_USER_AGENT_CHARS))
+    session_id, session = await authenticate(request.app, username, password, address, device)
+    if not in_cookie:
+        return json_response({"session_id": session_id}, headers=NO_STORE)
+    response = json_response(identity(session), headers=NO_STORE)
+    set_session_cookie(request, response, session_id, session)
+    return response
+
+
+async def authenticate(
+    app: web.Application, username: str, password: str, address: str, device: Device
+) -> tuple[str, Session]:
+    """Check the password under the login throttle and begin a session; 401 or 429 otherwise."""
     throttle = app[login_throttle]
-    address = client_address(request, app[config_key].webserver.trusted_proxies)
-    device = Device(
-        printable(address, MAX_ADDRESS_CHARS),
-        printable(request.headers.get("User-Agent", ""), MAX_USER_AGENT_CHARS),
-    )
     async with throttle.one_at_a_time(username):
         try:
             attempt = await throttle.attempt(username, address)  # before the password is checked
         except TooManyAttempts as refused:
             app[metrics].logins.labels("throttled").inc()
-            raise json_error(
-                web.HTTPTooManyRequests,
-                "too_many_attempts",
-                "Too many failed logins; try again later.",
-                {"Retry-After": str(math.ceil(refused.wait))},
-            ) from None
+            raise refusal("too_many_attempts", {"Retry-After": str(math.ceil(refused.wait))}) from None
         wrong = False
-        begun = None
+        begun: tuple[str, Session] | None = None
         try:
             stored_hash, account = await find_account(app[db_engine], username)
             verdict = await app[passwords].verify(stored_hash, password)
             wrong = verdict is Verdict.WRONG or account is None or stored_hash is None
-            if not wrong:
-                assert account is not None and stored_hash is not None
+            if account is not None and not wrong:
                 begun = await app[sessions].login(account, device, attempt)  # settles it too
         finally:
             if begun is None:  # wrong, or not decided (an outage, a lost race: counts for nothing)
@@ -547,33 +443,38 @@ async def login(request: web.Request) -> web.Response:
     if wrong:
         app[metrics].logins.labels("failure").inc()
         log.info("failed login from %s", address)
-        raise invalid_credentials()
-    assert account is not None and stored_hash is not None
+        raise refusal("invalid_credentials")
     if begun is None:  # a passwd, deluser or logout NAME committed meanwhile: no failure either
         app[metrics].logins.labels("lost_race").inc()
         log.info("a login from %s lost a race with a revocation", address)
-        raise invalid_credentials()
-    session_id, session = begun
+        raise refusal("invalid_credentials")
     app[metrics].logins.labels("success").inc()
     if verdict is Verdict.RIGHT_OUTDATED:
+        assert account is not None and stored_hash is not None
         await upgrade_hash(app[db_engine], app[passwords], account, stored_hash, password)
-    if not in_cookie:
-        return json_response({"session_id": session_id}, headers=NO_STORE)
-    response = json_response(
-        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
-    )
-    set_session_cookie(request, response, session_id, session)
-    return response
+    return begun
 
 
-def flag(request: web.Request, name: str) -> bool:
-    """A true/false query parameter (false when absent), or 400."""
-    value = request.query.get(name, "false") if request.query_string else "false"
-    if value not in ("true", "false"):
-        raise json_error(
-            web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
-        )
-    return value == "true"
+async def upgrade_hash(
+    engine: aiopg.sa.Engine, hasher: Passwords, account: Account, verified: str, password: str
+) -> None:
+    """Re-hash with today's parameters, over the hash just verified only (a passwd meanwhile wins)."""
+    try:
+        if await replace_hash(engine, account, verified, await hasher.hash(password)):
+            log.info("upgraded the password hash of a user to the current parameters")
+    except DatabaseUnavailable as exc:  # the session has begun: this does not fail the login
+        log.warning("could not upgrade a password hash: %s", type(exc).__name__)
+
+
+async def read_credentials(request: web.Request) -> tuple[str, str]:
+    """The username (in NFC) and password of a JSON body, or the contract's 400/413/415/422."""
+    data = await read_json(request)
+    try:
+        if not isinstance(data, dict):
+            raise ValueError("The body must be a JSON object with 'username' and 'password'")
+        return parse_username(data.get("username")), check_credential(data.get("password"), "password")
+    except ValueError as exc:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_credentials_format", f"{exc}.") from None
 
 
 def set_session_cookie(
@@ -581,8 +482,7 @@ def set_session_cookie(
 ) -> None:
     """The session as a cookie no script can read, sent only to this site, gone at its absolute timeout."""
     config = request.app[config_key].sessions
-    lifetime = config.absolute_timeout
-    secure = config.cookie.secure
+    lifetime, secure = config.absolute_timeout, config.cookie.secure
     response.set_cookie(
         config.cookie.name,
         session_id,
@@ -602,74 +502,29 @@ def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> 
         response.del_cookie(name, path="/", httponly=True, samesite="Strict")
 
 
-def invalid_credentials() -> web.HTTPException:
-    return json_error(web.HTTPUnauthorized, "invalid_credentials", "Wrong username or password.")
-
-
-async def upgrade_hash(
-    engine: aiopg.sa.Engine, hasher: Passwords, account: Account, verified: str, password: str
-) -> None:
-    """Re-hash with today's parameters, only over the hash just verified (a passwd meanwhile
-    wins); after the session began, and a failure here does not fail the login."""
-    try:
-        if await replace_hash(engine, account, verified, await hasher.hash(password)):
-            log.info("upgraded the password hash of a user to the current parameters")
-    except DatabaseUnavailable as exc:
-        log.warning("could not upgrade a password hash: %s", type(exc).__name__)
-
-
-async def current_session(request: web.Request) -> Session:
-    """The request's session, renewed (each valid use renews the idle timeout), or 401."""
-    session = await request.app[sessions].touch(session_id_from(request))
-    if session is None:
-        raise invalid_session()
-    return session
-
-
 async def whoami(request: web.Request) -> web.Response:
-    session = await current_session(request)
-    return json_response(
-        {"username": session.username, "expires_at": iso_utc(session.expires_at)}, headers=NO_STORE
-    )
+    return json_response(identity(await current_session(request)), headers=NO_STORE)
+
+
+def identity(session: Session) -> dict[str, str]:
+    return {"username": session.username, "expires_at": iso_utc(session.expires_at)}
 
 
 async def logout(request: web.Request) -> web.Response:
+    """DELETE /user: end this session or, with ?all=true, every session of its user."""
     everywhere = flag(request, "all")
     owner = request.app[sessions]
     try:
         session = await owner.end(session_id_from(request))
         if session is None:
-            raise invalid_session()
+            raise refusal("invalid_session")
     except web.HTTPUnauthorized as refused:
         clear_session_cookie(request, refused)  # a cookie naming no session is forgotten too
         raise
-    ended = 1
-    if everywhere:
-        ended += await owner.end_all(session.user_id)
+    ended = 1 + (await owner.end_all(session.user_id) if everywhere else 0)
     response = json_response({"logged_out": ended})
     clear_session_cookie(request, response)
     return response
-
-
-async def index_page(request: web.Request) -> web.Response:
-    """GET /: the demo page (log in, who am I, live events, log out)."""
-    text = read_served_file(INDEX_PATH)
-    return web.Response(text=text, content_type="text/html", headers=index_headers(text))
-
-
-def index_headers(page: str) -> dict[str, str]:
-    """The page's headers; its CSP allows exactly the inline scripts the served text holds."""
-    hashes = [hashlib.sha256(script.encode()).digest() for script in INDEX_SCRIPT.findall(page)]
-    scripts = " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in hashes) or "'none'"
-    return {"Content-Security-Policy": INDEX_POLICY.format(scripts=scripts), **INDEX_HEADERS}
-
-
-def read_served_file(path: Path) -> str:
-    """A file served as it is (index.html, openapi.yaml); 404 when server.py was copied without it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise web.HTTPNotFound() from None
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -696,144 +551,66 @@ def describe(session: Session, current: Session, counts: Mapping[str, int]) -> d
 
 
 async def end_session(request: web.Request) -> web.Response:
-    """DELETE /user/sessions/{id}: end one of the caller's sessions, found by its public id.
-
-    An id that is malformed, unknown or another user's is the same 404, so ids of other users'
-    sessions are worth nothing, not even as a way to learn that they exist.
-    """
+    """DELETE /user/sessions/{id}: end one of the caller's sessions by its public id. A malformed,
+    unknown or another user's id is the same 404: another's id tells nothing, not even that it exists."""
     current = await current_session(request)
     public_id = request.match_info["id"]
-    if not PUBLIC_ID_PATTERN.fullmatch(public_id) or not await request.app[sessions].end_public(
-        current.user_id, public_id
-    ):
-        raise json_error(web.HTTPNotFound, "no_such_session", "You have no session with this id.")
+    owner = request.app[sessions]
+    if not PUBLIC_ID_PATTERN.fullmatch(public_id) or not await owner.end_public(current.user_id, public_id):
+        raise refusal("no_such_session")
     response = json_response({"logged_out": 1})
     if public_id == current.public_id:
         clear_session_cookie(request, response)
     return response
 
 
-# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
-CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
-CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
-NO_STORE = {"Cache-Control": "no-store"}  # answers with session data: no cache keeps them
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-store",
-    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
-}
-LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
-MAX_EVENT_ID = 10**18 - 1
+async def index_page(request: web.Request) -> web.Response:
+    """GET /: the demo page; its CSP allows exactly the inline scripts the served text holds."""
+    page = read_served_file(INDEX_PATH)
+    hashes = [hashlib.sha256(script.encode()).digest() for script in INDEX_SCRIPT.findall(page)]
+    scripts = " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in hashes) or "'none'"
+    headers = {"Content-Security-Policy": INDEX_POLICY.format(scripts=scripts), **INDEX_HEADERS}
+    return web.Response(text=page, content_type="text/html", headers=headers)
 
 
-def last_event_id(request: web.Request, websocket: bool) -> int | None:
-    """`?last_event_id=N`, or for SSE the `Last-Event-ID` header a browser sends on reconnecting;
-    with both, the larger: an EventSource reconnects to the same URL, its header saying how far it got."""
-    texts = [request.query.get("last_event_id") if request.query_string else None]
-    if not websocket:
-        texts.append(request.headers.get("Last-Event-ID"))
-    found = [text for text in texts if text]
-    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
-        raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
-    return max(map(int, found), default=None)
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=read_served_file(OPENAPI_PATH), content_type="application/yaml")
 
 
-def event_id(given: object) -> int | None:
-    """A `last_event_id` in a JSON message: an integer (not a bool or float) from 0 to
-    MAX_EVENT_ID, as the query allows; None for anything else."""
-    if isinstance(given, int) and not isinstance(given, bool) and 0 <= given <= MAX_EVENT_ID:
-        return given
-    return None
+def read_served_file(path: Path) -> str:
+    """A file served as it is (index.html, openapi.yaml); 404 when server.py was copied without it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise web.HTTPNotFound() from None
 
 
-def check_origin(request: web.Request, required: bool) -> None:
-    """Refuse (403 forbidden_origin) a request made by a page of an origin other than this
-    service's own (own_origin) or webserver.origins: a cross-site request forgery, or a cross-site
-    WebSocket hijacking. `Origin: null` (a sandboxed or opaque page) is refused too. A request with
-    no Origin passes only when not `required` (a WebSocket handshake that brings its own session:
-    no browser leaves Origin out of one, so this is no page) or when `Sec-Fetch-Site: same-origin`
-    vouches for it; browsers send Origin with every cross-origin POST, DELETE and handshake."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        if not required or request.headers.get("Sec-Fetch-Site", "").strip() == "same-origin":
-            return
-    elif allowed_origin(request, origin):
-        return
-    raise json_error(web.HTTPForbidden, "forbidden_origin", "Requests from this page's origin are refused.")
+async def health(request: web.Request) -> web.Response:
+    try:
+        await ping(request.app[db_engine])
+    except DatabaseUnavailable:
+        return json_response({"status": "degraded", "database": "unavailable"}, status=503)
+    return json_response({"status": "ok", "database": "ok"})
 
 
-def allowed_origin(request: web.Request, origin: str) -> bool:
-    key = origin_key(origin.strip())
-    return key is not None and (key in request.app[config_key].origins or key == own_origin(request))
-
-
-def own_origin(request: web.Request) -> str | None:
-    """The origin the request was addressed to, when no attacker can own its name: an IP address,
-    `localhost` or the configured webserver.host. Any other name in Host may be a DNS-rebinding
-    page's (its Host and Origin agree on the attacker's name); a public name behind a proxy is
-    known only from webserver.origins. Behind a trusted proxy, X-Forwarded-Host and -Proto count."""
-    host = request.host
-    if trusted_proxy(request):
-        host = request.headers.get("X-Forwarded-Host", host).partition(",")[0].strip()
-    match = HOST_PATTERN.fullmatch(host)
-    if match is None:
-        return None
-    name = match["name"].lower()
-    configured = request.app[config_key].webserver.host.lower()
-    if name not in ("localhost", configured) and _ip_address(name.strip("[]")) is None:
-        return None
-    return origin_key(f"{request_scheme(request)}://{host}")
-
-
-def trusted_proxy(request: web.Request) -> bool:
-    return in_networks(request.remote or "", request.app[config_key].webserver.trusted_proxies)
-
-
-def request_scheme(request: web.Request) -> str:
-    """http or https, as the client reached the service: directly, or through a trusted proxy
-    that says so in X-Forwarded-Proto (the first value: the proxy nearest the client)."""
-    if trusted_proxy(request):
-        forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
-        if forwarded in ("http", "https"):
-            return forwarded
-    return request.scheme
-
-
-def requested_topics(request: web.Request, most: int) -> list[str]:
-    """The `?topic=` of GET /events, each once: 400 bad_topic for a malformed one, 400
-    too_many_topics beyond events.max_topics_per_stream."""
-    wanted = list(dict.fromkeys(request.query.getall("topic", []))) if request.query_string else []
-    for topic in wanted:
-        if not TOPIC_PATTERN.fullmatch(topic):
-            raise bad_topic()
-    if len(wanted) > most:
-        raise json_error(
-            web.HTTPBadRequest, "too_many_topics", f"A stream may subscribe to at most {most} topics."
-        )
-    return wanted
-
-
-def bad_topic() -> web.HTTPException:
-    return json_error(
-        web.HTTPBadRequest,
-        "bad_topic",
-        "A topic is 1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit.",
-    )
-
-
-def forbidden_topic() -> web.HTTPException:
-    return json_error(web.HTTPForbidden, "forbidden_topic", "This user may not use that topic.")
-
-
-def too_many_streams() -> web.HTTPException:
-    return json_error(
-        web.HTTPTooManyRequests, "too_many_streams", "This user has too many open event streams."
-    )
+async def metrics_page(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus' text format, every worker's values; 404 outside metrics.allow."""
+    app = request.app
+    config = app[config_key]
+    if not in_networks(client_address(request, config.webserver.trusted_proxies), config.metrics.allow):
+        raise web.HTTPNotFound()  # the middleware gives it the JSON body of every 404
+    try:
+        live: int | None = await app[sessions].count()
+    except SessionStoreUnavailable as exc:
+        log.warning("could not count live sessions for /metrics: %s", exc)
+        live = None
+    body, content_type = app[metrics].exposition(live, app[event_bus].last_id)
+    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
 async def events(request: web.Request) -> web.StreamResponse:
     """GET /events: the session's live stream, as Server-Sent Events or, for an upgrade request,
-    a WebSocket (authenticated by `Authorization` or by its first message)."""
+    a WebSocket (authenticated by `Authorization`, the cookie, or its first message)."""
     app = request.app
     config = app[config_key].events
     websocket = web.WebSocketResponse(
@@ -847,8 +624,20 @@ async def events(request: web.Request) -> web.StreamResponse:
     access = app[topic_access]
     mark = access.mark()
     answers: list[Encoded] = []  # a WebSocket's answers to the topics of its first message
-    if upgrade and "Authorization" not in request.headers and session_cookie(request) is None:
-        await websocket.prepare(request)
+    by_first_message = upgrade and "Authorization" not in request.headers and session_cookie(request) is None
+    if not by_first_message:
+        session_id = session_id_from(request)
+        touched = await app[sessions].touch(session_id)
+        if touched is None:
+            raise refusal("invalid_session")
+        session = touched
+        if await access.refused(session.account, wanted):
+            raise refusal("forbidden_topic")
+        if app[streams].count(session.user_id) >= config.max_streams_per_user:
+            raise refusal("too_many_streams")
+    response = websocket if upgrade else web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    if by_first_message:
         found = await first_message_session(websocket, app[sessions])
         if found is None:
             return websocket
@@ -856,35 +645,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         if app[streams].count(session.user_id) >= config.max_streams_per_user:
             await websocket.close(code=WS_TOO_MANY_STREAMS, message=b"too_many_streams")
             return websocket
-        refused = await access.refused(session.account, wanted)
-        answers = [topic_notice("subscribe_refused", topic, "forbidden") for topic in refused]
-        wanted = [topic for topic in wanted if topic not in refused]
-        if asked is not None and not (isinstance(asked, list) and all(isinstance(t, str) for t in asked)):
-            answers.append(BAD_MESSAGE)
-        for topic, reason in await first_message_topics(access, session.account, asked, wanted, config):
-            answers.append(
-                topic_notice("subscribe_refused", topic, reason)
-                if reason
-                else topic_notice("subscribed", topic)
-            )
-            if reason is None:
-                wanted.append(topic)
-    else:
-        session_id = session_id_from(request)
-        touched = await app[sessions].touch(session_id)
-        if touched is None:
-            raise invalid_session()
-        session = touched
-        if await access.refused(session.account, wanted):
-            raise forbidden_topic()
-        if app[streams].count(session.user_id) >= config.max_streams_per_user:
-            raise too_many_streams()
-        if upgrade:
-            await websocket.prepare(request)
-    response: web.StreamResponse = websocket
-    if not upgrade:
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
+        most = config.max_topics_per_stream
+        wanted, answers = await first_message_topics(access, session.account, wanted, asked, most)
     assert request.transport is not None
     stream = Stream(
         session_id,
@@ -900,53 +662,55 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def first_message_topics(
-    access: Topics, account: Account, asked: Any, wanted: Sequence[str], config: EventsConfig
-) -> list[tuple[str, str | None]]:
-    """The `topics` of a WebSocket's first message, each with why it is refused (None: it is not);
-    what is not a list, and items that are not strings, are left out (the caller says bad_message)."""
-    if not isinstance(asked, list):
-        return []
-    answers: dict[str, str | None] = {}
-    for topic in asked:
-        if isinstance(topic, str) and topic not in wanted:
-            answers[topic] = None if TOPIC_PATTERN.fullmatch(topic) else "bad_topic"
-    for topic in await access.refused(account, [t for t, reason in answers.items() if reason is None]):
-        answers[topic] = "forbidden"
-    room = config.max_topics_per_stream - len(wanted)
-    for topic, reason in answers.items():
-        if reason is None:
-            answers[topic], room = (None, room - 1) if room > 0 else ("too_many_topics", room)
-    return list(answers.items())
-
-
 async def first_message_session(
-    websocket: web.WebSocketResponse, store: Sessions
+    websocket: web.WebSocketResponse, owner: Sessions
 ) -> tuple[str, Session, Any] | None:
-    """The session named by the WebSocket's first message, `{"session_id": "...", "topics": [...]}`
-    (and the topics, unchecked), sent within FIRST_MESSAGE_TIMEOUT; otherwise the socket is closed
-    with 4001 and this returns None."""
-    session = None
-    asked = None
-    with contextlib.suppress(asyncio.TimeoutError):
+    """The session and raw `topics` of a WebSocket's first message, or None once the socket is closed."""
+    session: Session | None = None
+    asked: Any = None
+    try:
         # One deadline for the whole wait: receive(timeout=) would start again at every pong.
         async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
             message = await websocket.receive()
         if message.type is WSMsgType.TEXT:
-            # Not JSON (or nested too deeply to read), or not an object.
-            with contextlib.suppress(ValueError, AttributeError, RecursionError):
-                first = json.loads(message.data)
-                session_id, asked = first.get("session_id"), first.get("topics")
-                if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
-                    try:
-                        session = await store.touch(session_id)
-                    except SessionStoreUnavailable:
-                        await websocket.close(code=WS_TRY_AGAIN_LATER, message=b"session_store_unavailable")
-                        return None
+            first = json.loads(message.data)
+            session_id, asked = first.get("session_id"), first.get("topics")
+            if isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id):
+                session = await owner.touch(session_id)
+    except SessionStoreUnavailable:
+        await websocket.close(code=WS_TRY_AGAIN_LATER, message=b"session_store_unavailable")
+        return None
+    except (TimeoutError, ValueError, AttributeError, RecursionError):
+        pass  # no JSON object (or one nested too deeply to read) in time: no session
     if session is None:
         await websocket.close(code=WS_SESSION_ENDED, message=b"invalid_session")
         return None
     return session_id, session, asked
+
+
+async def first_message_topics(
+    access: Topics, account: Account, wanted: list[str], asked: Any, most: int
+) -> tuple[list[str], list[Encoded]]:
+    """A first-message stream's topics (the query's, then the message's) and the answers about them."""
+    refused = await access.refused(account, wanted)
+    answers = [topic_notice("subscribe_refused", topic, "forbidden") for topic in refused]
+    wanted = [topic for topic in wanted if topic not in refused]
+    if asked is not None and not (isinstance(asked, list) and all(isinstance(t, str) for t in asked)):
+        answers.append(BAD_MESSAGE)  # its string items are still subscribed to
+    reasons: dict[str, str | None] = {}  # why each topic is refused (None: it is not)
+    for topic in asked if isinstance(asked, list) else []:
+        if isinstance(topic, str) and topic not in wanted:
+            reasons[topic] = None if TOPIC_PATTERN.fullmatch(topic) else "bad_topic"
+    for topic in await access.refused(account, [t for t, reason in reasons.items() if reason is None]):
+        reasons[topic] = "forbidden"
+    room = most - len(wanted)
+    for topic, reason in reasons.items():
+        if reason is None and room <= 0:
+            reason = reasons[topic] = "too_many_topics"
+        elif reason is None:
+            room -= 1
+        answers.append(topic_notice("subscribed" if reason is None else "subscribe_refused", topic, reason))
+    return wanted + [topic for topic, reason in reasons.items() if reason is None], answers
 
 
 async def serve_stream(
@@ -954,12 +718,10 @@ async def serve_stream(
     stream: Stream,
     response: web.StreamResponse,
     after: int | None,
-    answers: Sequence[Encoded] = (),
-    mark: int = 0,
+    answers: Sequence[Encoded],
+    mark: int,
 ) -> None:
-    """Register the stream, replay what it missed, then hold it until it ends; close it as its
-    reason says (session_ended and 4001; 1013 for a slow reader; 1001 at shutdown). `answers`
-    go first; memberships that ended since `mark` (while they were checked) end here."""
+    """Register the stream, replay what it missed, hold it until it ends, then close it as it says."""
     app = request.app
     registry, bus = app[streams], app[event_bus]
     registry.add(stream)
@@ -988,7 +750,7 @@ async def serve_stream(
                 stream.end(Ended.ERROR)
         app[metrics].events_delivered.inc(stream.go_live())
         if isinstance(response, web.WebSocketResponse):
-            await hold_websocket(response, stream, functools.partial(stream_message, app, stream))
+            await hold_websocket(app, response, stream)
         else:
             await end_sse(response, stream, await stream.ended)
     finally:
@@ -998,87 +760,59 @@ async def serve_stream(
             app[journal_writer].note(JournalWriter.row("stream_closed", stream, why.value))
 
 
-async def hold_websocket(
-    websocket: web.WebSocketResponse, stream: Stream, answer: Callable[[str | None], Awaitable[None]]
-) -> None:
-    """Answer what the client sends (its text, None for binary) until the stream ends, then close
-    the WebSocket.
-
-    The close comes after the read is cancelled: aiohttp's close() beside a pending read drops the
-    connection without waiting for the client's Close frame, and the client then sees 1006."""
+async def hold_websocket(app: web.Application, websocket: web.WebSocketResponse, stream: Stream) -> None:
+    """Answer what the client sends until the stream ends, then close the WebSocket."""
 
     async def read_messages() -> None:
         async for message in websocket:
-            await answer(message.data if message.type is WSMsgType.TEXT else None)
+            await stream_message(app, stream, message.data if message.type is WSMsgType.TEXT else None)
 
     reading = asyncio.ensure_future(read_messages())
     try:
         await asyncio.wait((reading, stream.ended), return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # close() beside a pending read would drop the connection: the client would see 1006
         reading.cancel()
         await asyncio.wait((reading,))
     stream.end(Ended.GONE)  # unless it ended before: the client closed or left
     await close_websocket(websocket, stream, stream.ended.result())
 
 
-async def post_event(request: web.Request) -> web.Response:
-    """POST /events: publish {"topic", "data"} to a topic whose rule lets this user publish;
-    `from` is the user. 200 {"id": N}."""
-    app = request.app
-    session = await current_session(request)
-    body = await read_body(request)
-    try:
-        message = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise json_error(web.HTTPBadRequest, "bad_json", "The body must be JSON text in UTF-8.") from None
-    topic = message.get("topic") if isinstance(message, dict) else None
-    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
-        raise bad_topic()
-    if "data" not in message:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", "The body must have 'data'.")
-    try:
-        event_data_text(message["data"])
-    except ValueError as exc:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", f"{str(exc).capitalize()}.") from None
-    access = app[topic_access]
-    if await access.refused(session.account, [topic], publish=True):
-        raise forbidden_topic()
-    wait = access.publish_wait(session.user_id, asyncio.get_running_loop().time())
-    if wait > 0:
-        raise json_error(
-            web.HTTPTooManyRequests,
-            "too_many_publishes",
-            "This user publishes too often; try again later.",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
-    event_id = await publish(app[db_engine], message["data"], topic=topic, sender=session.account.username)
-    return json_response({"id": event_id})
+async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
+    if websocket.closed:
+        return
+    if why.tells_client and not stream.transport.is_closing():
+        stream.transport.write(SESSION_ENDED[why].websocket)
+    code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
+    # No draining: a client that stopped reading would hold the handler (and shutdown) for ever;
+    # its Close is awaited for the WebSocket's timeout, then the connection is closed anyway.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await websocket.close(code=code, message=why.value.encode(), drain=False)
+    if why is Ended.SLOW:
+        stream.transport.abort()  # what it has not read is dropped; it reconnects with its last id
 
 
-async def topic_presence(request: web.Request) -> web.Response:
-    """GET /topics/{topic}/presence: who has a stream open on a presence topic, in every process."""
-    session = await current_session(request)
-    topic = request.match_info["topic"]
-    if not TOPIC_PATTERN.fullmatch(topic):
-        raise bad_topic()
-    rule = request.app[topic_access].rule(topic)
-    if rule is None or not rule.presence or await request.app[topic_access].refused(session.account, [topic]):
-        raise forbidden_topic()
-    return json_response({"topic": topic, "users": request.app[presence].users(topic)})
+async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
+    if why is Ended.SLOW or why is Ended.GONE:
+        stream.transport.abort()  # its unread events are dropped; it reconnects with its last id
+        return
+    if why.tells_client and not stream.transport.is_closing():
+        event = SESSION_ENDED[why]
+        stream.transport.write(event.sse_chunk if stream.chunked else event.sse)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write_eof()
 
 
 async def stream_message(app: web.Application, stream: Stream, text: str | None) -> None:
-    """A client's message on an open WebSocket: subscribe or unsubscribe, answered; anything
-    else is answered with bad_message, and the stream stays open."""
+    """Answer a message on an open WebSocket (None: binary): subscribe, unsubscribe, or bad_message."""
     try:
         message = json.loads(text) if text is not None else None
     except (ValueError, RecursionError):
         message = None
-    kind = message.get("type") if isinstance(message, dict) else None
-    topic = message.get("topic") if isinstance(message, dict) else None
-    given = message.get("last_event_id") if isinstance(message, dict) else None
-    since = event_id(given)
-    valid_since = given is None or since is not None
+    if not isinstance(message, dict):
+        message = {}
+    kind, topic, since = message.get("type"), message.get("topic"), message.get("last_event_id")
+    # A resume point is a JSON integer (not a bool or a float) from 0 to MAX_EVENT_ID, as in the query.
+    valid_since = since is None or (type(since) is int and 0 <= since <= MAX_EVENT_ID)
     if kind == "unsubscribe" and isinstance(topic, str):
         app[streams].unsubscribe(stream, topic)
         stream.write(topic_notice("unsubscribed", topic, "requested"))
@@ -1089,9 +823,8 @@ async def stream_message(app: web.Application, stream: Stream, text: str | None)
 
 
 async def subscribe(app: web.Application, stream: Stream, topic: str, since: int | None) -> None:
-    """Add a topic to an open stream, or answer why not; with `since`, first replay the topic's
-    events after that id (live events wait meanwhile, so they follow in order)."""
-    access, registry, bus = app[topic_access], app[streams], app[event_bus]
+    """Add a topic to an open stream or say why not; `since` replays its events first, live ones waiting."""
+    access, bus = app[topic_access], app[event_bus]
     if not TOPIC_PATTERN.fullmatch(topic):
         stream.write(topic_notice("subscribe_refused", topic, "bad_topic"))
         return
@@ -1112,7 +845,7 @@ async def subscribe(app: web.Application, stream: Stream, topic: str, since: int
     newest = bus.last_id
     if since is not None and newest is not None and since != newest:
         stream.pause()
-    registry.subscribe(stream, topic)
+    app[streams].subscribe(stream, topic)
     stream.write(topic_notice("subscribed", topic))
     access.recheck(stream, mark)
     if stream.backlog is not None and newest is not None and since is not None:
@@ -1127,57 +860,227 @@ async def subscribe(app: web.Application, stream: Stream, topic: str, since: int
         stream.go_live()
 
 
-async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
-    if websocket.closed:
-        return
-    if why.tells_client and not stream.transport.is_closing():
-        stream.transport.write(SESSION_ENDED[why].websocket)
-    code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
-    # No waiting for unsent events to drain: a client that stopped reading would hold the handler
-    # (and shutdown) for ever. The Close frame follows them; the client's answer is awaited for
-    # the WebSocket's timeout, after which the connection is closed anyway.
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await websocket.close(code=code, message=why.value.encode(), drain=False)
-    if why is Ended.SLOW:
-        stream.transport.abort()  # what it has not read is dropped; it reconnects with its last id
-
-
-async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
-    if why is Ended.SLOW or why is Ended.GONE:
-        stream.transport.abort()  # its unread events are dropped; it reconnects with its last id
-        return
-    if why.tells_client and not stream.transport.is_closing():
-        event = SESSION_ENDED[why]
-        stream.transport.write(event.sse_chunk if stream.chunked else event.sse)
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await response.write_eof()
-
-
-async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=read_served_file(OPENAPI_PATH), content_type="application/yaml")
-
-
-async def metrics_page(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus' text format, every worker's values; 404 outside metrics.allow."""
-    app = request.app
-    config = app[config_key]
-    if not in_networks(client_address(request, config.webserver.trusted_proxies), config.metrics.allow):
-        raise web.HTTPNotFound()  # the middleware gives it the JSON body of every 404
+async def post_event(request: web.Request) -> web.Response:
+    """POST /events: publish {"topic", "data"} to a topic whose rule lets this user publish, `from`
+    the user -> 200 {"id": N}."""
+    session = await current_session(request)
+    message = await read_json(request)
+    topic = message.get("topic") if isinstance(message, dict) else None
+    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
+        raise refusal("bad_topic")
+    if "data" not in message:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", "The body must have 'data'.")
     try:
-        live: int | None = await app[sessions].count()
-    except SessionStoreUnavailable as exc:
-        log.warning("could not count live sessions for /metrics: %s", exc)
-        live = None
-    body, content_type = app[metrics].exposition(live, app[event_bus].last_id)
-    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+        event_data_text(message["data"])  # checked before the topic's rule and the rate
+    except ValueError as exc:
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", f"{str(exc).capitalize()}.") from None
+    access = request.app[topic_access]
+    if await access.refused(session.account, [topic], publish=True):
+        raise refusal("forbidden_topic")
+    wait = access.publish_wait(session.user_id, asyncio.get_running_loop().time())
+    if wait > 0:
+        raise refusal("too_many_publishes", {"Retry-After": str(math.ceil(wait))})
+    engine, sender = request.app[db_engine], session.account.username
+    return json_response({"id": await publish(engine, message["data"], topic=topic, sender=sender)})
 
 
-async def health(request: web.Request) -> web.Response:
+async def topic_presence(request: web.Request) -> web.Response:
+    """GET /topics/{topic}/presence: who has a stream open on a presence topic, in every process."""
+    session = await current_session(request)
+    topic = request.match_info["topic"]
+    if not TOPIC_PATTERN.fullmatch(topic):
+        raise refusal("bad_topic")
+    access = request.app[topic_access]
+    rule = access.rule(topic)
+    if rule is None or not rule.presence or await access.refused(session.account, [topic]):
+        raise refusal("forbidden_topic")
+    return json_response({"topic": topic, "users": request.app[presence].users(topic)})
+
+
+def flag(request: web.Request, name: str) -> bool:
+    """A true/false query parameter (false when absent), or 400."""
+    value = request.query.get(name, "false") if request.query_string else "false"
+    if value not in ("true", "false"):
+        raise json_error(
+            web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
+        )
+    return value == "true"
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Answer `Expect: 100-continue` for a body this service would read; others are 417 (RFC 9110 10.1.1)."""
+    if request.headers.get("Expect", "").strip().lower() != "100-continue":
+        raise refusal("expectation_failed")
+    check_declared_body(request)
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+
+
+def body_limit(request: web.Request) -> int:
+    """The largest body a route reads: an event's is larger than the others."""
+    return EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
+
+
+def check_declared_body(request: web.Request) -> None:
+    """Refuse from the headers, before `100 Continue`, a body over body_limit (413), in a coding aiohttp
+    does not decode (415, RFC 9110 15.5.16) or in a transfer coding but chunked (501, RFC 9112 6.1)."""
+    limit = body_limit(request)
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(limit, request.content_length)
+    transfer = request.headers.get("Transfer-Encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        raise refusal("unsupported_transfer_encoding")
+    coding = request.headers.get("Content-Encoding", "identity").strip()
+    if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
+        raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
+    check_declared_body(request)
+    limit = body_limit(request)
+    body = bytearray()
     try:
-        await ping(request.app[db_engine])
-    except DatabaseUnavailable:
-        return json_response({"status": "degraded", "database": "unavailable"}, status=503)
-    return json_response({"status": "ok", "database": "ok"})
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise body_too_large(limit, len(body))
+    except TimeoutError:
+        raise refusal("request_timeout") from None
+    except (web.RequestPayloadError, HttpProcessingError):  # bytes that do not match the framing or coding
+        raise refusal("bad_body") from None
+    return bytes(body)
+
+
+def body_too_large(limit: int, size: int) -> web.HTTPException:
+    body = json_text(
+        {"error": "body_too_large", "message": f"The request body is larger than {limit} bytes."}
+    )
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=size, text=body, content_type="application/json"
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON text in UTF-8, or 400 bad_json."""
+    body = await read_body(request)
+    try:
+        # RFC 8259 section 8.1: a parser may ignore a byte order mark, and some clients send one.
+        return json.loads(body.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise refusal("bad_json") from None
+
+
+def session_id_from(request: web.Request) -> str:
+    """The id from `Authorization: [Bearer] <id>`, else the cookie (from an allowed origin for an unsafe
+    method or a handshake), or 401: only what could be an id (see new_session_id) reaches a store."""
+    cookie = session_cookie(request)
+    if cookie is not None:
+        handshake = request.headers.get("Upgrade", "").strip().lower() == "websocket"
+        if request.method not in SAFE_METHODS or handshake:
+            check_origin(request, required=True)
+        value = cookie.strip()
+    else:
+        value = request.headers.get("Authorization", "").strip()
+        scheme, _, rest = value.partition(" ")
+        if scheme.lower() == "bearer":
+            value = rest.strip()
+    if not SESSION_ID_PATTERN.fullmatch(value):
+        raise refusal("invalid_session")
+    return value
+
+
+def session_cookie(request: web.Request) -> str | None:
+    """The session cookie's value, unless an Authorization header (which wins) names the session."""
+    if "Authorization" in request.headers:
+        return None
+    return request.cookies.get(request.app[config_key].sessions.cookie.name)
+
+
+async def current_session(request: web.Request) -> Session:
+    """The request's session, renewed (each valid use renews the idle timeout), or 401."""
+    session = await request.app[sessions].touch(session_id_from(request))
+    if session is None:
+        raise refusal("invalid_session")
+    return session
+
+
+def refusal(code: str, headers: Mapping[str, str] | None = None) -> web.HTTPException:
+    """The contract's error for one of HANDLER_ERRORS, ready to raise."""
+    status, message = HANDLER_ERRORS[code]
+    return json_error(status, code, message, headers)
+
+
+def iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def last_event_id(request: web.Request, websocket: bool) -> int | None:
+    """`?last_event_id=N` or SSE's `Last-Event-ID` (a reconnecting browser's): with both, the larger."""
+    texts = [request.query.get("last_event_id") if request.query_string else None]
+    if not websocket:
+        texts.append(request.headers.get("Last-Event-ID"))
+    found = [text for text in texts if text]
+    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
+        raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
+    return max(map(int, found), default=None)
+
+
+def requested_topics(request: web.Request, most: int) -> list[str]:
+    """The `?topic=` of GET /events, each once: 400 bad_topic or too_many_topics (over `most`)."""
+    wanted = list(dict.fromkeys(request.query.getall("topic", []))) if request.query_string else []
+    if not all(TOPIC_PATTERN.fullmatch(topic) for topic in wanted):
+        raise refusal("bad_topic")
+    if len(wanted) > most:
+        raise json_error(
+            web.HTTPBadRequest, "too_many_topics", f"A stream may subscribe to at most {most} topics."
+        )
+    return wanted
+
+
+def check_origin(request: web.Request, required: bool) -> None:
+    """403 forbidden_origin for a page not of own_origin or webserver.origins (CSRF, WebSocket hijacking);
+    no Origin passes when not `required` or with `Sec-Fetch-Site: same-origin`."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        if not required or request.headers.get("Sec-Fetch-Site", "").strip() == "same-origin":
+            return
+    else:
+        key = origin_key(origin.strip())
+        if key is not None and (key in request.app[config_key].origins or key == own_origin(request)):
+            return
+    raise refusal("forbidden_origin")
+
+
+def own_origin(request: web.Request) -> str | None:
+    """The origin the request was sent to, if its host is an IP address, `localhost` or webserver.host
+    (not a DNS-rebinding page's name); behind a trusted proxy, X-Forwarded-Host and -Proto count."""
+    host = request.host
+    if trusted_proxy(request):
+        host = request.headers.get("X-Forwarded-Host", host).partition(",")[0].strip()
+    match = HOST_PATTERN.fullmatch(host)
+    if match is None:
+        return None
+    name = match["name"].lower()
+    configured = request.app[config_key].webserver.host.lower()
+    if name not in ("localhost", configured) and _ip_address(name.strip("[]")) is None:
+        return None
+    return origin_key(f"{request_scheme(request)}://{host}")
+
+
+def trusted_proxy(request: web.Request) -> bool:
+    return in_networks(request.remote or "", request.app[config_key].webserver.trusted_proxies)
+
+
+def request_scheme(request: web.Request) -> str:
+    """http or https, as the client reached us or a trusted proxy's X-Forwarded-Proto (first value) says."""
+    if trusted_proxy(request):
+        forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if forwarded in ("http", "https"):
+            return forwarded
+    return request.scheme
 
 
 # ---------------------------------------------------------------------------
