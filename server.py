@@ -413,7 +413,7 @@ async def login(request: web.Request) -> web.Response:
     session_id, session = await authenticate(request.app, username, password, address, device)
     if not in_cookie:
         return json_response({"session_id": session_id}, headers=NO_STORE)
-    response = json_response(identity(session), headers=NO_STORE)
+    response = json_response(whoami_body(session), headers=NO_STORE)
     set_session_cookie(request, response, session_id, session)
     return response
 
@@ -503,10 +503,10 @@ def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> 
 
 
 async def whoami(request: web.Request) -> web.Response:
-    return json_response(identity(await current_session(request)), headers=NO_STORE)
+    return json_response(whoami_body(await current_session(request)), headers=NO_STORE)
 
 
-def identity(session: Session) -> dict[str, str]:
+def whoami_body(session: Session) -> dict[str, str]:
     return {"username": session.username, "expires_at": iso_utc(session.expires_at)}
 
 
@@ -780,24 +780,21 @@ async def hold_websocket(app: web.Application, websocket: web.WebSocketResponse,
 async def close_websocket(websocket: web.WebSocketResponse, stream: Stream, why: Ended) -> None:
     if websocket.closed:
         return
-    if why.tells_client and not stream.transport.is_closing():
-        stream.transport.write(SESSION_ENDED[why].websocket)
+    stream.tell_end(why)
     code = WS_SESSION_ENDED if why.tells_client else WS_CLOSE_CODES.get(why, WS_TRY_AGAIN_LATER)
     # No draining: a client that stopped reading would hold the handler (and shutdown) for ever;
     # its Close is awaited for the WebSocket's timeout, then the connection is closed anyway.
     with contextlib.suppress(ConnectionError, RuntimeError):
         await websocket.close(code=code, message=why.value.encode(), drain=False)
     if why is Ended.SLOW:
-        stream.transport.abort()  # what it has not read is dropped; it reconnects with its last id
+        stream.abort()
 
 
 async def end_sse(response: web.StreamResponse, stream: Stream, why: Ended) -> None:
     if why is Ended.SLOW or why is Ended.GONE:
-        stream.transport.abort()  # its unread events are dropped; it reconnects with its last id
+        stream.abort()
         return
-    if why.tells_client and not stream.transport.is_closing():
-        event = SESSION_ENDED[why]
-        stream.transport.write(event.sse_chunk if stream.chunked else event.sse)
+    stream.tell_end(why)
     with contextlib.suppress(ConnectionError, RuntimeError):
         await response.write_eof()
 
@@ -955,9 +952,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def body_too_large(limit: int, size: int) -> web.HTTPException:
-    body = json_text(
-        {"error": "body_too_large", "message": f"The request body is larger than {limit} bytes."}
-    )
+    body = error_body("body_too_large", f"The request body is larger than {limit} bytes.")
     return web.HTTPRequestEntityTooLarge(
         max_size=limit, actual_size=size, text=body, content_type="application/json"
     )
