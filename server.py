@@ -60,6 +60,7 @@ import gc
 import getpass
 import grp
 import hashlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -5671,15 +5672,57 @@ class CommandError(Exception):
     """A command failed for a reason the user can fix; printed as one line, exit 1."""
 
 
-def read_password(prompt_twice: bool = True) -> str:
+# Topics as TOPIC_PATTERN reads them, in a user's words.
+TOPIC_RULE_TEXT = "1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit"
+ADD_MEMBER = """
+    INSERT INTO topic_members (topic, user_id, publisher)
+    SELECT %(topic)s, id, %(publisher)s FROM users WHERE username = %(username)s
+    ON CONFLICT (topic, user_id) DO UPDATE SET publisher = excluded.publisher
+    RETURNING user_id
+"""
+REMOVE_MEMBER = """
+    DELETE FROM topic_members m USING users u
+    WHERE m.user_id = u.id AND u.username = %(username)s AND m.topic = %(topic)s
+    RETURNING m.user_id
+"""
+TOPIC_MEMBERS = """
+    SELECT u.username, m.publisher FROM topic_members m JOIN users u ON u.id = m.user_id
+    WHERE m.topic = %(topic)s ORDER BY u.username
+"""
+WHO_WAIT = 3.0  # seconds the who command waits for every server process to answer
+MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
+SERVE_OPTIONS = ("host", "port", "workers")  # serving's options; given with a command they are refused
+# Failures a user can fix: each is printed as one line, exit 1, never a traceback.
+STARTUP_FAILURES = (
+    ConfigError,
+    CommandError,
+    StartupError,
+    DatabaseUnavailable,
+    DatabaseRefused,
+    TablesOutdated,
+    UserExists,
+    UserNotFound,
+)
+Command: TypeAlias = Callable[[Config, argparse.Namespace], Coroutine[Any, Any, str | None]]
+
+
+@contextlib.contextmanager
+def as_command_error(prefix: str, *errors: type[Exception]) -> Iterator[None]:
+    """One of `errors` becomes a CommandError: prefix, then the error's own message."""
+    try:
+        yield
+    except errors as exc:
+        raise CommandError(f"{prefix}{exc}") from None
+
+
+def read_password() -> str:
     """A new password from a no-echo prompt, or one line of standard input when it is not a terminal."""
     if sys.stdin.isatty():
-        # Ctrl-C is a KeyboardInterrupt here, also inside asyncio.run (whose own handler would only
-        # cancel the command's task, which waits in getpass until Enter).
+        # Ctrl-C must interrupt getpass, also inside asyncio.run (whose handler only cancels the task).
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             password = getpass.getpass("Password: ")
-            if prompt_twice and getpass.getpass("Repeat password: ") != password:
+            if getpass.getpass("Repeat password: ") != password:
                 raise CommandError("the passwords do not match")
         except (KeyboardInterrupt, EOFError):  # Ctrl-C, Ctrl-D
             print(file=sys.stderr)  # getpass leaves the cursor after the prompt
@@ -5688,79 +5731,23 @@ def read_password(prompt_twice: bool = True) -> str:
             signal.signal(signal.SIGINT, previous)
     else:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
-    try:
+    with as_command_error("", ValueError):
         return check_new_password(check_credential(password, "password"))
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
 
 
 def check_username(name: str, new: bool = False) -> str:
-    """The command's NAME as the login compares it (NFC), or a CommandError. Only a new name
-    must follow today's rules: a user named before them can still be found and deleted."""
-    try:
+    """NAME as the login compares it (NFC); only a new name must follow today's rules (see notes)."""
+    with as_command_error("", ValueError):
         return parse_username(name) if new else nfc(check_credential(name, "username"))
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
 
 
-async def hash_new_password(config: PasswordConfig, password: str) -> str:
-    """Hash with the server's own parameters and code, on a short-lived hashing pool."""
-    hasher = Passwords(config)
-    try:
-        return await hasher.hash(password)
-    finally:
-        hasher.close()
+def check_topic(topic: str) -> str:
+    if not TOPIC_PATTERN.fullmatch(topic):
+        raise CommandError(f"not a topic name: {topic!r} ({TOPIC_RULE_TEXT})")
+    return topic
 
 
-async def set_password_command(config: Config, name: str, new_user: bool) -> str:
-    """adduser (new_user) or passwd: a checked password from the user, hashed, then stored."""
-    username, password = check_username(name, new=new_user), read_password()
-    async with open_database(config.db) as engine:
-        # Whether the name is free (or taken) is asked before a hash is spent on it.
-        _, account = await find_account(engine, username)
-        if new_user and account is not None:
-            raise UserExists(f"user '{username}' already exists")
-        if not new_user and account is None:
-            raise UserNotFound(f"no such user '{username}'")
-        password_hash = await hash_new_password(config.passwords, password)
-        if new_user:
-            await insert_user(engine, username, password_hash)
-            return f"created user '{username}'"
-        ended = await end_shared_sessions(config, engine, account, "passwd")
-        changed = await update_password_hash(engine, username, password_hash)
-        await refuse_in_shared_store(config, engine, changed.user_id, changed.epoch)
-    return f"changed the password of '{username}'" + (f" and ended {ended} session(s)" if ended else "")
-
-
-async def del_user_command(config: Config, name: str) -> str:
-    username = check_username(name)
-    async with open_database(config.db) as engine:
-        _, account = await find_account(engine, username)
-        ended = await end_shared_sessions(config, engine, account, "deluser")
-        user_id = await delete_user(engine, username)
-        await refuse_in_shared_store(config, engine, user_id, None)
-    return f"deleted user '{username}'" + (f" and ended {ended} session(s)" if ended else "")
-
-
-async def end_shared_sessions(
-    config: Config, engine: aiopg.sa.Engine, account: Account | None, why: str
-) -> int:
-    """End the account's sessions in a shared store, counting them, before passwd or deluser
-    changes the user. The change itself then ends every session of the account wherever it is
-    (schema.sql's trigger: rows begun meanwhile, and a notification to every running server for
-    sessions in memory and open streams). Returns how many live sessions ended here."""
-    if config.sessions.store == "memory" or account is None:
-        return 0
-    try:
-        async with command_store(config, engine) as store:
-            return await store.revoke_all(account.user_id, f"revoked:{why}")
-    except SessionStoreUnavailable as exc:
-        raise CommandError(f"could not end the user's sessions, nothing was changed: {exc}") from None
-
-
-async def user_account(engine: aiopg.sa.Engine, name: str) -> Account:
-    """The account of the command's NAME, or UserNotFound."""
-    username = check_username(name)
+async def find_user(engine: aiopg.sa.Engine, username: str) -> Account:
     _, account = await find_account(engine, username)
     if account is None:
         raise UserNotFound(f"no such user '{username}'")
@@ -5775,19 +5762,92 @@ def shared_store_needed(config: Config, command: str) -> None:
         )
 
 
-async def sessions_command(config: Config, name: str) -> str:
-    """sessions NAME: the user's live sessions as JSON lines, open streams counted in every process."""
+async def hash_new_password(config: PasswordConfig, password: str) -> str:
+    """Hash with the server's own parameters and code, on a short-lived hashing pool."""
+    with contextlib.closing(Passwords(config)) as hasher:
+        return await hasher.hash(password)
+
+
+async def adduser_command(config: Config, args: argparse.Namespace) -> str:
+    """create a user"""
+    username, password = check_username(args.name, new=True), read_password()
+    async with open_database(config.db) as engine:
+        # Whether the name is free is asked before a hash is spent on it.
+        _, account = await find_account(engine, username)
+        if account is not None:
+            raise UserExists(f"user '{username}' already exists")
+        await insert_user(engine, username, await hash_new_password(config.passwords, password))
+    return escape_controls(f"created user '{username}'")
+
+
+async def passwd_command(config: Config, args: argparse.Namespace) -> str:
+    """set a user's password"""
+    username, password = check_username(args.name), read_password()
+    async with open_database(config.db) as engine:
+        account = await find_user(engine, username)
+        password_hash = await hash_new_password(config.passwords, password)
+        ended = await end_shared_sessions(config, engine, account, "passwd")
+        changed = await update_password_hash(engine, username, password_hash)
+        await refuse_in_shared_store(config, engine, changed.user_id, changed.epoch)
+    ending = f" and ended {ended} session(s)" if ended else ""
+    return escape_controls(f"changed the password of '{username}'{ending}")
+
+
+async def deluser_command(config: Config, args: argparse.Namespace) -> str:
+    """delete a user"""
+    username = check_username(args.name)
+    async with open_database(config.db) as engine:
+        _, account = await find_account(engine, username)
+        ended = await end_shared_sessions(config, engine, account, "deluser")
+        user_id = await delete_user(engine, username)
+        await refuse_in_shared_store(config, engine, user_id, None)
+    ending = f" and ended {ended} session(s)" if ended else ""
+    return escape_controls(f"deleted user '{username}'{ending}")
+
+
+async def end_shared_sessions(
+    config: Config, engine: aiopg.sa.Engine, account: Account | None, why: str
+) -> int:
+    """End and count the account's sessions in a shared store before passwd or deluser changes the
+    user (the change then ends them everywhere: schema.sql's trigger and its notification)."""
+    if config.sessions.store == "memory" or account is None:
+        return 0
+    with as_command_error(
+        "could not end the user's sessions, nothing was changed: ", SessionStoreUnavailable
+    ):
+        async with command_store(config, engine) as store:
+            return await store.revoke_all(account.user_id, f"revoked:{why}")
+
+
+async def refuse_in_shared_store(
+    config: Config, engine: aiopg.sa.Engine, user_id: int, below: int | None
+) -> None:
+    """After passwd or deluser: Redis ends the account's sessions below the new epoch (None: all)
+    and refuses them from now on, even with no server running (PostgreSQL did so in the change)."""
+    if config.sessions.store != "redis":
+        return
+    with as_command_error("done, but could not end the user's sessions in Redis: ", SessionStoreUnavailable):
+        async with command_store(config, engine) as store:
+            await store.revoke_user(user_id, below)
+
+
+async def sessions_command(config: Config, args: argparse.Namespace) -> str:
+    """list a user's live sessions (JSON lines), in every process"""
     shared_store_needed(config, "sessions")
     async with open_database(config.db) as engine:
-        account = await user_account(engine, name)
+        account = await find_user(engine, check_username(args.name))
         store = open_session_store(config.sessions, engine, time.time)
         try:
-            found = await store.sessions_of(account.user_id)
-        except SessionStoreUnavailable as exc:
-            raise CommandError(f"could not read the session store: {exc}") from None
+            with as_command_error("could not read the session store: ", SessionStoreUnavailable):
+                found = await store.sessions_of(account.user_id)
         finally:
             await store.close()
-        counts = await open_streams(engine, [session.public_id for session in found])
+        counts: dict[str, int] = {}
+        if found:
+            params = {"public_ids": [session.public_id for session in found], "process": ""}  # "": all
+            async with connection(engine) as conn:
+                rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall()
+            counts = {row[0]: int(row[1]) for row in rows}
     return "\n".join(
         json.dumps(
             {
@@ -5804,46 +5864,34 @@ async def sessions_command(config: Config, name: str) -> str:
     )
 
 
-async def open_streams(engine: aiopg.sa.Engine, public_ids: list[str]) -> dict[str, int]:
-    """Open event streams of these sessions in every running server process (shared stores)."""
-    if not public_ids:
-        return {}
-    params = {"public_ids": public_ids, "process": ""}  # "": no process is named so, all count
-    async with connection(engine) as conn:
-        rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall()
-    return {row[0]: int(row[1]) for row in rows}
-
-
-async def logout_command(config: Config, name: str, public_id: str | None) -> str:
-    """logout NAME [SESSION_ID]: end the user's sessions (or one) in every process, password unchanged."""
+async def logout_command(config: Config, args: argparse.Namespace) -> str:
+    """end all of a user's sessions, or one by its id, in every process (the password stays)"""
     async with open_database(config.db) as engine:
-        account = await user_account(engine, name)
-        if public_id is None:
+        account = await find_user(engine, check_username(args.name))
+        if args.session_id is None:
             ended = await end_shared_sessions(config, engine, account, "operator")
             epoch = await raise_session_epoch(engine, account.user_id, "operator")
             await refuse_in_shared_store(config, engine, account.user_id, epoch)
             counted = f" ({ended} live)" if config.sessions.store != "memory" else ""
-            return f"ended every session of '{account.username}'{counted}"
+            return escape_controls(f"ended every session of '{account.username}'{counted}")
         shared_store_needed(config, "logout NAME SESSION_ID")
-        try:
+        found = None
+        with as_command_error("could not end the session: ", SessionStoreUnavailable):
             async with command_store(config, engine) as store:
-                found = None
-                if PUBLIC_ID_PATTERN.fullmatch(public_id):
-                    found = await store.revoke_public(account.user_id, public_id, "revoked:operator")
-        except SessionStoreUnavailable as exc:
-            raise CommandError(f"could not end the session: {exc}") from None
+                if PUBLIC_ID_PATTERN.fullmatch(args.session_id):
+                    found = await store.revoke_public(account.user_id, args.session_id, "revoked:operator")
         if found is None:
-            raise CommandError(f"'{account.username}' has no live session '{printable(public_id, 64)}'")
+            shown = printable(args.session_id, 64)
+            raise CommandError(f"'{account.username}' has no live session '{shown}'")
         revocation = Revocation(Ended.REVOKED, session=found[0])
         async with connection(engine) as conn:
             await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
-    return f"ended session '{public_id}' of '{account.username}'"
+    return escape_controls(f"ended session '{args.session_id}' of '{account.username}'")
 
 
 async def raise_session_epoch(engine: aiopg.sa.Engine, user_id: int, why: str) -> int | None:
-    """End every session of the account wherever it is (schema.sql's trigger and its notification),
-    the password unchanged; the journal records them as revoked for `why`. The new epoch (None:
-    the account went meanwhile)."""
+    """End the account's sessions wherever they are (schema.sql's trigger), journaled as revoked for
+    `why`, the password unchanged. The new epoch (None: the account went meanwhile)."""
     async with connection(engine) as conn, conn.begin():
         await conn.execute(sa.select(sa.func.set_config("loginservice.revoke", why, True)))
         epoch = users.c.session_epoch + 1
@@ -5855,14 +5903,15 @@ async def raise_session_epoch(engine: aiopg.sa.Engine, user_id: int, why: str) -
         )
 
 
-async def journal_command(config: Config, after: int, follow: bool) -> None:
-    """journal [--after ID] [--follow]: the session journal as JSON lines, oldest first; with
-    --follow, new entries as they commit (LISTEN before the first read: nothing falls between)."""
+async def journal_command(config: Config, args: argparse.Namespace) -> None:
+    """print the session journal as JSON lines"""
+    after = args.after
     async with open_database(config.db) as engine:
-        if not follow:
+        if not args.follow:
             while entries := await read_journal(engine, after):
                 after = print_entries(entries)
             return
+        # --follow: it listens before the first read, so no entry falls between
         dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name="server.py journal")
         try:
             async with aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT) as listener:
@@ -5889,31 +5938,16 @@ def print_entries(entries: list[dict[str, Any]]) -> int:
     return int(entries[-1]["id"])
 
 
-async def refuse_in_shared_store(
-    config: Config, engine: aiopg.sa.Engine, user_id: int, below: int | None
-) -> None:
-    """After passwd or deluser committed: a Redis store ends the account's sessions below the new
-    epoch (None: all) and refuses them from now on, even with no server running. (PostgreSQL's
-    store did so in the same transaction; running servers do it too, when the bus tells them.)"""
-    if config.sessions.store != "redis":
-        return
-    try:
-        async with command_store(config, engine) as store:
-            await store.revoke_user(user_id, below)
-    except SessionStoreUnavailable as exc:
-        raise CommandError(f"done, but could not end the user's sessions in Redis: {exc}") from None
-
-
-async def publish_command(config: Config, data: str, to: str | None, topic: str | None = None) -> str:
-    """publish DATA [--to NAME | --topic TOPIC]: DATA is JSON text (`-`: standard input), to every
-    logged-in user, to NAME's streams, or to TOPIC's subscribers."""
+async def publish_command(config: Config, args: argparse.Namespace) -> str:
+    """publish a live event to every logged-in user (or one, with --to)"""
+    data = args.data
     if data == "-":
         try:
             data = sys.stdin.read()
         except UnicodeDecodeError:
             raise CommandError("DATA is not valid UTF-8") from None
-    if topic is not None and not TOPIC_PATTERN.fullmatch(topic):
-        raise CommandError(f"not a topic name: {topic!r} ({TOPIC_RULE_TEXT})")
+    if args.topic is not None:
+        check_topic(args.topic)
     try:
         size = len(data.encode())
     except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
@@ -5926,69 +5960,54 @@ async def publish_command(config: Config, data: str, to: str | None, topic: str 
         raise CommandError(f"DATA is not valid JSON ({exc})") from None
     except RecursionError:
         raise CommandError("DATA is nested too deeply") from None
-    username = None if to is None else check_username(to)
+    username = None if args.to is None else check_username(args.to)
     async with open_database(config.db) as engine:
-        try:
-            event_id = await publish(engine, value, username, topic=topic)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+        with as_command_error("", ValueError):
+            event_id = await publish(engine, value, username, topic=args.topic)
     return f"published event {event_id}"
 
 
-TOPIC_RULE_TEXT = "1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit"
-ADD_MEMBER = """
-    INSERT INTO topic_members (topic, user_id, publisher)
-    SELECT %(topic)s, id, %(publisher)s FROM users WHERE username = %(username)s
-    ON CONFLICT (topic, user_id) DO UPDATE SET publisher = excluded.publisher
-    RETURNING user_id
-"""
-REMOVE_MEMBER = """
-    DELETE FROM topic_members m USING users u
-    WHERE m.user_id = u.id AND u.username = %(username)s AND m.topic = %(topic)s
-    RETURNING m.user_id
-"""
-TOPIC_MEMBERS = """
-    SELECT u.username, m.publisher FROM topic_members m JOIN users u ON u.id = m.user_id
-    WHERE m.topic = %(topic)s ORDER BY u.username
-"""
+async def topic_add_command(config: Config, args: argparse.Namespace) -> str:
+    """make NAME a member of TOPIC"""
+    topic, username, _ = await change_membership(config, args, ADD_MEMBER)
+    publishes = " and may publish" if args.publisher else ""
+    return escape_controls(f"'{username}' is a member of '{topic}'{publishes}")
 
 
-def check_topic(topic: str) -> str:
-    if not TOPIC_PATTERN.fullmatch(topic):
-        raise CommandError(f"not a topic name: {topic!r} ({TOPIC_RULE_TEXT})")
-    return topic
+async def topic_remove_command(config: Config, args: argparse.Namespace) -> str:
+    """end NAME's membership of TOPIC (and its open streams' subscription)"""
+    topic, username, changed = await change_membership(config, args, REMOVE_MEMBER)
+    if not changed:
+        raise CommandError(f"'{username}' is not a member of '{topic}'")
+    return escape_controls(f"'{username}' is no longer a member of '{topic}'")
 
 
-async def topic_command(config: Config, action: str, topic: str, name: str | None, publisher: bool) -> str:
-    """topic add NAME TOPIC [--publisher] | topic remove NAME TOPIC | topic members TOPIC."""
-    topic = check_topic(topic)
-    username = None if name is None else check_username(name)
-    params = {"topic": topic, "username": username, "publisher": publisher}
+async def change_membership(
+    config: Config, args: argparse.Namespace, statement: str
+) -> tuple[str, str, bool]:
+    """ADD_MEMBER or REMOVE_MEMBER for TOPIC and NAME, a user: both names, and whether a row changed."""
+    topic, username = check_topic(args.topic), check_username(args.name)
+    params = {"topic": topic, "username": username, "publisher": getattr(args, "publisher", False)}
     async with open_database(config.db) as engine, connection(engine) as conn:
-        if action == "members":
-            rows = await (await conn.execute(TOPIC_MEMBERS, params)).fetchall()
-            return "\n".join(f"{escape_controls(row[0])}{' (publisher)' if row[1] else ''}" for row in rows)
         if await conn.scalar(FIND_ACCOUNT.sql, {"username": username}) is None:
             raise CommandError(f"no such user '{username}'")
-        if action == "add":
-            await conn.execute(ADD_MEMBER, params)
-            return escape_controls(
-                f"'{username}' is a member of '{topic}'" + (" and may publish" if publisher else "")
-            )
-        if await conn.scalar(REMOVE_MEMBER, params) is None:
-            raise CommandError(f"'{username}' is not a member of '{topic}'")
-        return escape_controls(f"'{username}' is no longer a member of '{topic}'")
+        changed = await conn.scalar(statement, params) is not None
+    return topic, username, changed
 
 
-WHO_WAIT = 3.0  # seconds the who command waits for every server process to answer
+async def topic_members_command(config: Config, args: argparse.Namespace) -> str:
+    """list TOPIC's members"""
+    params = {"topic": check_topic(args.topic)}
+    async with open_database(config.db) as engine, connection(engine) as conn:
+        rows = await (await conn.execute(TOPIC_MEMBERS, params)).fetchall()
+    return "\n".join(f"{escape_controls(row[0])}{' (publisher)' if row[1] else ''}" for row in rows)
 
 
-async def who_command(config: Config, topic: str | None) -> str:
-    """who [TOPIC]: users with an open event stream (on TOPIC) and how many, over every process:
-    it asks them on PRESENCE_CHANNEL (see Presence) and sums their answers."""
-    if topic is not None:
-        check_topic(topic)
-    channel = f"who_{secrets.token_hex(8)}"
+async def who_command(config: Config, args: argparse.Namespace) -> str:
+    """who is online: users with open event streams (on TOPIC), over every server process"""
+    if args.topic is not None:
+        check_topic(args.topic)
+    channel = f"who_{secrets.token_hex(8)}"  # where each process answers PRESENCE_CHANNEL (see Presence)
     counts: dict[str, int] = {}
     async with open_database(config.db) as engine:
         dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name=f"{DB_APPLICATION_NAME} who")
@@ -5997,7 +6016,7 @@ async def who_command(config: Config, topic: str | None) -> str:
                 await cur.execute(f"LISTEN {channel}")
                 await cur.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
                 servers = len(await cur.fetchall())
-                request = json.dumps({"who": channel, "topic": topic})
+                request = json.dumps({"who": channel, "topic": args.topic})
                 await cur.execute("SELECT pg_notify(%s, %s)", (PRESENCE_CHANNEL, request))
                 answered: set[str] = set()
                 with contextlib.suppress(TimeoutError):
@@ -6011,26 +6030,20 @@ async def who_command(config: Config, topic: str | None) -> str:
     if len(answered) < servers:
         print(f"warning: {servers - len(answered)} server process(es) did not answer", file=sys.stderr)
     if not counts:
-        return "nobody is online" + ("" if topic is None else f" on '{topic}'")
+        return "nobody is online" + ("" if args.topic is None else f" on '{args.topic}'")
     return "\n".join(f"{escape_controls(name)}\t{streams}" for name, streams in sorted(counts.items()))
 
 
-MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
-
-
-async def migrate_command(config: Config) -> str:
-    """Convert the article's users(username, password) in place, in one transaction (see ArticleUsers)."""
-    hasher = Passwords(config.passwords)
-    migration = ArticleUsers(hasher)
-    try:
-        async with open_database(config.db, upgrade=migration.convert):
-            pass
-    except psycopg2.Error as exc:
-        # A constraint the article's table breaks (a duplicate or NULL username): nothing changed.
-        reason = str(exc).strip().splitlines()[0]
-        raise CommandError(f"cannot convert table 'users', nothing was changed: {reason}") from None
-    finally:
-        hasher.close()
+async def migrate_command(config: Config, args: argparse.Namespace) -> str:
+    """convert the article's users table (plain-text passwords) to argon2id hashes"""
+    with contextlib.closing(Passwords(config.passwords)) as hasher:
+        migration = ArticleUsers(hasher)
+        try:
+            async with open_database(config.db, upgrade=migration.convert):
+                pass
+        except psycopg2.Error as exc:  # a constraint the article's table breaks: nothing changed
+            reason = str(exc).strip().splitlines()[0]
+            raise CommandError(f"cannot convert table 'users', nothing was changed: {reason}") from None
     if migration.converted is None:
         return "nothing to migrate: table 'users' already stores argon2id hashes"
     locked = f"; {migration.locked} had no password and need one: python server.py passwd NAME"
@@ -6040,28 +6053,21 @@ async def migrate_command(config: Config) -> str:
     )
 
 
+@dataclasses.dataclass
 class ArticleUsers:
-    """The article's table `users(username, password)`, converted to what schema.sql describes.
+    """The article's `users(username, password)` made schema.sql's table in place: passwords hashed
+    as the server would (a missing one locked until passwd), names in NFC (README, Design: migrate)."""
 
-    Every password is hashed on the hashing pool, with the server's own parameters, so each user
-    logs in afterwards with the same password; usernames are stored in NFC, as new ones are. A
-    row without a password (NULL or empty, which no login can send) gets the hash of a random
-    secret: locked until `passwd`. The plain-text column is dropped; `id` and `created_at` are
-    added, `username` becomes the unique key.
-    """
-
-    def __init__(self, hasher: Passwords) -> None:
-        self.hasher = hasher
-        self.converted: int | None = None  # None: the table needed nothing
-        self.locked = 0
+    hasher: Passwords
+    converted: int | None = None  # None: the table needed nothing
+    locked: int = 0
 
     async def convert(self, conn: aiopg.sa.SAConnection) -> None:
         columns = await table_columns(conn, "users")
         if not columns >= ARTICLE_USERS_COLUMNS or "password_hash" in columns:
             return
         await conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        # Holding the table, nothing below waits for a lock; a long table may take longer than a
-        # request's statement limit, and a statement carrying hashes must not fail (and be logged).
+        # Nothing waits for a lock now, and a statement carrying hashes must not time out (and be logged).
         await conn.execute("SET LOCAL statement_timeout = 0")
         result = await conn.execute("SELECT username, password FROM users")
         rows = [(row[0], row[1]) for row in await result.fetchall()]
@@ -6070,16 +6076,12 @@ class ArticleUsers:
         for start in range(0, len(rows), MIGRATE_BATCH):
             batch = rows[start : start + MIGRATE_BATCH]
             hashes = await asyncio.gather(*(self._hash(password) for _, password in batch))
-            # Usernames are stored in NFC, as the login and the commands look them up.
+            names = [username for username, _ in batch]
             await conn.execute(
                 "UPDATE users SET password_hash = new.hash, username = new.nfc"
                 " FROM unnest(%(names)s::text[], %(nfc)s::text[], %(hashes)s::text[])"
                 " AS new(username, nfc, hash) WHERE users.username = new.username",
-                {
-                    "names": [username for username, _ in batch],
-                    "nfc": [nfc(username) if username else username for username, _ in batch],
-                    "hashes": hashes,
-                },
+                {"names": names, "nfc": [nfc(name) for name in names], "hashes": hashes},
             )
             if len(rows) > MIGRATE_BATCH:
                 print(f"migrate: {start + len(batch)} of {len(rows)} passwords hashed", file=sys.stderr)
@@ -6087,14 +6089,13 @@ class ArticleUsers:
         self.converted = len(rows)
 
     @staticmethod
-    def _check_names(names: list[str | None]) -> None:
-        """Refuse, naming them, usernames that would collide (the same name, or the same in NFC)
-        or that are missing: the unique key could not be made, and a user must choose."""
+    def _check_names(names: list[str]) -> None:
+        """Refuse missing usernames and ones equal in NFC, naming them: a user must choose."""
         if any(not name for name in names):
             raise CommandError("cannot convert table 'users', nothing was changed: a row has no username")
         forms: dict[str, list[str]] = {}
         for name in names:
-            forms.setdefault(nfc(name or ""), []).append(name or "")
+            forms.setdefault(nfc(name), []).append(name)
         clashes = [group for group in forms.values() if len(group) > 1]
         if clashes:
             shown = "; ".join(" = ".join(repr(name) for name in group) for group in clashes[:10])
@@ -6112,41 +6113,23 @@ class ArticleUsers:
 
     @staticmethod
     async def _reshape(conn: aiopg.sa.SAConnection, columns: set[str]) -> None:
-        """Give the table schema.sql's columns and keys (the plain-text column goes)."""
-        statements = [
-            f"ALTER TABLE users ALTER COLUMN username TYPE varchar({MAX_FIELD_CHARS}),"
-            " ALTER COLUMN username SET NOT NULL",
-            "ALTER TABLE users DROP COLUMN password",
-            "ALTER TABLE users ALTER COLUMN password_hash SET NOT NULL",
+        """schema.sql's columns and keys: the plain-text column goes, the key moves to a new `id`."""
+        changes = [
+            f"ALTER COLUMN username TYPE varchar({MAX_FIELD_CHARS}), ALTER COLUMN username SET NOT NULL",
+            "DROP COLUMN password",
+            "ALTER COLUMN password_hash SET NOT NULL",
         ]
         if "created_at" not in columns:
-            statements.append("ALTER TABLE users ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()")
+            changes.append("ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()")
         if "id" not in columns:
-            # The key moves from username (if it was one) to a new identity column.
             result = await conn.execute(
                 "SELECT conname FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'p'"
             )
-            for row in await result.fetchall():
-                statements.append(f'ALTER TABLE users DROP CONSTRAINT "{row[0]}"')
-            statements.append(
-                "ALTER TABLE users ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-            )
-        statements.append("ALTER TABLE users ADD CONSTRAINT users_username_key UNIQUE (username)")
-        for statement in statements:
-            await conn.execute(statement)
-
-
-UserCommand: TypeAlias = Callable[[Config, str], Coroutine[Any, Any, str]]
-# The commands that take a user's NAME: the help line, and what runs.
-USER_COMMANDS: dict[str, tuple[str, UserCommand]] = {
-    "adduser": ("create a user", functools.partial(set_password_command, new_user=True)),
-    "passwd": ("set a user's password", functools.partial(set_password_command, new_user=False)),
-    "deluser": ("delete a user", del_user_command),
-}
-
-
-# Options that only serving takes; given with a command they are refused.
-SERVE_OPTIONS = ("host", "port", "workers")
+            changes += [f'DROP CONSTRAINT "{row[0]}"' for row in await result.fetchall()]
+            changes.append("ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+        changes.append("ADD CONSTRAINT users_username_key UNIQUE (username)")
+        for change in changes:
+            await conn.execute(f"ALTER TABLE users {change}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -6157,14 +6140,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    common = ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="config file (default: ./config.json)",
-    )
+    """Serving's options, and a subcommand per command: its coroutine in `run`, its docstring the help."""
+    common = ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", type=Path, metavar="FILE", help="config file (default: ./config.json)")
     parser = ArgumentParser(
         description="Login/logout web service. Without a COMMAND it serves, until SIGINT or SIGTERM.",
         usage="%(prog)s [--config FILE] [--host HOST] [--port PORT] [--workers N] [COMMAND ...]",
@@ -6178,111 +6156,79 @@ def build_parser() -> ArgumentParser:
     serve_only = ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for option in SERVE_OPTIONS:
         serve_only.add_argument(f"--{option}", help=argparse.SUPPRESS)
+    shared = [common, serve_only]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)")
-    for name, (text, _) in USER_COMMANDS.items():
-        sub = commands.add_parser(name, help=text, parents=[common, serve_only])
-        sub.add_argument("name", metavar="NAME")
-    commands.add_parser(
-        "migrate",
-        help="convert the article's users table (plain-text passwords) to argon2id hashes",
-        parents=[common, serve_only],
-    )
-    publisher = commands.add_parser(
-        "publish",
-        help="publish a live event to every logged-in user (or one, with --to)",
-        parents=[common, serve_only],
-    )
+
+    def add(group: Any, name: str, run: Command, *positionals: str) -> ArgumentParser:
+        sub: ArgumentParser = group.add_parser(name, help=inspect.getdoc(run), parents=shared)
+        for positional in positionals:
+            sub.add_argument(positional, metavar=positional.upper())
+        sub.set_defaults(run=run)
+        return sub
+
+    add(commands, "adduser", adduser_command, "name")
+    add(commands, "passwd", passwd_command, "name")
+    add(commands, "deluser", deluser_command, "name")
+    add(commands, "migrate", migrate_command)
+    publisher = add(commands, "publish", publish_command)
     publisher.add_argument("data", metavar="DATA", help="the event's data: JSON text, at most 64 KiB")
     audience = publisher.add_mutually_exclusive_group()
     audience.add_argument("--to", metavar="NAME", help="only this user's streams")
     audience.add_argument("--topic", metavar="TOPIC", help="only the streams subscribed to TOPIC")
-    lister = commands.add_parser(
-        "sessions",
-        help="list a user's live sessions (JSON lines), in every process",
-        parents=[common, serve_only],
-    )
-    lister.add_argument("name", metavar="NAME")
-    ender = commands.add_parser(
-        "logout",
-        help="end all of a user's sessions, or one by its id, in every process (the password stays)",
-        parents=[common, serve_only],
-    )
-    ender.add_argument("name", metavar="NAME")
+    add(commands, "sessions", sessions_command, "name")
+    ender = add(commands, "logout", logout_command, "name")
     ender.add_argument(
         "session_id", metavar="SESSION_ID", nargs="?", help="a session's public id (see sessions)"
     )
-    reader = commands.add_parser(
-        "journal", help="print the session journal as JSON lines", parents=[common, serve_only]
-    )
+    reader = add(commands, "journal", journal_command)
     reader.add_argument("--after", metavar="ID", type=int, default=0, help="only entries after this id")
     reader.add_argument("--follow", action="store_true", help="then wait for new entries, printing each")
-    topic = commands.add_parser(
-        "topic", help="manage the members of members-only topics", parents=[common, serve_only]
-    )
+    topic = commands.add_parser("topic", help="manage the members of members-only topics", parents=shared)
     actions = topic.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add = actions.add_parser("add", help="make NAME a member of TOPIC", parents=[common, serve_only])
-    add.add_argument("name", metavar="NAME")
-    add.add_argument("topic", metavar="TOPIC")
-    add.add_argument("--publisher", action="store_true", help="also allowed where the rule says publishers")
-    remove = actions.add_parser(
-        "remove",
-        help="end NAME's membership of TOPIC (and its open streams' subscription)",
-        parents=[common, serve_only],
-    )
-    remove.add_argument("name", metavar="NAME")
-    remove.add_argument("topic", metavar="TOPIC")
-    members = actions.add_parser("members", help="list TOPIC's members", parents=[common, serve_only])
-    members.add_argument("topic", metavar="TOPIC")
-    who = commands.add_parser(
-        "who",
-        help="who is online: users with open event streams (on TOPIC), over every server process",
-        parents=[common, serve_only],
-    )
-    who.add_argument("topic", metavar="TOPIC", nargs="?")
+    adder = add(actions, "add", topic_add_command, "name", "topic")
+    adder.add_argument("--publisher", action="store_true", help="also allowed where the rule says publishers")
+    add(actions, "remove", topic_remove_command, "name", "topic")
+    add(actions, "members", topic_members_command, "topic")
+    add(commands, "who", who_command).add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
 
 
 def _option_value(key: str, text: str | None) -> int | str | None:
-    """A command-line override as the config file would hold it: --port and --workers are numbers
-    when they read as one; --host is always a name (`--host 0` is 0.0.0.0, as for any server)."""
+    """An override as the config file would hold it: --port and --workers are numbers when they read
+    as one; --host is always a name (`--host 0` is 0.0.0.0, as for any server)."""
     if text is None or key == "host":
         return text
-    try:
+    with contextlib.suppress(ValueError):
         return int(text)
-    except ValueError:
-        return text
+    return text
 
 
 def serve(config: Config, read_config: Callable[[], Config]) -> int:
     """Serve until SIGINT or SIGTERM; the port is bound before anything else starts."""
-    host, port = config.webserver.host, config.webserver.port
     raise_open_files_limit()  # the workers inherit it
     if config.webserver.workers > 1:
         return serve_workers(config, read_config)
     os.environ.pop(MULTIPROCESS_ENV, None)  # one process keeps its metrics in memory
-    WebServer(config).run(listening_sockets(host, port))
+    WebServer(config).run(listening_sockets(config.webserver.host, config.webserver.port))
     return 0
 
 
 def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
-    """Run config.webserver.workers processes on one port under gunicorn's arbiter.
-
-    The arbiter (this process) owns the embedded PostgreSQL, if any: it starts it and checks the
-    database before the first worker, and stops it after the last one. gunicorn then replaces a
-    worker that dies, replaces all of them gracefully on SIGHUP with the config read again
-    (`read_config`; the database stays as it is), adds or removes one on SIGTTIN / SIGTTOU, kills
-    one that stops answering its heartbeat, and a worker whose arbiter died stops by itself.
-    SIGTERM or SIGINT: every worker finishes its requests, then exit 0.
-    """
-    check_address(config.webserver)
+    """Run config.webserver.workers processes on one port under gunicorn's arbiter, this process,
+    which owns the embedded PostgreSQL (README, Design: workers). SIGTERM or SIGINT: exit 0."""
+    # Fail in one line, as one process does, where gunicorn would retry and log for seconds.
+    for sock in listening_sockets(config.webserver.host, config.webserver.port):
+        sock.close()
     arbiter, code = os.getpid(), 0
     with contextlib.ExitStack() as resources:
-        # The workers' metrics files (see Metrics): a directory of this server's own, made before
-        # the first worker and removed after the last.
+        # The workers' metrics files (see Metrics), in a directory of this server's own.
         os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="loginservice-metrics-")
         resources.callback(shutil.rmtree, os.environ[MULTIPROCESS_ENV], ignore_errors=True)
-        if config.db.embedded:
-            dsn = resources.enter_context(embedded_postgres_sync(config.db.data_dir))
+        if config.db.embedded:  # started here, outside any event loop, and stopped after the workers
+            runner = resources.enter_context(asyncio.Runner())
+            postgres = contextlib.AsyncExitStack()
+            dsn = runner.run(postgres.enter_async_context(embedded_postgres(config.db.data_dir)))
+            resources.callback(lambda: runner.run(postgres.aclose()))
             config = dataclasses.replace(config, db=dataclasses.replace(config.db, dsn=dsn))
         asyncio.run(check_database(config.db))  # one line here, rather than a failing worker each
         try:
@@ -6290,22 +6236,15 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
         except SystemExit as leaving:
             code = int(leaving.code or 0)
             if os.getpid() != arbiter:
-                # A worker leaves through here too: it exits at once, as multiprocessing's forked
-                # children do, so it never runs the arbiter's cleanup (the embedded PostgreSQL).
+                # A forked worker exits at once, as multiprocessing's do, never running the arbiter's cleanup.
                 logging.shutdown()
                 os._exit(code)
     log.info("all workers stopped")
     return code
 
 
-def check_address(webserver: WebServerConfig) -> None:
-    """Fail in one line, as one process does, where gunicorn would retry and log for seconds."""
-    for sock in listening_sockets(webserver.host, webserver.port):  # gunicorn binds its own after
-        sock.close()
-
-
 def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
-    """gunicorn's application for serve_workers; imported here, as gunicorn exists only on Unix."""
+    """gunicorn's application for serve_workers, through its public API (as bottle's adapter)."""
     from gunicorn.app.base import BaseApplication
 
     class Supervisor(BaseApplication):  # type: ignore[misc]
@@ -6314,8 +6253,8 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
             super().__init__()
 
         def load_config(self) -> None:
-            """Our settings in gunicorn's terms (at start and on every SIGHUP); the workers'
-            runner brings keep-alive, shutdown timeout and access log (WebServer.server_options)."""
+            """Our settings in gunicorn's terms, at start and on every SIGHUP (the workers' runner
+            brings keep-alive, shutdown timeout and access log: WebServer.server_options)."""
             webserver = self.config.webserver
             worker = "GunicornUVLoopWebWorker" if webserver.uvloop else "GunicornWebWorker"
             settings = {
@@ -6351,18 +6290,13 @@ def forget_worker_metrics(arbiter: Any, worker: Any) -> None:
 
 
 def kept_on_reload(running: Config, new: Config) -> Config:
-    """The config a SIGHUP brings, with what only a restart may change kept as it was at start:
-    the database, and the listening address and number of workers (gunicorn would close the bound
-    socket and fail to bind a new one while the old workers hold it: the service would go down)."""
-    old, web = running.webserver, new.webserver
-    if (web.host, web.port, web.workers) != (old.host, old.port, old.workers):
-        log.warning(
-            "config reloaded, but the address and workers stay %s:%s with %d workers until a restart",
-            old.host,
-            old.port,
-            old.workers,
-        )
-    webserver = dataclasses.replace(web, host=old.host, port=old.port, workers=old.workers)
+    """The config a SIGHUP brings, but the database, address and workers kept as at start (a new
+    address could not be bound while the old workers hold the old one)."""
+    old, changed = running.webserver, new.webserver
+    if (changed.host, changed.port, changed.workers) != (old.host, old.port, old.workers):
+        warning = "config reloaded, but the address and workers stay %s:%s with %d workers until a restart"
+        log.warning(warning, old.host, old.port, old.workers)
+    webserver = dataclasses.replace(changed, host=old.host, port=old.port, workers=old.workers)
     config = dataclasses.replace(new, webserver=webserver, db=running.db)
     check_workers(config, "the reloaded config")
     return config
@@ -6380,18 +6314,6 @@ def app_factory(config_path: str = str(DEFAULT_CONFIG_PATH)) -> Callable[[], Awa
             " sessions.store to 'postgres' or 'redis' (or run one worker)"
         )
     return WebServer(config).runner
-
-
-@contextlib.contextmanager
-def embedded_postgres_sync(data_dir: Path) -> Iterator[str]:
-    """embedded_postgres for code outside an event loop."""
-    with asyncio.Runner() as runner:
-        manager = embedded_postgres(data_dir)
-        dsn = runner.run(manager.__aenter__())
-        try:
-            yield dsn
-        finally:
-            runner.run(manager.__aexit__(None, None, None))
 
 
 # Characters a log line shows escaped (\x1b, \n, \u202e): nothing a client sends can end a line,
@@ -6429,56 +6351,29 @@ def configure_logging(level: int) -> None:
         handler.setFormatter(EscapingFormatter(LOG_FORMAT))
 
 
-# Failures a user can fix: each is printed as one line, exit 1, never a traceback.
-STARTUP_FAILURES = (
-    ConfigError,
-    CommandError,
-    StartupError,
-    DatabaseUnavailable,
-    DatabaseRefused,
-    TablesOutdated,
-    UserExists,
-    UserNotFound,
-)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Serve, or run one command (a coroutine, printing what it returns); the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     options = {key: _option_value(key, getattr(args, key, None)) for key in SERVE_OPTIONS}
     given = [key for key, value in options.items() if value is not None]
     if args.command is not None and given:
         parser.error(f"--{given[0]} is an option of serving; '{args.command}' does not take it")
-    # The server logs its life; the user commands speak only when something is wrong.
+    # The server logs its life; the commands speak only when something is wrong.
     configure_logging(logging.INFO if args.command is None else logging.WARNING)
     try:
         path = getattr(args, "config", DEFAULT_CONFIG_PATH)
         config = load_config(path, options=options)
         if args.command is None:
             return serve(config, functools.partial(load_config, path, options=options))
-        if args.command == "migrate":
-            print(escape_controls(asyncio.run(migrate_command(config))))
-        elif args.command == "publish":
-            print(escape_controls(asyncio.run(publish_command(config, args.data, args.to, args.topic))))
-        elif args.command == "sessions":
-            listing = asyncio.run(sessions_command(config, args.name))
-            if listing:
-                print(listing)
-        elif args.command == "logout":
-            print(escape_controls(asyncio.run(logout_command(config, args.name, args.session_id))))
-        elif args.command == "journal":
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(journal_command(config, args.after, args.follow))
-        elif args.command == "who":
-            print(asyncio.run(who_command(config, args.topic)))
-        elif args.command == "topic":
-            name, publisher = getattr(args, "name", None), getattr(args, "publisher", False)
-            output = asyncio.run(topic_command(config, args.action, args.topic, name, publisher))
-            if output:
-                print(output)
-        else:
-            _, command = USER_COMMANDS[args.command]
-            print(escape_controls(asyncio.run(command(config, args.name))))
+        try:
+            output = asyncio.run(args.run(config, args))
+        except KeyboardInterrupt:
+            if args.command != "journal":
+                raise
+            output = None  # journal --follow ends at Ctrl-C: the end it is waiting for
+        if output:
+            print(output)
         sys.stdout.flush()  # a reader gone away shows here, inside the try, not at the exit
     except STARTUP_FAILURES as exc:
         print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
