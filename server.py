@@ -5582,8 +5582,7 @@ async def sweep_events_forever(engine: aiopg.sa.Engine, retention: float) -> Non
 # ---------------------------------------------------------------------------
 
 METRICS_NAMESPACE = "loginservice"  # every metric's name begins so (README: Metrics)
-# The directory of each worker's metrics files, when there are several (see serve_workers).
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # the directory of each worker's metrics (serve_workers)
 UNMATCHED_ROUTE = "unmatched"  # the route label of a request no route matched (never the raw path)
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -5600,24 +5599,22 @@ class Metrics:
 
         self.multiprocess = MULTIPROCESS_ENV in os.environ
         self.registry = CollectorRegistry()
+        self.read_now: list[prometheus_client.Metric] = []  # for one scrape: see collect
         on: dict[str, Any] = {"namespace": METRICS_NAMESPACE, "registry": self.registry}
-
-        def counter(name: str, text: str, *labels: str) -> prometheus_client.Counter:
-            return Counter(name, text, labels, **on)
-
-        self.logins = counter("logins", "Login attempts by outcome.", "outcome")
-        live = "Open event streams by transport."  # a gauge: summed over the living workers
+        self.logins = Counter("logins", "Login attempts by outcome.", ["outcome"], **on)
+        live, opened = "Open event streams by transport.", "Event streams opened, by transport."
         self.streams_open = Gauge("streams_open", live, ["transport"], multiprocess_mode="livesum", **on)
-        self.streams_opened = counter("streams_opened", "Event streams opened, by transport.", "transport")
+        self.streams_opened = Counter("streams_opened", opened, ["transport"], **on)
         delivered = "Events written to event streams (live and replayed)."
-        self.events_delivered = counter("events_delivered", delivered)
-        self.streams_closed = counter("streams_closed", "Event streams closed, by reason.", "reason")
+        self.events_delivered = Counter("events_delivered", delivered, **on)
+        self.streams_closed = Counter("streams_closed", "Event streams closed, by reason.", ["reason"], **on)
         slow = "Event streams closed because the client read too slowly."
-        self.streams_cut_slow = counter("streams_cut_slow", slow)
-        self.bus_reconnects = counter("bus_reconnects", "Reconnections of a process's PostgreSQL bus.")
+        self.streams_cut_slow = Counter("streams_cut_slow", slow, **on)
+        self.bus_reconnects = Counter("bus_reconnects", "Reconnections of a process's PostgreSQL bus.", **on)
         lag = "Seconds from an event's transaction start to its delivery by a process's bus."
         self.bus_lag = Histogram("bus_lag_seconds", lag, buckets=LAG_BUCKETS, **on)
-        self.replays = counter("replays", "Replays of missed events, by source (memory or table).", "source")
+        replays = "Replays of missed events, by source (memory or table)."
+        self.replays = Counter("replays", replays, ["source"], **on)
         took = "Seconds to answer a request, by route pattern, method and status (event streams left out)."
         name, labels = "http_request_duration_seconds", ["route", "method", "status"]
         self.request_duration = Histogram(name, took, labels, buckets=REQUEST_BUCKETS, **on)
@@ -5640,27 +5637,21 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        registry = self.registry
+        registry = CollectorRegistry() if self.multiprocess else self.registry
         if self.multiprocess:
-            registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         now = [
             GaugeMetricFamily(f"{METRICS_NAMESPACE}_sessions_live", "Live sessions.", live_sessions),
             CounterMetricFamily(f"{METRICS_NAMESPACE}_events_published", EVENTS_PUBLISHED, events_published),
         ]
+        self.read_now = [metric for metric in now if metric.samples]  # a value None is left out
         scraped = CollectorRegistry()
-        scraped.register(ReadNow([metric for metric in now if metric.samples]))  # a value None is left out
+        scraped.register(self)
         return generate_latest(registry) + generate_latest(scraped), CONTENT_TYPE_LATEST
 
-
-@dataclasses.dataclass(eq=False)
-class ReadNow:
-    """A collector of values read for one scrape."""
-
-    metrics: list[prometheus_client.Metric]
-
     def collect(self) -> list[prometheus_client.Metric]:
-        return self.metrics
+        """The values read for the scrape under way (a collector of prometheus-client's)."""
+        return self.read_now
 
 
 # ---------------------------------------------------------------------------
