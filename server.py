@@ -5727,7 +5727,8 @@ def read_password() -> str:
 
 
 def check_username(name: str, new: bool = False) -> str:
-    """NAME as the login compares it (NFC); only a new name must follow today's rules (see notes)."""
+    """NAME as the login compares it (NFC); only a new name must follow today's rules (README,
+    Design: user commands)."""
     with as_command_error("", ValueError):
         return parse_username(name) if new else nfc(check_credential(name, "username"))
 
@@ -6206,7 +6207,7 @@ def serve(config: Config, read_config: Callable[[], Config]) -> int:
 
 def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
     """Run config.webserver.workers processes on one port under gunicorn's arbiter, this process,
-    which owns the embedded PostgreSQL (README, Design: workers). SIGTERM or SIGINT: exit 0."""
+    which owns the embedded PostgreSQL (README, Deployment: workers). SIGTERM or SIGINT: exit 0."""
     # Fail in one line, as one process does, where gunicorn would retry and log for seconds.
     for sock in listening_sockets(config.webserver.host, config.webserver.port):
         sock.close()
