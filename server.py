@@ -4965,11 +4965,9 @@ async def woken(wake: asyncio.Event, seconds: float) -> None:
     wake.clear()
 
 
-# What a listener's receiver gets: the cursor of the listening connection and a batch of one
-# channel's notifications (each with .channel and .payload), in arrival order.
+# A listener's receiver: given its cursor and a batch of notifications (.channel, .payload) in order.
 Receive: TypeAlias = Callable[[aiopg.Cursor, list[Any]], Awaitable[None]]
-# The listening connection's backend, which StreamCounts' rows and Presence name. PostgreSQL ends
-# it as soon as the connection closes; keepalives bound the wait for a host that vanished.
+# The listening connection's backend, which names this process (keepalives: a host that vanished).
 BUS_BACKEND = """
     SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
     SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
@@ -5076,8 +5074,7 @@ class EventFeed:
         if self.metrics is not None:
             self.metrics.bus_reconnects.inc()
         await self.catch_up(cur)
-        # Events published while away may have passed their retention before this read:
-        # only what comes from now on is known to be complete in memory.
+        # Events published while away may have passed their retention: memory is complete from now on.
         self.recent = RecentEvents(self.recent.retention)
         self.recent.start(self.last_id)
 
