@@ -119,39 +119,8 @@ if TYPE_CHECKING:
     import prometheus_client
 
 
-# ---------------------------------------------------------------------------
-# Shared constants
-# ---------------------------------------------------------------------------
-
 log = logging.getLogger("server")
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG_PATH = Path("config.json")
-MAX_BODY_BYTES = 16 * 1024
-# Content codings of a request body that aiohttp decodes here (brotli and zstd only when installed).
-CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
-MAX_FIELD_CHARS = 1024
-# A session id is 43 characters; anything much longer is not worth a lookup.
-MAX_SESSION_ID_CHARS = 128
-PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
-# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
-# PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
-# PostgreSQL always gives up first: nothing the service gave up on goes on running or waiting there.
-DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
-DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
-DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
-DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
-DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
-BUS_APPLICATION_NAME = "server.py bus"  # ... and for each process's listening connection
-STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
-SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login counters
-SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
-MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
-REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
-MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
-PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
-# A topic: 1-200 characters of A-Z a-z 0-9 _ . : @ -, the first a letter or a digit.
-TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
-MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
 
 
 # ---------------------------------------------------------------------------
@@ -341,6 +310,39 @@ class WebServer:
 
         app.on_startup.append(announce)
         return JsonErrorRunner(app, **self.server_options())
+
+
+# ---------------------------------------------------------------------------
+# Shared constants: facts that more than one section reads
+# ---------------------------------------------------------------------------
+
+DEFAULT_CONFIG_PATH = Path("config.json")
+MAX_BODY_BYTES = 16 * 1024
+# Content codings of a request body that aiohttp decodes here (brotli and zstd only when installed).
+CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
+MAX_FIELD_CHARS = 1024
+# A session id is 43 characters; anything much longer is not worth a lookup.
+MAX_SESSION_ID_CHARS = 128
+PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
+# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
+# PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
+# PostgreSQL always gives up first: nothing the service gave up on goes on running or waiting there.
+DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
+DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
+DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
+DB_POOL_SIZE = 10  # connections per process: the most it ever holds on the server
+DB_APPLICATION_NAME = "server.py"  # what pg_stat_activity shows for the service's connections
+BUS_APPLICATION_NAME = "server.py bus"  # ... and for each process's listening connection
+STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
+SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login counters
+SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
+MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
+REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
+MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
+PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
+# A topic: 1-200 characters of A-Z a-z 0-9 _ . : @ -, the first a letter or a digit.
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
+MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
 
 
 # ---------------------------------------------------------------------------
