@@ -1063,7 +1063,7 @@ def own_origin(request: web.Request) -> str | None:
         return None
     name = match["name"].lower()
     configured = request.app[config_key].webserver.host.lower()
-    if name not in ("localhost", configured) and _ip_address(name.strip("[]")) is None:
+    if name not in ("localhost", configured) and ip_address_of(name.strip("[]")) is None:
         return None
     return origin_key(f"{request_scheme(request)}://{host}")
 
@@ -1176,7 +1176,7 @@ class ClientErrorsInOneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
-            record.msg, record.args = "%s: %s", (record.getMessage(), _first_line(exc))
+            record.msg, record.args = "%s: %s", (record.getMessage(), first_line(exc))
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
@@ -2106,7 +2106,7 @@ def engine_dsn(dsn: str, durable: bool = True) -> str:
     return str(psycopg2.extensions.make_dsn(dsn, **extra))
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -2118,21 +2118,21 @@ def database_errors() -> Iterator[None]:
     try:
         yield
     except SERVER_TIMEOUTS as exc:
-        raise DatabaseBusy(_first_line(exc)) from exc
+        raise DatabaseBusy(first_line(exc)) from exc
     except CONNECTION_ERRORS as exc:
-        raise DatabaseUnavailable(_first_line(exc)) from exc
+        raise DatabaseUnavailable(first_line(exc)) from exc
     except asyncio.CancelledError as exc:
         # aiopg cancels a statement PostgreSQL timed out; a real cancellation of this task passes on.
         task = asyncio.current_task()
         if (task is not None and task.cancelling()) or not isinstance(exc.__context__, SERVER_TIMEOUTS):
             raise
-        raise DatabaseBusy(_first_line(exc.__context__)) from exc.__context__
+        raise DatabaseBusy(first_line(exc.__context__)) from exc.__context__
 
 
 def report_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The loop's exception handler while an engine is open: a timed-out statement is one line."""
     if isinstance(context.get("exception"), SERVER_TIMEOUTS):
-        log.warning("PostgreSQL ended a statement: %s", _first_line(context["exception"]))
+        log.warning("PostgreSQL ended a statement: %s", first_line(context["exception"]))
         return
     loop.default_exception_handler(context)
 
@@ -2286,7 +2286,7 @@ async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None)
                     await conn.execute(schema)  # raw SQL: schema.sql's DDL, tables to triggers
                 except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, say
                     raise StartupError(
-                        f"cannot create or update the tables of schema.sql: {_first_line(exc)}"
+                        f"cannot create or update the tables of schema.sql: {first_line(exc)}"
                     ) from None
                 await conn.execute(
                     postgresql.insert(schema_version)
@@ -2827,7 +2827,7 @@ class EmbeddedPostgres:
                     self._start_postmaster()
                 log.info("embedded PostgreSQL started again")
             except Exception as exc:  # keep watching: the next tick tries again
-                log.warning("embedded PostgreSQL could not be started again: %s", _first_line(exc))
+                log.warning("embedded PostgreSQL could not be started again: %s", first_line(exc))
 
 
 @contextlib.asynccontextmanager
@@ -4265,7 +4265,7 @@ class LoginThrottle:
 
 def address_key(address: str) -> str:
     """The address the throttle counts: an IPv6 client by its /64, which one host may hold whole."""
-    ip = _ip_address(address)
+    ip = ip_address_of(address)
     if not isinstance(ip, ipaddress.IPv6Address):
         return address
     if ip.ipv4_mapped is not None:
@@ -4281,7 +4281,7 @@ def client_address(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> st
         return peer
     hops = [hop.strip() for hop in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
     for hop in reversed(hops):
-        ip = _ip_address(hop)
+        ip = ip_address_of(hop)
         if ip is None:
             break  # a malformed entry: trust nothing further along the chain
         peer = str(ip)
@@ -4290,7 +4290,7 @@ def client_address(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> st
     return peer
 
 
-def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def ip_address_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An IP address, or None; an IPv6 zone (`%eth0`) means nothing beyond its host, so None too."""
     try:
         ip = ipaddress.ip_address(text)
@@ -4300,7 +4300,7 @@ def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 
 
 def in_networks(address: str, trusted: Sequence[IPNetwork]) -> bool:
-    ip = _ip_address(address)
+    ip = ip_address_of(address)
     return ip is not None and any(ip in network for network in trusted)
 
 
@@ -4386,7 +4386,7 @@ class JournalWriter:
                 async with connection(self._engine) as conn:
                     await conn.execute(JOURNAL_INSERT, params)
             except Exception as exc:  # PostgreSQL away, or a bug: this process goes on serving
-                log.warning("could not write %d session journal entries: %s", len(rows), _first_line(exc))
+                log.warning("could not write %d session journal entries: %s", len(rows), first_line(exc))
             self._writing = False
 
     async def close(self) -> None:
@@ -5004,7 +5004,7 @@ class Listener:
                         await self._listen(conn)
             except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
                 if self.listening or delay == BUS_RETRY[0]:  # once per outage
-                    log.warning("no PostgreSQL bus (%s); reconnecting", _first_line(exc))
+                    log.warning("no PostgreSQL bus (%s); reconnecting", first_line(exc))
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening, self.backend, self._conn = False, None, None
@@ -5917,9 +5917,7 @@ async def journal_command(config: Config, args: argparse.Namespace) -> None:
         except BrokenPipeError:
             raise  # the reader of the output went away (| head), not the database
         except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
-            raise CommandError(
-                f"lost the database ({_first_line(exc)}); go on with --after {after}"
-            ) from None
+            raise CommandError(f"lost the database ({first_line(exc)}); go on with --after {after}") from None
 
 
 def print_entries(entries: list[dict[str, Any]]) -> int:
