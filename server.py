@@ -5134,6 +5134,12 @@ class Revocation:
             return None
 
 
+async def announce(engine: aiopg.sa.Engine, revocation: Revocation) -> None:
+    """Send a revocation to every process's listener; DatabaseUnavailable without PostgreSQL."""
+    async with connection(engine) as conn:
+        await conn.execute(sa.select(sa.func.pg_notify(REVOCATIONS_CHANNEL, revocation.payload())))
+
+
 class Revocations:
     """Sessions' revocations between processes: `notify` sends one; those heard go to Sessions (forget, then
     apply); `deleted` hears of each deleted account (its events went with it)."""
@@ -5144,8 +5150,7 @@ class Revocations:
     async def notify(self, revocation: Revocation) -> None:
         """Tell the other processes; without PostgreSQL they learn it at their next renewal or reconnect."""
         try:
-            async with connection(self.engine) as conn:
-                await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
+            await announce(self.engine, revocation)
         except DatabaseUnavailable as exc:
             log.warning("could not announce a revocation to other processes: %s", exc)
 
@@ -5366,7 +5371,7 @@ PRESENCE_CHECK = 1.0  # seconds between looks at pg_stat_activity for processes 
 MAX_NOTIFY_BYTES = 7000  # a NOTIFY payload must stay under 8000 bytes
 BUS_BACKENDS = """SELECT pid, backend_start FROM pg_stat_activity
     WHERE application_name = %(name)s AND datname = current_database()"""
-NOTIFY = "SELECT pg_notify(%s, %s)"
+NOTIFY = "SELECT pg_notify(%s, %s)"  # for a listening connection's plain cursor, which takes text
 
 
 def backend_name(pid: int, started: datetime.datetime) -> str:
@@ -5527,7 +5532,7 @@ class Presence:
         try:
             async with connection(self._engine) as conn:
                 for channel, payload in payloads:
-                    await conn.execute(NOTIFY, (channel, payload))
+                    await conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
         except BaseException:
             self._changed = changed | self._changed
             raise
@@ -5874,9 +5879,7 @@ async def logout_command(config: Config, args: argparse.Namespace) -> str:
         if found is None:
             shown = printable(args.session_id, 64)
             raise CommandError(f"'{account.username}' has no live session '{shown}'")
-        revocation = Revocation(Ended.REVOKED, session=found[0])
-        async with connection(engine) as conn:
-            await conn.execute("SELECT pg_notify(%s, %s)", (REVOCATIONS_CHANNEL, revocation.payload()))
+        await announce(engine, Revocation(Ended.REVOKED, session=found[0]))
     return escape_controls(f"ended session '{args.session_id}' of '{account.username}'")
 
 
@@ -6006,7 +6009,7 @@ async def who_command(config: Config, args: argparse.Namespace) -> str:
                 await cur.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
                 servers = len(await cur.fetchall())
                 request = json.dumps({"who": channel, "topic": args.topic})
-                await cur.execute("SELECT pg_notify(%s, %s)", (PRESENCE_CHANNEL, request))
+                await cur.execute(NOTIFY, (PRESENCE_CHANNEL, request))
                 answered: set[str] = set()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WHO_WAIT):
