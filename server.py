@@ -554,8 +554,7 @@ def describe(session: Session, current: Session, counts: Mapping[str, int]) -> d
 
 
 async def end_session(request: web.Request) -> web.Response:
-    """DELETE /user/sessions/{id}: end one of the caller's sessions by its public id. A malformed,
-    unknown or another user's id is the same 404: another's id tells nothing, not even that it exists."""
+    """DELETE /user/sessions/{id}: end one of the caller's sessions; any other id is the same 404."""
     current = await current_session(request)
     public_id = request.match_info["id"]
     owner = request.app[sessions]
@@ -861,8 +860,7 @@ async def subscribe(app: web.Application, stream: Stream, topic: str, since: int
 
 
 async def post_event(request: web.Request) -> web.Response:
-    """POST /events: publish {"topic", "data"} to a topic whose rule lets this user publish, `from`
-    the user -> 200 {"id": N}."""
+    """POST /events: publish {"topic", "data"} `from` this user, as the topic's rule allows -> {"id"}."""
     session = await current_session(request)
     message = await read_json(request)
     topic = message.get("topic") if isinstance(message, dict) else None
