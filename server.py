@@ -3647,9 +3647,9 @@ REDIS_SCRIPTS = {
         if ARGV[5] and tonumber(ARGV[5]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
             redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
         end
-        local digests, picked = {}, {}
+        local digests, picked, wanted = {}, {}, match[ARGV[2]]
         for digest, f in each(KEYS[1], ARGV[1]) do
-            if match[ARGV[2]](f) then
+            if wanted(f) then
                 if ARGV[4] == '1' then drop(ARGV[1], KEYS[1], digest) end
                 if f[F.username] then
                     table.insert(digests, digest)
