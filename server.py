@@ -842,17 +842,21 @@ async def subscribe(app: web.Application, stream: Stream, topic: str, since: int
         stream.write(topic_notice("subscribe_refused", topic, "forbidden"))
         return
     newest = bus.last_id
-    if since is not None and newest is not None and since != newest:
+    # The topic's events up to the stream's last id come by replay (live ones at or below it are dropped),
+    # even those the bus has yet to bring when the stream resumed beyond it.
+    through = None if newest is None else max(newest, stream.last_id)
+    if since is not None and through is not None and since != through:
         stream.pause()
     app[streams].subscribe(stream, topic)
     stream.write(topic_notice("subscribed", topic))
     access.recheck(stream, mark)
-    if stream.backlog is not None and newest is not None and since is not None:
+    if stream.backlog is not None and through is not None and since is not None:
         try:
-            if since > newest:
-                await resume_beyond(app[db_engine], stream, since, newest, topic)
+            await bus.reached(through)
+            if since > through:
+                await resume_beyond(app[db_engine], stream, since, through, topic)
             else:
-                await replay(app[db_engine], stream, since, newest, bus.recent, topic)
+                await replay(app[db_engine], stream, since, through, bus.recent, topic)
         except DatabaseUnavailable as exc:
             log.warning("could not replay a topic's events: %s", exc)
             stream.end(Ended.UNAVAILABLE)  # the client reconnects with its last id, loses nothing
@@ -5056,6 +5060,7 @@ class EventFeed:
         self.registry, self.metrics = registry, metrics
         self.last_id: int | None = None
         self.recent = RecentEvents(retention)
+        self.moved = asyncio.Event()  # set (and replaced) each time last_id moves on
 
     def start_from(self, newest: int) -> None:
         """Deliver the events after `newest` (those before are the table's to replay)."""
@@ -5078,6 +5083,14 @@ class EventFeed:
         self.recent = RecentEvents(self.recent.retention)
         self.recent.start(self.last_id)
 
+    async def reached(self, event_id: int) -> None:
+        """Wait until the events up to `event_id` were delivered, or DB_REQUEST_BUDGET passed: by then an id
+        whose transaction rolled back will never come, and every other one has committed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DB_REQUEST_BUDGET):
+                while (self.last_id or 0) < event_id:
+                    await self.moved.wait()
+
     async def catch_up(self, cur: aiopg.Cursor, notices: Sequence[Any] = ()) -> None:
         """Deliver every event after the last one delivered, in id order (`notices` say only "new rows")."""
         assert self.last_id is not None
@@ -5092,6 +5105,9 @@ class EventFeed:
                 self.registry.fan_out(event)
                 if self.metrics is not None:
                     self.metrics.bus_lag.observe(max(0.0, now - row[3]))
+            if rows:
+                self.moved.set()
+                self.moved = asyncio.Event()
             if len(rows) < EVENT_BATCH:
                 return
             await asyncio.sleep(0)  # let the streams' sockets send before the next batch

@@ -378,6 +378,33 @@ async def test_a_subscribe_with_a_last_event_id_replays_that_topics_events_then_
     await stream.nothing_within(0.2)
 
 
+async def test_a_subscribe_on_a_stream_resumed_beyond_the_bus_replays_the_events_the_bus_had_not_brought(
+    client: Client, db: Any
+) -> None:
+    """The stream resumes from ids a publisher's open transaction drew: the bus has not brought them. A
+    topic subscribed from before them gets them by replay once they commit, not a gap (live copies of
+    ids at or below the stream's last id are dropped)."""
+    alice = await log_in(client, "alice", "wonderland")
+    start_id = await topic_event(client, "lobby", "before")
+    db.autocommit = False
+    with db.cursor() as cur:
+        for n in range(3):
+            cur.execute(
+                "INSERT INTO events (topic, data) VALUES ('lobby', %s) RETURNING id", (json.dumps(n),)
+            )
+        uncommitted = [start_id + 1, start_id + 2, start_id + 3]
+        assert cur.fetchone()[0] == uncommitted[-1]
+    stream = await open_stream(client, "websocket", alice, params={"last_event_id": str(uncommitted[-1])})
+    await send(stream, {"type": "subscribe", "topic": "lobby", "last_event_id": start_id})
+    assert await stream.next() == {"type": "subscribed", "topic": "lobby"}
+    await stream.nothing_within(0.3)  # the subscribe waits for the bus
+    db.commit()
+    assert event_ids([await stream.next() for _ in range(3)]) == uncommitted
+    live = await topic_event(client, "lobby", "live")
+    assert event_ids([await stream.next()]) == [live]
+    await stream.nothing_within(0.2)
+
+
 # ---------------------------------------------------------------------------
 # One id sequence: one last_event_id resumes every subscription
 # ---------------------------------------------------------------------------
