@@ -321,8 +321,6 @@ MAX_BODY_BYTES = 16 * 1024
 # Content codings of a request body that aiohttp decodes here (brotli and zstd only when installed).
 CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
 MAX_FIELD_CHARS = 1024
-# A session id is 43 characters; anything much longer is not worth a lookup.
-MAX_SESSION_ID_CHARS = 128
 PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
 # A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
 # PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
@@ -340,8 +338,8 @@ MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the le
 REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Bus.revocation
 MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
 PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
-# A topic: 1-200 characters of A-Z a-z 0-9 _ . : @ -, the first a letter or a digit.
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
+TOPIC_RULE_TEXT = "1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit"
 MAX_EVENT_BYTES = 64 * 1024  # an event's data as JSON text
 
 
@@ -358,7 +356,8 @@ INDEX_POLICY = (
 )
 INDEX_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 INDEX_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-SESSION_ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_CHARS}}}", re.ASCII)
+# A session id is 43 characters; anything much longer is not worth a lookup.
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
 MAX_USER_AGENT_CHARS = 256  # real ones are 100-150 characters; a memory session stays under 1 KiB
 MAX_ADDRESS_CHARS = 64  # an IPv6 address with a zone id; longer ones are cut
 BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
@@ -383,10 +382,7 @@ MAX_EVENT_ID = 10**18 - 1
 HANDLER_ERRORS: dict[str, tuple[type[web.HTTPException], str]] = {
     "bad_json": (web.HTTPBadRequest, "The body must be JSON text in UTF-8."),
     "bad_body": (web.HTTPBadRequest, "The body does not match its Content-Encoding or framing."),
-    "bad_topic": (
-        web.HTTPBadRequest,
-        "A topic is 1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit.",
-    ),
+    "bad_topic": (web.HTTPBadRequest, f"A topic is {TOPIC_RULE_TEXT}."),
     "invalid_credentials": (web.HTTPUnauthorized, "Wrong username or password."),
     "invalid_session": (web.HTTPUnauthorized, "The session is missing, unknown or expired."),
     "forbidden_origin": (web.HTTPForbidden, "Requests from this page's origin are refused."),
@@ -535,22 +531,23 @@ async def list_sessions(request: web.Request) -> web.Response:
     current = await current_session(request)
     found = await request.app[sessions].sessions_of(current.user_id)
     counts = await request.app[stream_counts].of(found)
-    listed = [describe(session, current, counts) for session in found]
+    listed = [describe(session, counts, current) for session in found]
     return json_response({"sessions": listed}, headers=NO_STORE)
 
 
-def describe(session: Session, current: Session, counts: Mapping[str, int]) -> dict[str, Any]:
-    """A session as its user sees it: the public id, never anything of the secret one."""
-    return {
+def describe(session: Session, counts: Mapping[str, int], current: Session | None = None) -> dict[str, Any]:
+    """A session as its user (or `sessions NAME`) sees it: the public id, never anything of the secret one."""
+    shown: dict[str, Any] = {
         "id": session.public_id,
         "created_at": iso_utc(session.created_at),
         "last_seen": iso_utc(session.last_seen),
         "expires_at": iso_utc(session.expires_at),
         "address": session.address,
         "user_agent": session.user_agent,
-        "current": session.public_id == current.public_id,
-        "streams": counts[session.public_id],  # open event streams, in every process
     }
+    if current is not None:
+        shown["current"] = session.public_id == current.public_id
+    return shown | {"streams": counts.get(session.public_id, 0)}  # open event streams, in every process
 
 
 async def end_session(request: web.Request) -> web.Response:
@@ -3246,7 +3243,8 @@ class MemorySessionStore(MemoryFailureLog, SessionStore):
         self,
         config: SessionConfig,
         clock: Callable[[], float] = time.time,
-        journal: JournalWriter | None = None,
+        *,
+        journal: JournalWriter | None = None,  # where sessions' ends are written (the journal)
     ) -> None:
         super().__init__()
         self._config, self._clock, self.journal = config, clock, journal
@@ -4011,7 +4009,7 @@ def open_session_store(
     """The configured store (it keeps the login failures too); a shared one behind a near cache
     unless `cache_size` is 0. Memory and Redis journal through `journal`; PostgreSQL's triggers do."""
     if config.store == "memory":
-        return MemorySessionStore(config, clock, journal)
+        return MemorySessionStore(config, clock, journal=journal)
     store: SessionStore
     if config.store == "postgres":
         store = PostgresSessionStore(engine, config, clock)
@@ -5682,7 +5680,6 @@ class CommandError(Exception):
 
 
 # Topics as TOPIC_PATTERN reads them, in a user's words.
-TOPIC_RULE_TEXT = "1 to 200 characters of A-Z a-z 0-9 _ . : @ -, starting with a letter or digit"
 ADD_MEMBER = """
     INSERT INTO topic_members (topic, user_id, publisher)
     SELECT %(topic)s, id, %(publisher)s FROM users WHERE username = %(username)s
@@ -5858,20 +5855,7 @@ async def sessions_command(config: Config, args: argparse.Namespace) -> str:
             async with connection(engine) as conn:
                 rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall()
             counts = {row[0]: int(row[1]) for row in rows}
-    return "\n".join(
-        json.dumps(
-            {
-                "id": session.public_id,
-                "created_at": iso_utc(session.created_at),
-                "last_seen": iso_utc(session.last_seen),
-                "expires_at": iso_utc(session.expires_at),
-                "address": session.address,
-                "user_agent": session.user_agent,
-                "streams": counts.get(session.public_id, 0),
-            }
-        )
-        for session in found
-    )
+    return "\n".join(json.dumps(describe(session, counts)) for session in found)
 
 
 async def logout_command(config: Config, args: argparse.Namespace) -> str:
