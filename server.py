@@ -5149,7 +5149,7 @@ class Revocation:
 async def announce(engine: aiopg.sa.Engine, revocation: Revocation) -> None:
     """Send a revocation to every process's listener; DatabaseUnavailable without PostgreSQL."""
     async with connection(engine) as conn:
-        await conn.execute(sa.select(sa.func.pg_notify(REVOCATIONS_CHANNEL, revocation.payload())))
+        await conn.execute(PG_NOTIFY.sql, {"channel": REVOCATIONS_CHANNEL, "payload": revocation.payload()})
 
 
 class Revocations:
@@ -5384,6 +5384,7 @@ MAX_NOTIFY_BYTES = 7000  # a NOTIFY payload must stay under 8000 bytes
 BUS_BACKENDS = """SELECT pid, backend_start FROM pg_stat_activity
     WHERE application_name = %(name)s AND datname = current_database()"""
 NOTIFY = "SELECT pg_notify(%s, %s)"  # for a listening connection's plain cursor, which takes text
+PG_NOTIFY = CompiledQuery.of(sa.select(sa.func.pg_notify(sa.bindparam("channel"), sa.bindparam("payload"))))
 
 
 def backend_name(pid: int, started: datetime.datetime) -> str:
@@ -5544,7 +5545,7 @@ class Presence:
         try:
             async with connection(self._engine) as conn:
                 for channel, payload in payloads:
-                    await conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
+                    await conn.execute(PG_NOTIFY.sql, {"channel": channel, "payload": payload})
         except BaseException:
             self._changed = changed | self._changed
             raise
