@@ -616,6 +616,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         heartbeat=config.heartbeat, compress=False, max_msg_size=MAX_BODY_BYTES, timeout=SHUTDOWN_TIMEOUT / 2
     )
     upgrade = websocket.can_prepare(request).ok
+    if not upgrade and request.headers.get("Upgrade", "").lower() == "websocket":
+        raise json_error(web.HTTPBadRequest, "bad_request", "The WebSocket handshake is malformed.")
     after = last_event_id(request, upgrade)
     wanted = requested_topics(request, config.max_topics_per_stream)
     if upgrade:
@@ -898,12 +900,12 @@ async def topic_presence(request: web.Request) -> web.Response:
 
 def flag(request: web.Request, name: str) -> bool:
     """A true/false query parameter (false when absent), or 400."""
-    value = request.query.get(name, "false") if request.query_string else "false"
-    if value not in ("true", "false"):
+    values = set(request.query.getall(name, ["false"]) if request.query_string else ["false"])
+    if len(values) > 1 or not values <= {"true", "false"}:  # given twice, it must say the same
         raise json_error(
             web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
         )
-    return value == "true"
+    return values == {"true"}
 
 
 async def expect_continue(request: web.Request) -> None:
@@ -949,6 +951,8 @@ async def read_body(request: web.Request) -> bytes:
     except TimeoutError:
         raise refusal("request_timeout") from None
     except (web.RequestPayloadError, HttpProcessingError):  # bytes that do not match the framing or coding
+        raise refusal("bad_body") from None
+    except ConnectionResetError:  # the client hung up before its body ended: its mistake, not a 500
         raise refusal("bad_body") from None
     return bytes(body)
 
@@ -1016,11 +1020,10 @@ def iso_utc(timestamp: float) -> str:
 
 def last_event_id(request: web.Request, websocket: bool) -> int | None:
     """`?last_event_id=N` or SSE's `Last-Event-ID` (a reconnecting browser's): with both, the larger."""
-    texts = [request.query.get("last_event_id") if request.query_string else None]
+    found = request.query.getall("last_event_id", []) if request.query_string else []
     if not websocket:
-        texts.append(request.headers.get("Last-Event-ID"))
-    found = [text for text in texts if text]
-    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):
+        found += request.headers.getall("Last-Event-ID", [])
+    if not all(LAST_EVENT_ID_PATTERN.fullmatch(text) for text in found):  # "" too: not an id
         raise json_error(web.HTTPBadRequest, "bad_request", "last_event_id must be a non-negative integer.")
     return max(map(int, found), default=None)
 
@@ -4277,7 +4280,8 @@ def client_address(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> st
     """The connection's peer; behind a trusted proxy, the nearest untrusted X-Forwarded-For entry,
     in canonical form only (it becomes a failure log key, so no other header bytes reach a store)."""
     peer = request.remote or "unknown"
-    if not trusted or not in_networks(peer, trusted):
+    # A request aiohttp's parser refused has a plain dict of headers: nothing forwarded is believed.
+    if not trusted or not in_networks(peer, trusted) or not hasattr(request.headers, "getall"):
         return peer
     hops = [hop.strip() for hop in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
     for hop in reversed(hops):

@@ -4,6 +4,7 @@ and changes nothing: the server goes on serving and existing sessions stay valid
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import logging
@@ -399,3 +400,112 @@ async def test_a_forwarded_address_reaches_the_failure_log_only_as_an_ip_address
     answer = await asyncio.to_thread(raw_request, client.port, head, body)
     assert answer.status == 401 and answer.json()["error"] == "invalid_credentials"
     await log_in(client, "alice", "wonderland")
+
+
+# ---------------------------------------------------------------------------
+# A client that goes away, or sends what aiohttp refuses, behind the server's own runner
+# ---------------------------------------------------------------------------
+
+CUT_BODIES = [
+    pytest.param(b"Content-Length: 100", b'{"user', id="shorter-than-its-length"),
+    pytest.param(b"Transfer-Encoding: chunked", b'6\r\n{"user', id="chunk-cut-off"),
+    pytest.param(b"Content-Length: 100\r\nExpect: 100-continue", b"", id="no-body-after-100-continue"),
+]
+
+
+@pytest.mark.parametrize(("header", "body"), CUT_BODIES)
+async def test_a_client_that_hangs_up_inside_its_body_is_no_500_and_no_traceback(
+    served_port: int, caplog: pytest.LogCaptureFixture, header: bytes, body: bytes
+) -> None:
+    head = b"POST /user HTTP/1.1\r\nHost: localhost\r\n" + header + b"\r\n\r\n"
+
+    def hang_up() -> None:
+        with socket.create_connection(("127.0.0.1", served_port)) as sock:
+            sock.sendall(head + body)
+            time.sleep(0.2)  # the server is reading the body when the connection closes
+
+    await asyncio.to_thread(hang_up)
+    await asyncio.sleep(0.3)
+    healthy = await asyncio.to_thread(raw_request, served_port, b"GET /health HTTP/1.1\r\nHost: localhost")
+    assert healthy.status == 200
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+    assert not [record for record in caplog.records if "500" in record.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"GET /health HTTP/1.1\r\nConnection: close", id="no-host"),
+        pytest.param(b"GET /user HTTP/1.1\r\nHost: localhost\r\nAuthorization: caf\x01", id="control-byte"),
+    ],
+)
+async def test_a_refused_request_behind_a_trusted_proxy_gets_one_access_line_not_a_traceback(
+    config: server.Config, caplog: pytest.LogCaptureFixture, head: bytes
+) -> None:
+    webserver = server.WebServerConfig(access_log=True, trusted_proxies=(ip_network("127.0.0.1/32"),))
+    runner = await server.WebServer(dataclasses.replace(config, webserver=webserver)).runner()
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        caplog.set_level(logging.INFO, logger="server.access")
+        answer = await asyncio.to_thread(raw_request, runner.addresses[0][1], head)
+        assert answer.status == 400 and answer.json()["error"] == "bad_request"
+        await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+    assert [
+        record
+        for record in caplog.records
+        if record.name == "server.access" and " 400 " in record.getMessage()
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Upgrade": "websocket", "Connection": "Upgrade"}, id="no-key"),
+        pytest.param(
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "short"}, id="bad-key"
+        ),
+        pytest.param(
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "99",
+            },
+            id="unknown-version",
+        ),
+    ],
+)
+async def test_a_malformed_websocket_handshake_is_a_json_400_not_an_event_stream(
+    client: Client, headers: dict[str, str]
+) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    response = await client.get("/events", headers={"Authorization": session_id, **headers})
+    assert response.status == 400
+    assert (await response.json())["error"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        pytest.param("/events?last_event_id=", {}, id="empty-last-event-id"),
+        pytest.param("/events", {"Last-Event-ID": ""}, id="empty-last-event-id-header"),
+        pytest.param("/events?last_event_id=0&last_event_id=abc", {}, id="second-last-event-id-not-digits"),
+        pytest.param("/user?all=true&all=false", {}, id="all-given-twice-differently"),
+    ],
+)
+async def test_a_parameter_that_is_empty_or_given_twice_differently_is_a_400(
+    client: Client, path: str, headers: dict[str, str]
+) -> None:
+    await add_user(client.app, "alice", "wonderland")
+    session_id = await log_in(client, "alice", "wonderland")
+    method = client.delete if path.startswith("/user") else client.get
+    response = await method(path, headers={"Authorization": session_id, **headers})
+    assert response.status == 400
+    assert (await response.json())["error"] == "bad_request"
+    assert (await client.get("/user", headers={"Authorization": session_id})).status == 200
