@@ -281,15 +281,14 @@ class WebServer:
             serving.cancel()  # its cleanup finishes requests in flight, then closes the database
             with contextlib.suppress(asyncio.CancelledError):
                 loop.run_until_complete(serving)
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
     async def serve(self, sockets: Sequence[socket.socket]) -> None:
         runner = JsonErrorRunner(await self.initializer(), **self.server_options())
-        await runner.setup()
         try:
+            await runner.setup()  # a failure in it still tears down what had started
             for sock in sockets:
                 await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # listens again
             log.info("serving on %s", self.url)
@@ -2593,8 +2592,13 @@ class EmbeddedPostgres:
                 self.bin_dir = self._reachable_copy(self.bin_dir)
             self.by_descriptor = self._blocked(self.data_dir.parent) is not None
         if not self.data_dir.exists():
-            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.data_dir.mkdir(mode=0o700)
+            try:
+                self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+                self.data_dir.mkdir(mode=0o700)
+            except OSError as exc:
+                raise DatabaseUnavailable(
+                    f"cannot make the embedded PostgreSQL's data directory: {exc}"
+                ) from None
             os.chown(self.data_dir, *self._owner())
 
     def _owner(self) -> tuple[int, int]:
@@ -2944,7 +2948,11 @@ class Passwords:
             initializer=_lower_thread_priority,
         )
         # Verified against when the user is unknown, so that costs what a wrong password costs.
-        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        try:
+            self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        except argon2.exceptions.HashingError as exc:  # memory_cost more than this machine can give
+            self._executor.shutdown(wait=False)
+            raise ConfigError(f"'passwords' cannot be used on this machine: argon2 says {exc}") from None
 
     async def hash(self, password: str) -> str:
         loop = asyncio.get_running_loop()
@@ -6376,8 +6384,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the output could not be written (a full disk): the command itself was done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: could not write the output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the server's own handling began: stop quietly
+        sys.exit(130)

@@ -4,6 +4,7 @@ never after the embedded PostgreSQL was started for nothing; what it serves and 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -14,7 +15,7 @@ import aiohttp
 import psycopg2.extensions
 import pytest
 
-from conftest import Start, free_port, run_command
+from conftest import PYTHON, SERVER, Start, free_port, run_command
 
 FAST = {"time_cost": 1, "memory_cost": 256, "parallelism": 1}
 QUICKLY = 15  # seconds: generous for a loaded machine, far below the 30 s of retrying
@@ -217,3 +218,45 @@ async def test_port_0_logs_the_port_really_bound_and_the_database_without_its_pa
     assert f"using database '{dbname}' on " in server.log
     assert server.stop() == 0
     assert "hunter2-secret" not in server.log
+
+
+def test_hashing_parameters_this_machine_cannot_run_are_one_line_and_postgres_is_stopped(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.json"
+    huge = {"time_cost": 1, "memory_cost": 2**31 - 1, "parallelism": 1}  # 2 TiB
+    config.write_text(
+        json.dumps({"webserver": {"host": "127.0.0.1", "port": free_port()}, "passwords": huge})
+    )
+    result = run_command(["--config", str(config)], env=NO_DATABASE_URL)
+    assert_fails_in_one_error_line(result, "'passwords'", "cannot be used on this machine")
+    assert not (tmp_path / ".pgdata" / "postmaster.pid").exists(), "the embedded PostgreSQL was left running"
+
+
+def test_a_data_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"db": {"data_dir": "/proc/no-such-place"}, "passwords": FAST}))
+    result = run_command(["--config", str(config)], env=NO_DATABASE_URL)
+    assert_fails_in_one_error_line(result, "data directory", "/proc/no-such-place")
+
+
+def assert_fails_in_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit 1 and one error line naming the problem after the server's log lines; no traceback."""
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_command_whose_output_cannot_be_written_says_so_in_one_line(embedded_config: Path) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [PYTHON, SERVER, "adduser", "dave", "--config", str(embedded_config)],
+            input="wonderland-password\n",
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **NO_DATABASE_URL},
+            timeout=120,
+        )
+    assert_one_line_failure(result, "could not write the output")
