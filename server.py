@@ -1,28 +1,18 @@
 """A login/logout web service on aiohttp, aiopg and PostgreSQL, in one file.
 
-It grows from the article "Asynchronous Web Server in Python" (a `WebServer` class, an
-aiopg.sa engine made in an async initializer, sessions in two dictionaries) and makes it
-safe to run: argon2id password hashes verified off the event loop, several expiring
-sessions per user, throttled password guessing, JSON errors for every bad input, an
-embedded PostgreSQL when no database is configured, shared session stores (PostgreSQL or
-Redis) for several worker processes or machines, and the article's real-time half: live events
-pushed to logged-in users over Server-Sent Events and WebSocket. PostgreSQL is the one bus
-between processes: each LISTENs on it for new events and for session revocations, so a session
-follows its account (logout, passwd, deluser, expiry) in every process within a second.
+It grows from the article "Asynchronous Web Server in Python" (a `WebServer` class, an aiopg.sa engine
+made in an async initializer, sessions in two dictionaries) and makes it safe to run: argon2id hashes,
+several expiring sessions per user, throttled guessing, JSON errors, an embedded PostgreSQL, shared
+session stores for several processes, and live events over Server-Sent Events and WebSocket, with
+PostgreSQL's LISTEN/NOTIFY as the one bus between processes. README.md, "Design", tells why.
 
 Endpoints (README.md and openapi.yaml have the details; every error body is {"error", "message"}):
-    POST   /user    log in {"username", "password"} -> {"session_id"}, or with ?cookie=true
-                    {"username", "expires_at"} and an HttpOnly cookie; 401 invalid_credentials,
-                    422 invalid_credentials_format, 429 too_many_attempts, 400/408/413/415/501 for
-                    a body that is not a small JSON object, 403 forbidden_origin (cookie logins)
+    POST   /user    log in {"username", "password"} -> {"session_id"}; ?cookie=true: an HttpOnly cookie
     GET    /user    who am I (Authorization: [Bearer] <id>, or the cookie) -> {"username", "expires_at"}
     DELETE /user    log out one session, or all with ?all=true -> {"logged_out": N}
-    GET    /user/sessions, DELETE /user/sessions/{id}    the caller's sessions; end one (404 no_such_session)
-    GET    /events  live events over Server-Sent Events, or a WebSocket; ?topic=T, ?last_event_id=N
-    POST   /events  publish {"topic", "data"} as the topic's rule allows -> {"id"}
+    GET    /user/sessions, DELETE /user/sessions/{id}    the caller's sessions; end one
+    GET    /events  live events over SSE or a WebSocket; POST /events publishes {"topic", "data"}
     GET    /topics/{topic}/presence, /health, /metrics, /openapi.yaml, / (the demo page)
-    Every route: 401 invalid_session, 503 database_unavailable | session_store_unavailable (with
-    Retry-After), 417 for an Expect other than 100-continue, JSON 404/405; a 500 is a logged bug.
 
 Command line (a failure is one line on stderr and exit 1):
     python server.py [--config FILE] [--host H] [--port P] [--workers N]    serve
@@ -31,16 +21,13 @@ Command line (a failure is one line on stderr and exit 1):
     python server.py sessions NAME | logout NAME [SESSION_ID] | journal [--after ID] [--follow]
     gunicorn 'server:app_factory()' --worker-class aiohttp.GunicornWebWorker
 
-Where the article's pieces are (sections in this order, each under a banner):
-    WebServer, initializer()     The article's service, first: the app, its cleanup_ctx, the routes
+Where the article's pieces are (each section under a banner, in this order):
+    WebServer, initializer()     The article's service: the app, its cleanup_ctx, the routes
     loginHandler, logoutHandler  Handlers: login(), logout(), whoami(), the sessions list, events()
-    sessionToUser, userToSession Sessions: the one owner of a session's life; MemorySessionStore
-                                 keeps the two dictionaries, PostgreSQL and Redis stores share them
+    sessionToUser, userToSession Sessions: the one owner; MemorySessionStore keeps the two dictionaries
     "broadcasting to users"      Live events: Stream, StreamRegistry, the bus (LISTEN/NOTIFY)
-    the config dict, the engine  Configuration: load_config() -> Config; Database: open_database()
+    the config dict, the engine  Configuration: load_config(); Database: open_database()
     run(), main                  WebServer.run() serves one process; Command line: main(), gunicorn
-Between them: the HTTP contract (errors, middleware), serving (sockets, signals), errors, passwords,
-login throttling, the session journal and metrics. README.md, "Design", tells why each is so.
 """
 
 from __future__ import annotations
@@ -216,34 +203,31 @@ class WebServer:
         await stop_tasks([writing])
 
     async def _live(self, app: web.Application) -> AsyncIterator[None]:
-        registry, owner = app[streams], app[sessions]
-        bus = app[event_bus] = Bus(
-            app[db_engine], registry, owner, self.config.events.retention, app[metrics]
-        )
+        engine, registry, owner, config = app[db_engine], app[streams], app[sessions], self.config.events
+        bus = app[event_bus] = Bus(engine, registry, owner, config.retention, app[metrics])
         owner.notify = bus.notify
         owner.trust_cache_while(bus.hears_everything)  # read through to the store while the bus is away
-        shared = owner.shared
-        counts = app[stream_counts] = StreamCounts(app[db_engine], registry, bus, shared)
-        access = app[topic_access] = Topics(self.config.events, app[db_engine], registry)
+        counts = app[stream_counts] = StreamCounts(engine, registry, bus, owner.shared)
+        access = app[topic_access] = Topics(config, engine, registry)
         bus.channels[MEMBERSHIPS_CHANNEL] = access.membership_ended
         bus.on_connect.append(access.check_memberships)
-        online = app[presence] = Presence(self.config.events, app[db_engine], registry, bus)
+        online = app[presence] = Presence(config, engine, registry, bus)
         bus.channels[PRESENCE_CHANNEL] = online.heard
         bus.on_connect.append(online.connected)
         tasks = [
             asyncio.create_task(bus.run()),
             asyncio.create_task(online.run()),
-            *([asyncio.create_task(counts.run())] if shared else []),
-            asyncio.create_task(watch_streams(registry, app[sessions], self.config, self.clock)),
-            asyncio.create_task(sweep_events_forever(app[db_engine], self.config.events.retention)),
-            asyncio.create_task(sweep_journal_forever(app[db_engine], self.config.journal.retention)),
+            *([asyncio.create_task(counts.run())] if owner.shared else []),
+            asyncio.create_task(watch_streams(registry, owner, self.config, self.clock)),
+            asyncio.create_task(sweep_events_forever(engine, config.retention)),
+            asyncio.create_task(sweep_journal_forever(engine, self.config.journal.retention)),
         ]
         # Serve once events are heard, so that one published right after start-up arrives.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(bus.connected.wait(), DB_REQUEST_BUDGET)
         if bus.last_id is None:  # the bus connects later and catches up from here: no gap
             with contextlib.suppress(DatabaseUnavailable):
-                bus.start_from(int(await read_scalar(app[db_engine], NEWEST_EVENT)))
+                bus.start_from(int(await read_scalar(engine, NEWEST_EVENT)))
         yield
         await stop_tasks(tasks)
 
@@ -298,8 +282,7 @@ class WebServer:
             await runner.cleanup()
 
     async def runner(self) -> web.AppRunner:
-        """The application in a runner, as gunicorn's aiohttp worker awaits it. A worker starts
-        even while PostgreSQL is away: one that failed to boot would stop gunicorn."""
+        """The app in gunicorn's runner; it starts with PostgreSQL away (a failed boot stops gunicorn)."""
         self.worker = True
         app = await self.initializer()
 
@@ -393,8 +376,7 @@ HANDLER_ERRORS: dict[str, tuple[type[web.HTTPException], str]] = {
     "too_many_streams": (web.HTTPTooManyRequests, "This user has too many open event streams."),
     "too_many_publishes": (web.HTTPTooManyRequests, "This user publishes too often; try again later."),
     "unsupported_transfer_encoding": (
-        web.HTTPNotImplemented,
-        "The only Transfer-Encoding understood is chunked.",
+        web.HTTPNotImplemented, "The only Transfer-Encoding understood is chunked."
     ),
 }
 
@@ -449,16 +431,14 @@ async def authenticate(
     app[metrics].logins.labels("success").inc()
     if verdict is Verdict.RIGHT_OUTDATED:
         assert account is not None and stored_hash is not None
-        await upgrade_hash(app[db_engine], app[passwords], account, stored_hash, password)
+        await upgrade_hash(app, account, stored_hash, password)
     return begun
 
 
-async def upgrade_hash(
-    engine: aiopg.sa.Engine, hasher: Passwords, account: Account, verified: str, password: str
-) -> None:
+async def upgrade_hash(app: web.Application, account: Account, verified: str, password: str) -> None:
     """Re-hash with today's parameters, over the hash just verified only (a passwd meanwhile wins)."""
     try:
-        if await replace_hash(engine, account, verified, await hasher.hash(password)):
+        if await replace_hash(app[db_engine], account, verified, await app[passwords].hash(password)):
             log.info("upgraded the password hash of a user to the current parameters")
     except DatabaseUnavailable as exc:  # the session has begun: this does not fail the login
         log.warning("could not upgrade a password hash: %s", type(exc).__name__)
@@ -607,8 +587,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """GET /events: the session's live stream, as Server-Sent Events or, for an upgrade request,
-    a WebSocket (authenticated by `Authorization`, the cookie, or its first message)."""
+    """GET /events: SSE, or a WebSocket authenticated by `Authorization`, the cookie or its first message."""
     app = request.app
     config = app[config_key].events
     websocket = web.WebSocketResponse(
@@ -714,12 +693,8 @@ async def first_message_topics(
 
 
 async def serve_stream(
-    request: web.Request,
-    stream: Stream,
-    response: web.StreamResponse,
-    after: int | None,
-    answers: Sequence[Encoded],
-    mark: int,
+    request: web.Request, stream: Stream, response: web.StreamResponse, after: int | None,
+    answers: Sequence[Encoded], mark: int,
 ) -> None:
     """Register the stream, replay what it missed, hold it until it ends, then close it as it says."""
     app = request.app
@@ -901,9 +876,8 @@ def flag(request: web.Request, name: str) -> bool:
     """A true/false query parameter (false when absent), or 400."""
     values = set(request.query.getall(name, ["false"]) if request.query_string else ["false"])
     if len(values) > 1 or not values <= {"true", "false"}:  # given twice, it must say the same
-        raise json_error(
-            web.HTTPBadRequest, "bad_request", f"The '{name}' parameter must be 'true' or 'false'."
-        )
+        message = f"The '{name}' parameter must be 'true' or 'false'."
+        raise json_error(web.HTTPBadRequest, "bad_request", message)
     return values == {"true"}
 
 
@@ -923,8 +897,8 @@ def body_limit(request: web.Request) -> int:
 
 
 def check_declared_body(request: web.Request) -> None:
-    """Refuse from the headers, before `100 Continue`, a body over body_limit (413), in a coding aiohttp
-    does not decode (415, RFC 9110 15.5.16) or in a transfer coding but chunked (501, RFC 9112 6.1)."""
+    """From the headers: 413 over body_limit, 415 a coding aiohttp won't decode (RFC 9110 15.5.16), 501 a
+    transfer coding but chunked (RFC 9112 6.1)."""
     limit = body_limit(request)
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(limit, request.content_length)
@@ -949,9 +923,8 @@ async def read_body(request: web.Request) -> bytes:
                     raise body_too_large(limit, len(body))
     except TimeoutError:
         raise refusal("request_timeout") from None
-    except (web.RequestPayloadError, HttpProcessingError):  # bytes that do not match the framing or coding
-        raise refusal("bad_body") from None
-    except ConnectionResetError:  # the client hung up before its body ended: its mistake, not a 500
+    # Bytes not matching the framing or coding, or a hang-up inside the body: the client's fault.
+    except (web.RequestPayloadError, HttpProcessingError, ConnectionResetError):
         raise refusal("bad_body") from None
     return bytes(body)
 
@@ -974,8 +947,7 @@ async def read_json(request: web.Request) -> Any:
 
 
 def session_id_from(request: web.Request) -> str:
-    """The id from `Authorization: [Bearer] <id>`, else the cookie (from an allowed origin for an unsafe
-    method or a handshake), or 401: only what could be an id (see new_session_id) reaches a store."""
+    """`Authorization: [Bearer] <id>`, else the cookie (origin checked when unsafe), or 401."""
     cookie = session_cookie(request)
     if cookie is not None:
         handshake = request.headers.get("Upgrade", "").strip().lower() == "websocket"
@@ -1033,15 +1005,13 @@ def requested_topics(request: web.Request, most: int) -> list[str]:
     if not all(TOPIC_PATTERN.fullmatch(topic) for topic in wanted):
         raise refusal("bad_topic")
     if len(wanted) > most:
-        raise json_error(
-            web.HTTPBadRequest, "too_many_topics", f"A stream may subscribe to at most {most} topics."
-        )
+        message = f"A stream may subscribe to at most {most} topics."
+        raise json_error(web.HTTPBadRequest, "too_many_topics", message)
     return wanted
 
 
 def check_origin(request: web.Request, required: bool) -> None:
-    """403 forbidden_origin for a page not of own_origin or webserver.origins (CSRF, WebSocket hijacking);
-    no Origin passes when not `required` or with `Sec-Fetch-Site: same-origin`."""
+    """403 unless Origin is own_origin or in webserver.origins (CSRF); absent, it passes unless `required`."""
     origin = request.headers.get("Origin")
     if origin is None:
         if not required or request.headers.get("Sec-Fetch-Site", "").strip() == "same-origin":
@@ -1054,8 +1024,7 @@ def check_origin(request: web.Request, required: bool) -> None:
 
 
 def own_origin(request: web.Request) -> str | None:
-    """The origin the request was sent to, if its host is an IP address, `localhost` or webserver.host
-    (not a DNS-rebinding page's name); behind a trusted proxy, X-Forwarded-Host and -Proto count."""
+    """The origin the request went to, if its host is an IP, `localhost` or webserver.host (not rebound)."""
     host = request.host
     if trusted_proxy(request):
         host = request.headers.get("X-Forwarded-Host", host).partition(",")[0].strip()
