@@ -1359,16 +1359,8 @@ async def sweep_forever(store: Sessions, throttle: LoginThrottle, interval: floa
 # OWASP Password Storage Cheat Sheet: argon2id (memory KiB, iterations) pairs of equal strength.
 OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
 ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.ASCII | re.IGNORECASE)
-DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 COOKIE_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
-# What a topic rule's pattern may be: a topic name, or a prefix of one ending in `*`.
-TOPIC_RULE_PATTERN = re.compile(
-    rf"{TOPIC_PATTERN.pattern}|(?:[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,198}})?\*", re.ASCII
-)
-TOPIC_RULE_CHOICES = {
-    "subscribe": ("anyone", "members"),
-    "publish": ("anyone", "members", "publishers", "nobody"),
-}
+TOPIC_RULE_PATTERN = re.compile(rf"{TOPIC_PATTERN.pattern}\*?|\*", re.ASCII)  # a name, or a prefix and *
 # Connection parameters whose values libpq checks only when it connects (and then fails at once).
 LIBPQ_CHOICES = {
     "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
@@ -1376,8 +1368,14 @@ LIBPQ_CHOICES = {
     "channel_binding": ("disable", "prefer", "require"),
     "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
 }
+# Bounds that keep every value usable where it goes: a deadline must stay a date, a count must fit
+# PostgreSQL's integer and a Lua number, and a huge JSON number must not overflow a float.
+MAX_SECONDS = 100 * 365 * 86400
+MAX_RATE = 1_000_000
+MAX_INTEGER = 2**31 - 1
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+Environ: TypeAlias = Mapping[str, str]
 Options: TypeAlias = Mapping[str, Any] | None  # command-line overrides of `webserver` keys
 T = TypeVar("T")
 
@@ -1386,13 +1384,15 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
-# Each setting is declared once, in the dataclasses below: its type, its default, and the check a
-# value from the file must pass (plain functions over dataclasses.fields(), so the messages stay ours).
 class Invalid(ValueError):
-    """A config value fails its field's check; the message says what it must be."""
+    """A value fails its check; the message says what it must be, `key` which key it concerns."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
-def valid_if(expected: str, test: Callable[[Any], bool], convert: Callable[[Any], T]) -> Callable[[Any], T]:
+def valid_if(expected: str, test: Callable[[Any], object], convert: Callable[[Any], T]) -> Callable[[Any], T]:
     """A check: a value that passes `test` is converted, any other is Invalid(expected)."""
 
     def check(value: Any) -> T:
@@ -1403,28 +1403,42 @@ def valid_if(expected: str, test: Callable[[Any], bool], convert: Callable[[Any]
     return check
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def number_up_to(maximum: float) -> Callable[[Any], bool]:
+    return lambda value: type(value) in (int, float) and 0 < value <= maximum
+
+
+def matching(pattern: re.Pattern[str]) -> Callable[[Any], object]:
+    return lambda value: isinstance(value, str) and pattern.fullmatch(value)
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    return valid_if(" or ".join(f"'{choice}'" for choice in choices), lambda value: value in choices, str)
 
 
 non_empty_string = valid_if("a non-empty string", lambda value: isinstance(value, str) and value != "", str)
 any_string = valid_if("a string", lambda value: isinstance(value, str), str)
 boolean = valid_if("true or false", lambda value: isinstance(value, bool), bool)
-# Bounds that keep every value usable where it goes: a deadline must stay a date, a count must fit
-# PostgreSQL's integer and a Lua number, and a huge JSON number must not overflow a float.
-MAX_SECONDS = 100 * 365 * 86400
-MAX_RATE = 1_000_000
-MAX_INTEGER = 2**31 - 1
-seconds = valid_if(
-    "a positive number of seconds, at most 100 years",
-    lambda value: is_number(value) and 0 < value <= MAX_SECONDS,
-    float,
+seconds = valid_if("a positive number of seconds, at most 100 years", number_up_to(MAX_SECONDS), float)
+rate = valid_if(f"a positive number (per second), at most {MAX_RATE}", number_up_to(MAX_RATE), float)
+cookie_name = valid_if("a cookie name (letters, digits, !#$%&'*+-.^_`|~)", matching(COOKIE_NAME_PATTERN), str)
+topic_pattern = valid_if("a topic name or a prefix ending in *", matching(TOPIC_RULE_PATTERN), str)
+auto_or_boolean = valid_if(
+    '"auto", true or false', lambda value: value == "auto" or isinstance(value, bool), lambda value: value
 )
-rate = valid_if(
-    f"a positive number (per second), at most {MAX_RATE}",
-    lambda value: is_number(value) and 0 < value <= MAX_RATE,
-    float,
-)
+
+
+def integer(minimum: int, maximum: int = MAX_INTEGER) -> Callable[[Any], int]:
+    """A check: an integer from minimum to maximum (at most PostgreSQL's integer)."""
+
+    def check(value: Any) -> int:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if whole and minimum <= value <= maximum:
+            return int(value)
+        if maximum == MAX_INTEGER and not (whole and value > maximum):
+            raise Invalid(f"an integer at least {minimum}")
+        raise Invalid(f"an integer from {minimum} to {maximum}")
+
+    return check
 
 
 def host_name(value: Any) -> str:
@@ -1462,26 +1476,7 @@ def origin_key(text: str) -> str | None:
     if not ORIGIN_PATTERN.fullmatch(text) or "@" in text:
         return None
     scheme, _, host = text.lower().partition("://")
-    return f"{scheme}://{host.removesuffix(DEFAULT_PORTS.get(scheme, '-'))}"
-
-
-def field_names(cls: Any) -> list[str]:
-    return [field.name for field in dataclasses.fields(cls)]
-
-
-def cookie_settings(value: Any) -> CookieConfig:
-    """`sessions.cookie`: {"name": a cookie name, "secure": "auto", true or false}."""
-    expected = 'an object such as {"name": "session", "secure": "auto"}'
-    if not isinstance(value, dict) or set(value) - set(field_names(CookieConfig)):
-        raise Invalid(expected)
-    name, secure = value.get("name", CookieConfig.name), value.get("secure", CookieConfig.secure)
-    if not isinstance(name, str) or not COOKIE_NAME_PATTERN.fullmatch(name):
-        raise Invalid(f"{expected} (a cookie name is letters, digits and !#$%&'*+-.^_`|~)")
-    if secure not in ("auto", True, False):
-        raise Invalid(f'{expected} ("secure": "auto", true or false)')
-    if secure is False and name.startswith(("__Host-", "__Secure-")):
-        raise Invalid(f"{expected} (browsers keep a {name.partition('-')[0]}- cookie only with Secure)")
-    return CookieConfig(name, secure)
+    return f"{scheme}://{host.removesuffix({'http': ':80', 'https': ':443'}.get(scheme, '-'))}"
 
 
 def redis_url(value: Any) -> str:
@@ -1495,65 +1490,21 @@ def redis_url(value: Any) -> str:
     return str(value)
 
 
-@dataclasses.dataclass(frozen=True)
-class TopicRule:
-    """One rule of events.topics: which topics (a name, or a prefix ending in `*`), who may
-    subscribe and publish over HTTP (TOPIC_RULE_CHOICES), and whether presence is shown."""
-
-    pattern: str
-    subscribe: str = "members"
-    publish: str = "nobody"
-    presence: bool = False
-
-    def matches(self, topic: str) -> bool:
-        return topic == self.pattern or (self.pattern.endswith("*") and topic.startswith(self.pattern[:-1]))
-
-
 def topic_rules(value: Any) -> tuple[TopicRule, ...]:
     expected = 'a list of rules such as {"pattern": "room:*", "subscribe": "members", "publish": "anyone"}'
     if not isinstance(value, list):
         raise Invalid(expected)
-    for number, item in enumerate(value, 1):
-        if not isinstance(item, dict) or set(item) - set(field_names(TopicRule)):
-            raise Invalid(f"{expected} (rule {number} is not one, or has an unknown key)")
-        if not isinstance(item.get("pattern"), str) or not TOPIC_RULE_PATTERN.fullmatch(item["pattern"]):
-            raise Invalid(
-                f"{expected} (rule {number}: 'pattern' must be a topic name or a prefix ending in *)"
-            )
-        for key, choices in TOPIC_RULE_CHOICES.items():
-            if key in item and item[key] not in choices:
-                raise Invalid(f"{expected} (rule {number}: '{key}' must be one of {', '.join(choices)})")
-        if not isinstance(item.get("presence", False), bool):
-            raise Invalid(f"{expected} (rule {number}: 'presence' must be true or false)")
-    return tuple(TopicRule(**item) for item in value)
+    try:
+        return tuple(read_fields(TopicRule, rule, f"rule {number}") for number, rule in enumerate(value, 1))
+    except Invalid as exc:
+        raise Invalid(f"{expected} ({exc})") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class Integer:
-    """An integer within bounds; `per` names a field of the section that multiplies the minimum."""
-
-    minimum: int
-    maximum: int | None = None
-    per: str = ""
-
-    def __call__(self, value: Any) -> int:
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        top = MAX_INTEGER if self.maximum is None else self.maximum
-        if whole and self.minimum <= value <= top:
-            return int(value)
-        if self.maximum is None and not (whole and value > top):
-            raise Invalid(f"an integer at least {self.minimum}")
-        raise Invalid(f"an integer from {self.minimum} to {top}")
-
-
-@dataclasses.dataclass(frozen=True)
-class OneOf:
-    choices: tuple[str, ...]
-
-    def __call__(self, value: Any) -> str:
-        if non_empty_string(value) not in self.choices:
-            raise Invalid(" or ".join(f"'{choice}'" for choice in self.choices))
-        return str(value)
+def cookie_settings(value: Any) -> CookieConfig:
+    try:
+        return read_fields(CookieConfig, value, "cookie")
+    except Invalid as exc:
+        raise Invalid(f'an object such as {{"name": "session", "secure": "auto"}} ({exc})') from None
 
 
 def setting(default: T, check: Callable[[Any], T]) -> T:
@@ -1561,12 +1512,45 @@ def setting(default: T, check: Callable[[Any], T]) -> T:
     return dataclasses.field(default=default, metadata={"check": check})
 
 
+def read_fields(cls: type[T], raw: Any, name: str, options: Options = None) -> T:
+    """An object as its dataclass declares it: only its keys, each one given checked, the rest defaults.
+    The Invalid names the key at fault, also in `key` (an option's message names the option)."""
+    if not isinstance(raw, dict):
+        raise Invalid(f"'{name}' must be an object")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - {field.name for field in fields})
+    if unknown:
+        raise Invalid(f"unknown key '{name}.{unknown[0]}'")
+    raw, values = {**raw, **(options or {})}, {}
+    try:
+        for field in fields:
+            if field.name in raw or field.default is dataclasses.MISSING:
+                values[field.name] = field.metadata["check"](raw.get(field.name))
+        return cls(**values)
+    except Invalid as exc:  # from a field's check, or from a check across fields (__post_init__)
+        key = exc.key or field.name
+        raise Invalid(f"'{name}.{key}' must be {exc}", key) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicRule:
+    """One rule of events.topics: the topics (a name, or a prefix and `*`), who may use them, presence."""
+
+    pattern: str = dataclasses.field(metadata={"check": topic_pattern})  # no default: a rule needs one
+    subscribe: str = setting("members", one_of("anyone", "members"))
+    publish: str = setting("nobody", one_of("anyone", "members", "publishers", "nobody"))  # over HTTP
+    presence: bool = setting(False, boolean)
+
+    def matches(self, topic: str) -> bool:
+        return topic == self.pattern or (self.pattern.endswith("*") and topic.startswith(self.pattern[:-1]))
+
+
 @dataclasses.dataclass(frozen=True)
 class WebServerConfig:
     host: str = setting("localhost", host_name)
-    port: int = setting(8000, Integer(0, 65535))
+    port: int = setting(8000, integer(0, 65535))
     trusted_proxies: tuple[IPNetwork, ...] = setting((), networks)  # whose X-Forwarded-For is believed
-    workers: int = setting(1, Integer(1))  # processes serving one port; >1 needs a shared store
+    workers: int = setting(1, integer(1))  # processes serving one port; >1 needs a shared store
     uvloop: bool = setting(False, boolean)  # run on uvloop's event loop (imported only when asked for)
     access_log: bool = setting(False, boolean)  # a line per request; costs a third of GET /user's speed
     # Origins of other pages that may use the session cookie, CORS and WebSockets (check_origin).
@@ -1583,65 +1567,87 @@ class DatabaseConfig:
         return self.dsn is None
 
 
-# The seed's `db` keys, which make a libpq connection string.
-SEED_DB_KEYS: dict[str, Callable[[Any], Any]] = {
-    "user": non_empty_string,
-    "password": any_string,
-    "host": non_empty_string,
-    "port": Integer(1, 65535),
-    "database": non_empty_string,
-}
+@dataclasses.dataclass(frozen=True)
+class DatabaseSettings:
+    """The `db` section as written: the seed's keys (a libpq connection string), or the embedded server."""
+
+    user: str | None = setting(None, non_empty_string)
+    password: str | None = setting(None, any_string)
+    host: str | None = setting(None, non_empty_string)
+    port: int | None = setting(None, integer(1, 65535))
+    database: str | None = setting(None, non_empty_string)
+    embedded: bool | None = setting(None, boolean)  # None: embedded unless a seed key is given
+    data_dir: str = setting(str(DatabaseConfig.data_dir), non_empty_string)
+
+    def config(self, path: Path, environ: Environ) -> DatabaseConfig:
+        """DATABASE_URL, or else the seed's keys, or else the embedded server."""
+        settings = dataclasses.asdict(self)
+        embedded, data_dir = settings.pop("embedded"), path.resolve().parent / settings.pop("data_dir")
+        seed = {key: str(value) for key, value in settings.items() if value is not None}
+        if environ.get("DATABASE_URL"):
+            return DatabaseConfig(database_url(environ["DATABASE_URL"]), data_dir)
+        if embedded and seed:
+            raise ConfigError(f"{path}: 'db.embedded' cannot be combined with 'db.{min(seed)}'")
+        embedded = not seed if embedded is None else embedded
+        return DatabaseConfig(None if embedded else str(psycopg2.extensions.make_dsn(**seed)), data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
 class CookieConfig:
-    name: str = "session"
-    secure: str | bool = "auto"  # auto: Secure when the request came over https (see request_scheme)
+    name: str = setting("session", cookie_name)
+    secure: str | bool = setting("auto", auto_or_boolean)  # auto: Secure when the request came over https
+
+    def __post_init__(self) -> None:
+        if self.secure is False and self.name.startswith(("__Host-", "__Secure-")):
+            prefix = self.name.partition("-")[0]
+            raise Invalid(f'true or "auto" for a {prefix}- name (browsers want Secure)', "secure")
 
 
 @dataclasses.dataclass(frozen=True)
 class SessionConfig:
     idle_timeout: float = setting(1800.0, seconds)
     absolute_timeout: float = setting(86400.0, seconds)
-    max_per_user: int = setting(20, Integer(1))
-    store: str = setting("memory", OneOf(("memory", "postgres", "redis")))  # memory: this process only
+    max_per_user: int = setting(20, integer(1))
+    store: str = setting("memory", one_of("memory", "postgres", "redis"))  # memory: this process only
     redis_url: str = setting("redis://127.0.0.1:6379/0", redis_url)
     redis_prefix: str = setting("login:", non_empty_string)  # of every key the redis store writes
-    cache_size: int = setting(100_000, Integer(0))  # a shared store's sessions kept in memory; 0: none
+    cache_size: int = setting(100_000, integer(0))  # a shared store's sessions kept in memory; 0: none
     # POST /user?cookie=true; a frozen dataclass, so one shared default is safe
     cookie: CookieConfig = setting(CookieConfig(), cookie_settings)  # noqa: RUF009
 
 
 @dataclasses.dataclass(frozen=True)
 class LoginConfig:
-    max_failures: int = setting(5, Integer(1))
+    max_failures: int = setting(5, integer(1))
     failure_window: float = setting(300.0, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
 class PasswordConfig:
-    time_cost: int = setting(2, Integer(1))
-    memory_cost: int = setting(19456, Integer(8, per="parallelism"))  # KiB; argon2 needs 8 per lane
-    parallelism: int = setting(1, Integer(1))
-    threads: int = setting(0, Integer(0))  # 0: one hashing thread per CPU
+    time_cost: int = setting(2, integer(1))
+    memory_cost: int = setting(19456, integer(8))  # KiB; argon2 needs 8 per lane
+    parallelism: int = setting(1, integer(1))
+    threads: int = setting(0, integer(0))  # 0: one hashing thread per CPU
+
+    def __post_init__(self) -> None:
+        if self.memory_cost < 8 * self.parallelism:
+            raise Invalid(f"an integer at least {8 * self.parallelism}", "memory_cost")
 
     @property
     def below_owasp_minimum(self) -> bool:
-        return not any(
-            self.memory_cost >= memory and self.time_cost >= iterations
-            for memory, iterations in OWASP_ARGON2_MINIMUMS
-        )
+        pairs = OWASP_ARGON2_MINIMUMS
+        return not any(self.memory_cost >= memory and self.time_cost >= passes for memory, passes in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
 class EventsConfig:
     retention: float = setting(3600.0, seconds)  # how long events are kept for replay
     heartbeat: float = setting(30.0, seconds)  # between SSE comments and WebSocket pings
-    max_streams_per_user: int = setting(20, Integer(1))  # open streams per user, in each process
-    max_buffer: int = setting(1024 * 1024, Integer(1))  # bytes a stream may queue unsent
+    max_streams_per_user: int = setting(20, integer(1))  # open streams per user, in each process
+    max_buffer: int = setting(1024 * 1024, integer(1))  # bytes a stream may queue unsent
     allowed_origins: tuple[str, ...] = setting((), origins)  # the older name of webserver.origins
     topics: tuple[TopicRule, ...] = setting((), topic_rules)  # who may use which topics, first match
-    max_topics_per_stream: int = setting(100, Integer(1))
+    max_topics_per_stream: int = setting(100, integer(1))
     publish_rate: float = setting(10.0, rate)  # HTTP publishes per user per second, in each process
 
     def rule(self, topic: str) -> TopicRule | None:
@@ -1652,9 +1658,7 @@ class EventsConfig:
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     # Clients (as the login throttle sees them) that may read GET /metrics; everyone else: 404.
-    allow: tuple[IPNetwork, ...] = setting(
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), networks
-    )
+    allow: tuple[IPNetwork, ...] = setting(networks(["127.0.0.0/8", "::1/128"]), networks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1681,58 +1685,14 @@ class Config:
         return frozenset(key for key in map(origin_key, listed) if key is not None)
 
 
-class _Section:
-    """One section of the config file: refuses unknown keys, names the file and key in every error."""
-
-    def __init__(
-        self, raw: Any, name: str, source: str, known: Sequence[str], options: Options = None
-    ) -> None:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: '{name}' must be an object")
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ConfigError(f"{source}: unknown key '{name}.{unknown[0]}'")
-        # Command-line options win over the file and pass the same checks.
-        self.options = {key: value for key, value in (options or {}).items() if value is not None}
-        self.raw, self.name, self.source = {**raw, **self.options}, name, source
-
-    def read(self, key: str, check: Callable[[Any], T], default: T) -> T:
-        if key not in self.raw:
-            return default
-        try:
-            return check(self.raw[key])
-        except Invalid as exc:
-            where = f"--{key} {self.options[key]}" if key in self.options else self.source
-            raise ConfigError(f"{where}: '{self.name}.{key}' must be {exc}") from None
-
-
-def read_section(cls: type[T], raw: Any, name: str, source: str, options: Options = None) -> T:
-    """A section as its dataclass declares it: only known keys, each checked, the rest defaults."""
-    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    section = _Section(raw, name, source, list(fields), options)
-    values: dict[str, Any] = {}
-
-    def value(key: str) -> Any:
-        if key not in values:
-            check = fields[key].metadata["check"]
-            if isinstance(check, Integer) and check.per:
-                check = dataclasses.replace(check, minimum=check.minimum * value(check.per), per="")
-            values[key] = section.read(key, check, fields[key].default)
-        return values[key]
-
-    return cls(**{key: value(key) for key in fields})
-
-
 def load_config(
-    path: Path | str = DEFAULT_CONFIG_PATH,
-    environ: Mapping[str, str] = os.environ,
-    options: Options = None,
+    path: Path | str = DEFAULT_CONFIG_PATH, environ: Environ = os.environ, options: Options = None
 ) -> Config:
     """Read a config file. Precedence: command-line `options` (webserver's host, port, workers),
     then the environment (DATABASE_URL), then the file, then the defaults."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         where = "" if path.is_absolute() else f" in {Path.cwd()}"
         raise ConfigError(
@@ -1740,36 +1700,33 @@ def load_config(
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc})") from None
-    try:
-        raw = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return parse_config(raw, str(path), path.resolve().parent, environ, options)
+    return parse_config(raw, path, environ, options)
 
 
 def parse_config(
-    raw: Any,
-    source: str = "config",
-    base_dir: Path | None = None,
-    environ: Mapping[str, str] = os.environ,
-    options: Options = None,
+    raw: Any, path: Path = Path("config"), environ: Environ = os.environ, options: Options = None
 ) -> Config:
-    """Turn the config dictionary (the seed's shape plus optional sections) into a Config."""
+    """The config file's dictionary (the seed's shape plus optional sections) as a Config."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a JSON object")
-    unknown = sorted(set(raw) - set(field_names(Config)))
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    sections = {field.name: type(field.default) for field in dataclasses.fields(Config)}
+    sections["db"] = DatabaseSettings  # read as written; DatabaseSettings.config makes Config.db
+    unknown = sorted(set(raw) - set(sections))
     if unknown:
-        raise ConfigError(f"{source}: unknown section '{unknown[0]}'")
+        raise ConfigError(f"{path}: unknown section '{unknown[0]}'")
+    options = {key: value for key, value in (options or {}).items() if value is not None}
     parts: dict[str, Any] = {}
-    for name in field_names(Config):
-        if name == "db":
-            parts[name] = _parse_db(raw.get(name), source, base_dir or Path.cwd(), environ)
-        else:  # each section's class is the type of its default
-            section_options = options if name == "webserver" else None
-            section_class = type(getattr(Config, name))
-            parts[name] = read_section(section_class, raw.get(name, {}), name, source, section_options)
-    config = Config(**parts)
-    check_workers(config, "--workers" if options and options.get("workers") is not None else source)
+    for name, cls in sections.items():
+        given = {} if name == "db" and raw.get(name) is None else raw.get(name, {})
+        try:
+            parts[name] = read_fields(cls, given, name, options if name == "webserver" else {})
+        except Invalid as exc:
+            option = f"--{exc.key} {options[exc.key]}" if name == "webserver" and exc.key in options else None
+            raise ConfigError(f"{option or path}: {exc}") from None
+    config = Config(**{**parts, "db": parts["db"].config(path, environ)})
+    check_workers(config, "--workers" if "workers" in options else str(path))
     return config
 
 
@@ -1789,8 +1746,7 @@ def database_url(url: str) -> str:
         url = f"postgresql://{rest}"
     try:
         params = psycopg2.extensions.parse_dsn(url)
-    except psycopg2.ProgrammingError:
-        # libpq's message may quote the URL, password and all: not repeated here.
+    except psycopg2.ProgrammingError:  # libpq's message may quote the URL, password and all
         raise ConfigError(
             "DATABASE_URL: not a PostgreSQL URL (expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
         ) from None
@@ -1803,23 +1759,6 @@ def database_url(url: str) -> str:
                 f"DATABASE_URL: invalid {name} {params[name]!r} (expected one of {', '.join(choices)})"
             )
     return url
-
-
-def _parse_db(raw: Any, source: str, base_dir: Path, environ: Mapping[str, str]) -> DatabaseConfig:
-    """The seed's db keys, or the embedded server; DATABASE_URL overrides both."""
-    s = _Section({} if raw is None else raw, "db", source, [*SEED_DB_KEYS, "embedded", "data_dir"])
-    data_dir = base_dir / s.read("data_dir", non_empty_string, str(DatabaseConfig.data_dir))
-    if environ.get("DATABASE_URL"):
-        return DatabaseConfig(dsn=database_url(environ["DATABASE_URL"]), data_dir=data_dir)
-    seed_keys = sorted(SEED_DB_KEYS.keys() & s.raw.keys())
-    if s.read("embedded", boolean, not seed_keys):
-        if seed_keys:
-            raise ConfigError(f"{source}: 'db.embedded' cannot be combined with 'db.{seed_keys[0]}'")
-        return DatabaseConfig(dsn=None, data_dir=data_dir)
-    parts = {key: str(s.read(key, check, None)) for key, check in SEED_DB_KEYS.items() if key in s.raw}
-    if "database" in parts:
-        parts["dbname"] = parts.pop("database")
-    return DatabaseConfig(dsn=str(psycopg2.extensions.make_dsn(**parts)), data_dir=data_dir)
 
 
 # ---------------------------------------------------------------------------
