@@ -1384,7 +1384,7 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
-class Invalid(ValueError):
+class Invalid(Exception):
     """A value fails its check; the message says what it must be, `key` which key it concerns."""
 
     def __init__(self, message: str, key: str = "") -> None:
@@ -1455,9 +1455,8 @@ def string_list(value: Any, expected: str) -> list[str]:
 
 def networks(value: Any) -> tuple[IPNetwork, ...]:
     expected = "a list of IP addresses or networks"
-    items = string_list(value, expected)
     try:
-        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+        return tuple(ipaddress.ip_network(item, strict=False) for item in string_list(value, expected))
     except ValueError as exc:
         raise Invalid(f"{expected} ({exc})") from None
 
@@ -1513,8 +1512,7 @@ def setting(default: T, check: Callable[[Any], T]) -> T:
 
 
 def read_fields(cls: type[T], raw: Any, name: str, options: Options = None) -> T:
-    """An object as its dataclass declares it: only its keys, each one given checked, the rest defaults.
-    The Invalid names the key at fault, also in `key` (an option's message names the option)."""
+    """An object as its dataclass declares it: only its keys, each given one checked; Invalid names which."""
     if not isinstance(raw, dict):
         raise Invalid(f"'{name}' must be an object")
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -1580,7 +1578,6 @@ class DatabaseSettings:
     data_dir: str = setting(str(DatabaseConfig.data_dir), non_empty_string)
 
     def config(self, path: Path, environ: Environ) -> DatabaseConfig:
-        """DATABASE_URL, or else the seed's keys, or else the embedded server."""
         settings = dataclasses.asdict(self)
         embedded, data_dir = settings.pop("embedded"), path.resolve().parent / settings.pop("data_dir")
         seed = {key: str(value) for key, value in settings.items() if value is not None}
