@@ -2995,7 +2995,7 @@ def new_session_id() -> str:
 
 
 def new_public_id() -> str:
-    """A session's public name, its own CSPRNG draw; hex, never read as an option by `logout`."""
+    """Hex, so `logout NAME SESSION_ID` never reads it as an option."""
     return secrets.token_hex(PUBLIC_ID_BYTES)
 
 
@@ -3040,27 +3040,41 @@ class FailureLog(Protocol):
 
 # A new session: its id, the session, and the token hashes of the live sessions it pushed out.
 NewSession: TypeAlias = tuple[str, Session, list[bytes]]
+Revoked: TypeAlias = tuple[bytes, Session]  # a session ended by its public id, and its token hash
+ENDS_ONE = "logout:sessions"  # how DELETE /user/sessions/{id} ends a session, as the journal says
 
 
 class SessionStore(FailureLog, Protocol):
-    """What Sessions needs of a store (memory, PostgreSQL, Redis, or the near cache), which keeps
-    the login failures too. Each store has the primitive `end_user`; `revoke_all` (a logout) and
-    `revoke_user` (which also refuses those epochs from then on) are written here, once."""
+    """What Sessions needs of a store (memory, PostgreSQL, Redis, or the near cache), which keeps the
+    login failures too. `insert` is atomic: None if the account's epoch was revoked; else it ends the
+    user's oldest sessions beyond max_per_user (their token hashes) and settles `attempt` as a success.
+    `end_user` ends the account's sessions begun below `below` (None: all) and, with `refuse`, refuses
+    such epochs from then on."""
+
+    _config: SessionConfig
+    _clock: Callable[[], float]
+    journal: JournalWriter | None = None  # where sessions' ends go, if no trigger of schema.sql's writes them
 
     async def create(
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> NewSession | None:
-        """A new session, or None if the account's epoch was revoked; atomically it ends the user's
-        oldest beyond max_per_user and settles `attempt` as a success."""
-        ...
+        now = self._clock()
+        session_id, session = new_session_id(), device.begin(account, self._config, now)
+        evicted = await self.insert(session_id, session, attempt)
+        if evicted is None:
+            return None
+        if self.journal is not None:
+            self.journal.note(JournalWriter.row("login", session))
+        return session_id, session, evicted
 
+    async def insert(
+        self, session_id: str, session: Session, attempt: Attempt | None
+    ) -> list[bytes] | None: ...
     async def touch(self, session_id: str) -> Session | None: ...
     async def revoke(self, session_id: str) -> Session | None: ...
     async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int: ...
     async def sessions_of(self, user_id: int) -> list[Session]: ...
-    async def revoke_public(
-        self, user_id: int, public_id: str, ending: str = "logout:sessions"
-    ) -> tuple[bytes, Session] | None: ...
+    async def revoke_public(self, user_id: int, public_id: str, ending: str = ENDS_ONE) -> Revoked | None: ...
     async def sweep(self) -> int: ...
     async def count(self) -> int: ...
     async def close(self) -> None: ...
@@ -3070,9 +3084,14 @@ class SessionStore(FailureLog, Protocol):
         return await self.end_user(user_id, None, ending, refuse=False)
 
     async def revoke_user(self, user_id: int, below: int | None) -> int:
-        """End the account's sessions begun below epoch `below` (None: all, the account is gone)
-        and refuse such sessions from then on; each process does it when the bus brings one."""
         return await self.end_user(user_id, below, "revoked:", refuse=True)
+
+    def ended(self, sessions: list[Session], ending: str, now: float) -> list[Session]:
+        """Journal removed sessions, as `ending` unless expired (JournalWriter.note_end); the live ones."""
+        if self.journal is not None:
+            for session in sessions:
+                self.journal.note_end(session, ending, now)
+        return [session for session in sessions if session.expires_at > now]
 
 
 class MemoryFailureLog:
@@ -3102,28 +3121,20 @@ class MemoryFailureLog:
         return 0.0
 
     async def settle(self, attempt: Attempt, failed: bool, clear: bool) -> None:
-        self.settle_now(attempt, failed, clear)
-
-    def settle_now(self, attempt: Attempt, failed: bool, clear: bool) -> None:
         for key, limit in zip(attempt.keys, attempt.limits, strict=True):
             pending = self._pending.get(key, {})
             pending.pop(attempt.token, None)
             if not pending:
                 self._pending.pop(key, None)
-            if failed:
-                self._add(key, attempt.at, limit)
+            if not failed:
+                continue
+            if key in self._times:
+                self._times.move_to_end(key)
+            elif len(self._times) >= self._max_keys:
+                self._times.popitem(last=False)
+            self._times.setdefault(key, deque(maxlen=limit)).append(attempt.at)
         if clear:
             self._times.pop(attempt.keys[0], None)
-
-    def _add(self, key: str, when: float, limit: int) -> None:
-        times = self._times.get(key)
-        if times is None:
-            if len(self._times) >= self._max_keys:
-                self._times.popitem(last=False)
-            times = self._times[key] = deque(maxlen=limit)
-        else:
-            self._times.move_to_end(key)
-        times.append(when)
 
     async def sweep_failures(self, before: float) -> int:
         stale = [key for key, times in self._times.items() if times[-1] <= before]
@@ -3159,8 +3170,7 @@ class MemorySessionStore(MemoryFailureLog, SessionStore):
         self,
         config: SessionConfig,
         clock: Callable[[], float] = time.time,
-        *,
-        journal: JournalWriter | None = None,  # where sessions' ends are written (the journal)
+        journal: JournalWriter | None = None,
     ) -> None:
         super().__init__()
         self._config, self._clock, self.journal = config, clock, journal
@@ -3169,52 +3179,44 @@ class MemorySessionStore(MemoryFailureLog, SessionStore):
         self._by_user: dict[int, dict[str, None]] = {}
         self._floors = EpochFloors()
 
-    async def create(
-        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
-    ) -> NewSession | None:
+    async def insert(self, session_id: str, session: Session, attempt: Attempt | None) -> list[bytes] | None:
         """No await: the epoch check, the insert and the evictions are one step of the loop."""
-        if not self._floors.allows(account.user_id, account.epoch):
+        if not self._floors.allows(session.user_id, session.epoch):
             return None
         if attempt is not None:
-            self.settle_now(attempt, False, True)
-        now = self._clock()
-        session_id, session = new_session_id(), device.begin(account, self._config, now)
+            await self.settle(attempt, False, True)
         self._sessions[session_id] = session
-        user_ids = self._by_user.setdefault(account.user_id, {})
+        user_ids = self._by_user.setdefault(session.user_id, {})
         user_ids[session_id] = None
-        evicted = []
-        if len(user_ids) > self._config.max_per_user:
-            # Expired sessions go first; only then does the oldest live one make room.
-            for old_id in [sid for sid in user_ids if self._sessions[sid].expires_at <= now]:
-                self._remove(old_id, "expired:")
-            while len(user_ids) > self._config.max_per_user:
-                oldest = next(iter(user_ids))
-                self._remove(oldest, "evicted:max_per_user")
-                evicted.append(token_hash(oldest))
-        if self.journal is not None:
-            self.journal.note(JournalWriter.row("login", session))
-        return session_id, session, evicted
+        if len(user_ids) > self._config.max_per_user:  # expired sessions go first, then the oldest live ones
+            self._remove(
+                [sid for sid in user_ids if self._sessions[sid].expires_at <= session.created_at], "expired:"
+            )
+        oldest = list(user_ids)[: max(0, len(user_ids) - self._config.max_per_user)]
+        self._remove(oldest, "evicted:max_per_user")
+        return [token_hash(session_id) for session_id in oldest]
 
     async def touch(self, session_id: str) -> Session | None:
-        session = self._live(session_id)
-        if session is not None:
+        session = self._sessions.get(session_id)
+        if session is not None and session.expires_at <= self._clock():
+            self._remove([session_id], "expired:")
+        elif session is not None:
             session.last_seen = self._clock()
             session.expires_at = deadline(self._config, session.created_at, session.last_seen)
-        return session
+            return session
+        return None
 
     async def revoke(self, session_id: str) -> Session | None:
-        return self._end(session_id, "logout:logout")
+        ended = self._remove([session_id] if session_id in self._sessions else [], "logout:logout")
+        return ended[0] if ended else None
 
     async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
         if refuse:
             self._floors.raise_to(user_id, below)
-        now, ended = self._clock(), 0
-        for session_id in list(self._by_user.get(user_id, ())):
-            session = self._sessions[session_id]
-            if below is None or session.epoch < below:
-                ended += session.expires_at > now
-                self._remove(session_id, ending)
-        return ended
+        mine = self._by_user.get(user_id, ())
+        return len(
+            self._remove([sid for sid in mine if below is None or self._sessions[sid].epoch < below], ending)
+        )
 
     async def sessions_of(self, user_id: int) -> list[Session]:
         now = self._clock()
@@ -3225,20 +3227,15 @@ class MemorySessionStore(MemoryFailureLog, SessionStore):
         """The accounts this process holds sessions of: checked again after the bus was down."""
         return {session.account for session in self._sessions.values()}
 
-    async def revoke_public(
-        self, user_id: int, public_id: str, ending: str = "logout:sessions"
-    ) -> tuple[bytes, Session] | None:
-        for session_id in self._by_user.get(user_id, ()):
-            if self._sessions[session_id].public_id == public_id:
-                session = self._end(session_id, ending)
-                return None if session is None else (token_hash(session_id), session)
-        return None
+    async def revoke_public(self, user_id: int, public_id: str, ending: str = ENDS_ONE) -> Revoked | None:
+        mine = [sid for sid in self._by_user.get(user_id, ()) if self._sessions[sid].public_id == public_id]
+        ended = self._remove(mine, ending)
+        return (token_hash(mine[0]), ended[0]) if ended else None
 
     async def sweep(self) -> int:
         now = self._clock()
         expired = [sid for sid, session in self._sessions.items() if session.expires_at <= now]
-        for session_id in expired:
-            self._remove(session_id, "expired:")
+        self._remove(expired, "expired:")
         return len(expired)
 
     async def count(self) -> int:
@@ -3249,27 +3246,15 @@ class MemorySessionStore(MemoryFailureLog, SessionStore):
         self._sessions.clear()
         self._by_user.clear()
 
-    def _live(self, session_id: str) -> Session | None:
-        session = self._sessions.get(session_id)
-        if session is not None and session.expires_at <= self._clock():
-            self._remove(session_id, "expired:")
-            return None
-        return session
-
-    def _end(self, session_id: str, ending: str) -> Session | None:
-        session = self._live(session_id)
-        if session is not None:
-            self._remove(session_id, ending)
-        return session
-
-    def _remove(self, session_id: str, ending: str) -> None:
-        session = self._sessions.pop(session_id)
-        if self.journal is not None:
-            self.journal.note_end(session, ending, self._clock())
-        user_ids = self._by_user[session.user_id]
-        del user_ids[session_id]
-        if not user_ids:
-            del self._by_user[session.user_id]
+    def _remove(self, session_ids: list[str], ending: str) -> list[Session]:
+        """Remove these sessions (journaled); the live ones among them."""
+        removed = [self._sessions.pop(session_id) for session_id in session_ids]
+        for session_id, session in zip(session_ids, removed, strict=True):
+            user_ids = self._by_user[session.user_id]
+            del user_ids[session_id]
+            if not user_ids:
+                del self._by_user[session.user_id]
+        return self.ended(removed, ending, self._clock())
 
 
 @contextlib.contextmanager
@@ -3373,31 +3358,27 @@ class PostgresSessionStore(SessionStore):
                 result = await (conn.execute(query) if params is None else conn.execute(query, params))
                 return list(await result.fetchall()) if result.returns_rows else []
 
-    async def create(
-        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
-    ) -> NewSession | None:
-        now = self._clock()
-        session_id, session = new_session_id(), device.begin(account, self._config, now)
+    async def insert(self, session_id: str, session: Session, attempt: Attempt | None) -> list[bytes] | None:
         params = {
             **dataclasses.asdict(session),
             "digest": psycopg2.Binary(token_hash(session_id)),
-            "now": now,
+            "now": session.created_at,
             "keep": self._config.max_per_user - 1,  # and the new one makes max_per_user
             "keys": [] if attempt is None else list(attempt.keys),
             "token": None if attempt is None else attempt.token,
             "clear": None if attempt is None else attempt.keys[0],
         }
         rows = await self._rows(CREATE_SESSION.sql, params)
-        if not rows:
-            return None  # the account is gone, or its epoch was raised: no session
-        return session_id, session, [bytes(row[0]) for row in rows if row[0] is not None]
+        # No rows: the account is gone, or its epoch was raised: no session.
+        return [bytes(row[0]) for row in rows if row[0] is not None] if rows else None
 
     async def touch(self, session_id: str) -> Session | None:
+        config, digest = self._config, token_hash(session_id)
         params = {
-            "digest": token_hash(session_id),
+            "digest": digest,
             "now": self._clock(),
-            "idle": self._config.idle_timeout,
-            "absolute": self._config.absolute_timeout,
+            "idle": config.idle_timeout,
+            "absolute": config.absolute_timeout,
         }
         rows = await self._rows(TOUCH_SESSION.sql, params)
         return Session(**rows[0]) if rows else None
@@ -3407,37 +3388,34 @@ class PostgresSessionStore(SessionStore):
         rows = await self._rows(REVOKE_SESSION.sql, {"digest": token_hash(session_id), "now": now})
         return Session(**rows[0]) if rows and rows[0].expires_at > now else None
 
+    async def _delete(self, ending: str, *where: Any) -> list[Any]:
+        """Delete the sessions `where` picks, journaled as `ending`: their live rows."""
+        now, table = self._clock(), sessions_table
+        query = (
+            table.delete().where(*where, journaled_as(ending)).returning(table.c.token_hash, *SESSION_COLUMNS)
+        )
+        return [row for row in await self._rows(query, {"now": now}) if row.expires_at > now]
+
     async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
         """`refuse` needs nothing here: CREATE_SESSION checks the account's epoch in `users`."""
-        now, table = self._clock(), sessions_table
-        query = table.delete().where(table.c.user_id == user_id, journaled_as(ending))
-        if below is not None:
-            query = query.where(table.c.epoch < below)
-        rows = await self._rows(query.returning(table.c.expires_at), {"now": now})
-        return sum(1 for row in rows if row.expires_at > now)
+        below_epoch = [] if below is None else [sessions_table.c.epoch < below]
+        return len(await self._delete(ending, sessions_table.c.user_id == user_id, *below_epoch))
 
     async def sessions_of(self, user_id: int) -> list[Session]:
         table = sessions_table
-        query = (
-            sa.select(*SESSION_COLUMNS)
-            .where(table.c.user_id == user_id, table.c.expires_at > self._clock())
-            .order_by(table.c.seq)
+        query = sa.select(*SESSION_COLUMNS).where(
+            table.c.user_id == user_id, table.c.expires_at > self._clock()
         )
-        return [Session(**row) for row in await self._rows(query)]
+        return [Session(**row) for row in await self._rows(query.order_by(table.c.seq))]
 
-    async def revoke_public(
-        self, user_id: int, public_id: str, ending: str = "logout:sessions"
-    ) -> tuple[bytes, Session] | None:
+    async def revoke_public(self, user_id: int, public_id: str, ending: str = ENDS_ONE) -> Revoked | None:
         table = sessions_table
-        query = (
-            table.delete()
-            .where(table.c.user_id == user_id, table.c.public_id == public_id, journaled_as(ending))
-            .returning(table.c.token_hash, *SESSION_COLUMNS)
+        rows = await self._delete(ending, table.c.user_id == user_id, table.c.public_id == public_id)
+        return (
+            (bytes(rows[0].token_hash), Session(**{name: rows[0][name] for name in SESSION_FIELDS}))
+            if rows
+            else None
         )
-        rows = await self._rows(query, {"now": self._clock()})
-        if not rows or rows[0].expires_at <= self._clock():
-            return None
-        return bytes(rows[0].token_hash), Session(**{name: rows[0][name] for name in SESSION_FIELDS})
 
     async def sweep(self) -> int:
         now, table = self._clock(), sessions_table
@@ -3445,8 +3423,7 @@ class PostgresSessionStore(SessionStore):
         return len(await self._rows(expired.returning(table.c.seq), {"now": now}))
 
     async def count(self) -> int:
-        table = sessions_table
-        query = sa.select(sa.func.count()).where(table.c.expires_at > self._clock())
+        query = sa.select(sa.func.count()).where(sessions_table.c.expires_at > self._clock())
         return int((await self._rows(query))[0][0])
 
     async def reserve(self, attempt: Attempt, window: float) -> float:
@@ -3473,12 +3450,9 @@ class PostgresSessionStore(SessionStore):
 
 # Lua the Redis scripts share: Session's fields (F[name]: a field's index), a session read by its
 # key, one removed with its entry in its user's set, and a loop over a user's sessions, oldest first.
-REDIS_PRELUDE = (
-    "local FIELDS = {"
-    + ", ".join(f"'{name}'" for name in SESSION_FIELDS)
-    + "}"
-    + """
-    local F = {}
+REDIS_PRELUDE = f"""
+    local FIELDS = {{{", ".join(f"'{name}'" for name in SESSION_FIELDS)}}}
+    local F = {{}}
     for i, name in ipairs(FIELDS) do F[name] = i end
     local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
     local function drop(prefix, user_key, digest)
@@ -3493,26 +3467,22 @@ REDIS_PRELUDE = (
         end
     end
 """
-)
 # The Redis store's steps that read and then change sessions or failures: atomic, one round trip each.
 REDIS_SCRIPTS = {
-    # KEYS: the session. ARGV: now, idle and absolute timeouts, grace. The session, its idle
-    # deadline renewed; nothing if it is gone or expired (the sweep journals and removes it).
+    # KEYS: the session. ARGV: now, idle and absolute timeouts, grace. The session renewed, if live.
     "touch": """
         local f, now = read(KEYS[1]), tonumber(ARGV[1])
-        if not f[F.username] then return false end
-        if tonumber(f[F.expires_at]) <= now or not f[F.user_id] then return false end
+        if not f[F.username] or not f[F.user_id] or tonumber(f[F.expires_at]) <= now then return false end
         local expires = math.min(now + tonumber(ARGV[2]), tonumber(f[F.created_at]) + tonumber(ARGV[3]))
         f[F.last_seen], f[F.expires_at] = ARGV[1], string.format('%.17g', expires)
         redis.call('HSET', KEYS[1], 'last_seen', f[F.last_seen], 'expires_at', f[F.expires_at])
         redis.call('PEXPIREAT', KEYS[1], math.ceil((expires + tonumber(ARGV[4])) * 1000))
         return f
     """,
-    # KEYS: the session, the user's set, the sequence, the account's epoch floor, then the login
-    # attempt's failure sets (settled as a success). ARGV: digest, the set's lifetime, max_per_user,
-    # session key prefix, grace, the attempt's token, then the session's field, value pairs.
-    # False if the epoch is below the floor; else the fields of the sessions removed to make room
-    # (expired ones first) and the digests of the live ones among them.
+    # KEYS: the session, the user's set, the sequence, the account's epoch floor, the attempt's failure
+    # sets. ARGV: digest, the set's lifetime, max_per_user, session key prefix, grace, the attempt's token,
+    # the session's field, value pairs. False if the epoch is below the floor; else the sessions removed
+    # to make room (expired ones first) and the digests of the live ones among them.
     "create": """
         local new = {}
         for i = 7, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
@@ -3548,9 +3518,8 @@ REDIS_SCRIPTS = {
         if f[F.user_id] then redis.call('ZREM', KEYS[2] .. f[F.user_id], ARGV[1]) end
         return f
     """,
-    # KEYS: the user's set (and the account's epoch floor). ARGV: session key prefix, which sessions
-    # (a name in `match`) and its value, '1' to remove them, then, to raise the floor first, the
-    # floor and its lifetime. The chosen sessions' digests and their fields, oldest first.
+    # KEYS: the user's set (and epoch floor). ARGV: session key prefix, a `match` and its value, '1' to
+    # remove them, (the floor to raise first, its lifetime). The picked sessions' digests and fields.
     "pick": """
         local value, number = ARGV[3], tonumber(ARGV[3])
         local match = {
@@ -3577,9 +3546,8 @@ REDIS_SCRIPTS = {
         end
         return {digests, picked}
     """,
-    # KEYS: the attempt's failure sets. ARGV: at, window, token, how long an attempt may be in
-    # flight, the sets' lifetime, then each key's limit (see FailureLog.reserve). Members are
-    # 'p:<token>' (in flight) and 'f:<token>' (failed), each scored by its time.
+    # KEYS: the attempt's failure sets. ARGV: at, window, token, PENDING_LIFETIME, the sets' lifetime, each
+    # key's limit (FailureLog.reserve). Members: 'p:<token>' in flight, 'f:<token>' failed, scored by time.
     "reserve": """
         local at, window, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
         local wait, busy = 0, false
@@ -3653,14 +3621,9 @@ class RedisSessionStore(SessionStore):
         """The user's sessions `match` picks, removed if `remove`: their digests and their fields."""
         return await self._run("pick", keys, [self._key("session"), match, value, int(remove), *floor])
 
-    async def create(
-        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
-    ) -> NewSession | None:
-        now = self._clock()
-        session_id, session = new_session_id(), device.begin(account, self._config, now)
-        digest = token_hash(session_id).hex()
+    async def insert(self, session_id: str, session: Session, attempt: Attempt | None) -> list[bytes] | None:
+        digest, user_id = token_hash(session_id).hex(), session.user_id
         failures = [] if attempt is None else [self._key("failures", key) for key in attempt.keys]
-        user_id = account.user_id
         keys = [self._key("session", digest), self._key("user", user_id), f"{self._prefix}sequence"]
         keys += [self._key("epoch", user_id), *failures]
         args = [digest, math.ceil(self._config.absolute_timeout), self._config.max_per_user]
@@ -3670,10 +3633,8 @@ class RedisSessionStore(SessionStore):
         if not created:
             return None  # the account's epoch was revoked meanwhile
         removed, evicted = created
-        self._ended(removed, "evicted:max_per_user", now)
-        if self.journal is not None:
-            self.journal.note(JournalWriter.row("login", session))
-        return session_id, session, [bytes.fromhex(name.decode()) for name in evicted]
+        self._ended(removed, "evicted:max_per_user")
+        return [bytes.fromhex(name.decode()) for name in evicted]
 
     async def touch(self, session_id: str) -> Session | None:
         key, config = self._key("session", token_hash(session_id).hex()), self._config
@@ -3683,7 +3644,7 @@ class RedisSessionStore(SessionStore):
     async def revoke(self, session_id: str) -> Session | None:
         digest = token_hash(session_id).hex()
         fields = await self._run("revoke", [self._key("session", digest), self._key("user")], [digest])
-        live = self._ended([fields] if fields else [], "logout:logout", self._clock())
+        live = self._ended([fields] if fields else [], "logout:logout")
         return live[0] if live else None
 
     async def end_user(self, user_id: int, below: int | None, ending: str, refuse: bool) -> int:
@@ -3692,17 +3653,15 @@ class RedisSessionStore(SessionStore):
         # The floor outlives every login that could still be in flight with the old epoch.
         floor = [DELETED if below is None else below, max(3600, math.ceil(self._config.absolute_timeout))]
         _, ended = await self._pick(keys, *match, True, *(floor if refuse else []))
-        return len(self._ended(ended, ending, self._clock()))
+        return len(self._ended(ended, ending))
 
     async def sessions_of(self, user_id: int) -> list[Session]:
         _, found = await self._pick([self._key("user", user_id)], "live", self._clock(), False)
         return [session for session in map(self._session, found) if session is not None]
 
-    async def revoke_public(
-        self, user_id: int, public_id: str, ending: str = "logout:sessions"
-    ) -> tuple[bytes, Session] | None:
+    async def revoke_public(self, user_id: int, public_id: str, ending: str = ENDS_ONE) -> Revoked | None:
         digests, found = await self._pick([self._key("user", user_id)], "public_id", public_id, True)
-        live = self._ended(found, ending, self._clock())
+        live = self._ended(found, ending)
         return (bytes.fromhex(digests[0].decode()), live[0]) if live else None
 
     async def sweep(self) -> int:
@@ -3712,8 +3671,8 @@ class RedisSessionStore(SessionStore):
         with store_errors(*self._errors):
             async for user_key in self._redis.scan_iter(match=self._key("user", "*"), count=500):
                 _, expired = await self._pick([user_key], "expired", now, True)
-                self._ended(expired, "expired:", now)
                 removed += len(expired)
+                self._ended(expired, "expired:")
         return removed
 
     async def count(self) -> int:
@@ -3738,13 +3697,11 @@ class RedisSessionStore(SessionStore):
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def _ended(self, removed: list[list[bytes | None]], ending: str, now: float) -> list[Session]:
-        """Journal the sessions a script removed, as `ending` unless expired; the live ones."""
-        sessions = [session for session in map(self._session, removed) if session is not None]
-        if self.journal is not None:
-            for session in sessions:
-                self.journal.note_end(session, ending, now)
-        return [session for session in sessions if session.expires_at > now]
+    def _ended(self, removed: list[list[bytes | None]], ending: str) -> list[Session]:
+        """Journal the sessions a script removed; the live ones."""
+        return self.ended(
+            [session for session in map(self._session, removed) if session], ending, self._clock()
+        )
 
     @staticmethod
     def _session(fields: list[bytes | None] | None) -> Session | None:
@@ -3779,6 +3736,7 @@ class CachedSessionStore(SessionStore):
         self, store: SessionStore, config: SessionConfig, clock: Callable[[], float], size: int
     ) -> None:
         self.store, self._config, self._clock, self._size = store, config, clock, size
+        self.journal = store.journal  # its logins: the store journals the sessions it ends
         self.slack = renewal_slack(config)
         self.trusted: Callable[[], bool] = lambda: True
         self._near: OrderedDict[bytes, _Near] = OrderedDict()  # least recently used first
@@ -3789,35 +3747,32 @@ class CachedSessionStore(SessionStore):
     def __len__(self) -> int:
         return len(self._near)
 
-    async def create(
-        self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
-    ) -> NewSession | None:
-        created = await self.store.create(account, device, attempt)
+    async def insert(self, session_id: str, session: Session, attempt: Attempt | None) -> list[bytes] | None:
+        evicted = await self.store.insert(session_id, session, attempt)
         # The store may have ended the user's oldest sessions to make room: read them again. (The
         # new session is cached at its first use, so a login costs no memory until then.)
-        self.forget_user(account.user_id, None)
-        return created
+        self.forget_user(session.user_id, None)
+        return evicted
 
     async def touch(self, session_id: str) -> Session | None:
-        digest = token_hash(session_id)
+        digest, now = token_hash(session_id), self._clock()
         near = self._near.get(digest)
-        if (
-            near is not None
-            and self.trusted()
-            and self._floors.allows(near.session.user_id, near.session.epoch)
-        ):
-            now, session = self._clock(), near.session
-            if session.expires_at > now and now - near.written < self.slack:
+        if near is not None and self._answers(near.session) and now - near.written < self.slack:
+            session = near.session
+            if session.expires_at > now:
                 self._near.move_to_end(digest)
-                session.last_seen = now
-                session.expires_at = deadline(self._config, session.created_at, now)
+                session.last_seen, session.expires_at = now, deadline(self._config, session.created_at, now)
                 return session
         generation = self._generation
         found = await self.store.touch(session_id)
         if found is None:
             self._drop(digest)
-        else:
-            self._fill(digest, found, generation)
+        elif generation == self._generation and self._answers(found):  # nothing forgotten meanwhile
+            self._near[digest] = _Near(found, found.last_seen)
+            self._near.move_to_end(digest)
+            self._by_user.setdefault(found.user_id, set()).add(digest)
+            while len(self._near) > self._size:
+                self._drop(next(iter(self._near)))
         return found
 
     async def revoke(self, session_id: str) -> Session | None:
@@ -3842,9 +3797,7 @@ class CachedSessionStore(SessionStore):
                 session.last_seen, session.expires_at = newer.last_seen, newer.expires_at
         return found
 
-    async def revoke_public(
-        self, user_id: int, public_id: str, ending: str = "logout:sessions"
-    ) -> tuple[bytes, Session] | None:
+    async def revoke_public(self, user_id: int, public_id: str, ending: str = ENDS_ONE) -> Revoked | None:
         ended = await self.store.revoke_public(user_id, public_id, ending)
         if ended is not None:
             self.forget(ended[0])
@@ -3895,17 +3848,8 @@ class CachedSessionStore(SessionStore):
         self._near.clear()
         self._by_user.clear()
 
-    def _fill(self, digest: bytes, session: Session, generation: int) -> None:
-        """Cache what the store just answered, unless something was forgotten meanwhile."""
-        if generation != self._generation or not self.trusted():
-            return
-        if not self._floors.allows(session.user_id, session.epoch):
-            return
-        self._near[digest] = _Near(session, session.last_seen)
-        self._near.move_to_end(digest)
-        self._by_user.setdefault(session.user_id, set()).add(digest)
-        while len(self._near) > self._size:
-            self._drop(next(iter(self._near)))
+    def _answers(self, session: Session) -> bool:
+        return self.trusted() and self._floors.allows(session.user_id, session.epoch)
 
     def _drop(self, digest: bytes) -> None:
         near = self._near.pop(digest, None)
@@ -3955,8 +3899,7 @@ async def command_store(config: Config, engine: aiopg.sa.Engine) -> AsyncIterato
 
 class Sessions:
     """The one owner of a session's life: login, touch, end (one, all, by public id), eviction, and
-    revocations, applied here (store, near cache, streams) and sent to the other processes by
-    `notify` (the bus, once wired in). Handlers, the bus and the stream watcher call these verbs."""
+    revocations, applied here (store, near cache, streams) and sent to the other processes by `notify`."""
 
     def __init__(self, store: SessionStore, registry: StreamRegistry, shared: bool) -> None:
         self.store, self._registry, self.shared = store, registry, shared
@@ -3971,7 +3914,7 @@ class Sessions:
         self, account: Account, device: Device = UNKNOWN_DEVICE, attempt: Attempt | None = None
     ) -> tuple[str, Session] | None:
         """A new session of the account as read (its epoch), settling the throttle's `attempt`;
-        None if a passwd, deluser or logout NAME ended that epoch meanwhile. Evictions end as such."""
+        None if a passwd, deluser or logout NAME ended that epoch meanwhile."""
         created = await self.store.create(account, device, attempt)
         if created is None:
             return None
@@ -3981,7 +3924,7 @@ class Sessions:
         return session_id, session
 
     async def touch(self, session_id: str) -> Session | None:
-        """The live session of this id, its idle deadline renewed; None if unknown or ended."""
+        """The live session of this id, its idle deadline renewed."""
         return await self.store.touch(session_id)
 
     async def end(self, session_id: str) -> Session | None:
@@ -4008,7 +3951,6 @@ class Sessions:
         return await self.store.sessions_of(user_id)
 
     async def count(self) -> int:
-        """Live sessions in the store (this process's, with the memory store)."""
         return await self.store.count()
 
     def forget(self, revocation: Revocation | None) -> None:
@@ -4053,12 +3995,9 @@ class Sessions:
         each account's session_epoch now; a missing one is gone), and the streams whose session a
         shared store no longer has."""
         for account in self.accounts():
-            if account.user_id not in epochs:
-                await self.apply(Revocation(Ended.REVOKED, user_id=account.user_id))
-            elif account.epoch < epochs[account.user_id]:
-                await self.apply(
-                    Revocation(Ended.REVOKED, user_id=account.user_id, epoch=epochs[account.user_id])
-                )
+            epoch = epochs.get(account.user_id)
+            if epoch is None or account.epoch < epoch:
+                await self.apply(Revocation(Ended.REVOKED, user_id=account.user_id, epoch=epoch))
         if self.shared:
             for stream in self._registry:
                 with contextlib.suppress(SessionStoreUnavailable):
@@ -4096,8 +4035,7 @@ ATTEMPT_RETRY = 0.02  # seconds between looks while attempts in flight fill a li
 
 @dataclasses.dataclass
 class _Turns:
-    """One username's attempts: their lock, how many hold or wait for it, and the last
-    unavailability one of them met (with its time.monotonic())."""
+    """One username's attempts: their lock, how many hold or wait for it, the last unavailability met."""
 
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     holders: int = 0
@@ -4114,15 +4052,11 @@ class TooManyAttempts(Exception):
 
 
 class LoginThrottle:
-    """Failed logins per username and per client address (IPv6: its /64) in a sliding window, in
-    the failure log (the session store's). Each attempt is reserved before its password is checked
-    and counts until settled, so N concurrent guesses in any processes get at most the limit."""
+    """Failed logins per username and per client address (IPv6: its /64) in a sliding window, in the
+    failure log; an attempt is reserved before its password is checked and counts until settled."""
 
     def __init__(
-        self,
-        config: LoginConfig,
-        clock: Callable[[], float] = time.time,
-        failures: FailureLog | None = None,
+        self, config: LoginConfig, clock: Callable[[], float] = time.time, failures: FailureLog | None = None
     ) -> None:
         self._window, self._clock = config.failure_window, clock
         self._limits = (config.max_failures, config.max_failures * ADDRESS_FAILURE_FACTOR)
@@ -4175,7 +4109,6 @@ class LoginThrottle:
             log.warning("could not record a login attempt's outcome: %s", exc)
 
     async def sweep(self) -> int:
-        """Forget failures older than the window; returns how many keys (or rows) went."""
         return await self.failures.sweep_failures(self._clock() - self._window)
 
 
@@ -4228,6 +4161,7 @@ def in_networks(address: str, trusted: Sequence[IPNetwork]) -> bool:
 JOURNAL_CHANNEL = "session_journal"  # a notification's payload: the new entry's id
 JOURNAL_BATCH = 1000  # entries read at a time
 JOURNAL_GATHER = 0.01  # seconds the journal writer gathers entries before it writes them
+JOURNAL_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # ISO 8601 in UTC, as `journal` prints an entry's time
 JOURNAL_ENTRIES = CompiledQuery.of(
     sa.select(session_journal)
     .where(session_journal.c.id > sa.bindparam("after"))
@@ -4251,13 +4185,7 @@ async def read_journal(
     """The entries after id `after`, oldest first, at most `limit`, as `journal` prints them."""
     async with connection(engine) as conn:
         rows = await (await conn.execute(JOURNAL_ENTRIES.sql, {"after": after, "limit": limit})).fetchall()
-    return [journal_entry(row) for row in rows]
-
-
-def journal_entry(row: Any) -> dict[str, Any]:
-    """A row of session_journal as a JSON object, `at` in ISO 8601 UTC."""
-    at = row.at.astimezone(datetime.UTC).isoformat(timespec="microseconds")
-    return {**row, "at": at.replace("+00:00", "Z")}
+    return [{**row, "at": row.at.astimezone(datetime.UTC).strftime(JOURNAL_TIME)} for row in rows]
 
 
 class JournalWriter:
