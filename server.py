@@ -3281,15 +3281,13 @@ def journaled_as(ending: str) -> sa.sql.elements.ColumnElement[bool]:
     sessions ('kind:reason') and the server's clock (past its deadline, a session is journaled as
     expired); literals, so compiled queries need no more parameters."""
     assert JOURNAL_ENDING.fullmatch(ending), ending
-    local = sa.true()
-    ending_setting = sa.func.set_config(
-        sa.literal_column("'loginservice.ending'"), sa.literal_column(f"'{ending}'"), local
-    )
-    now_setting = sa.func.set_config(
-        sa.literal_column("'loginservice.now'"), sa.cast(NOW_PARAM, sa.Text), local
-    )
+    values = {"ending": sa.literal_column(f"'{ending}'"), "now": sa.cast(NOW_PARAM, sa.Text)}
+    settings = [
+        sa.func.set_config(sa.literal_column(f"'loginservice.{name}'"), value, sa.true())
+        for name, value in values.items()
+    ]
     # A scalar subquery (an InitPlan): set once, before any row goes, not once per row met.
-    return sa.select(sa.func.concat(ending_setting, now_setting)).scalar_subquery().isnot(None)
+    return sa.select(sa.func.concat(*settings)).scalar_subquery().isnot(None)
 
 
 # The two queries behind every GET and DELETE /user, compiled once (see CompiledQuery).
@@ -3677,10 +3675,9 @@ class RedisSessionStore(SessionStore):
 
     async def count(self) -> int:
         """Redis expires sessions itself, so every session key is a live one (one SCAN)."""
+        keys = self._redis.scan_iter(match=self._key("session", "*"), count=1000)
         with store_errors(*self._errors):
-            return len(
-                [key async for key in self._redis.scan_iter(match=self._key("session", "*"), count=1000)]
-            )
+            return len([key async for key in keys])
 
     async def reserve(self, attempt: Attempt, window: float) -> float:
         keys = [self._key("failures", key) for key in attempt.keys]
@@ -3954,8 +3951,8 @@ class Sessions:
         return await self.store.count()
 
     def forget(self, revocation: Revocation | None) -> None:
-        """Drop from the near cache what a revocation names (None: everything) before anything else
-        runs: the bus calls this for every revocation it receives, then `apply`."""
+        """Drop from the near cache what a revocation names (None: everything); the bus calls this
+        for every revocation it receives, before anything else runs, then `apply`."""
         cache = self.store
         if not isinstance(cache, CachedSessionStore):
             return
@@ -3974,12 +3971,10 @@ class Sessions:
         self._end_here(revocation)
         if revocation.session is not None:
             return
-        user_id = revocation.user_id or 0
+        revoked = revocation.reason is Ended.REVOKED
+        ending = "revoked:" if revoked else "logout:all"
         try:
-            if revocation.reason is Ended.REVOKED:
-                await self.store.revoke_user(user_id, revocation.epoch)
-            else:
-                await self.store.revoke_all(user_id)
+            await self.store.end_user(revocation.user_id or 0, revocation.epoch, ending, refuse=revoked)
         except SessionStoreUnavailable as exc:
             log.warning("could not end revoked sessions in the session store: %s", exc)
 
