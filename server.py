@@ -1975,14 +1975,11 @@ ARTICLE_USERS_COLUMNS = frozenset({"username", "password"})
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
 # What PostgreSQL raises when it ends a statement at lock_timeout or statement_timeout.
 SERVER_TIMEOUTS = (psycopg2.errors.LockNotAvailable, psycopg2.extensions.QueryCanceledError)
-# What PostgreSQL answers when it is up but will not let us in; waiting cannot fix these.
+# What PostgreSQL answers when it is up but will not let us in (no such database or role, a password,
+# pg_hba.conf, a parameter libpq refuses); waiting cannot fix these.
 REFUSALS = (
-    "does not exist",  # the database or the role
-    "authentication failed",
-    "no password supplied",
-    "no pg_hba.conf entry",
-    "permission denied",
-    "invalid ",  # libpq refusing a connection parameter (a port, an option's value)
+    "does not exist", "authentication failed", "no password supplied", "no pg_hba.conf entry",
+    "permission denied", "invalid ",
 )
 
 
@@ -1998,18 +1995,14 @@ def describe_database(dsn: str) -> str:
 def engine_dsn(dsn: str, durable: bool = True) -> str:
     """The DSN with the service's timeouts and application name (README, Design)."""
     params = psycopg2.extensions.parse_dsn(dsn)
-    settings = {
-        "lock_timeout": f"{DB_LOCK_TIMEOUT * 1000:.0f}",
-        "statement_timeout": f"{DB_STATEMENT_TIMEOUT * 1000:.0f}",
-        **({} if durable else {"synchronous_commit": "off"}),
-    }
-    options = " ".join(f"-c {name}={value}" for name, value in settings.items())
-    extra = {
-        "connect_timeout": params.get("connect_timeout", DB_CONNECT_TIMEOUT),
-        "application_name": params.get("application_name", DB_APPLICATION_NAME),
-        "options": f"{options} {params.get('options', '')}".strip(),
-    }
-    return str(psycopg2.extensions.make_dsn(dsn, **extra))
+    timeouts = {"lock_timeout": DB_LOCK_TIMEOUT, "statement_timeout": DB_STATEMENT_TIMEOUT}
+    options = " ".join(f"-c {name}={seconds * 1000:.0f}" for name, seconds in timeouts.items())
+    if not durable:
+        options += " -c synchronous_commit=off"
+    params.setdefault("connect_timeout", DB_CONNECT_TIMEOUT)
+    params.setdefault("application_name", DB_APPLICATION_NAME)
+    params["options"] = f"{options} {params.get('options', '')}".strip()
+    return str(psycopg2.extensions.make_dsn(**params))
 
 
 def first_line(exc: BaseException) -> str:
@@ -2089,11 +2082,7 @@ async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnec
 
 @dataclasses.dataclass(frozen=True)
 class CompiledQuery:
-    """A Core statement compiled once to SQL with named parameters.
-
-    aiopg.sa compiles a statement at every execute (about 0.09 ms, a fifth of the event loop's time
-    behind a login): the reads on the request path are compiled once, at import.
-    """
+    """A Core statement compiled once, at import, to SQL with named parameters (README, Design)."""
 
     sql: str
 
@@ -2128,14 +2117,10 @@ async def read_row(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any)
 
 async def table_columns(conn: aiopg.sa.SAConnection, table: str) -> set[str]:
     """The columns of `table` as the queries see it (search_path); empty if there is no such table."""
-    query = (
-        sa.select(sa.column("attname"))
-        .select_from(sa.table("pg_attribute"))
-        .where(
-            sa.column("attrelid") == sa.func.to_regclass(sa.bindparam("table", type_=sa.Text)),
-            sa.column("attnum") > sa.literal_column("0"),  # not the system columns
-            sa.not_(sa.column("attisdropped")),
-        )
+    query = sa.select(sa.column("attname")).select_from(sa.table("pg_attribute")).where(
+        sa.column("attrelid") == sa.func.to_regclass(sa.bindparam("table", type_=sa.Text)),
+        sa.column("attnum") > 0,  # not the system columns
+        sa.not_(sa.column("attisdropped")),
     )
     result = await conn.execute(query, table=table)
     return {row[0] for row in await result.fetchall()}
@@ -2194,14 +2179,9 @@ async def create_tables(engine: aiopg.sa.Engine, upgrade: Upgrade | None = None)
                     raise StartupError(
                         f"cannot create or update the tables of schema.sql: {first_line(exc)}"
                     ) from None
-                await conn.execute(
-                    postgresql.insert(schema_version)
-                    .values(only_row=True, digest=digest, applied_at=sa.func.now())
-                    .on_conflict_do_update(
-                        index_elements=[schema_version.c.only_row],
-                        set_={"digest": digest, "applied_at": sa.func.now()},
-                    )
-                )
+                await conn.execute(sa.delete(schema_version))
+                row = schema_version.insert().values(only_row=True, digest=digest, applied_at=sa.func.now())
+                await conn.execute(row)
             log.info("tables brought up to date with schema.sql")
 
 
@@ -2370,21 +2350,17 @@ END $$;
 ALTER ROLE {EMBEDDED_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB PASSWORD %(service)s;
 ALTER DATABASE {EMBEDDED_DATABASE} OWNER TO {EMBEDDED_ROLE};
 ALTER SCHEMA public OWNER TO {EMBEDDED_ROLE};
-DO $$ DECLARE object record; BEGIN
-    FOR object IN SELECT c.relname, c.relkind FROM pg_class c
+DO $$ DECLARE statement text; BEGIN
+    FOR statement IN SELECT format('ALTER TABLE %%I OWNER TO {EMBEDDED_ROLE}', c.relname) FROM pg_class c
             JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S')
                 AND pg_get_userbyid(c.relowner) = '{EMBEDDED_SUPERUSER}'
                 AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))
-    LOOP
-        EXECUTE format('ALTER %%s %%I OWNER TO {EMBEDDED_ROLE}', CASE object.relkind
-            WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, object.relname);
-    END LOOP;
-    FOR object IN SELECT p.oid::regprocedure AS signature FROM pg_proc p
-            JOIN pg_namespace n ON n.oid = p.pronamespace
+        UNION ALL SELECT format('ALTER FUNCTION %%s OWNER TO {EMBEDDED_ROLE}', p.oid::regprocedure)
+            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
             WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) = '{EMBEDDED_SUPERUSER}'
     LOOP
-        EXECUTE format('ALTER FUNCTION %%s OWNER TO {EMBEDDED_ROLE}', object.signature);
+        EXECUTE statement;  -- ALTER TABLE serves views and sequences too
     END LOOP;
 END $$;
 """
@@ -2444,7 +2420,7 @@ class EmbeddedPostgres:
         self.by_descriptor = False  # its account cannot walk to the data: paths go as open descriptors
 
     def start(self) -> str:
-        """Start the cluster, or join the running one; returns the service's DSN."""
+        """Start the cluster, or join the running one, and watch it; returns the service's DSN."""
         pgserver = load_pgserver()
         version = pgserver.pgdata_version(self.data_dir) or pgserver.TARGET_POSTGRES_VERSION
         self.bin_dir = pgserver.utils.POSTGRES_VERSIONS[version]
@@ -2457,13 +2433,10 @@ class EmbeddedPostgres:
                 self._start_postmaster()
             postmaster = Postmaster.read(self.data_dir)
             assert postmaster is not None  # it is running
-            self._write_holders([*holders, os.getpid()])
-        return self._dsn_for(postmaster, EMBEDDED_ROLE)
-
-    def watch(self) -> None:
-        """Start the thread that starts the postmaster anew if it dies while this process holds it."""
+            self.holders_path.write_text(json.dumps(sorted({*holders, os.getpid()})))
         self._watcher = threading.Thread(target=self._watch, name="embedded-postgres-watch", daemon=True)
         self._watcher.start()
+        return self._dsn_for(postmaster, EMBEDDED_ROLE)
 
     def stop(self) -> bool:
         """Let go of the cluster; stop it if no other live process holds it. True if stopped."""
@@ -2472,7 +2445,7 @@ class EmbeddedPostgres:
             self._watcher.join()
         with self._locked():
             holders = [pid for pid in self._live_holders() if pid != os.getpid()]
-            self._write_holders(holders)
+            self.holders_path.write_text(json.dumps(holders))
             if holders:
                 return False
             postmaster = Postmaster.read(self.data_dir)
@@ -2486,8 +2459,6 @@ class EmbeddedPostgres:
                 with contextlib.suppress(OSError):
                     postmaster.socket_dir.rmdir()
             return not self._postmaster_alive()
-
-    # -- the directory, the secret and the lock
 
     def _make_data_dir(self) -> None:
         """The data directory, 0700 and owned by PostgreSQL's account; its parents as they are."""
@@ -2567,15 +2538,13 @@ class EmbeddedPostgres:
         finally:
             os.close(descriptor)
 
-    def _secrets(self) -> dict[str, str] | None:
-        """The roles' passwords, from the secret file (in libpq's password file format)."""
-        try:
-            lines = self.secret_path.read_text().splitlines()
-        except FileNotFoundError:
-            return None
-        return {role: password for *_, role, password in (line.split(":") for line in lines)} or None
-
-    def _new_secrets(self) -> dict[str, str]:
+    def _secrets(self, new: bool = False) -> dict[str, str]:
+        """The roles' passwords in the secret file (libpq's passfile format); new ones if asked or none."""
+        with contextlib.suppress(FileNotFoundError):
+            lines = [] if new else self.secret_path.read_text().splitlines()
+            passwords = {role: password for *_, role, password in (line.split(":") for line in lines)}
+            if passwords:
+                return passwords
         passwords = {role: secrets.token_urlsafe(32) for role in (EMBEDDED_SUPERUSER, EMBEDDED_ROLE)}
         descriptor = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
@@ -2588,28 +2557,18 @@ class EmbeddedPostgres:
         params = {"host": postmaster.socket_dir, "port": postmaster.port, "dbname": EMBEDDED_DATABASE}
         return str(psycopg2.extensions.make_dsn(**params, user=role, passfile=self.secret_path))
 
-    # -- PostgreSQL's programs
-
     def _pg(self, program: str, *args: str | Path) -> None:
         """Run one of PostgreSQL's programs as its account; a failure is one line of DatabaseUnavailable."""
-        drop = self.account is not None  # to its account wholly: its uid, its group, none of root's groups
         uid, gid = self._owner()
+        # To its account wholly: its uid, its group, none of root's groups.
+        account: dict[str, Any] = {"user": uid, "group": gid, "extra_groups": []} if self.account else {}
         descriptors: list[int] = []
         # A child inherits the signal mask of the thread that starts it.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             command = [str(self.bin_dir / program), *(self._argument(arg, descriptors) for arg in args)]
-            subprocess.run(
-                command,
-                cwd=self.data_dir,
-                pass_fds=descriptors,
-                check=True,
-                capture_output=True,
-                timeout=120,
-                user=uid if drop else None,
-                group=gid if drop else None,
-                extra_groups=[] if drop else None,
-            )
+            options = {"cwd": self.data_dir, "pass_fds": descriptors, "timeout": 120, **account}
+            subprocess.run(command, check=True, capture_output=True, **options)
         except subprocess.CalledProcessError as exc:
             said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
             raise DatabaseUnavailable(
@@ -2632,7 +2591,7 @@ class EmbeddedPostgres:
 
     def _init(self) -> None:
         """initdb: a new cluster whose superuser has a password, and no trusted connection."""
-        secret = self._new_secrets()[EMBEDDED_SUPERUSER]
+        secret = self._secrets(new=True)[EMBEDDED_SUPERUSER]
         with tempfile.NamedTemporaryFile("w", dir=self.data_dir.parent, prefix=".pgpass-") as pwfile:
             pwfile.write(secret)
             pwfile.flush()
@@ -2700,7 +2659,7 @@ class EmbeddedPostgres:
         """Roles, passwords and pg_hba.conf, idempotent; an earlier version's cluster is converted."""
         postmaster = Postmaster.read(self.data_dir)
         assert postmaster is not None
-        secrets_ = self._secrets() or self._new_secrets()
+        secrets_ = self._secrets()
         # Raw SQL on a plain psycopg2 connection: the cluster's set-up, before any engine exists.
         with contextlib.closing(psycopg2.connect(self._dsn_for(postmaster, EMBEDDED_SUPERUSER))) as superuser:
             superuser.autocommit = True
@@ -2713,8 +2672,6 @@ class EmbeddedPostgres:
                     hba.write_text(EMBEDDED_HBA)
                     cur.execute("SELECT pg_reload_conf()")
 
-    # -- holders and the watcher
-
     def _live_holders(self) -> list[int]:
         try:
             pids = [int(pid) for pid in json.loads(self.holders_path.read_text() or "[]")]
@@ -2724,9 +2681,6 @@ class EmbeddedPostgres:
         if live != pids:
             log.info("embedded PostgreSQL: forgetting %d dead holder(s)", len(pids) - len(live))
         return live
-
-    def _write_holders(self, pids: list[int]) -> None:
-        self.holders_path.write_text(json.dumps(sorted(set(pids))))
 
     def _watch(self) -> None:
         """While this process holds the cluster: start the postmaster anew when it has died."""
@@ -2747,7 +2701,6 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     cluster = EmbeddedPostgres(data_dir)
     dsn = await loop.run_in_executor(None, cluster.start)
-    cluster.watch()
     log.info("embedded PostgreSQL running with data in %s", cluster.data_dir)
     try:
         yield dsn
