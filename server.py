@@ -2065,13 +2065,6 @@ async def connect_with_retry(
             await asyncio.sleep(min(1.0, remaining))
 
 
-async def _close_engine(engine: aiopg.sa.Engine, quietly: bool = False) -> None:
-    engine.close()
-    await engine.wait_closed()
-    if not quietly:
-        log.info("database engine closed")
-
-
 @contextlib.asynccontextmanager
 async def connection(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SAConnection]:
     """A pooled connection (the engine's timeout bounds each wait); failures raise DatabaseUnavailable."""
@@ -2098,8 +2091,7 @@ async def read_scalar(engine: aiopg.sa.Engine, query: CompiledQuery, **params: A
 
 
 async def read_row(engine: aiopg.sa.Engine, query: CompiledQuery, **params: Any) -> Any:
-    """The first row of a read-only query, or None; retried on another connection if a pooled one
-    is dead, within DB_REQUEST_BUDGET (README, Design)."""
+    """The first row of a read-only query, or None; retried if a pooled connection was dead (README)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DB_REQUEST_BUDGET
     attempt = 0
@@ -2203,6 +2195,7 @@ async def open_database(
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(report_statement_timeouts)
             stack.callback(loop.set_exception_handler, None)
+        reached = True
         try:
             wait = 0.0 if without_database else STARTUP_DB_WAIT
             engine = await connect_with_retry(dsn, wait=wait, durable=durable, pool_size=pool_size)
@@ -2211,15 +2204,13 @@ async def open_database(
                 raise
             log.warning("%s; serving without it (503s) until it returns", exc)
             engine = await new_engine(dsn, durable, pool_size)
-        else:
-            try:
-                await create_tables(engine, upgrade)
-            except BaseException:
-                await _close_engine(engine, quietly=True)  # a failed start-up says one line: its error
-                raise
-            log.info("using %s", describe_database(dsn))  # only once it is known to work
-        stack.push_async_callback(_close_engine, engine)
-        yield engine
+            reached = False
+        async with engine:
+            if reached:
+                await create_tables(engine, upgrade)  # if it fails, start-up says one line: its error
+                log.info("using %s", describe_database(dsn))  # only once it is known to work
+            stack.callback(log.info, "database engine closed")  # once the engine is
+            yield engine
 
 
 async def check_database(config: DatabaseConfig) -> None:
@@ -2259,12 +2250,8 @@ async def writing_users(engine: aiopg.sa.Engine) -> AsyncIterator[aiopg.sa.SACon
 async def insert_user(engine: aiopg.sa.Engine, username: str, password_hash: str) -> None:
     """Add a user; raises UserExists if the name is taken."""
     async with writing_users(engine) as conn:
-        added = await conn.scalar(
-            postgresql.insert(users)
-            .values(username=username, password_hash=password_hash)
-            .on_conflict_do_nothing(index_elements=[users.c.username])
-            .returning(users.c.id)
-        )
+        insert = postgresql.insert(users).values(username=username, password_hash=password_hash)
+        added = await conn.scalar(insert.on_conflict_do_nothing().returning(users.c.id))  # a taken name
     if added is None:
         raise UserExists(f"user '{username}' already exists")
 
@@ -2274,13 +2261,8 @@ async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_
     before (schema.sql's trigger); returns the account after; raises UserNotFound."""
     async with writing_users(engine) as conn:
         # The epoch first, in a statement of its own: it takes the row lock the hash's UPDATE needs.
-        result = await conn.execute(
-            users.update()
-            .where(users.c.username == username)
-            .values(session_epoch=users.c.session_epoch + 1)
-            .returning(users.c.id, users.c.session_epoch)
-        )
-        row = await result.first()
+        bump = users.update().filter_by(username=username).values(session_epoch=users.c.session_epoch + 1)
+        row = await (await conn.execute(bump.returning(users.c.id, users.c.session_epoch))).first()
         if row is None:
             raise UserNotFound(f"no such user '{username}'")
         await conn.execute(users.update().where(users.c.id == row.id).values(password_hash=password_hash))
@@ -2290,19 +2272,12 @@ async def update_password_hash(engine: aiopg.sa.Engine, username: str, password_
 async def replace_hash(engine: aiopg.sa.Engine, account: Account, verified: str, password_hash: str) -> bool:
     """The login's re-hash, written only if the account still has the verified epoch and hash."""
     async with writing_users(engine) as conn:
-        locked = await conn.scalar(  # the row lock first, by a statement without a hash
-            sa.select(users.c.id)
-            .where(users.c.id == account.user_id, users.c.session_epoch == account.epoch)
-            .with_for_update()
-        )
-        if locked is None:
+        # The row lock first, by a statement without a hash.
+        lock = sa.select(users.c.id).filter_by(id=account.user_id, session_epoch=account.epoch)
+        if await conn.scalar(lock.with_for_update()) is None:
             return False
-        changed = await conn.scalar(
-            users.update()
-            .where(users.c.id == account.user_id, users.c.password_hash == verified)
-            .values(password_hash=password_hash)
-            .returning(users.c.id)
-        )
+        rehash = users.update().where(users.c.id == account.user_id, users.c.password_hash == verified)
+        changed = await conn.scalar(rehash.values(password_hash=password_hash).returning(users.c.id))
     return changed is not None
 
 
@@ -2327,9 +2302,7 @@ EMBEDDED_PROGRAMS_COPY = Path("/var/lib/server.py-postgres")
 SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path (the kernel allows 107)
 # No TCP, a socket for PostgreSQL's account alone, no failed statement (it may carry a hash) in its log.
 EMBEDDED_SETTINGS = {
-    "listen_addresses": "",
-    "unix_socket_permissions": "0700",
-    "log_min_error_statement": "panic",
+    "listen_addresses": "", "unix_socket_permissions": "0700", "log_min_error_statement": "panic"
 }
 EMBEDDED_HBA = (
     "# Written by server.py: passwords (scram-sha-256), over the private Unix socket only.\n"
@@ -2403,9 +2376,8 @@ class Postmaster:
 
 
 class EmbeddedPostgres:
-    """The PostgreSQL cluster in data_dir, shared by the service's processes: its holders are in
-    `.handle_pids.json`, the last one stops it, one at a time changes it (a POSIX lock on
-    `<data_dir>.lock`); passwords only, no superuser service, no directory widened (README, Deployment)."""
+    """The PostgreSQL cluster in data_dir, shared by the service's processes: the last of its holders
+    (`.handle_pids.json`) stops it, one at a time changes it (README, Deployment)."""
 
     ORPHAN_WAIT = 5.0  # seconds: old backends notice their postmaster's death and exit
 
@@ -2511,8 +2483,7 @@ class EmbeddedPostgres:
         install = bin_dir.parent
         package = install.parent
         libs = package.with_name(package.name + ".libs")
-        digest = hashlib.sha256(str(install).encode()).hexdigest()[:16]
-        copy = EMBEDDED_PROGRAMS_COPY / digest
+        copy = EMBEDDED_PROGRAMS_COPY / hashlib.sha256(str(install).encode()).hexdigest()[:16]
         programs = copy / package.name / install.name / "bin"
         if not (programs / "postgres").exists():
             EMBEDDED_PROGRAMS_COPY.mkdir(mode=0o755, parents=True, exist_ok=True)
