@@ -3068,8 +3068,7 @@ class MemoryFailureLog:
 
 
 class EpochFloors:
-    """The lowest session epoch still valid of recently revoked accounts (DELETED: none is), as
-    this process learned them; the most recent RECENT_REVOCATIONS accounts are kept."""
+    """The lowest valid session epoch (DELETED: none) of the RECENT_REVOCATIONS latest revoked accounts."""
 
     def __init__(self, most: int = RECENT_REVOCATIONS) -> None:
         self._floors: OrderedDict[int, int] = OrderedDict()
@@ -3267,8 +3266,7 @@ SETTLED_ATTEMPT = (
 
 
 class PostgresSessionStore(SessionStore):
-    """Sessions in `sessions`, keyed by the SHA-256 of the session id, and failures in
-    `login_failures`, shared by every process on the database; expired rows go when met and by `sweep`."""
+    """Sessions in `sessions` (keyed by the session id's SHA-256) and failures in `login_failures`."""
 
     def __init__(self, engine: aiopg.sa.Engine, config: SessionConfig, clock: Callable[[], float]) -> None:
         self._engine, self._config, self._clock = engine, config, clock
@@ -3587,8 +3585,7 @@ class RedisSessionStore(SessionStore):
         return (bytes.fromhex(digests[0].decode()), live[0]) if live else None
 
     async def sweep(self) -> int:
-        """Remove the expired sessions (journaled) and what the users' sets still name of sessions
-        Redis deleted itself (REDIS_EXPIRY_GRACE after their deadline)."""
+        """Remove the expired sessions (journaled), and the sets' entries of those Redis expired itself."""
         now, removed = self._clock(), 0
         with store_errors(*self._errors):
             async for user_key in self._redis.scan_iter(match=self._key("user", "*"), count=500):
@@ -3890,8 +3887,7 @@ class Sessions:
             cache.forget_user(revocation.user_id or 0, None)
 
     async def apply(self, revocation: Revocation) -> None:
-        """End what another process's revocation names here: streams, and stored or cached
-        sessions (a shared store has them ended already; repeating it is harmless)."""
+        """End what another process's revocation names here (a shared store's repeat is harmless)."""
         self._end_here(revocation)
         if revocation.session is not None:
             return
@@ -3984,8 +3980,7 @@ class LoginThrottle:
 
     @contextlib.asynccontextmanager
     async def one_at_a_time(self, username: str) -> AsyncIterator[None]:
-        """Hold the username's lock; attempts queued behind one that found the database or store
-        unavailable get its answer at once, not a timeout each."""
+        """Hold the username's lock; those queued behind an unavailability get its answer at once."""
         turns = self._turns.setdefault(username, _Turns())
         turns.holders += 1
         queued_at = time.monotonic()
@@ -4004,8 +3999,7 @@ class LoginThrottle:
                 del self._turns[username]
 
     async def attempt(self, username: str, address: str) -> Attempt:
-        """Reserve an attempt for the username and the address, or raise TooManyAttempts; while
-        attempts in flight fill a limit (they may succeed), wait for them, for a request's budget."""
+        """Reserve an attempt, or raise TooManyAttempts; wait while ones in flight fill a limit."""
         keys = (f"user:{username}", f"address:{address_key(address)}")
         attempt = Attempt(keys, self._limits, secrets.token_hex(8), self._clock())
         loop = asyncio.get_running_loop()
@@ -4020,8 +4014,7 @@ class LoginThrottle:
         return attempt
 
     async def settle(self, attempt: Attempt, failed: bool = False, succeeded: bool = False) -> None:
-        """A failure stays counted, a success clears the username's failures, anything else counts
-        for nothing (unrecorded, the attempt is a failure after PENDING_LIFETIME)."""
+        """A failure stays, a success clears the username's; unrecorded, it fails after PENDING_LIFETIME."""
         try:
             await self.failures.settle(attempt, failed, succeeded)
         except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
@@ -4108,9 +4101,8 @@ async def read_journal(
 
 
 class JournalWriter:
-    """Writes the entries no trigger writes (memory and Redis sessions; streams with journal.streams)
-    in the background: what is noted within JOURNAL_GATHER seconds goes in one INSERT, so no request
-    waits for it. An entry PostgreSQL cannot take is logged and dropped."""
+    """Writes the entries no trigger writes (memory and Redis sessions; streams), in the background: what
+    is noted within JOURNAL_GATHER seconds goes in one INSERT; one PostgreSQL refuses is logged, dropped."""
 
     def __init__(self, engine: aiopg.sa.Engine) -> None:
         self._engine = engine
