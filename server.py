@@ -1375,7 +1375,6 @@ MAX_RATE = 1_000_000
 MAX_INTEGER = 2**31 - 1
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-Environ: TypeAlias = Mapping[str, str]
 Options: TypeAlias = Mapping[str, Any] | None  # command-line overrides of `webserver` keys
 T = TypeVar("T")
 
@@ -1577,7 +1576,7 @@ class DatabaseSettings:
     embedded: bool | None = setting(None, boolean)  # None: embedded unless a seed key is given
     data_dir: str = setting(str(DatabaseConfig.data_dir), non_empty_string)
 
-    def config(self, path: Path, environ: Environ) -> DatabaseConfig:
+    def config(self, path: Path, environ: Mapping[str, str]) -> DatabaseConfig:
         settings = dataclasses.asdict(self)
         embedded, data_dir = settings.pop("embedded"), path.resolve().parent / settings.pop("data_dir")
         seed = {key: str(value) for key, value in settings.items() if value is not None}
@@ -1683,7 +1682,7 @@ class Config:
 
 
 def load_config(
-    path: Path | str = DEFAULT_CONFIG_PATH, environ: Environ = os.environ, options: Options = None
+    path: Path | str = DEFAULT_CONFIG_PATH, environ: Mapping[str, str] = os.environ, options: Options = None
 ) -> Config:
     """Read a config file. Precedence: command-line `options` (webserver's host, port, workers),
     then the environment (DATABASE_URL), then the file, then the defaults."""
@@ -1703,7 +1702,7 @@ def load_config(
 
 
 def parse_config(
-    raw: Any, path: Path = Path("config"), environ: Environ = os.environ, options: Options = None
+    raw: Any, path: Path = Path("config"), environ: Mapping[str, str] = os.environ, options: Options = None
 ) -> Config:
     """The config file's dictionary (the seed's shape plus optional sections) as a Config."""
     if not isinstance(raw, dict):
