@@ -304,9 +304,8 @@ MAX_BODY_BYTES = 16 * 1024
 CONTENT_CODINGS = ("identity", "gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
 MAX_FIELD_CHARS = 1024
 PUBLIC_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else is no session's id
-# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds.
-# PostgreSQL enforces the statement limits itself, and the client's own timeouts are longer, so
-# PostgreSQL always gives up first: nothing the service gave up on goes on running or waiting there.
+# A request that needs PostgreSQL gets its answer, or a 503, within DB_REQUEST_BUDGET seconds; the client's
+# timeouts are longer than PostgreSQL's statement limits, so nothing given up on goes on running there.
 DB_CONNECT_TIMEOUT = 2  # seconds, libpq's connect_timeout (its smallest useful value)
 DB_OPERATION_TIMEOUT = 2.0  # seconds, client side: acquiring a pooled connection; each query's backstop
 DB_REQUEST_BUDGET = 4.0  # seconds, for a read and its retries on fresh connections
@@ -317,7 +316,6 @@ STARTUP_DB_WAIT = 30.0  # seconds to keep retrying PostgreSQL at start-up
 SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired sessions and login counters
 SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at shutdown
 MAX_TRACKED_KEYS = 100_000  # usernames and addresses with failures kept; the least recent go first
-REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Revocation
 MEMBERSHIPS_CHANNEL = "topic_members"  # a payload: {"user_id", "topic"} of a membership that ended
 PRESENCE_CHANNEL = "topic_presence"  # a payload: JSON, see Presence
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}", re.ASCII)
@@ -338,8 +336,7 @@ INDEX_POLICY = (
 )
 INDEX_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 INDEX_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-# A session id is 43 characters; anything much longer is not worth a lookup.
-SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)  # ids are 43; much longer: no lookup
 MAX_USER_AGENT_CHARS = 256  # real ones are 100-150 characters; a memory session stays under 1 KiB
 MAX_ADDRESS_CHARS = 64  # an IPv6 address with a zone id; longer ones are cut
 BODY_READ_TIMEOUT = 10.0  # seconds a client may take to send its body
@@ -347,21 +344,13 @@ EVENT_BODY_BYTES = 6 * MAX_EVENT_BYTES + 1024  # a POST /events body: the data, 
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a WebSocket may take to send its session id
 HOST_PATTERN = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # methods a cookie may come with from any page
-WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
-WS_INTERNAL_ERROR = 1011
-WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
-WS_SESSION_ENDED = 4001  # no valid session, or it ended (the application range, 4000-4999)
+WS_SESSION_ENDED = 4001  # no valid session, or it ended (RFC 6455's application range, 4000-4999)
 WS_TOO_MANY_STREAMS = 4029  # over max_streams_per_user, for a stream authenticated by its first message
-# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
-CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
-CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
 NO_STORE = {"Cache-Control": "no-store"}  # answers with session data: no cache keeps them
-# X-Accel-Buffering: nginx passes each event on at once.
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Content-Type": "text/event-stream", **NO_STORE, "X-Accel-Buffering": "no"}  # nginx: no delay
 LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,18}", re.ASCII)
 MAX_EVENT_ID = 10**18 - 1
-# The handlers' refusals with a fixed message: code -> (status, message).
-HANDLER_ERRORS: dict[str, tuple[type[web.HTTPException], str]] = {
+HANDLER_ERRORS: dict[str, tuple[type[web.HTTPException], str]] = {  # refusals with a fixed message
     "bad_json": (web.HTTPBadRequest, "The body must be JSON text in UTF-8."),
     "bad_body": (web.HTTPBadRequest, "The body does not match its Content-Encoding or framing."),
     "bad_topic": (web.HTTPBadRequest, f"A topic is {TOPIC_RULE_TEXT}."),
@@ -606,10 +595,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     by_first_message = upgrade and "Authorization" not in request.headers and session_cookie(request) is None
     if not by_first_message:
         session_id = session_id_from(request)
-        touched = await app[sessions].touch(session_id)
-        if touched is None:
-            raise refusal("invalid_session")
-        session = touched
+        session = await current_session(request, session_id)
         if await access.refused(session.account, wanted):
             raise refusal("forbidden_topic")
         if app[streams].count(session.user_id) >= config.max_streams_per_user:
@@ -627,15 +613,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         most = config.max_topics_per_stream
         wanted, answers = await first_message_topics(access, session.account, wanted, asked, most)
     assert request.transport is not None
+    chunked = not upgrade and request.version >= (1, 1)
     stream = Stream(
-        session_id,
-        session,
-        request.transport,
-        websocket=upgrade,
-        chunked=not upgrade and request.version >= (1, 1),
-        max_buffer=config.max_buffer,
-        last_id=after or 0,
-        topics=wanted,
+        session_id, session, request.transport, websocket=upgrade, chunked=chunked,
+        max_buffer=config.max_buffer, last_id=after or 0, topics=wanted,
     )
     await serve_stream(request, stream, response, after, answers, mark)
     return response
@@ -971,9 +952,9 @@ def session_cookie(request: web.Request) -> str | None:
     return request.cookies.get(request.app[config_key].sessions.cookie.name)
 
 
-async def current_session(request: web.Request) -> Session:
-    """The request's session, renewed (each valid use renews the idle timeout), or 401."""
-    session = await request.app[sessions].touch(session_id_from(request))
+async def current_session(request: web.Request, session_id: str | None = None) -> Session:
+    """The request's session (or session_id's), renewed: each valid use renews the idle timeout; or 401."""
+    session = await request.app[sessions].touch(session_id or session_id_from(request))
     if session is None:
         raise refusal("invalid_session")
     return session
@@ -1056,6 +1037,9 @@ def request_scheme(request: web.Request) -> str:
 # ---------------------------------------------------------------------------
 
 SERVER_HEADER = "server.py"  # what every answer says in Server: no software versions
+# What pages of webserver.origins may send (CORS): the session header, a JSON body, SSE's resume.
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+CORS_MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
 RETRY_AFTER_SECONDS = "5"
 
 
@@ -4171,6 +4155,7 @@ async def sweep_journal_forever(engine: aiopg.sa.Engine, retention: float) -> No
 # Events (GET /events) and Sessions' revocations go between processes through PostgreSQL: LISTEN/NOTIFY
 # is the signal, the `events` table the record (README: Design, "Live events").
 EVENTS_CHANNEL = "events"  # a notification's payload: the new row's id
+REVOCATIONS_CHANNEL = "session_revocations"  # a payload: JSON, see Revocation
 EVENT_BATCH = 100  # rows read at a time when catching up or replaying (at most 6.4 MiB)
 REPLAY_STALL = 10.0  # seconds a replay waits for a client to read before it counts as too slow
 RECENT_EVENTS = 10_000  # events a process keeps, encoded, to replay from memory (see RecentEvents)
@@ -4265,6 +4250,9 @@ SESSION_ENDED = {
     why: Encoded.notice({"type": "session_ended", "reason": why.value}) for why in Ended if why.tells_client
 }
 SSE_HEARTBEAT = b":\n\n"  # a comment line: keeps proxies from closing an idle stream
+WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
+WS_INTERNAL_ERROR = 1011
+WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
 WS_CLOSE_CODES = {
     Ended.SLOW: WS_TRY_AGAIN_LATER,
     Ended.UNAVAILABLE: WS_TRY_AGAIN_LATER,
