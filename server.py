@@ -872,15 +872,10 @@ async def expect_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # the answer proper has not started
 
 
-def body_limit(request: web.Request) -> int:
-    """The largest body a route reads: an event's is larger than the others."""
-    return EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
-
-
-def check_declared_body(request: web.Request) -> None:
-    """From the headers: 413 over body_limit, 415 a coding aiohttp won't decode (RFC 9110 15.5.16), 501 a
-    transfer coding but chunked (RFC 9112 6.1)."""
-    limit = body_limit(request)
+def check_declared_body(request: web.Request) -> int:
+    """The route's body limit (an event's is larger); from the headers, 413 over it, 415 a coding aiohttp
+    won't decode (RFC 9110 15.5.16), 501 a transfer coding but chunked (RFC 9112 6.1)."""
+    limit = EVENT_BODY_BYTES if request.method == "POST" and request.path == "/events" else MAX_BODY_BYTES
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(limit, request.content_length)
     transfer = request.headers.get("Transfer-Encoding")
@@ -889,12 +884,12 @@ def check_declared_body(request: web.Request) -> None:
     coding = request.headers.get("Content-Encoding", "identity").strip()
     if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
         raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
+    return limit
 
 
 async def read_body(request: web.Request) -> bytes:
     """The request body, decoded from its Content-Encoding, or the contract's 4xx."""
-    check_declared_body(request)
-    limit = body_limit(request)
+    limit = check_declared_body(request)
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT):
