@@ -5418,36 +5418,12 @@ class CommandError(Exception):
     """A command failed for a reason the user can fix; printed as one line, exit 1."""
 
 
-# Topics as TOPIC_PATTERN reads them, in a user's words.
-ADD_MEMBER = """
-    INSERT INTO topic_members (topic, user_id, publisher)
-    SELECT %(topic)s, id, %(publisher)s FROM users WHERE username = %(username)s
-    ON CONFLICT (topic, user_id) DO UPDATE SET publisher = excluded.publisher
-    RETURNING user_id
-"""
-REMOVE_MEMBER = """
-    DELETE FROM topic_members m USING users u
-    WHERE m.user_id = u.id AND u.username = %(username)s AND m.topic = %(topic)s
-    RETURNING m.user_id
-"""
-TOPIC_MEMBERS = """
-    SELECT u.username, m.publisher FROM topic_members m JOIN users u ON u.id = m.user_id
-    WHERE m.topic = %(topic)s ORDER BY u.username
-"""
 WHO_WAIT = 3.0  # seconds the who command waits for every server process to answer
 MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
 SERVE_OPTIONS = ("host", "port", "workers")  # serving's options; given with a command they are refused
 # Failures a user can fix: each is printed as one line, exit 1, never a traceback.
-STARTUP_FAILURES = (
-    ConfigError,
-    CommandError,
-    StartupError,
-    DatabaseUnavailable,
-    DatabaseRefused,
-    TablesOutdated,
-    UserExists,
-    UserNotFound,
-)
+STARTUP_FAILURES: tuple[type[Exception], ...] = (ConfigError, CommandError, StartupError, TablesOutdated)
+STARTUP_FAILURES += (DatabaseUnavailable, DatabaseRefused, UserExists, UserNotFound)
 Command: TypeAlias = Callable[[Config, argparse.Namespace], Coroutine[Any, Any, str | None]]
 
 
@@ -5457,7 +5433,7 @@ def as_command_error(prefix: str, *errors: type[Exception]) -> Iterator[None]:
     try:
         yield
     except errors as exc:
-        raise CommandError(f"{prefix}{exc}") from None
+        raise CommandError(f"{prefix}{first_line(exc)}") from None
 
 
 def read_password() -> str:
@@ -5481,14 +5457,13 @@ def read_password() -> str:
 
 
 def check_username(name: str, new: bool = False) -> str:
-    """NAME as the login compares it (NFC); only a new name must follow today's rules (README,
-    Design: user commands)."""
+    """NAME as the login compares it (NFC); only a new name must follow today's rules (README, Design)."""
     with as_command_error("", ValueError):
         return parse_username(name) if new else nfc(check_credential(name, "username"))
 
 
-def check_topic(topic: str) -> str:
-    if not TOPIC_PATTERN.fullmatch(topic):
+def check_topic(topic: str | None) -> str | None:
+    if topic is not None and not TOPIC_PATTERN.fullmatch(topic):
         raise CommandError(f"not a topic name: {topic!r} ({TOPIC_RULE_TEXT})")
     return topic
 
@@ -5508,21 +5483,16 @@ def shared_store_needed(config: Config, command: str) -> None:
         )
 
 
-async def hash_new_password(config: PasswordConfig, password: str) -> str:
-    """Hash with the server's own parameters and code, on a short-lived hashing pool."""
-    with contextlib.closing(Passwords(config)) as hasher:
-        return await hasher.hash(password)
-
-
 async def adduser_command(config: Config, args: argparse.Namespace) -> str:
     """create a user"""
     username, password = check_username(args.name, new=True), read_password()
     async with open_database(config.db) as engine:
         # Whether the name is free is asked before a hash is spent on it.
-        _, account = await find_account(engine, username)
-        if account is not None:
+        if (await find_account(engine, username))[1] is not None:
             raise UserExists(f"user '{username}' already exists")
-        await insert_user(engine, username, await hash_new_password(config.passwords, password))
+        # Hashed with the server's own parameters and code, on a short-lived hashing pool.
+        with contextlib.closing(Passwords(config.passwords)) as hasher:
+            await insert_user(engine, username, await hasher.hash(password))
     return escape_controls(f"created user '{username}'")
 
 
@@ -5531,12 +5501,12 @@ async def passwd_command(config: Config, args: argparse.Namespace) -> str:
     username, password = check_username(args.name), read_password()
     async with open_database(config.db) as engine:
         account = await find_user(engine, username)
-        password_hash = await hash_new_password(config.passwords, password)
+        with contextlib.closing(Passwords(config.passwords)) as hasher:
+            password_hash = await hasher.hash(password)
         ended = await end_shared_sessions(config, engine, account, "passwd")
         changed = await update_password_hash(engine, username, password_hash)
         await refuse_in_shared_store(config, engine, changed.user_id, changed.epoch)
-    ending = f" and ended {ended} session(s)" if ended else ""
-    return escape_controls(f"changed the password of '{username}'{ending}")
+    return escape_controls(f"changed the password of '{username}'{ended_text(ended)}")
 
 
 async def deluser_command(config: Config, args: argparse.Namespace) -> str:
@@ -5545,10 +5515,12 @@ async def deluser_command(config: Config, args: argparse.Namespace) -> str:
     async with open_database(config.db) as engine:
         _, account = await find_account(engine, username)
         ended = await end_shared_sessions(config, engine, account, "deluser")
-        user_id = await delete_user(engine, username)
-        await refuse_in_shared_store(config, engine, user_id, None)
-    ending = f" and ended {ended} session(s)" if ended else ""
-    return escape_controls(f"deleted user '{username}'{ending}")
+        await refuse_in_shared_store(config, engine, await delete_user(engine, username), None)
+    return escape_controls(f"deleted user '{username}'{ended_text(ended)}")
+
+
+def ended_text(ended: int) -> str:
+    return f" and ended {ended} session(s)" if ended else ""
 
 
 async def end_shared_sessions(
@@ -5558,9 +5530,8 @@ async def end_shared_sessions(
     user (the change then ends them everywhere: schema.sql's trigger and its notification)."""
     if config.sessions.store == "memory" or account is None:
         return 0
-    with as_command_error(
-        "could not end the user's sessions, nothing was changed: ", SessionStoreUnavailable
-    ):
+    failure = "could not end the user's sessions, nothing was changed: "
+    with as_command_error(failure, SessionStoreUnavailable):
         async with command_store(config, engine) as store:
             return await store.revoke_all(account.user_id, f"revoked:{why}")
 
@@ -5568,8 +5539,8 @@ async def end_shared_sessions(
 async def refuse_in_shared_store(
     config: Config, engine: aiopg.sa.Engine, user_id: int, below: int | None
 ) -> None:
-    """After passwd or deluser: Redis ends the account's sessions below the new epoch (None: all)
-    and refuses them from now on, even with no server running (PostgreSQL did so in the change)."""
+    """After the change Redis ends the account's sessions below the new epoch (None: all) and refuses
+    them from now on, even with no server running (PostgreSQL did so in the change)."""
     if config.sessions.store != "redis":
         return
     with as_command_error("done, but could not end the user's sessions in Redis: ", SessionStoreUnavailable):
@@ -5582,18 +5553,13 @@ async def sessions_command(config: Config, args: argparse.Namespace) -> str:
     shared_store_needed(config, "sessions")
     async with open_database(config.db) as engine:
         account = await find_user(engine, check_username(args.name))
-        store = open_session_store(config.sessions, engine, time.time)
-        try:
-            with as_command_error("could not read the session store: ", SessionStoreUnavailable):
+        with as_command_error("could not read the session store: ", SessionStoreUnavailable):
+            async with command_store(config, engine) as store:
                 found = await store.sessions_of(account.user_id)
-        finally:
-            await store.close()
-        counts: dict[str, int] = {}
-        if found:
-            params = {"public_ids": [session.public_id for session in found], "process": ""}  # "": all
-            async with connection(engine) as conn:
-                rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall()
-            counts = {row[0]: int(row[1]) for row in rows}
+        params = {"public_ids": [session.public_id for session in found], "process": ""}  # "": all
+        async with connection(engine) as conn:
+            rows = await (await conn.execute(SESSION_STREAMS_ELSEWHERE, params)).fetchall() if found else []
+    counts = {row[0]: int(row[1]) for row in rows}
     return "\n".join(json.dumps(describe(session, counts)) for session in found)
 
 
@@ -5603,7 +5569,12 @@ async def logout_command(config: Config, args: argparse.Namespace) -> str:
         account = await find_user(engine, check_username(args.name))
         if args.session_id is None:
             ended = await end_shared_sessions(config, engine, account, "operator")
-            epoch = await raise_session_epoch(engine, account.user_id, "operator")
+            # schema.sql's trigger ends them wherever they are, journaled as revoked by the operator.
+            async with connection(engine) as conn, conn.begin():
+                await conn.execute(sa.select(sa.func.set_config("loginservice.revoke", "operator", True)))
+                raised = users.update().where(users.c.id == account.user_id)
+                raised = raised.values(session_epoch=users.c.session_epoch + 1)
+                epoch = await conn.scalar(raised.returning(users.c.session_epoch))  # None: the user went
             await refuse_in_shared_store(config, engine, account.user_id, epoch)
             counted = f" ({ended} live)" if config.sessions.store != "memory" else ""
             return escape_controls(f"ended every session of '{account.username}'{counted}")
@@ -5614,72 +5585,44 @@ async def logout_command(config: Config, args: argparse.Namespace) -> str:
                 if PUBLIC_ID_PATTERN.fullmatch(args.session_id):
                     found = await store.revoke_public(account.user_id, args.session_id, "revoked:operator")
         if found is None:
-            shown = printable(args.session_id, 64)
-            raise CommandError(f"'{account.username}' has no live session '{shown}'")
+            raise CommandError(f"'{account.username}' has no live session '{printable(args.session_id, 64)}'")
         await announce(engine, Revocation(Ended.REVOKED, session=found[0]))
     return escape_controls(f"ended session '{args.session_id}' of '{account.username}'")
-
-
-async def raise_session_epoch(engine: aiopg.sa.Engine, user_id: int, why: str) -> int | None:
-    """End the account's sessions wherever they are (schema.sql's trigger), journaled as revoked for
-    `why`, the password unchanged. The new epoch (None: the account went meanwhile)."""
-    async with connection(engine) as conn, conn.begin():
-        await conn.execute(sa.select(sa.func.set_config("loginservice.revoke", why, True)))
-        epoch = users.c.session_epoch + 1
-        return await conn.scalar(  # type: ignore[no-any-return]
-            users.update()
-            .where(users.c.id == user_id)
-            .values(session_epoch=epoch)
-            .returning(users.c.session_epoch)
-        )
 
 
 async def journal_command(config: Config, args: argparse.Namespace) -> None:
     """print the session journal as JSON lines"""
     after = args.after
-    async with open_database(config.db) as engine:
-        if not args.follow:
-            while entries := await read_journal(engine, after):
-                after = print_entries(entries)
-            return
-        # --follow: it listens before the first read, so no entry falls between
-        dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name="server.py journal")
+    async with open_database(config.db) as engine, contextlib.AsyncExitStack() as stack:
         try:
-            async with aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT) as listener:
+            if args.follow:  # it listens before the first read, so no entry falls between
+                dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name="server.py journal")
+                listener = await stack.enter_async_context(aiopg.connect(dsn, timeout=DB_OPERATION_TIMEOUT))
                 async with listener.cursor() as cur:
                     await cur.execute(f"LISTEN {JOURNAL_CHANNEL}")
-                while True:
-                    while entries := await read_journal(engine, after):
-                        after = print_entries(entries)
-                    await listener.notifies.get()
-                    while not listener.notifies.empty():
-                        listener.notifies.get_nowait()
+            while True:
+                while entries := await read_journal(engine, after):
+                    for entry in entries:
+                        print(json.dumps(entry, ensure_ascii=False), flush=True)
+                    after = int(entries[-1]["id"])
+                if not args.follow:
+                    return
+                await listener.notifies.get()
+                while not listener.notifies.empty():
+                    listener.notifies.get_nowait()
         except BrokenPipeError:
             raise  # the reader of the output went away (| head), not the database
         except (DatabaseUnavailable, psycopg2.Error, *CONNECTION_ERRORS) as exc:
             raise CommandError(f"lost the database ({first_line(exc)}); go on with --after {after}") from None
 
 
-def print_entries(entries: list[dict[str, Any]]) -> int:
-    """Print journal entries as JSON lines; returns the last one's id."""
-    for entry in entries:
-        print(json.dumps(entry, ensure_ascii=False), flush=True)
-    return int(entries[-1]["id"])
-
-
 async def publish_command(config: Config, args: argparse.Namespace) -> str:
     """publish a live event to every logged-in user (or one, with --to)"""
-    data = args.data
-    if data == "-":
-        try:
-            data = sys.stdin.read()
-        except UnicodeDecodeError:
-            raise CommandError("DATA is not valid UTF-8") from None
-    if args.topic is not None:
-        check_topic(args.topic)
+    check_topic(args.topic)
     try:
-        size = len(data.encode())
-    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+        data = sys.stdin.read() if args.data == "-" else args.data
+        size = len(data.encode())  # UnicodeEncodeError: bytes the terminal's encoding could not decode
+    except UnicodeError:
         raise CommandError("DATA is not valid UTF-8") from None
     if size > MAX_EVENT_BYTES:
         raise CommandError(f"DATA is over {MAX_EVENT_BYTES // 1024} KiB")
@@ -5696,48 +5639,41 @@ async def publish_command(config: Config, args: argparse.Namespace) -> str:
     return f"published event {event_id}"
 
 
-async def topic_add_command(config: Config, args: argparse.Namespace) -> str:
-    """make NAME a member of TOPIC"""
-    topic, username, _ = await change_membership(config, args, ADD_MEMBER)
+async def topic_command(config: Config, args: argparse.Namespace) -> str:
+    """topic add and topic remove: NAME's membership of TOPIC"""
+    topic, username = check_topic(args.topic), check_username(args.name)
+    async with open_database(config.db) as engine:
+        user_id = (await find_user(engine, username)).user_id
+        async with connection(engine) as conn:
+            if args.action == "remove":
+                member = (topic_members.c.topic == topic) & (topic_members.c.user_id == user_id)
+                removing = topic_members.delete().where(member).returning(topic_members.c.topic)
+                if await conn.scalar(removing) is None:
+                    raise CommandError(f"'{username}' is not a member of '{topic}'")
+                return escape_controls(f"'{username}' is no longer a member of '{topic}'")
+            row = {"topic": topic, "user_id": user_id, "publisher": args.publisher}
+            adding = postgresql.insert(topic_members).values(row).on_conflict_do_update(
+                index_elements=["topic", "user_id"], set_={"publisher": args.publisher}
+            )
+            await conn.execute(adding)
     publishes = " and may publish" if args.publisher else ""
     return escape_controls(f"'{username}' is a member of '{topic}'{publishes}")
 
 
-async def topic_remove_command(config: Config, args: argparse.Namespace) -> str:
-    """end NAME's membership of TOPIC (and its open streams' subscription)"""
-    topic, username, changed = await change_membership(config, args, REMOVE_MEMBER)
-    if not changed:
-        raise CommandError(f"'{username}' is not a member of '{topic}'")
-    return escape_controls(f"'{username}' is no longer a member of '{topic}'")
-
-
-async def change_membership(
-    config: Config, args: argparse.Namespace, statement: str
-) -> tuple[str, str, bool]:
-    """ADD_MEMBER or REMOVE_MEMBER for TOPIC and NAME, a user: both names, and whether a row changed."""
-    topic, username = check_topic(args.topic), check_username(args.name)
-    params = {"topic": topic, "username": username, "publisher": getattr(args, "publisher", False)}
-    async with open_database(config.db) as engine, connection(engine) as conn:
-        if await conn.scalar(FIND_ACCOUNT.sql, {"username": username}) is None:
-            raise CommandError(f"no such user '{username}'")
-        changed = await conn.scalar(statement, params) is not None
-    return topic, username, changed
-
-
 async def topic_members_command(config: Config, args: argparse.Namespace) -> str:
     """list TOPIC's members"""
-    params = {"topic": check_topic(args.topic)}
+    query = sa.select(users.c.username, topic_members.c.publisher).join_from(topic_members, users)
+    query = query.where(topic_members.c.topic == check_topic(args.topic)).order_by(users.c.username)
     async with open_database(config.db) as engine, connection(engine) as conn:
-        rows = await (await conn.execute(TOPIC_MEMBERS, params)).fetchall()
+        rows = await (await conn.execute(query)).fetchall()
     return "\n".join(f"{escape_controls(row[0])}{' (publisher)' if row[1] else ''}" for row in rows)
 
 
 async def who_command(config: Config, args: argparse.Namespace) -> str:
     """who is online: users with open event streams (on TOPIC), over every server process"""
-    if args.topic is not None:
-        check_topic(args.topic)
+    check_topic(args.topic)
     channel = f"who_{secrets.token_hex(8)}"  # where each process answers PRESENCE_CHANNEL (see Presence)
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     async with open_database(config.db) as engine:
         dsn = psycopg2.extensions.make_dsn(engine.dsn, application_name=f"{DB_APPLICATION_NAME} who")
         with database_errors():
@@ -5753,7 +5689,7 @@ async def who_command(config: Config, args: argparse.Namespace) -> str:
                         while len(answered) < servers:
                             answer = json.loads((await conn.notifies.get()).payload)
                             for name, streams in answer["users"]:
-                                counts[name] = counts.get(name, 0) + int(streams)
+                                counts[name] += int(streams)
                             if answer.get("last"):
                                 answered.add(answer["process"])
     if len(answered) < servers:
@@ -5765,14 +5701,13 @@ async def who_command(config: Config, args: argparse.Namespace) -> str:
 
 async def migrate_command(config: Config, args: argparse.Namespace) -> str:
     """convert the article's users table (plain-text passwords) to argon2id hashes"""
-    with contextlib.closing(Passwords(config.passwords)) as hasher:
+    # A constraint the article's table breaks, or names it must change first: nothing changed.
+    with contextlib.closing(Passwords(config.passwords)) as hasher, as_command_error(
+        "cannot convert table 'users', nothing was changed: ", psycopg2.Error, ValueError
+    ):
         migration = ArticleUsers(hasher)
-        try:
-            async with open_database(config.db, upgrade=migration.convert):
-                pass
-        except psycopg2.Error as exc:  # a constraint the article's table breaks: nothing changed
-            reason = str(exc).strip().splitlines()[0]
-            raise CommandError(f"cannot convert table 'users', nothing was changed: {reason}") from None
+        async with open_database(config.db, upgrade=migration.convert):
+            pass
     if migration.converted is None:
         return "nothing to migrate: table 'users' already stores argon2id hashes"
     locked = f"; {migration.locked} had no password and need one: python server.py passwd NAME"
@@ -5801,10 +5736,13 @@ class ArticleUsers:
         result = await conn.execute("SELECT username, password FROM users")
         rows = [(row[0], row[1]) for row in await result.fetchall()]
         self._check_names([username for username, _ in rows])
+        self.locked = sum(1 for _, password in rows if not password)
         await conn.execute("ALTER TABLE users ADD COLUMN password_hash text")
         for start in range(0, len(rows), MIGRATE_BATCH):
             batch = rows[start : start + MIGRATE_BATCH]
-            hashes = await asyncio.gather(*(self._hash(password) for _, password in batch))
+            # A missing password is locked: hashed from random bytes nobody knows.
+            passwords = [password or secrets.token_urlsafe(32) for _, password in batch]
+            hashes = await asyncio.gather(*map(self.hasher.hash, passwords))
             names = [username for username, _ in batch]
             await conn.execute(
                 "UPDATE users SET password_hash = new.hash, username = new.nfc"
@@ -5821,7 +5759,7 @@ class ArticleUsers:
     def _check_names(names: list[str]) -> None:
         """Refuse missing usernames and ones equal in NFC, naming them: a user must choose."""
         if any(not name for name in names):
-            raise CommandError("cannot convert table 'users', nothing was changed: a row has no username")
+            raise ValueError("a row has no username")
         forms: dict[str, list[str]] = {}
         for name in names:
             forms.setdefault(nfc(name), []).append(name)
@@ -5829,16 +5767,10 @@ class ArticleUsers:
         if clashes:
             shown = "; ".join(" = ".join(repr(name) for name in group) for group in clashes[:10])
             more = f" and {len(clashes) - 10} more" if len(clashes) > 10 else ""
-            raise CommandError(
-                f"cannot convert table 'users', nothing was changed: {len(clashes)} username(s) are"
-                f" taken twice ({shown}{more}); rename or delete one of each in SQL, then run migrate again"
+            raise ValueError(
+                f"{len(clashes)} username(s) are taken twice ({shown}{more});"
+                " rename or delete one of each in SQL, then run migrate again"
             )
-
-    async def _hash(self, password: str | None) -> str:
-        if not password:
-            self.locked += 1
-            password = secrets.token_urlsafe(32)
-        return await self.hasher.hash(password)
 
     @staticmethod
     async def _reshape(conn: aiopg.sa.SAConnection, columns: set[str]) -> None:
@@ -5851,14 +5783,11 @@ class ArticleUsers:
         if "created_at" not in columns:
             changes.append("ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()")
         if "id" not in columns:
-            result = await conn.execute(
-                "SELECT conname FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'p'"
-            )
-            changes += [f'DROP CONSTRAINT "{row[0]}"' for row in await result.fetchall()]
+            keys = "SELECT conname FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'p'"
+            changes += [f'DROP CONSTRAINT "{row[0]}"' for row in await (await conn.execute(keys)).fetchall()]
             changes.append("ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
         changes.append("ADD CONSTRAINT users_username_key UNIQUE (username)")
-        for change in changes:
-            await conn.execute(f"ALTER TABLE users {change}")
+        await conn.execute("ALTER TABLE users " + ", ".join(changes))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -5888,8 +5817,8 @@ def build_parser() -> ArgumentParser:
     shared = [common, serve_only]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)")
 
-    def add(group: Any, name: str, run: Command, *positionals: str) -> ArgumentParser:
-        sub: ArgumentParser = group.add_parser(name, help=inspect.getdoc(run), parents=shared)
+    def add(group: Any, name: str, run: Command, *positionals: str, text: str = "") -> ArgumentParser:
+        sub: ArgumentParser = group.add_parser(name, help=text or inspect.getdoc(run), parents=shared)
         for positional in positionals:
             sub.add_argument(positional, metavar=positional.upper())
         sub.set_defaults(run=run)
@@ -5906,17 +5835,16 @@ def build_parser() -> ArgumentParser:
     audience.add_argument("--topic", metavar="TOPIC", help="only the streams subscribed to TOPIC")
     add(commands, "sessions", sessions_command, "name")
     ender = add(commands, "logout", logout_command, "name")
-    ender.add_argument(
-        "session_id", metavar="SESSION_ID", nargs="?", help="a session's public id (see sessions)"
-    )
+    ender.add_argument("session_id", metavar="SESSION_ID", nargs="?", help="a public id (see sessions)")
     reader = add(commands, "journal", journal_command)
     reader.add_argument("--after", metavar="ID", type=int, default=0, help="only entries after this id")
     reader.add_argument("--follow", action="store_true", help="then wait for new entries, printing each")
-    topic = commands.add_parser("topic", help="manage the members of members-only topics", parents=shared)
+    topic = add(commands, "topic", topic_command, text="manage the members of members-only topics")
     actions = topic.add_subparsers(dest="action", metavar="ACTION", required=True)
-    adder = add(actions, "add", topic_add_command, "name", "topic")
+    adder = add(actions, "add", topic_command, "name", "topic", text="make NAME a member of TOPIC")
     adder.add_argument("--publisher", action="store_true", help="also allowed where the rule says publishers")
-    add(actions, "remove", topic_remove_command, "name", "topic")
+    ending = "end NAME's membership of TOPIC (and its open streams' subscription)"
+    add(actions, "remove", topic_command, "name", "topic", text=ending)
     add(actions, "members", topic_members_command, "topic")
     add(commands, "who", who_command).add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
@@ -5930,16 +5858,6 @@ def _option_value(key: str, text: str | None) -> int | str | None:
     with contextlib.suppress(ValueError):
         return int(text)
     return text
-
-
-def serve(config: Config, read_config: Callable[[], Config]) -> int:
-    """Serve until SIGINT or SIGTERM; the port is bound before anything else starts."""
-    raise_open_files_limit()  # the workers inherit it
-    if config.webserver.workers > 1:
-        return serve_workers(config, read_config)
-    os.environ.pop(MULTIPROCESS_ENV, None)  # one process keeps its metrics in memory
-    WebServer(config).run(listening_sockets(config.webserver.host, config.webserver.port))
-    return 0
 
 
 def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
@@ -5975,6 +5893,11 @@ def serve_workers(config: Config, read_config: Callable[[], Config]) -> int:
 def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
     """gunicorn's application for serve_workers, through its public API (as bottle's adapter)."""
     from gunicorn.app.base import BaseApplication
+    from prometheus_client import multiprocess
+
+    def forget_worker_metrics(arbiter: Any, worker: Any) -> None:
+        """gunicorn's child_exit hook: a dead worker's gauges (open streams) leave the sums."""
+        multiprocess.mark_process_dead(worker.pid, os.environ[MULTIPROCESS_ENV])
 
     class Supervisor(BaseApplication):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -6011,21 +5934,14 @@ def supervisor(config: Config, read_config: Callable[[], Config]) -> Any:
     return Supervisor()
 
 
-def forget_worker_metrics(arbiter: Any, worker: Any) -> None:
-    """gunicorn's child_exit hook: a dead worker's gauges (open streams) leave the sums."""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid, os.environ[MULTIPROCESS_ENV])
-
-
 def kept_on_reload(running: Config, new: Config) -> Config:
     """The config a SIGHUP brings, but the database, address and workers kept as at start (a new
     address could not be bound while the old workers hold the old one)."""
-    old, changed = running.webserver, new.webserver
-    if (changed.host, changed.port, changed.workers) != (old.host, old.port, old.workers):
+    old = running.webserver
+    webserver = dataclasses.replace(new.webserver, host=old.host, port=old.port, workers=old.workers)
+    if webserver != new.webserver:
         warning = "config reloaded, but the address and workers stay %s:%s with %d workers until a restart"
         log.warning(warning, old.host, old.port, old.workers)
-    webserver = dataclasses.replace(changed, host=old.host, port=old.port, workers=old.workers)
     config = dataclasses.replace(new, webserver=webserver, db=running.db)
     check_workers(config, "the reloaded config")
     return config
@@ -6048,6 +5964,7 @@ def app_factory(config_path: str = str(DEFAULT_CONFIG_PATH)) -> Callable[[], Awa
 # Characters a log line shows escaped (\x1b, \n, \u202e): nothing a client sends can end a line,
 # move the cursor or reorder the text a reader sees.
 ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def escape_controls(text: str) -> str:
@@ -6055,9 +5972,7 @@ def escape_controls(text: str) -> str:
     if text.isprintable():  # the usual case, at C speed
         return text
     return "".join(
-        char
-        if char == " " or unicodedata.category(char) not in ESCAPED_CATEGORIES
-        else char.encode("unicode_escape").decode("ascii")
+        char.encode("unicode_escape").decode() if unicodedata.category(char) in ESCAPED_CATEGORIES else char
         for char in text
     )
 
@@ -6068,9 +5983,6 @@ class EscapingFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure_logging(level: int) -> None:
@@ -6093,8 +6005,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = getattr(args, "config", DEFAULT_CONFIG_PATH)
         config = load_config(path, options=options)
-        if args.command is None:
-            return serve(config, functools.partial(load_config, path, options=options))
+        if args.command is None:  # serve until SIGINT or SIGTERM; the port is bound before anything starts
+            raise_open_files_limit()  # the workers inherit it
+            if config.webserver.workers > 1:
+                return serve_workers(config, functools.partial(load_config, path, options=options))
+            os.environ.pop(MULTIPROCESS_ENV, None)  # one process keeps its metrics in memory
+            WebServer(config).run(listening_sockets(config.webserver.host, config.webserver.port))
+            return 0
         try:
             output = asyncio.run(args.run(config, args))
         except KeyboardInterrupt:
@@ -6107,12 +6024,12 @@ def main(argv: list[str] | None = None) -> int:
     except STARTUP_FAILURES as exc:
         print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+    except OSError as exc:
+        # The reader went away (| head): stop quietly, as Unix tools do. Any other failure to write
+        # (a full disk) is one line: the command itself was done.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except OSError as exc:  # the output could not be written (a full disk): the command itself was done
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: could not write the output: {exc.strerror or exc}", file=sys.stderr)
+        if not isinstance(exc, BrokenPipeError):
+            print(f"error: could not write the output: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
 
