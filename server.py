@@ -4210,13 +4210,8 @@ class Encoded:
 
     @classmethod
     def row(
-        cls,
-        event_id: int,
-        user_id: int | None,
-        data: str,
-        created_at: float,
-        topic: str | None = None,
-        sender: str | None = None,
+        cls, event_id: int, user_id: int | None, data: str, created_at: float,
+        topic: str | None = None, sender: str | None = None,
     ) -> Encoded:
         """A row of `events` (data as JSON text) as the contract's event object."""
         about = "" if topic is None else f'"topic":{json.dumps(topic)},'
@@ -4272,15 +4267,8 @@ class Stream:
     )  # fmt: skip
 
     def __init__(
-        self,
-        session_id: str,
-        session: Session,
-        transport: asyncio.Transport,
-        websocket: bool,
-        chunked: bool,
-        max_buffer: int,
-        last_id: int = 0,
-        topics: Sequence[str] = (),
+        self, session_id: str, session: Session, transport: asyncio.Transport, websocket: bool,
+        chunked: bool, max_buffer: int, last_id: int = 0, topics: Sequence[str] = (),
     ) -> None:
         loop = asyncio.get_running_loop()
         self.session_id, self.digest = session_id, token_hash(session_id)  # to renew it; to find it
@@ -4297,10 +4285,8 @@ class Stream:
 
     def send(self, event: Encoded) -> bool:
         """Deliver a live event: whether it was written now (not held back while replaying, nor refused)."""
-        if self.ended.done():
-            return False
-        if self.backlog is None:
-            return self.write(event)
+        if self.backlog is None or self.ended.done():
+            return self.write(event)  # an ended stream writes nothing
         self.backlog.append(event)
         self.backlog_bytes += len(event.sse)
         if self.backlog_bytes > self.max_buffer:
@@ -4423,7 +4409,6 @@ class StreamRegistry:
         self.on_change(stream)
 
     def subscribe(self, stream: Stream, topic: str) -> None:
-        """Add a topic to a registered stream (its events reach the stream from now on)."""
         if topic not in stream.topics and stream in self._streams:
             topic = sys.intern(topic)
             stream.topics.add(topic)
@@ -4463,7 +4448,6 @@ class StreamRegistry:
             self.metrics.events_delivered.inc(written)
 
     def end_membership(self, user_id: int, topic: str) -> None:
-        """The account is no longer a member of the topic: its streams here stop getting it."""
         for stream in list(self._by_user.get(user_id, ())):
             if self.unsubscribe(stream, topic):
                 stream.send(topic_notice("unsubscribed", topic, "membership_ended"))
@@ -4486,7 +4470,6 @@ class StreamRegistry:
         return len(self._by_user.get(user_id, ()))
 
     def streams_of(self, public_id: str, user_id: int) -> int:
-        """How many streams the user's session with this public id has open here."""
         return sum(1 for stream in self._by_user.get(user_id, ()) if stream.public_id == public_id)
 
     def accounts(self) -> set[Account]:
@@ -4611,21 +4594,16 @@ def event_data_text(data: Any) -> str:
 
 
 async def publish(
-    engine: aiopg.sa.Engine,
-    data: Any,
-    username: str | None = None,
-    *,
-    topic: str | None = None,
-    sender: str | None = None,
+    engine: aiopg.sa.Engine, data: Any, username: str | None = None, *,
+    topic: str | None = None, sender: str | None = None,
 ) -> int:
     """Publish `data` (a JSON value, at most 64 KiB as JSON) to every logged-in user, `username`'s
     streams, or `topic`'s (`sender`: its `from`); returns the event's id. Raises ValueError (data,
     topic), UserNotFound, DatabaseUnavailable. Every process delivers it once the insert commits."""
     text = event_data_text(data)
     if topic is not None and (username is not None or not TOPIC_PATTERN.fullmatch(topic)):
-        raise ValueError(
-            f"not a topic name: {topic!r}" if username is None else "a user or a topic, not both"
-        )
+        wrong = f"not a topic name: {topic!r}" if username is None else "a user or a topic, not both"
+        raise ValueError(wrong)
     username = None if username is None else nfc(username)  # as stored and as logins compare it
     params = {"username": username, "topic": topic, "sender": sender, "data": text}
     async with connection(engine) as conn:
@@ -4636,11 +4614,7 @@ async def publish(
 
 
 async def replay(
-    engine: aiopg.sa.Engine,
-    stream: Stream,
-    after: int,
-    through: int,
-    recent: RecentEvents,
+    engine: aiopg.sa.Engine, stream: Stream, after: int, through: int, recent: RecentEvents,
     topic: str | None = None,
 ) -> tuple[str, int]:
     """Write `stream`'s retained events after `after` up to `through` (with `topic`, its alone, even below
@@ -4664,9 +4638,8 @@ async def replay(
     while after < through and not stream.ended.done():
         params: dict[str, Any] = {"after": after, "through": through, "user_id": stream.account.user_id}
         params |= {"topics": list(topics), "only_topics": again, "limit": EVENT_BATCH}
-        async with connection(
-            engine
-        ) as conn:  # one for each batch, given back before the client is waited for
+        # One connection for each batch, given back before the client is waited for.
+        async with connection(engine) as conn:
             rows = await (await conn.execute(REPLAY_EVENTS, params)).fetchall()
         for row in rows:
             await stream.pace()
@@ -4695,37 +4668,57 @@ def stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-async def woken(wake: asyncio.Event, seconds: float) -> None:
-    """Wait until `wake` is set (then clear it) or `seconds` pass; stop if cancelled."""
-    stop_if_cancelled()
-    # Not wait_for: it loses a cancellation that comes as the event is set, and the task never ends.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await wake.wait()
-    wake.clear()
+async def keep_trying(
+    step: Callable[[], Awaitable[None]], wake: asyncio.Event, every: float, failed: str, bug: str
+) -> None:
+    """Run `step` whenever `wake` is set or `every` seconds pass, until cancelled; a failure is logged
+    (`failed`: PostgreSQL away; `bug`: anything else) and tried again `every` seconds later."""
+    while True:
+        stop_if_cancelled()
+        # Not wait_for: it loses a cancellation that comes as the event is set, and the task never ends.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await wake.wait()
+        wake.clear()
+        try:
+            await step()
+        except DatabaseUnavailable as exc:
+            log.warning("%s: %s", failed, exc)
+        except Exception:
+            log.exception(bug)
+        else:
+            continue
+        await asyncio.sleep(every)
 
 
-# A listener's receiver: given its cursor and a batch of notifications (.channel, .payload) in order.
-Receive: TypeAlias = Callable[[aiopg.Cursor, list[Any]], Awaitable[None]]
 # The listening connection's backend, which names this process (keepalives: a host that vanished).
 BUS_BACKEND = """
     SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
     SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
 """
+ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 
 
-class Listener:
-    """This process's one PostgreSQL connection that LISTENs, reconnecting with backoff; knows no message."""
+class Bus:
+    """This process's one PostgreSQL connection that LISTENs (reconnecting with backoff) and what it
+    carries: each new row of `events`, delivered once and in id order to this process's streams (recent
+    ones kept); Sessions' revocations; and `channels` (what to do with each payload). A batch of
+    notifications goes to the revocations, the channels, then the events (README: Design, "Live events")."""
 
-    def __init__(self, engine: aiopg.sa.Engine) -> None:
-        self.engine = engine
-        self.receivers: list[tuple[Collection[str], Receive]] = []  # each batch goes to them in this order
-        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []  # at each (re)connect, in order
-        self.on_change: Callable[[], None] = lambda: None  # as listening stops, and as it starts again
+    def __init__(
+        self, engine: aiopg.sa.Engine, registry: StreamRegistry, owner: Sessions,
+        retention: float = EventsConfig.retention, metrics: Metrics | None = None,
+    ) -> None:
+        self.engine, self.registry, self.owner, self.metrics = engine, registry, owner, metrics
+        self.channels: dict[str, Callable[[str], None]] = {}
+        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []  # after the bus's own, in order
         self.listening = False  # notifications arrive now
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
         self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while connected
         self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
+        self.last_id: int | None = None  # the newest event delivered
+        self.recent = RecentEvents(retention)
+        self.moved = asyncio.Event()  # set (and replaced) each time last_id moves on
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with exponential backoff and jitter."""
@@ -4746,30 +4739,32 @@ class Listener:
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening, self.backend, self._conn = False, None, None
-            self.on_change()
+            self.owner.forget(None)  # what it missed is unknown: the near cache starts anew
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BUS_RETRY[1])
 
     async def _listen(self, conn: aiopg.Connection) -> None:
         async with conn.cursor() as cur:
-            channels = dict.fromkeys(channel for names, _ in self.receivers for channel in names)
+            channels = [REVOCATIONS_CHANNEL, *self.channels, EVENTS_CHANNEL]
             await cur.execute("; ".join(f"LISTEN {channel}" for channel in channels))
             await cur.execute(BUS_BACKEND)
             pid, started = await cur.fetchone()
             self.backend = (int(pid), started)
-            for hook in self.on_connect:
+            for hook in [self._resume, self._reconcile, *self.on_connect]:
                 await hook(cur)
-            self.on_change()
+            self.owner.forget(None)
             self._conn, self.listening = conn, True
             self.connected.set()
             while True:
                 notices = self._buffered_notices(conn) or [await conn.notifies.get()]
                 while not conn.notifies.empty():
                     notices.append(conn.notifies.get_nowait())
-                for names, receive in self.receivers:
-                    batch = [notice for notice in notices if notice.channel in names]
-                    if batch:
-                        await receive(cur, batch)
+                await self._revoke([n.payload for n in notices if n.channel == REVOCATIONS_CHANNEL])
+                for notice in notices:
+                    if notice.channel in self.channels:
+                        self.channels[notice.channel](notice.payload)
+                if any(notice.channel == EVENTS_CHANNEL for notice in notices):
+                    await self.catch_up(cur)
 
     @staticmethod
     def _buffered_notices(conn: aiopg.Connection) -> list[Any]:
@@ -4788,23 +4783,13 @@ class Listener:
         readable, _, _ = select.select([conn.raw.fileno()], [], [], 0)
         return not readable
 
-
-class EventFeed:
-    """Delivers each new row of `events` once, in id order, to this process's streams; keeps recent ones."""
-
-    def __init__(self, registry: StreamRegistry, retention: float, metrics: Metrics | None = None) -> None:
-        self.registry, self.metrics = registry, metrics
-        self.last_id: int | None = None
-        self.recent = RecentEvents(retention)
-        self.moved = asyncio.Event()  # set (and replaced) each time last_id moves on
-
     def start_from(self, newest: int) -> None:
         """Deliver the events after `newest` (those before are the table's to replay)."""
         self.last_id = newest
         self.recent.start(newest)
 
-    async def resume(self, cur: aiopg.Cursor) -> None:
-        """At each (re)connect of the listener: begin at the newest event, or deliver those missed."""
+    async def _resume(self, cur: aiopg.Cursor) -> None:
+        """Begin at the newest event, or deliver those missed while away."""
         if self.last_id is None:  # events from now on; replays read older ones from the table
             await cur.execute(NEWEST_EVENT.sql)
             newest = int((await cur.fetchone())[0])
@@ -4827,8 +4812,8 @@ class EventFeed:
                 while (self.last_id or 0) < event_id:
                     await self.moved.wait()
 
-    async def catch_up(self, cur: aiopg.Cursor, notices: Sequence[Any] = ()) -> None:
-        """Deliver every event after the last one delivered, in id order (`notices` say only "new rows")."""
+    async def catch_up(self, cur: aiopg.Cursor) -> None:
+        """Deliver every event after the last one delivered, in id order."""
         assert self.last_id is not None
         while True:
             await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
@@ -4848,10 +4833,28 @@ class EventFeed:
                 return
             await asyncio.sleep(0)  # let the streams' sockets send before the next batch
 
+    async def notify(self, revocation: Revocation) -> None:
+        """Tell the other processes; without PostgreSQL they learn it at their next renewal or reconnect."""
+        try:
+            await announce(self.engine, revocation)
+        except DatabaseUnavailable as exc:
+            log.warning("could not announce a revocation to other processes: %s", exc)
 
-# -- Revocations: the message Sessions sends and receives. Sessions owns them; the listener carries them.
+    async def _revoke(self, payloads: list[str]) -> None:
+        revocations = [revocation for revocation in map(Revocation.parse, payloads) if revocation is not None]
+        for revocation in revocations:  # the near cache forgets them all before an await lets a request in
+            self.owner.forget(revocation)
+        for revocation in revocations:
+            if revocation.reason is Ended.REVOKED and revocation.epoch is None:
+                self.recent.forget(revocation.user_id or 0)  # a deleted account: its events went with it
+            await self.owner.apply(revocation)
 
-ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
+    async def _reconcile(self, cur: aiopg.Cursor) -> None:
+        """Give Sessions the epochs now of the accounts it holds: a revocation may have passed unheard."""
+        held = self.owner.accounts()
+        if held:
+            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
+            await self.owner.reconcile(dict(await cur.fetchall()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4885,73 +4888,9 @@ class Revocation:
 
 
 async def announce(engine: aiopg.sa.Engine, revocation: Revocation) -> None:
-    """Send a revocation to every process's listener; DatabaseUnavailable without PostgreSQL."""
+    """Send a revocation to every process's bus; DatabaseUnavailable without PostgreSQL."""
     async with connection(engine) as conn:
         await conn.execute(PG_NOTIFY.sql, {"channel": REVOCATIONS_CHANNEL, "payload": revocation.payload()})
-
-
-class Revocations:
-    """Sessions' revocations between processes: `notify` sends one; those heard go to Sessions (forget, then
-    apply); `deleted` hears of each deleted account (its events went with it)."""
-
-    def __init__(self, engine: aiopg.sa.Engine, owner: Sessions, deleted: Callable[[int], None]) -> None:
-        self.engine, self.owner, self.deleted = engine, owner, deleted
-
-    async def notify(self, revocation: Revocation) -> None:
-        """Tell the other processes; without PostgreSQL they learn it at their next renewal or reconnect."""
-        try:
-            await announce(self.engine, revocation)
-        except DatabaseUnavailable as exc:
-            log.warning("could not announce a revocation to other processes: %s", exc)
-
-    async def receive(self, cur: aiopg.Cursor, notices: list[Any]) -> None:
-        parsed = (Revocation.parse(notice.payload) for notice in notices)
-        revocations = [revocation for revocation in parsed if revocation is not None]
-        for revocation in revocations:  # the near cache forgets them all before an await lets a request in
-            self.owner.forget(revocation)
-        for revocation in revocations:
-            if revocation.reason is Ended.REVOKED and revocation.epoch is None:
-                self.deleted(revocation.user_id or 0)
-            await self.owner.apply(revocation)
-
-    async def reconcile(self, cur: aiopg.Cursor) -> None:
-        """Give Sessions the epochs now of the accounts it holds: a revocation may have passed unheard."""
-        held = self.owner.accounts()
-        if held:
-            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
-            await self.owner.reconcile(dict(await cur.fetchall()))
-
-
-class Bus(EventFeed):
-    """The event feed on this process's listener, which carries Sessions' revocations and `channels` too
-    (what to do with each payload: after a batch's revocations, before its events)."""
-
-    def __init__(
-        self,
-        engine: aiopg.sa.Engine,
-        registry: StreamRegistry,
-        owner: Sessions,
-        retention: float = EventsConfig.retention,
-        metrics: Metrics | None = None,
-    ) -> None:
-        super().__init__(registry, retention, metrics)
-        self.listener = listener = Listener(engine)
-        self.revocations = Revocations(engine, owner, lambda user_id: self.recent.forget(user_id))
-        self.channels: dict[str, Callable[[str], None]] = {}
-        listener.receivers += [
-            ((REVOCATIONS_CHANNEL,), self.revocations.receive),
-            (self.channels, self.heard),
-            ((EVENTS_CHANNEL,), self.catch_up),
-        ]
-        listener.on_connect += [self.resume, self.revocations.reconcile]
-        listener.on_change = lambda: owner.forget(None)  # what it missed is unknown: the cache starts anew
-        self.on_connect, self.connected = listener.on_connect, listener.connected
-        self.run, self.hears_everything = listener.run, listener.hears_everything
-        self.notify = self.revocations.notify
-
-    async def heard(self, cur: aiopg.Cursor, notices: list[Any]) -> None:
-        for notice in notices:
-            self.channels[notice.channel](notice.payload)
 
 
 SESSION_STREAMS_WRITE = """
@@ -4979,10 +4918,12 @@ class StreamCounts:
     that count while their process's listening connection lives (README: Design, "Stream counts")."""
 
     def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus, shared: bool) -> None:
-        self._engine, self._registry, self._listener, self.shared = engine, registry, bus.listener, shared
+        self._engine, self._registry, self._bus, self.shared = engine, registry, bus, shared
         self.process = secrets.token_hex(8)
         self._changed: dict[str, int] = {}  # public id -> user id: sessions whose count changed here
         self._wake = asyncio.Event()
+        self._written: tuple[int, datetime.datetime] | None = None  # the bus connection our rows name
+        self._swept = -math.inf
         if shared:
             registry.on_change = self._note
 
@@ -5003,34 +4944,32 @@ class StreamCounts:
 
     async def run(self) -> None:
         """Write the counts that changed, as they change, until cancelled."""
-        written: tuple[int, datetime.datetime] | None = None  # the listening connection our rows name
-        swept = -math.inf
+        await keep_trying(
+            self._write, self._wake, STREAM_COUNTS_CHECK, "could not record this process's open streams",
+            "unexpected error recording this process's open streams",
+        )
+
+    async def _write(self) -> None:
+        backend = self._bus.backend
+        if backend is None or (backend == self._written and not self._changed):
+            return  # no bus connection (its rows are not counted anyway), or nothing new
+        rewrite = backend != self._written  # a new connection: every row of this process names it
+        changed = {s.public_id: s.account.user_id for s in self._registry} if rewrite else {}
+        changed, self._changed = changed | self._changed, {}
+        counts = [self._registry.streams_of(public_id, user_id) for public_id, user_id in changed.items()]
+        params: dict[str, Any] = {"public_ids": list(changed), "counts": counts, "all": rewrite}
+        params |= {"process": self.process, "pid": backend[0], "started": backend[1]}
         loop = asyncio.get_running_loop()
-        while True:
-            await woken(self._wake, STREAM_COUNTS_CHECK)
-            backend = self._listener.backend
-            if backend is None or (backend == written and not self._changed):
-                continue  # no listener (its rows are not counted anyway), or nothing new
-            rewrite = backend != written  # a new connection: every row of this process names it
-            changed = {s.public_id: s.account.user_id for s in self._registry} if rewrite else {}
-            changed, self._changed = changed | self._changed, {}
-            counts = [self._registry.streams_of(public_id, user_id) for public_id, user_id in changed.items()]
-            params: dict[str, Any] = {"public_ids": list(changed), "counts": counts, "all": rewrite}
-            params |= {"process": self.process, "pid": backend[0], "started": backend[1]}
-            try:
-                async with connection(self._engine) as conn:
-                    await conn.execute(SESSION_STREAMS_WRITE, params)
-                    if loop.time() - swept >= SWEEP_INTERVAL:
-                        await conn.execute(SESSION_STREAMS_SWEEP)
-                        swept = loop.time()
-            except Exception as exc:  # PostgreSQL away, or a bug: tried again at the next check
-                if isinstance(exc, DatabaseUnavailable):
-                    log.warning("could not record this process's open streams: %s", exc)
-                else:
-                    log.exception("unexpected error recording this process's open streams")
-                self._changed = changed | self._changed
-                continue
-            written = backend
+        try:
+            async with connection(self._engine) as conn:
+                await conn.execute(SESSION_STREAMS_WRITE, params)
+                if loop.time() - self._swept >= SWEEP_INTERVAL:
+                    await conn.execute(SESSION_STREAMS_SWEEP)
+                    self._swept = loop.time()
+        except BaseException:
+            self._changed = changed | self._changed
+            raise
+        self._written = backend
 
 
 MEMBERSHIPS = """SELECT topic, publisher FROM topic_members
@@ -5093,16 +5032,13 @@ class Topics:
             self._registry.end_membership(user_id, topic)
 
     async def check_memberships(self, cur: aiopg.Cursor) -> None:
-        """After the listener reconnects: end the members-only topics whose membership ended meanwhile."""
-        held = dict.fromkeys(
-            (s.account.user_id, t) for s in self._registry for t in s.topics if self.members_only(t)
-        )
+        """After the bus reconnects: end the members-only topics whose membership ended meanwhile."""
+        held = {(s.account.user_id, t) for s in self._registry for t in s.topics if self.members_only(t)}
         if held:
             await cur.execute(MEMBERSHIPS_OF, {"ids": sorted({user_id for user_id, _ in held})})
             rows = set(await cur.fetchall())
-            for user_id, topic in held:
-                if (user_id, topic) not in rows:
-                    self._registry.end_membership(user_id, topic)
+            for user_id, topic in sorted(held - rows):
+                self._registry.end_membership(user_id, topic)
 
     def publish_wait(self, user_id: int, now: float) -> float:
         """0 (and one publish counted), or the seconds until the next: a token bucket of publish_rate."""
@@ -5126,7 +5062,7 @@ PG_NOTIFY = CompiledQuery.of(sa.select(sa.func.pg_notify(sa.bindparam("channel")
 
 
 def backend_name(pid: int, started: datetime.datetime) -> str:
-    """A listening connection as presence names it: pid and backend_start, whatever the time zone."""
+    """A bus connection as presence names it: pid and backend_start, whatever the time zone."""
     return f"{pid}/{started.timestamp()}"
 
 
@@ -5151,24 +5087,23 @@ class Presence:
     def __init__(
         self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus
     ) -> None:
-        self._config, self._engine, self._registry, self._listener = config, engine, registry, bus.listener
+        self._config, self._engine, self._registry, self._bus = config, engine, registry, bus
         self.process = secrets.token_hex(8)
         self._mine: dict[tuple[str, int], list[Any]] = {}  # (topic, user id) -> [username, streams here]
         self._theirs: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}  # process -> the same
-        self._backends: dict[str, str] = {}  # process -> its listening connection, see backend_name
+        self._backends: dict[str, str] = {}  # process -> its bus connection, see backend_name
         self._totals: dict[str, dict[int, list[Any]]] = {}  # topic -> user id -> [username, streams]
         self._changed: dict[tuple[str, int], str] = {}  # (topic, user id) -> username: to announce
         self._leaving: dict[tuple[str, int], str] = {}  # whose last stream here closed in this batch
         self._outbox: list[tuple[str, str]] = []  # (channel, payload): answers to `who`
         self._wake = asyncio.Event()
+        self._checked = 0.0  # when gone processes were last looked for
         registry.on_topic = self._note
 
     def users(self, topic: str) -> list[dict[str, Any]]:
         """GET /topics/{topic}/presence's users: every user with a stream on it, in any process."""
-        return [
-            {"username": name, "streams": count}
-            for name, count in sorted(self._totals.get(topic, {}).values())
-        ]
+        found = sorted(self._totals.get(topic, {}).values())
+        return [{"username": name, "streams": count} for name, count in found]
 
     def _note(self, stream: Stream, topic: str, change: int) -> None:
         rule = self._config.rule(topic)
@@ -5238,7 +5173,7 @@ class Presence:
             log.warning("ignored a malformed notification on %s: %s", PRESENCE_CHANNEL, exc)
 
     async def connected(self, cur: aiopg.Cursor) -> None:
-        """The listener (re)connected: forget what others announced and ask them again; announce ours."""
+        """The bus (re)connected: forget what others announced and ask them again; announce ours."""
         for process in list(self._theirs):
             self._drop(process)
         self._changed |= {key: entry[0] for key, entry in self._mine.items()}
@@ -5247,32 +5182,29 @@ class Presence:
 
     async def run(self) -> None:
         """Announce this process's changes, answer `who`, and drop the processes that are gone."""
+        self._checked = asyncio.get_running_loop().time()
+        await keep_trying(
+            self._turn, self._wake, PRESENCE_CHECK, "could not share presence with other processes",
+            "unexpected error sharing presence",
+        )
+
+    async def _turn(self) -> None:
+        await asyncio.sleep(PRESENCE_BATCH)  # let more changes join this batch
+        leaving, self._leaving = self._leaving, {}
+        for key, username in leaving.items():
+            self._count(key, username, -1)
+        await self._send()
         loop = asyncio.get_running_loop()
-        checked = loop.time()
-        while True:
-            await woken(self._wake, PRESENCE_CHECK)
-            await asyncio.sleep(PRESENCE_BATCH)  # let more changes join this batch
-            leaving, self._leaving = self._leaving, {}
-            for key, username in leaving.items():
-                self._count(key, username, -1)
-            try:
-                await self._send()
-                if self._theirs and loop.time() - checked >= PRESENCE_CHECK:
-                    checked = loop.time()
-                    async with connection(self._engine) as conn:
-                        query = await conn.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
-                        alive = {backend_name(row[0], row[1]) for row in await query.fetchall()}
-                    for process in [p for p, backend in self._backends.items() if backend not in alive]:
-                        self._drop(process)
-            except Exception as exc:  # PostgreSQL away, or a bug: tried again at the next wake
-                if isinstance(exc, DatabaseUnavailable):
-                    log.warning("could not share presence with other processes: %s", exc)
-                else:
-                    log.exception("unexpected error sharing presence")
-                await asyncio.sleep(PRESENCE_CHECK)
+        if self._theirs and loop.time() - self._checked >= PRESENCE_CHECK:
+            self._checked = loop.time()
+            async with connection(self._engine) as conn:
+                query = await conn.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
+                alive = {backend_name(row[0], row[1]) for row in await query.fetchall()}
+            for process in [p for p, backend in self._backends.items() if backend not in alive]:
+                self._drop(process)
 
     async def _send(self) -> None:
-        backend = self._listener.backend
+        backend = self._bus.backend
         if backend is None or not (self._changed or self._outbox):
             return
         changed, self._changed = self._changed, {}
@@ -5303,22 +5235,17 @@ async def watch_streams(
             if stream.gone:
                 stream.end(Ended.GONE)
             elif stream.expires_at <= moment or now - stream.renewed >= config.sessions.idle_timeout / 3:
-                await renew(stream, store, clock)
+                try:
+                    session = await store.touch(stream.session_id)
+                except SessionStoreUnavailable:
+                    continue  # the store is away: try again at the next tick
+                stream.renewed = loop.time()
+                if session is not None:
+                    stream.expires_at = session.expires_at
+                else:
+                    stream.end(Ended.EXPIRED if stream.expires_at <= clock() else Ended.LOGOUT)
             elif not stream.websocket and now - stream.last_write >= config.events.heartbeat:
                 stream.heartbeat()
-
-
-async def renew(stream: Stream, store: Sessions, clock: Callable[[], float]) -> None:
-    """Renew the stream's session; end the stream if the session is gone."""
-    try:
-        session = await store.touch(stream.session_id)
-    except SessionStoreUnavailable:
-        return  # the store is away: try again at the next tick
-    stream.renewed = asyncio.get_running_loop().time()
-    if session is not None:
-        stream.expires_at = session.expires_at
-    else:
-        stream.end(Ended.EXPIRED if stream.expires_at <= clock() else Ended.LOGOUT)
 
 
 async def sweep_events_forever(engine: aiopg.sa.Engine, retention: float) -> None:
