@@ -4204,8 +4204,7 @@ class Encoded:
     topic: str | None = None  # a topic event: only for the streams subscribed to it
 
     @classmethod
-    def notice(cls, body: dict[str, str], topic: str | None = None) -> Encoded:
-        """A message of the stream itself: {"type": ..., ...}, no id."""
+    def notice(cls, body: dict[str, str], topic: str | None = None) -> Encoded:  # a stream's own: no id
         return cls.of(body["type"], json_text(body).rstrip("\n"), None, None, topic)
 
     @classmethod
@@ -4243,12 +4242,7 @@ SSE_HEARTBEAT = b":\n\n"  # a comment line: keeps proxies from closing an idle s
 WS_GOING_AWAY = 1001  # RFC 6455 close codes: the server is shutting down
 WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013  # too slow a reader (its unsent events passed events.max_buffer), or no database
-WS_CLOSE_CODES = {
-    Ended.SLOW: WS_TRY_AGAIN_LATER,
-    Ended.UNAVAILABLE: WS_TRY_AGAIN_LATER,
-    Ended.SHUTDOWN: WS_GOING_AWAY,
-    Ended.ERROR: WS_INTERNAL_ERROR,
-}
+WS_CLOSE_CODES = {Ended.SHUTDOWN: WS_GOING_AWAY, Ended.ERROR: WS_INTERNAL_ERROR}  # else WS_TRY_AGAIN_LATER
 
 
 def topic_notice(kind: str, topic: str, reason: str | None = None) -> Encoded:
@@ -4423,8 +4417,7 @@ class StreamRegistry:
             self._join(stream, topic, -1)
         return True
 
-    def _join(self, stream: Stream, topic: str, change: int) -> None:
-        """The stream joins (+1) or leaves (-1) the topic."""
+    def _join(self, stream: Stream, topic: str, change: int) -> None:  # joins (+1) or leaves (-1)
         if change > 0:
             self._by_topic.setdefault(topic, {})[stream] = None
         else:
@@ -4438,7 +4431,6 @@ class StreamRegistry:
             del index[key]
 
     def fan_out(self, event: Encoded) -> None:
-        """Write one event to every stream it is for: all of them, one user's, or one topic's."""
         if event.topic is not None:
             targets = self._by_topic.get(event.topic, {})
         else:
@@ -4501,7 +4493,6 @@ class RecentEvents:
             self.floor = newest
 
     def add(self, event: Encoded, created_at: float) -> None:
-        """The bus delivered `event`, the next in id order."""
         self._events.append((event, created_at))
         self._bytes += event.size
         while len(self._events) > self._most or self._bytes > self._most_bytes:
@@ -4562,19 +4553,14 @@ REPLAY_EVENTS = f"""SELECT {EVENT_COLUMNS} FROM events WHERE id > %(after)s AND 
 DROPPED_THROUGH = CompiledQuery("SELECT through FROM events_dropped")
 EVENT_ID_DRAWN = CompiledQuery("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_id_seq")
 NEWEST_EVENT = CompiledQuery("SELECT coalesce(max(id), 0) FROM events")
-SWEEP_EVENTS = """
-    WITH gone AS (
-        DELETE FROM events WHERE created_at < now() - make_interval(secs => %(retention)s) RETURNING id
-    )
+SWEEP_EVENTS = """WITH gone AS (
+    DELETE FROM events WHERE created_at < now() - make_interval(secs => %(retention)s) RETURNING id)
     UPDATE events_dropped SET through = greatest(through, (SELECT max(id) FROM gone))
-    WHERE EXISTS (SELECT FROM gone)
-"""
-PUBLISH_EVENT = """
-    INSERT INTO events (username, topic, sender, data)
+    WHERE EXISTS (SELECT FROM gone)"""
+PUBLISH_EVENT = """INSERT INTO events (username, topic, sender, data)
     SELECT %(username)s, %(topic)s, %(sender)s, %(data)s::jsonb
     WHERE %(username)s::text IS NULL OR EXISTS (SELECT FROM users WHERE username = %(username)s)
-    RETURNING id
-"""
+    RETURNING id"""
 JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # the escape \u0000, not an escaped backslash's "\\u0000"
 
 
@@ -4721,7 +4707,6 @@ class Bus:
         self.moved = asyncio.Event()  # set (and replaced) each time last_id moves on
 
     async def run(self) -> None:
-        """Listen until cancelled, reconnecting with exponential backoff and jitter."""
         delay = BUS_RETRY[0]
         while True:
             stop_if_cancelled()
@@ -4756,7 +4741,10 @@ class Bus:
             self._conn, self.listening = conn, True
             self.connected.set()
             while True:
-                notices = self._buffered_notices(conn) or [await conn.notifies.get()]
+                conn.raw.poll()  # notifications that came with a query's answer wait in libpq's buffer,
+                notices = list(conn.raw.notifies)  # where no readable socket wakes aiopg
+                conn.raw.notifies.clear()
+                notices = notices or [await conn.notifies.get()]
                 while not conn.notifies.empty():
                     notices.append(conn.notifies.get_nowait())
                 await self._revoke([n.payload for n in notices if n.channel == REVOCATIONS_CHANNEL])
@@ -4765,15 +4753,6 @@ class Bus:
                         self.channels[notice.channel](notice.payload)
                 if any(notice.channel == EVENTS_CHANNEL for notice in notices):
                     await self.catch_up(cur)
-
-    @staticmethod
-    def _buffered_notices(conn: aiopg.Connection) -> list[Any]:
-        """Notifications come with a query's answer, in libpq's buffer: no readable socket wakes aiopg."""
-        raw = conn.raw
-        raw.poll()
-        notices = list(raw.notifies)
-        raw.notifies.clear()
-        return notices
 
     def hears_everything(self) -> bool:
         """Whether every notification committed so far is heard and handled (a near cache may answer then)."""
@@ -4813,7 +4792,6 @@ class Bus:
                     await self.moved.wait()
 
     async def catch_up(self, cur: aiopg.Cursor) -> None:
-        """Deliver every event after the last one delivered, in id order."""
         assert self.last_id is not None
         while True:
             await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
@@ -4943,7 +4921,6 @@ class StreamCounts:
         return counts
 
     async def run(self) -> None:
-        """Write the counts that changed, as they change, until cancelled."""
         await keep_trying(
             self._write, self._wake, STREAM_COUNTS_CHECK, "could not record this process's open streams",
             "unexpected error recording this process's open streams",
@@ -5019,7 +4996,6 @@ class Topics:
                 self._registry.end_membership(user_id, topic)
 
     def membership_ended(self, payload: str) -> None:
-        """A notification on MEMBERSHIPS_CHANNEL: {"user_id", "topic"}."""
         try:
             message = json.loads(payload)
             user_id, topic = int(message["user_id"]), str(message["topic"])
@@ -5097,7 +5073,7 @@ class Presence:
         self._leaving: dict[tuple[str, int], str] = {}  # whose last stream here closed in this batch
         self._outbox: list[tuple[str, str]] = []  # (channel, payload): answers to `who`
         self._wake = asyncio.Event()
-        self._checked = 0.0  # when gone processes were last looked for
+        self._checked = -math.inf  # when gone processes were last looked for
         registry.on_topic = self._note
 
     def users(self, topic: str) -> list[dict[str, Any]]:
@@ -5138,7 +5114,6 @@ class Presence:
             self._registry.fan_out(Encoded.notice(body, topic=topic))
 
     def _drop(self, process: str) -> None:
-        """A process is gone: its users leave (where it held their last stream)."""
         for key, (username, streams) in self._theirs.pop(process, {}).items():
             self._count(key, username, -streams)
         self._backends.pop(process, None)
@@ -5182,7 +5157,6 @@ class Presence:
 
     async def run(self) -> None:
         """Announce this process's changes, answer `who`, and drop the processes that are gone."""
-        self._checked = asyncio.get_running_loop().time()
         await keep_trying(
             self._turn, self._wake, PRESENCE_CHECK, "could not share presence with other processes",
             "unexpected error sharing presence",
@@ -5193,32 +5167,27 @@ class Presence:
         leaving, self._leaving = self._leaving, {}
         for key, username in leaving.items():
             self._count(key, username, -1)
-        await self._send()
-        loop = asyncio.get_running_loop()
+        backend, loop = self._bus.backend, asyncio.get_running_loop()
+        if backend is not None and (self._changed or self._outbox):
+            changed, self._changed = self._changed, {}
+            items = [[t, u, name, self._mine.get((t, u), (name, 0))[1]] for (t, u), name in changed.items()]
+            head = {"process": self.process, "backend": backend_name(*backend)}
+            payloads = [(PRESENCE_CHANNEL, p) for p in notify_chunks(head, items)] if items else []
+            payloads, self._outbox = payloads + self._outbox, []
+            try:
+                async with connection(self._engine) as conn:
+                    for channel, payload in payloads:
+                        await conn.execute(PG_NOTIFY.sql, {"channel": channel, "payload": payload})
+            except BaseException:
+                self._changed = changed | self._changed
+                raise
         if self._theirs and loop.time() - self._checked >= PRESENCE_CHECK:
             self._checked = loop.time()
             async with connection(self._engine) as conn:
                 query = await conn.execute(BUS_BACKENDS, {"name": BUS_APPLICATION_NAME})
                 alive = {backend_name(row[0], row[1]) for row in await query.fetchall()}
-            for process in [p for p, backend in self._backends.items() if backend not in alive]:
+            for process in [p for p, name in self._backends.items() if name not in alive]:
                 self._drop(process)
-
-    async def _send(self) -> None:
-        backend = self._bus.backend
-        if backend is None or not (self._changed or self._outbox):
-            return
-        changed, self._changed = self._changed, {}
-        items = [[t, u, name, self._mine.get((t, u), (name, 0))[1]] for (t, u), name in changed.items()]
-        head = {"process": self.process, "backend": backend_name(*backend)}
-        payloads = [(PRESENCE_CHANNEL, p) for p in notify_chunks(head, items)] if items else []
-        payloads, self._outbox = payloads + self._outbox, []
-        try:
-            async with connection(self._engine) as conn:
-                for channel, payload in payloads:
-                    await conn.execute(PG_NOTIFY.sql, {"channel": channel, "payload": payload})
-        except BaseException:
-            self._changed = changed | self._changed
-            raise
 
 
 async def watch_streams(
