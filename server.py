@@ -98,6 +98,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
@@ -141,7 +142,7 @@ class WebServer:
     async def initializer(self) -> web.Application:
         app = web.Application(
             client_max_size=MAX_BODY_BYTES,
-            middlewares=[metrics_middleware, error_middleware, preflight_middleware],
+            middlewares=[contract_middleware, preflight_middleware],
         )
         asyncio.get_running_loop().set_exception_handler(ServingLoopErrors())
         app.on_response_prepare.append(response_headers)
@@ -883,7 +884,7 @@ def check_declared_body(request: web.Request) -> int:
         raise refusal("unsupported_transfer_encoding")
     coding = request.headers.get("Content-Encoding", "identity").strip()
     if not coding.isascii() or coding.lower() not in CONTENT_CODINGS:
-        raise json_error(web.HTTPUnsupportedMediaType, *UNSUPPORTED_CODING)
+        raise json_error(web.HTTPUnsupportedMediaType, *FRAMEWORK_ERRORS[415])
     return limit
 
 
@@ -1039,59 +1040,39 @@ RETRY_AFTER_SECONDS = "5"
 
 
 @web.middleware
-async def metrics_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Time every answer by its route's pattern; an event stream (answered as it ran) is not timed."""
+async def contract_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as the contract's JSON (framework errors, an unreachable database, bugs), and
+    every answer is timed by its route's pattern; an event stream (answered as it ran) is not timed."""
     started = time.perf_counter()
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        request.app[metrics].observe_request(request, exc.status, time.perf_counter() - started)
-        raise
-    if not response.prepared:
-        request.app[metrics].observe_request(request, response.status, time.perf_counter() - started)
-    return response
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as the contract's JSON: framework errors, an unreachable database, bugs."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json" or exc.status not in FRAMEWORK_ERRORS:
-            raise
-        # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
-        code, message = FRAMEWORK_ERRORS[exc.status]
-        exc.text = error_body(code, message)
-        exc.content_type = "application/json"
-        raise
+        if exc.content_type != "application/json" and exc.status in FRAMEWORK_ERRORS:
+            # Keep aiohttp's own exception (a 405 carries its Allow header) and give it our JSON body.
+            exc.text = error_body(*FRAMEWORK_ERRORS[exc.status])
+            exc.content_type = "application/json"
+        failure = exc
     except (SessionStoreUnavailable, DatabaseUnavailable) as exc:
         code, message = next(answer for kind, answer in UNAVAILABLE.items() if isinstance(exc, kind))
         log.warning("%s: %s", code, exc)
-        raise json_error(
-            web.HTTPServiceUnavailable, code, message, {"Retry-After": RETRY_AFTER_SECONDS}
-        ) from None
+        failure = json_error(web.HTTPServiceUnavailable, code, message, {"Retry-After": RETRY_AFTER_SECONDS})
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        raise json_error(web.HTTPInternalServerError, *FRAMEWORK_ERRORS[500]) from None
+        failure = json_error(web.HTTPInternalServerError, *FRAMEWORK_ERRORS[500])
+    else:
+        if not response.prepared:
+            request.app[metrics].observe_request(request, response.status, time.perf_counter() - started)
+        return response
+    request.app[metrics].observe_request(request, failure.status, time.perf_counter() - started)
+    raise failure from None
 
 
 @web.middleware
-async def preflight_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def preflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A CORS preflight from a page of webserver.origins: the path's methods; else 403 forbidden_origin."""
     refusal = request.match_info.http_exception
-    if (
-        request.method != "OPTIONS"
-        or "Access-Control-Request-Method" not in request.headers
-        or "Origin" not in request.headers
-        or not isinstance(refusal, web.HTTPMethodNotAllowed)
-    ):
+    preflight = "Access-Control-Request-Method" in request.headers and "Origin" in request.headers
+    if request.method != "OPTIONS" or not preflight or not isinstance(refusal, web.HTTPMethodNotAllowed):
         return await handler(request)
     key = origin_key(request.headers["Origin"].strip())
     if key is None or key not in request.app[config_key].origins:
@@ -1119,8 +1100,7 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
 
 
 class ClientErrorsInOneLine(logging.Filter):
-    """aiohttp's log: what its HTTP parser refuses, or a body that does not decode, is the client's
-    mistake: one warning line, not a traceback."""
+    """aiohttp's log: a request its parser refuses, or a body that does not decode, is one warning line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -1138,20 +1118,17 @@ class JsonErrorRequestHandler(RequestHandler):
     __slots__ = ()
 
     def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; refuses once an answer has begun
         # At parse time a content coding error means one this aiohttp cannot decode (br, zstd).
-        if isinstance(exc, ContentEncodingError):
-            status, (code, text) = 415, UNSUPPORTED_CODING
-        else:
-            code, text = framework_error(status)
-        response = web.Response(status=status, text=error_body(code, text))
-        response.content_type = "application/json"
+        status = 415 if isinstance(exc, ContentEncodingError) else status
+        if status in FRAMEWORK_ERRORS:
+            code, text = FRAMEWORK_ERRORS[status]
+        else:  # a status outside the table is named after its phrase
+            phrase = HTTPStatus(status)
+            code, text = phrase.phrase.lower().replace(" ", "_").replace("-", "_"), f"{phrase.description}."
+        response = web.Response(status=status, text=error_body(code, text), content_type="application/json")
         response.headers["Server"] = SERVER_HEADER  # no application here: response_headers does not run
         response.force_close()
         return response
@@ -1189,19 +1166,15 @@ class JsonErrorRunner(web.AppRunner):
 # Serving: sockets, signals, the event loop, background tasks
 # ---------------------------------------------------------------------------
 
-
 KEEPALIVE_TIMEOUT = 15.0  # seconds before an idle (or silent) connection is closed
 STOP_RETRY = 0.5  # seconds between cancellations of a background task that has not stopped
 FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" lines
-# Connections the kernel queues before the server accepts them (at most net.core.somaxconn):
-# a reconnect storm of thousands of event streams overflows a short queue.
-LISTEN_BACKLOG = 4096
+LISTEN_BACKLOG = 4096  # connections queued before accept (at most net.core.somaxconn): reconnect storms
 GC_THRESHOLDS = (50_000, 20, 10)  # CPython's (700, 10, 10) suit short scripts (README, "Design")
 
 
 class ServingLoopErrors:
-    """The serving loop's exception handler: out of file descriptors, one line every
-    FD_LOG_INTERVAL seconds with a count, not a traceback per refused accept."""
+    """The loop's exception handler: out of file descriptors is a line every FD_LOG_INTERVAL seconds."""
 
     def __init__(self) -> None:
         self.logged_at, self.refused = -math.inf, 0
@@ -1225,14 +1198,13 @@ class ServingLoopErrors:
 def raise_open_files_limit() -> None:
     """Raise the open-files limit to the hard limit: each open stream holds a file descriptor."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
-        return
-    log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+        else:
+            log.info("open-files limit raised from %d to %s", soft, "unlimited" if hard < 0 else hard)
 
 
 def tune_garbage_collector() -> None:
@@ -1265,28 +1237,23 @@ def listening_sockets(host: str, port: int, reuse_port: bool = False) -> list[so
         raise StartupError(f"cannot listen on host '{host}': it does not resolve ({reason})") from None
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys(addresses):
-            sock = socket.socket(family, kind, proto)
+        for family, _, _, _, address in dict.fromkeys(addresses):
+            # SO_REUSEADDR, and IPV6_V6ONLY on IPv6: an IPv4 address binds the same port too.
+            where = (address[0], port, *address[2:])
+            sock = socket.create_server(where, family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address[0], port, *address[2:]))
             port = sock.getsockname()[1]
-            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        cause = os.strerror(exc.errno) if exc.errno else exc  # not create_server's "(while attempting ...)"
+        raise StartupError(f"cannot listen on {host}:{port}: {cause}") from None
     return sockets
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: client, method, path (no query), status, time; never a header. The
-    client is the address the throttle and the sessions list see (behind trusted proxies too)."""
+    """One line per request: client (as the throttle sees it), method, path (no query), status, time."""
 
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
@@ -1296,10 +1263,8 @@ class AccessLogger(AbstractAccessLogger):
         return type(cls.__name__, (cls,), {"trusted_proxies": trusted_proxies})
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        client = client_address(request, self.trusted_proxies)
-        self.logger.info(
-            "%s %s %s %d %.1fms", client, request.method, request.path, response.status, time * 1000
-        )
+        client, took = client_address(request, self.trusted_proxies), time * 1000
+        self.logger.info("%s %s %s %d %.1fms", client, request.method, request.path, response.status, took)
 
 
 async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
@@ -1753,16 +1718,9 @@ class SessionStoreUnavailable(Exception):
     """The shared session store (PostgreSQL or Redis) cannot be reached."""
 
 
-class DatabaseRefused(Exception):
-    """PostgreSQL answered but refused us (no such database, wrong role or password): waiting won't help."""
-
-
-class TablesOutdated(Exception):
-    """A table exists without the columns the server needs; the message names it, and the fix."""
-
-
 class StartupError(Exception):
-    """The server cannot start serving (a port in use, a host that does not resolve)."""
+    """Serving or a command cannot start, and waiting won't help: a port in use, a host that does not
+    resolve, PostgreSQL refusing us, a table without the columns we query. The message names the fix."""
 
 
 class UserExists(Exception):
@@ -1808,20 +1766,12 @@ FRAMEWORK_ERRORS = {
     404: ("not_found", "There is nothing at this path."),
     405: ("method_not_allowed", "This path does not accept this method."),
     413: ("body_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."),
+    415: (
+        "unsupported_content_encoding",
+        f"The Content-Encoding must be one of: {', '.join(CONTENT_CODINGS)}.",
+    ),
     500: ("internal_error", "An unexpected error occurred."),
 }
-UNSUPPORTED_CODING = (
-    "unsupported_content_encoding",
-    f"The Content-Encoding must be one of: {', '.join(CONTENT_CODINGS)}.",
-)
-
-
-def framework_error(status: int) -> tuple[str, str]:
-    """Code and message for a status aiohttp chose; one outside the table is named after its phrase."""
-    if status in FRAMEWORK_ERRORS:
-        return FRAMEWORK_ERRORS[status]
-    phrase = HTTPStatus(status)
-    return phrase.phrase.lower().replace(" ", "_").replace("-", "_"), f"{phrase.description}."
 
 
 # ---------------------------------------------------------------------------
@@ -2035,7 +1985,7 @@ async def connect_with_retry(
                 return await new_engine(dsn, durable, pool_size, minsize=1)
         except DatabaseUnavailable as exc:
             if any(reason in str(exc.__cause__) for reason in REFUSALS):
-                raise DatabaseRefused(f"{describe_database(dsn)} refused the connection: {exc}") from None
+                raise StartupError(f"{describe_database(dsn)} refused the connection: {exc}") from None
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 raise DatabaseUnavailable(f"PostgreSQL unreachable after {wait:.0f} s: {exc}") from None
@@ -2097,7 +2047,7 @@ async def table_columns(conn: aiopg.sa.SAConnection, table: str) -> set[str]:
 
 
 async def check_tables(conn: aiopg.sa.SAConnection) -> None:
-    """Raise TablesOutdated unless every table of ours that exists has the columns we query."""
+    """Raise StartupError unless every table of ours that exists has the columns we query."""
     for table in metadata.sorted_tables:
         columns = await table_columns(conn, table.name)
         needed = [column for column in table.columns if not column.info.get("added_by_schema_sql")]
@@ -2105,11 +2055,11 @@ async def check_tables(conn: aiopg.sa.SAConnection) -> None:
         if not columns or not missing:
             continue
         if table is users and columns >= ARTICLE_USERS_COLUMNS:
-            raise TablesOutdated(
+            raise StartupError(
                 "table 'users' holds plain-text passwords (the article's table);"
                 " convert it with: python server.py migrate"
             )
-        raise TablesOutdated(
+        raise StartupError(
             f"table '{table.name}' lacks the column(s) {', '.join(missing)} that this server needs;"
             " rename or drop it (its definition is in schema.sql)"
         )
@@ -2664,8 +2614,7 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
 
 MIN_PASSWORD_CHARS = 8  # for new passwords (NIST SP 800-63B); logins check no minimum
 NFC_SALT_BYTES = 24  # the salt length that marks a hash made of a password's NFC form (argon2's default: 16)
-# Unicode categories no username may contain: controls (newline, ESC), format characters
-# (zero-width, direction and tag characters), line and paragraph separators.
+# No username may hold controls (newline, ESC), format characters (zero-width, direction), line separators.
 FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 UNREADABLE_HASH = "a stored password hash could not be read; treating it as a mismatch"
 
@@ -2695,8 +2644,7 @@ def check_credential(value: Any, name: str) -> str:
 
 
 def parse_username(value: Any) -> str:
-    """A username as stored and compared, in NFC, with no control or format characters and no
-    space at either end, so it cannot forge a log line or pass for another name."""
+    """A username as stored: NFC, no control or format character, no space at either end (no forged logs)."""
     name = nfc(check_credential(value, "username"))
     if any(unicodedata.category(char) in FORBIDDEN_NAME_CATEGORIES for char in name):
         raise ValueError("'username' must not contain control or format characters")
@@ -2718,11 +2666,6 @@ def _lower_thread_priority() -> None:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity where the OS has one (Linux), else all."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class Verdict(enum.Enum):
     """What verifying a password found."""
 
@@ -2730,30 +2673,19 @@ class Verdict(enum.Enum):
     RIGHT = "right"
     RIGHT_OUTDATED = "right, but the hash should be made again"  # older parameters or form
 
-    def __bool__(self) -> bool:
-        return self is not Verdict.WRONG
-
 
 class Passwords:
-    """argon2id of the NFC form, on a thread pool of its own. A login costs one verification at today's
-    parameters whatever is stored (OWASP Authentication Cheat Sheet): no user or no hash verifies a
-    dummy, a cheaper hash is padded; older forms keep verifying (README, "argon2id on a thread pool")."""
+    """argon2id of the NFC form on a thread pool of its own; a login costs one verification at today's
+    parameters whatever is stored (OWASP Authentication Cheat Sheet; README, "argon2id on a thread pool")."""
 
     def __init__(self, config: PasswordConfig) -> None:
-        self._hasher = argon2.PasswordHasher(
-            time_cost=config.time_cost,
-            memory_cost=config.memory_cost,
-            parallelism=config.parallelism,
-            type=argon2.Type.ID,
-            salt_len=NFC_SALT_BYTES,
-        )
+        costs = config.time_cost, config.memory_cost, config.parallelism
+        self._hasher = argon2.PasswordHasher(*costs, salt_len=NFC_SALT_BYTES)  # argon2id: its default type
         self._config = config
         self._pads: dict[int, str] = {}  # dummy hashes at today's memory, by their passes (time_cost)
-        self._executor = ThreadPoolExecutor(
-            max_workers=config.threads or usable_cpus(),
-            thread_name_prefix="argon2",
-            initializer=_lower_thread_priority,
-        )
+        # By default one thread for each CPU this process may run on (its affinity, where the OS has one).
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._executor = ThreadPoolExecutor(config.threads or cpus, "argon2", _lower_thread_priority)
         # Verified against when the user is unknown, so that costs what a wrong password costs.
         try:
             self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
@@ -2772,7 +2704,11 @@ class Passwords:
 
     def _verify(self, stored_hash: str | None, password: str) -> Verdict:
         normal = nfc(password)
-        stored = self._parameters(stored_hash)
+        try:
+            stored = None if stored_hash is None else argon2.extract_parameters(stored_hash)
+        except (argon2.exceptions.InvalidHashError, ValueError):  # not even ASCII
+            log.warning(UNREADABLE_HASH)
+            stored = None
         if stored_hash is None or stored is None:  # no user, or no hash: what a wrong password costs
             self._matches(self._dummy_hash, normal)
             return Verdict.WRONG
@@ -2786,14 +2722,6 @@ class Passwords:
                 return Verdict.RIGHT if current and form is normal else Verdict.RIGHT_OUTDATED
         return Verdict.WRONG
 
-    @staticmethod
-    def _parameters(stored_hash: str | None) -> argon2.Parameters | None:
-        try:
-            return None if stored_hash is None else argon2.extract_parameters(stored_hash)
-        except (argon2.exceptions.InvalidHashError, ValueError):  # not even ASCII
-            log.warning(UNREADABLE_HASH)
-            return None
-
     def _pad(self, stored: argon2.Parameters, verifications: int, password: str) -> None:
         """Spend the passes over today's memory that `verifications` of a cheaper hash fall short of."""
         today = self._config.time_cost * self._config.memory_cost
@@ -2801,10 +2729,7 @@ class Passwords:
         passes = round((today - spent) / self._config.memory_cost)
         if passes >= 1:
             if passes not in self._pads:
-                today_but_passes = dataclasses.replace(
-                    argon2.extract_parameters(self._dummy_hash), time_cost=passes
-                )
-                hasher = argon2.PasswordHasher.from_parameters(today_but_passes)
+                hasher = argon2.PasswordHasher(passes, self._config.memory_cost, self._config.parallelism)
                 self._pads[passes] = hasher.hash(secrets.token_urlsafe(16))
             self._matches(self._pads[passes], password)
 
@@ -5318,8 +5243,7 @@ WHO_WAIT = 3.0  # seconds the who command waits for every server process to answ
 MIGRATE_BATCH = 250  # passwords hashed (and rows written) at a time; a progress line after each
 SERVE_OPTIONS = ("host", "port", "workers")  # serving's options; given with a command they are refused
 # Failures a user can fix: each is printed as one line, exit 1, never a traceback.
-STARTUP_FAILURES: tuple[type[Exception], ...] = (ConfigError, CommandError, StartupError, TablesOutdated)
-STARTUP_FAILURES += (DatabaseUnavailable, DatabaseRefused, UserExists, UserNotFound)
+STARTUP_FAILURES = (ConfigError, CommandError, StartupError, DatabaseUnavailable, UserExists, UserNotFound)
 Command: TypeAlias = Callable[[Config, argparse.Namespace], Coroutine[Any, Any, str | None]]
 
 
