@@ -5210,20 +5210,16 @@ class Metrics:
 
     def exposition(self, live_sessions: int | None, events_published: int | None) -> tuple[bytes, str]:
         """A scrape's text and Content-Type: every worker's values, and the two read now (None: left out)."""
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, multiprocess
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        registry = CollectorRegistry() if self.multiprocess else self.registry
-        if self.multiprocess:
-            multiprocess.MultiProcessCollector(registry)
+        source = multiprocess.MultiProcessCollector(None) if self.multiprocess else self.registry
         now = [
             GaugeMetricFamily(f"{METRICS_NAMESPACE}_sessions_live", "Live sessions.", live_sessions),
             CounterMetricFamily(f"{METRICS_NAMESPACE}_events_published", EVENTS_PUBLISHED, events_published),
         ]
         self.read_now = [metric for metric in now if metric.samples]  # a value None is left out
-        scraped = CollectorRegistry()
-        scraped.register(self)
-        return generate_latest(registry) + generate_latest(scraped), CONTENT_TYPE_LATEST
+        return generate_latest(source) + generate_latest(self), CONTENT_TYPE_LATEST
 
     def collect(self) -> list[prometheus_client.Metric]:
         """The values read for the scrape under way (a collector of prometheus-client's)."""
