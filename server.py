@@ -4204,8 +4204,10 @@ class Stream:
 
     def send(self, event: Encoded) -> bool:
         """Deliver a live event: whether it was written now (not held back while replaying, nor refused)."""
-        if self.backlog is None or self.ended.done():
-            return self.write(event)  # an ended stream writes nothing
+        if self.ended.done():
+            return False
+        if self.backlog is None:
+            return self.write(event)
         self.backlog.append(event)
         self.backlog_bytes += len(event.sse)
         if self.backlog_bytes > self.max_buffer:
@@ -4602,36 +4604,30 @@ async def keep_trying(
         await asyncio.sleep(every)
 
 
+# A listener's receiver: given its cursor and a batch of notifications (.channel, .payload) in order.
+Receive: TypeAlias = Callable[[aiopg.Cursor, list[Any]], Awaitable[None]]
 # The listening connection's backend, which names this process (keepalives: a host that vanished).
 BUS_BACKEND = """
     SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
     SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
 """
-ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 
 
-class Bus:
-    """This process's one PostgreSQL connection that LISTENs (reconnecting with backoff) and what it
-    carries: each new row of `events`, delivered once and in id order to this process's streams (recent
-    ones kept); Sessions' revocations; and `channels` (what to do with each payload). A batch of
-    notifications goes to the revocations, the channels, then the events (README: Design, "Live events")."""
+class Listener:
+    """This process's one PostgreSQL connection that LISTENs, reconnecting with backoff; knows no message."""
 
-    def __init__(
-        self, engine: aiopg.sa.Engine, registry: StreamRegistry, owner: Sessions,
-        retention: float = EventsConfig.retention, metrics: Metrics | None = None,
-    ) -> None:
-        self.engine, self.registry, self.owner, self.metrics = engine, registry, owner, metrics
-        self.channels: dict[str, Callable[[str], None]] = {}
-        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []  # after the bus's own, in order
+    def __init__(self, engine: aiopg.sa.Engine) -> None:
+        self.engine = engine
+        self.receivers: list[tuple[Collection[str], Receive]] = []  # each batch goes to them in this order
+        self.on_connect: list[Callable[[aiopg.Cursor], Awaitable[None]]] = []  # at each (re)connect, in order
+        self.on_change: Callable[[], None] = lambda: None  # as listening stops, and as it starts again
         self.listening = False  # notifications arrive now
         self.connected = asyncio.Event()  # set once the first LISTEN is in place
         self.backend: tuple[int, datetime.datetime] | None = None  # (pid, backend_start) while connected
         self._conn: aiopg.Connection | None = None  # the listening connection, while it is open
-        self.last_id: int | None = None  # the newest event delivered
-        self.recent = RecentEvents(retention)
-        self.moved = asyncio.Event()  # set (and replaced) each time last_id moves on
 
     async def run(self) -> None:
+        """Listen until cancelled, reconnecting with exponential backoff and jitter."""
         delay = BUS_RETRY[0]
         while True:
             stop_if_cancelled()
@@ -4649,20 +4645,20 @@ class Bus:
             except Exception:  # a bug must not leave the process deaf: log it, then reconnect
                 log.exception("unexpected error on the PostgreSQL bus; reconnecting")
             self.listening, self.backend, self._conn = False, None, None
-            self.owner.forget(None)  # what it missed is unknown: the near cache starts anew
+            self.on_change()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BUS_RETRY[1])
 
     async def _listen(self, conn: aiopg.Connection) -> None:
         async with conn.cursor() as cur:
-            channels = [REVOCATIONS_CHANNEL, *self.channels, EVENTS_CHANNEL]
+            channels = dict.fromkeys(channel for names, _ in self.receivers for channel in names)
             await cur.execute("; ".join(f"LISTEN {channel}" for channel in channels))
             await cur.execute(BUS_BACKEND)
             pid, started = await cur.fetchone()
             self.backend = (int(pid), started)
-            for hook in [self._resume, self._reconcile, *self.on_connect]:
+            for hook in self.on_connect:
                 await hook(cur)
-            self.owner.forget(None)
+            self.on_change()
             self._conn, self.listening = conn, True
             self.connected.set()
             while True:
@@ -4672,12 +4668,10 @@ class Bus:
                 notices = notices or [await conn.notifies.get()]
                 while not conn.notifies.empty():
                     notices.append(conn.notifies.get_nowait())
-                await self._revoke([n.payload for n in notices if n.channel == REVOCATIONS_CHANNEL])
-                for notice in notices:
-                    if notice.channel in self.channels:
-                        self.channels[notice.channel](notice.payload)
-                if any(notice.channel == EVENTS_CHANNEL for notice in notices):
-                    await self.catch_up(cur)
+                for names, receive in self.receivers:
+                    batch = [notice for notice in notices if notice.channel in names]
+                    if batch:
+                        await receive(cur, batch)
 
     def hears_everything(self) -> bool:
         """Whether every notification committed so far is heard and handled (a near cache may answer then)."""
@@ -4687,13 +4681,23 @@ class Bus:
         readable, _, _ = select.select([conn.raw.fileno()], [], [], 0)
         return not readable
 
+
+class EventFeed:
+    """Delivers each new row of `events` once, in id order, to this process's streams; keeps recent ones."""
+
+    def __init__(self, registry: StreamRegistry, retention: float, metrics: Metrics | None = None) -> None:
+        self.registry, self.metrics = registry, metrics
+        self.last_id: int | None = None
+        self.recent = RecentEvents(retention)
+        self.moved = asyncio.Event()  # set (and replaced) each time last_id moves on
+
     def start_from(self, newest: int) -> None:
         """Deliver the events after `newest` (those before are the table's to replay)."""
         self.last_id = newest
         self.recent.start(newest)
 
-    async def _resume(self, cur: aiopg.Cursor) -> None:
-        """Begin at the newest event, or deliver those missed while away."""
+    async def resume(self, cur: aiopg.Cursor) -> None:
+        """At each (re)connect of the listener: begin at the newest event, or deliver those missed."""
         if self.last_id is None:  # events from now on; replays read older ones from the table
             await cur.execute(NEWEST_EVENT.sql)
             newest = int((await cur.fetchone())[0])
@@ -4716,7 +4720,8 @@ class Bus:
                 while (self.last_id or 0) < event_id:
                     await self.moved.wait()
 
-    async def catch_up(self, cur: aiopg.Cursor) -> None:
+    async def catch_up(self, cur: aiopg.Cursor, notices: Sequence[Any] = ()) -> None:
+        """Deliver every event after the last one delivered, in id order (`notices` say only "new rows")."""
         assert self.last_id is not None
         while True:
             await cur.execute(NEW_EVENTS, {"after": self.last_id, "limit": EVENT_BATCH})
@@ -4736,28 +4741,10 @@ class Bus:
                 return
             await asyncio.sleep(0)  # let the streams' sockets send before the next batch
 
-    async def notify(self, revocation: Revocation) -> None:
-        """Tell the other processes; without PostgreSQL they learn it at their next renewal or reconnect."""
-        try:
-            await announce(self.engine, revocation)
-        except DatabaseUnavailable as exc:
-            log.warning("could not announce a revocation to other processes: %s", exc)
 
-    async def _revoke(self, payloads: list[str]) -> None:
-        revocations = [revocation for revocation in map(Revocation.parse, payloads) if revocation is not None]
-        for revocation in revocations:  # the near cache forgets them all before an await lets a request in
-            self.owner.forget(revocation)
-        for revocation in revocations:
-            if revocation.reason is Ended.REVOKED and revocation.epoch is None:
-                self.recent.forget(revocation.user_id or 0)  # a deleted account: its events went with it
-            await self.owner.apply(revocation)
+# -- Revocations: the message Sessions sends and receives. Sessions owns them; the listener carries them.
 
-    async def _reconcile(self, cur: aiopg.Cursor) -> None:
-        """Give Sessions the epochs now of the accounts it holds: a revocation may have passed unheard."""
-        held = self.owner.accounts()
-        if held:
-            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
-            await self.owner.reconcile(dict(await cur.fetchall()))
+ACCOUNT_EPOCHS = "SELECT id, session_epoch FROM users WHERE id = ANY(%(ids)s)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4791,9 +4778,73 @@ class Revocation:
 
 
 async def announce(engine: aiopg.sa.Engine, revocation: Revocation) -> None:
-    """Send a revocation to every process's bus; DatabaseUnavailable without PostgreSQL."""
+    """Send a revocation to every process's listener; DatabaseUnavailable without PostgreSQL."""
     async with connection(engine) as conn:
         await conn.execute(PG_NOTIFY.sql, {"channel": REVOCATIONS_CHANNEL, "payload": revocation.payload()})
+
+
+class Revocations:
+    """Sessions' revocations between processes: `notify` sends one; those heard go to Sessions (forget, then
+    apply); `deleted` hears of each deleted account (its events went with it)."""
+
+    def __init__(self, engine: aiopg.sa.Engine, owner: Sessions, deleted: Callable[[int], None]) -> None:
+        self.engine, self.owner, self.deleted = engine, owner, deleted
+
+    async def notify(self, revocation: Revocation) -> None:
+        """Tell the other processes; without PostgreSQL they learn it at their next renewal or reconnect."""
+        try:
+            await announce(self.engine, revocation)
+        except DatabaseUnavailable as exc:
+            log.warning("could not announce a revocation to other processes: %s", exc)
+
+    async def receive(self, cur: aiopg.Cursor, notices: list[Any]) -> None:
+        parsed = (Revocation.parse(notice.payload) for notice in notices)
+        revocations = [revocation for revocation in parsed if revocation is not None]
+        for revocation in revocations:  # the near cache forgets them all before an await lets a request in
+            self.owner.forget(revocation)
+        for revocation in revocations:
+            if revocation.reason is Ended.REVOKED and revocation.epoch is None:
+                self.deleted(revocation.user_id or 0)
+            await self.owner.apply(revocation)
+
+    async def reconcile(self, cur: aiopg.Cursor) -> None:
+        """Give Sessions the epochs now of the accounts it holds: a revocation may have passed unheard."""
+        held = self.owner.accounts()
+        if held:
+            await cur.execute(ACCOUNT_EPOCHS, {"ids": sorted({account.user_id for account in held})})
+            await self.owner.reconcile(dict(await cur.fetchall()))
+
+
+class Bus(EventFeed):
+    """The event feed on this process's listener, which carries Sessions' revocations and `channels` too
+    (what to do with each payload: after a batch's revocations, before its events)."""
+
+    def __init__(
+        self,
+        engine: aiopg.sa.Engine,
+        registry: StreamRegistry,
+        owner: Sessions,
+        retention: float = EventsConfig.retention,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(registry, retention, metrics)
+        self.listener = listener = Listener(engine)
+        self.revocations = Revocations(engine, owner, lambda user_id: self.recent.forget(user_id))
+        self.channels: dict[str, Callable[[str], None]] = {}
+        listener.receivers += [
+            ((REVOCATIONS_CHANNEL,), self.revocations.receive),
+            (self.channels, self.heard),
+            ((EVENTS_CHANNEL,), self.catch_up),
+        ]
+        listener.on_connect += [self.resume, self.revocations.reconcile]
+        listener.on_change = lambda: owner.forget(None)  # what it missed is unknown: the cache starts anew
+        self.on_connect, self.connected = listener.on_connect, listener.connected
+        self.run, self.hears_everything = listener.run, listener.hears_everything
+        self.notify = self.revocations.notify
+
+    async def heard(self, cur: aiopg.Cursor, notices: list[Any]) -> None:
+        for notice in notices:
+            self.channels[notice.channel](notice.payload)
 
 
 SESSION_STREAMS_WRITE = """
@@ -4821,7 +4872,7 @@ class StreamCounts:
     that count while their process's listening connection lives (README: Design, "Stream counts")."""
 
     def __init__(self, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus, shared: bool) -> None:
-        self._engine, self._registry, self._bus, self.shared = engine, registry, bus, shared
+        self._engine, self._registry, self._listener, self.shared = engine, registry, bus.listener, shared
         self.process = secrets.token_hex(8)
         self._changed: dict[str, int] = {}  # public id -> user id: sessions whose count changed here
         self._wake = asyncio.Event()
@@ -4852,7 +4903,7 @@ class StreamCounts:
         )
 
     async def _write(self) -> None:
-        backend = self._bus.backend
+        backend = self._listener.backend
         if backend is None or (backend == self._written and not self._changed):
             return  # no bus connection (its rows are not counted anyway), or nothing new
         rewrite = backend != self._written  # a new connection: every row of this process names it
@@ -4988,7 +5039,7 @@ class Presence:
     def __init__(
         self, config: EventsConfig, engine: aiopg.sa.Engine, registry: StreamRegistry, bus: Bus
     ) -> None:
-        self._config, self._engine, self._registry, self._bus = config, engine, registry, bus
+        self._config, self._engine, self._registry, self._listener = config, engine, registry, bus.listener
         self.process = secrets.token_hex(8)
         self._mine: dict[tuple[str, int], list[Any]] = {}  # (topic, user id) -> [username, streams here]
         self._theirs: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}  # process -> the same
@@ -5092,7 +5143,7 @@ class Presence:
         leaving, self._leaving = self._leaving, {}
         for key, username in leaving.items():
             self._count(key, username, -1)
-        backend, loop = self._bus.backend, asyncio.get_running_loop()
+        backend, loop = self._listener.backend, asyncio.get_running_loop()
         if backend is not None and (self._changed or self._outbox):
             changed, self._changed = self._changed, {}
             items = [[t, u, name, self._mine.get((t, u), (name, 0))[1]] for (t, u), name in changed.items()]
