@@ -235,6 +235,8 @@ class WebServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if host.replace(".", "").isdigit():  # "0", "127.1": IPv4 in a short form, said in full
+            host = socket.inet_ntoa(socket.inet_aton(host))
         return f"http://{host}:{self.port}"
 
     def server_options(self) -> dict[str, Any]:
@@ -830,7 +832,8 @@ async def post_event(request: web.Request) -> web.Response:
     try:
         event_data_text(message["data"])  # checked before the topic's rule and the rate
     except ValueError as exc:
-        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", f"{str(exc).capitalize()}.") from None
+        why = f"{str(exc)[:1].upper()}{str(exc)[1:]}."  # not capitalize(): it lowers "PostgreSQL"
+        raise json_error(web.HTTPUnprocessableEntity, "invalid_event", why) from None
     access = request.app[topic_access]
     if await access.refused(session.account, [topic], publish=True):
         raise refusal("forbidden_topic")
@@ -1105,7 +1108,10 @@ class ClientErrorsInOneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
-            record.msg, record.args = "%s: %s", (record.getMessage(), first_line(exc))
+            # aiohttp's parser errors read "400, message:" then the reason on the lines below
+            text = str(exc.message if isinstance(exc, HttpProcessingError) else exc)
+            why = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+            record.msg, record.args = "%s: %s", (record.getMessage(), why.rstrip(":"))
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
@@ -1437,14 +1443,14 @@ def topic_rules(value: Any) -> tuple[TopicRule, ...]:
     if not isinstance(value, list):
         raise Invalid(expected)
     try:
-        return tuple(read_fields(TopicRule, rule, f"rule {number}") for number, rule in enumerate(value, 1))
+        return tuple(read_fields(TopicRule, rule, f"events.topics[{i}]") for i, rule in enumerate(value))
     except Invalid as exc:
         raise Invalid(f"{expected} ({exc})") from None
 
 
 def cookie_settings(value: Any) -> CookieConfig:
     try:
-        return read_fields(CookieConfig, value, "cookie")
+        return read_fields(CookieConfig, value, "sessions.cookie")
     except Invalid as exc:
         raise Invalid(f'an object such as {{"name": "session", "secure": "auto"}} ({exc})') from None
 
@@ -2599,7 +2605,10 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
     """Start (or join) and watch the embedded PostgreSQL in data_dir; yield the service's DSN."""
     loop = asyncio.get_running_loop()
     cluster = EmbeddedPostgres(data_dir)
-    dsn = await loop.run_in_executor(None, cluster.start)
+    try:
+        dsn = await loop.run_in_executor(None, cluster.start)
+    except OSError as exc:  # a folder on the way that is missing or refuses us
+        raise DatabaseUnavailable(f"cannot use {data_dir} for the embedded PostgreSQL: {exc}") from None
     log.info("embedded PostgreSQL running with data in %s", cluster.data_dir)
     try:
         yield dsn
@@ -4495,11 +4504,17 @@ def event_data_text(data: Any) -> str:
     """An event's data as JSON text; ValueError if it is no JSON value or is over 64 KiB."""
     try:
         text = json.dumps(data, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except ValueError:  # allow_nan=False
+        raise ValueError("the event's data is not a JSON value (NaN and Infinity are not JSON)") from None
+    except TypeError as exc:
         raise ValueError(f"the event's data is not a JSON value ({exc})") from None
     except RecursionError:
         raise ValueError("the event's data is nested too deeply") from None
-    if len(text.encode()) > MAX_EVENT_BYTES:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # "\ud800" in JSON: a lone surrogate, no character UTF-8 can hold
+        raise ValueError("the event's data holds a lone surrogate (U+D800 to U+DFFF): no text") from None
+    if size > MAX_EVENT_BYTES:
         raise ValueError(f"the event's data is over {MAX_EVENT_BYTES // 1024} KiB as JSON")
     if JSON_NUL.search(text):  # PostgreSQL's jsonb cannot hold U+0000
         raise ValueError("the event's data holds the character U+0000, which PostgreSQL cannot store")
@@ -5885,12 +5900,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.command != "journal":
                 raise
             output = None  # journal --follow ends at Ctrl-C: the end it is waiting for
-        if output:
-            print(output)
-        sys.stdout.flush()  # a reader gone away shows here, inside the try, not at the exit
     except STARTUP_FAILURES as exc:
         print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a refusal of the system's that no step above names (a path, a limit)
+        print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
+        return 1
+    try:
+        if output:
+            print(output)
+        sys.stdout.flush()  # a reader gone away shows here, inside the try, not at the exit
     except OSError as exc:
         # The reader went away (| head): stop quietly, as Unix tools do. Any other failure to write
         # (a full disk) is one line: the command itself was done.

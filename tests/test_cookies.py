@@ -284,8 +284,15 @@ async def test_secure_follows_the_config_and_a_trusted_proxys_forwarded_proto(
     ],
 )
 def test_a_bad_cookie_setting_is_a_config_error_naming_the_key(value: object) -> None:
-    with pytest.raises(server.ConfigError, match=r"'sessions\.cookie' must be"):
+    with pytest.raises(server.ConfigError, match=r"'sessions\.cookie' must be") as error:
         server.parse_config({"sessions": {"cookie": value}})
+    assert "'cookie." not in str(error.value)  # a key inside it is named in full, sessions.cookie.name
+
+
+def test_a_bad_cookie_name_names_the_whole_key_and_what_a_name_may_hold() -> None:
+    with pytest.raises(server.ConfigError) as error:
+        server.parse_config({"sessions": {"cookie": {"name": "a b"}}})
+    assert "'sessions.cookie.name' must be a cookie name (letters, digits" in str(error.value)
 
 
 def test_webserver_origins_and_the_older_events_allowed_origins_are_both_read() -> None:

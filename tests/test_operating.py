@@ -114,6 +114,30 @@ async def test_the_access_log_names_the_client_the_throttle_sees_behind_a_truste
     assert "server.access: 203.0.113.7 GET /health 200" in line
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "says"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "length"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n", "more than 8190 bytes"),
+        (b"POST /user HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk"),
+    ],
+    ids=["two-content-lengths", "long-header", "bad-chunk"],
+)
+async def test_a_request_the_parser_refuses_is_one_log_line_that_says_why(
+    start_server: Start, tmp_path: Path, database_url: str, db: object, request_bytes: bytes, says: str
+) -> None:
+    port, server = serve_with(start_server, tmp_path, database_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes)
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"400", status_line
+    await asyncio.sleep(0.3)
+    log = server.log  # type: ignore[attr-defined]
+    (line,) = [line for line in log.splitlines() if "Error handling request" in line]
+    assert "WARNING" in line and says.lower() in line.lower(), line
+
+
 async def test_host_0_on_the_command_line_is_a_host_not_a_number(
     start_server: Start, tmp_path: Path, database_url: str, db: object
 ) -> None:
@@ -123,6 +147,8 @@ async def test_host_0_on_the_command_line_is_a_host_not_a_number(
     server.wait_until_serving()
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/health") as response:
         assert response.status == 200
+    # The URL it serves, said as an address a browser takes, not "http://0:PORT".
+    assert f"serving on http://0.0.0.0:{port}" in server.log  # type: ignore[attr-defined]
 
 
 async def test_server_py_without_its_page_and_api_file_answers_404_not_500(

@@ -233,11 +233,16 @@ def test_hashing_parameters_this_machine_cannot_run_are_one_line_and_postgres_is
     assert not (tmp_path / ".pgdata" / "postmaster.pid").exists(), "the embedded PostgreSQL was left running"
 
 
-def test_a_data_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data_dir", ["/proc/no-such-place", "/proc/no-such-place/pg"])
+@pytest.mark.parametrize("command", [[], ["who"]], ids=["serving", "a-command"])
+def test_a_data_directory_that_cannot_be_made_is_one_line(
+    tmp_path: Path, data_dir: str, command: list[str]
+) -> None:
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"db": {"data_dir": "/proc/no-such-place"}, "passwords": FAST}))
-    result = run_command(["--config", str(config)], env=NO_DATABASE_URL)
-    assert_fails_in_one_error_line(result, "data directory", "/proc/no-such-place")
+    config.write_text(json.dumps({"db": {"data_dir": data_dir}, "passwords": FAST}))
+    result = run_command(["--config", str(config), *command], env=NO_DATABASE_URL)
+    assert_fails_in_one_error_line(result, "/proc/no-such-place", "PostgreSQL")
+    assert "could not write the output" not in result.stderr  # it was start-up that failed, not stdout
 
 
 def assert_fails_in_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -535,6 +535,27 @@ async def test_post_events_bad_bodies_get_clear_4xx(
     assert (response.status, await error_of(response)) == (status, {"error": error})
 
 
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ('"\\u0000"', "U+0000, which PostgreSQL cannot store"),
+        ('"' + "x" * 65536 + '"', "over 64 KiB as JSON"),
+        ('"\\ud800"', "a lone surrogate (U+D800 to U+DFFF)"),
+        ("NaN", "NaN and Infinity are not JSON"),
+    ],
+    ids=["nul", "over-64KiB", "lone-surrogate", "nan"],
+)
+async def test_post_events_says_what_is_wrong_with_the_data_in_one_sentence(
+    client: Client, data: str, says: str
+) -> None:
+    bob = await log_in(client, "bob", "builder123")
+    response = await post(client, bob, None, raw=f'{{"topic": "lobby", "data": {data}}}'.encode())
+    body = await response.json()
+    assert (response.status, body["error"]) == (422, "invalid_event"), body
+    assert body["message"].startswith("The event's data ") and says in body["message"], body
+    assert "codec" not in body["message"] and body["message"].endswith("."), body
+
+
 async def test_post_events_takes_data_of_64_kib(client: Client) -> None:
     bob = await log_in(client, "bob", "builder123")
     response = await post(client, bob, {"topic": "lobby", "data": "x" * (65536 - 2)})
