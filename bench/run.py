@@ -1368,17 +1368,23 @@ def sections(text: str) -> dict[str, str]:
     return {part: text[start:end].strip("\n") for (start, part), end in zip(starts, ends, strict=True)}
 
 
+def notes(section: str) -> str:
+    """What follows a part's generated text under level-2 headings of its own: notes written by hand."""
+    start = section.find("\n## ", 1)
+    return "" if start < 0 else "\n" + section[start:]
+
+
 def write_report(text: str, only: str | None) -> None:
-    """BENCHMARKS.md from a full run; a run of one part replaces only that part's section."""
+    """BENCHMARKS.md from a full run; a run of one part replaces only that part's section. Notes
+    written by hand after a part (under a level-2 heading of their own) stay after it."""
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else ""
     # bench/near_cache.py's section is its own: kept, at the end, whatever this run rewrites.
     old, near_heading, near_cache = old.partition(NEAR_CACHE_HEADING)
     kept = near_heading + near_cache
-    if only is None or not old:
-        path.write_text(text.rstrip("\n") + "\n" + kept)
-        return
-    parts = sections(old) | {only: sections(text)[only]}
+    before, now = sections(old), sections(text)
+    parts = before | {part: section + notes(before.get(part, "")) for part, section in now.items()
+                      if only is None or part == only}
     written = [parts[part] for part in PART_HEADINGS if parts.get(part)]
     path.write_text("\n\n".join(written) + "\n" + kept)
 
