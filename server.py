@@ -5900,17 +5900,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.command != "journal":
                 raise
             output = None  # journal --follow ends at Ctrl-C: the end it is waiting for
-    except STARTUP_FAILURES as exc:
-        print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a refusal of the system's that no step above names (a path, a limit)
-        print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
-        return 1
-    try:
         if output:
             print(output)
         sys.stdout.flush()  # a reader gone away shows here, inside the try, not at the exit
+    except STARTUP_FAILURES as exc:
+        print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
+        return 1
     except OSError as exc:
+        if exc.filename is not None:  # a path no step above named; writing the output names none
+            print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
+            return 1
         # The reader went away (| head): stop quietly, as Unix tools do. Any other failure to write
         # (a full disk) is one line: the command itself was done.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
